@@ -1,0 +1,70 @@
+"""Backend lookup. Frameworks are imported lazily: they may be missing, heavy or broken,
+so nothing here imports one until a backend is asked for by name."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from types import ModuleType
+from typing import NamedTuple
+
+from peer_ref.errors import PEERConfigError
+
+ENV_VAR = "PEER_BACKEND"
+DEFAULT = "numpy"
+
+
+class Entry(NamedTuple):
+    module: str  # the backend module implementing the contract (see contract.py)
+    framework: str  # the top-level package it needs
+    extra: str  # the pip extra that installs it
+
+
+BACKENDS: dict[str, Entry] = {
+    "numpy": Entry("peer_backends.numpy", "numpy", "(none: numpy is a core dependency)"),
+    "torch": Entry("peer_backends.torch", "torch", "torch"),
+    "jax": Entry("peer_backends.jax", "jax", "jax"),
+    "tensorflow": Entry("peer_backends.tensorflow", "tensorflow", "tensorflow"),
+}
+ALIASES = {"np": "numpy", "ref": "numpy", "reference": "numpy", "pytorch": "torch", "tf": "tensorflow"}
+
+
+def canonical(name: str) -> str:
+    key = name.strip().lower()
+    return ALIASES.get(key, key)
+
+
+def available() -> list[str]:
+    """Names of the built-in backends whose framework is installed (nothing is imported)."""
+    return [name for name, entry in BACKENDS.items() if importlib.util.find_spec(entry.framework)]
+
+
+def get(name: str | None = None) -> ModuleType:
+    """The backend called ``name`` (default: ``$PEER_BACKEND``, else "numpy").
+
+    ``name`` is a built-in backend name or alias, or the dotted import path of a
+    third-party module implementing the same contract.
+    """
+    if name is None:
+        name = os.environ.get(ENV_VAR) or DEFAULT
+    if not isinstance(name, str) or not name.strip():
+        raise PEERConfigError(f"backend={name!r}, but expected one of {sorted(BACKENDS)} or a module path")
+    key = canonical(name)
+    if key in BACKENDS:
+        entry = BACKENDS[key]
+        if importlib.util.find_spec(entry.framework) is None:
+            raise ImportError(
+                f"backend={name!r} needs the '{entry.framework}' package, which is not installed; "
+                f"install it with: pip install 'peer-layer[{entry.extra}]'"
+            )
+        return importlib.import_module(entry.module)
+    if "." in name:
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            raise PEERConfigError(f"backend={name!r}: module not found ({err})") from None
+    raise PEERConfigError(
+        f"backend={name!r}, but expected one of {sorted(BACKENDS)} (aliases {sorted(ALIASES)}) "
+        "or the dotted path of a module implementing the backend contract"
+    )

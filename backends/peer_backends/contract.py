@@ -1,0 +1,41 @@
+"""The backend contract: what a module must provide to be a PEER backend.
+
+Every built-in backend (``peer_backends.numpy``, ``.torch``, ``.jax``, ``.tensorflow``)
+is a package with the same files — ``__init__.py`` (the attributes below),
+``core.py`` (array conversion and dtype names), ``peer.py`` (init/apply/vjp) and
+``layer.py`` (the framework's idiomatic layer) — so a reader who knows one knows
+where everything is in the others. A third-party backend only needs the attributes.
+
+Semantics are those of spec/SPEC.md and ``peer_ref``; a backend implements them and
+never re-decides them. Argument errors are raised through ``peer_ref.checks`` so every
+backend raises the same exception classes with the same messages.
+
+Attributes
+----------
+name : str
+    Canonical backend name.
+version : str
+    Version of the framework underneath.
+capabilities : frozenset[str]
+    Subset of {"float64", "float32", "bfloat16", "grad", "jit", "gpu"}. Conformance
+    tests needing a capability the backend lacks are skipped with that reason.
+init(cfg, seed=0, dtype=None) -> (params, state)
+    Native arrays keyed by canonical names, drawn from the distributions of SPEC §8.
+    ``dtype`` None means the backend's default ("float32"; "float64" for numpy).
+apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit=None)
+    -> (y, new_state, aux). ``jit`` None = the backend's default path, True = the
+    compiled path (torch.compile / jax.jit / tf.function(jit_compile=True)), False = eager.
+    aux holds "indices" (int64), "scores" and "weights", each (..., heads, topk).
+vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, jit=None)
+    -> (grads, dx), computed with the framework's own autodiff. grads has every
+    trainable parameter under its canonical name.
+from_numpy(tree), to_numpy(tree)
+    Convert a (nested) dict/tuple/list of arrays; None passes through. bfloat16 maps
+    to ``ml_dtypes.bfloat16`` on the NumPy side. Nothing is cast.
+layer(cfg, **kwargs)
+    The framework's idiomatic layer (nn.Module, Flax module, Keras layer, ...), whose
+    parameters and statistics carry the canonical names.
+"""
+
+CAPABILITIES = frozenset({"float64", "float32", "bfloat16", "grad", "jit", "gpu"})
+ATTRIBUTES = ("name", "version", "capabilities", "init", "apply", "vjp", "from_numpy", "to_numpy", "layer")

@@ -1,0 +1,11 @@
+"""The "numpy" backend: the reference implementation behind the backend contract."""
+
+from . import layer as _layer_module
+from .core import from_numpy, to_numpy, version
+from .peer import apply, init, vjp
+
+name = "numpy"
+capabilities = frozenset({"float64", "float32", "grad"})
+layer = _layer_module.PEERLayer
+
+__all__ = ["apply", "capabilities", "from_numpy", "init", "layer", "name", "to_numpy", "version", "vjp"]

@@ -1,0 +1,21 @@
+import peer_ref
+from peer_ref.errors import PEERConfigError
+
+
+def _no_jit(jit):
+    if jit:
+        raise PEERConfigError("jit=True, but backend 'numpy' has no compiled path (capabilities lack 'jit')")
+
+
+def init(cfg, seed=0, dtype=None):
+    return peer_ref.init(cfg, seed=seed, dtype=dtype or "float64")
+
+
+def apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit=None):
+    _no_jit(jit)
+    return peer_ref.forward(cfg, params, state, x, training=training, mask=mask, routing=routing)
+
+
+def vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, jit=None):
+    _no_jit(jit)
+    return peer_ref.vjp(cfg, params, state, x, dy, training=training, mask=mask, routing=routing)

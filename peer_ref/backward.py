@@ -1,0 +1,97 @@
+"""Analytic vector-Jacobian product of the forward pass (SPEC §7).
+
+Routing is piecewise constant: the selected indices carry no gradient, while the
+selected scores do, so gradients reach the query and the selected sub-keys. In
+training mode they also flow through the batch statistics; running statistics
+get none.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .config import PEERConfig
+from .forward import _forward
+from .functions import activation, activation_grad, score_weights_vjp
+
+
+def vjp(cfg: PEERConfig, params: dict, state: dict, x: np.ndarray, dy: np.ndarray,
+        training: bool = False, mask: np.ndarray | None = None, routing: np.ndarray | None = None):
+    """Cotangents ``(grads, dx)`` of ``sum(forward(...)[0] * dy)``.
+
+    ``grads`` holds every trainable parameter under its canonical name; ``dx`` has x's shape.
+    """
+    _, _, _, tape = _forward(cfg, params, state, x, training, mask, routing, dy=dy)
+    tokens = tape.x.shape[0]
+    n, hk = cfg.n_keys, cfg.heads * cfg.topk
+    idx = tape.indices
+    dyf = np.where(tape.valid[:, None], dy.reshape(tokens, cfg.d_out), dy.dtype.type(0))
+    grads = {name: np.zeros_like(value) for name, value in params.items()}
+
+    # §3.11 output: y = sum_{h,k} w * a * up[idx]
+    hidden = activation(cfg.activation, tape.pre)
+    up_rows = params["experts.up"][idx]  # (T, h, k, d_out)
+    d_coef = np.einsum("to,thko->thk", dyf, up_rows)
+    np.add.at(grads["experts.up"], idx.reshape(-1),
+              ((tape.weights * hidden)[..., None] * dyf[:, None, None, :]).reshape(tokens * hk, cfg.d_out))
+
+    # §3.10 experts: a = act(x . down[idx] + bias[idx])
+    d_pre = d_coef * tape.weights * activation_grad(cfg.activation, tape.pre)
+    down_rows = params["experts.down"][idx]
+    dx = np.einsum("thk,thkd->td", d_pre, down_rows)
+    np.add.at(grads["experts.down"], idx.reshape(-1),
+              (d_pre[..., None] * tape.x[:, None, None, :]).reshape(tokens * hk, cfg.d_model))
+    if cfg.expert_bias:
+        np.add.at(grads["experts.bias"], idx.reshape(-1), d_pre.reshape(-1))
+
+    # §3.9 router weights -> §3.7 raw scores -> §3.5 sub-key scores
+    d_scores = score_weights_vjp(cfg.score, tape.weights, d_coef * hidden)
+    d_left = _scatter_last(d_scores, idx // n, n)
+    d_right = _scatter_last(d_scores, idx % n, n)
+    q_left = tape.queries[..., : cfg.d_half]
+    q_right = tape.queries[..., cfg.d_half :]
+    d_queries = np.concatenate([
+        _sub_key_vjp(cfg, params["keys.left"], grads["keys.left"], d_left, q_left),
+        _sub_key_vjp(cfg, params["keys.right"], grads["keys.right"], d_right, q_right),
+    ], axis=-1).reshape(tokens, cfg.d_query)
+
+    # §3.3 query norm, §3.2 query projection
+    d_q = _query_norm_vjp(cfg, params, grads, tape, d_queries)
+    grads["query.kernel"] = tape.x.T @ d_q
+    if cfg.query_bias:
+        grads["query.bias"] = d_q.sum(axis=0)
+    dx = dx + d_q @ params["query.kernel"].T
+    return grads, dx.reshape(tape.lead + (cfg.d_model,))
+
+
+def _scatter_last(values: np.ndarray, positions: np.ndarray, size: int) -> np.ndarray:
+    """out[..., p] += values[..., j] for p = positions[..., j] (duplicates accumulate)."""
+    out = np.zeros(values.shape[:-1] + (size,), values.dtype)
+    rows = np.arange(int(np.prod(values.shape[:-1], dtype=np.int64)))[:, None]
+    np.add.at(out.reshape(-1, size), (rows, positions.reshape(rows.shape[0], -1)), values.reshape(rows.shape[0], -1))
+    return out
+
+
+def _sub_key_vjp(cfg: PEERConfig, keys: np.ndarray, d_keys: np.ndarray, d_scores: np.ndarray,
+                 q_half: np.ndarray) -> np.ndarray:
+    """Backward of s = einsum('thd,hnd->thn', q_half, keys); accumulates into d_keys in place."""
+    per_head = np.broadcast_to(keys, (cfg.heads,) + keys.shape[1:]) if cfg.shared_keys else keys
+    d_q = np.einsum("thn,hnd->thd", d_scores, per_head)
+    d_per_head = np.einsum("thn,thd->hnd", d_scores, q_half)
+    d_keys += d_per_head.sum(axis=0, keepdims=True) if cfg.shared_keys else d_per_head
+    return d_q
+
+
+def _query_norm_vjp(cfg: PEERConfig, params, grads, tape, d_out: np.ndarray) -> np.ndarray:
+    if cfg.query_norm == "none":
+        return d_out
+    grads["query_norm.scale"] = (d_out * tape.normed).sum(axis=0)
+    grads["query_norm.offset"] = d_out.sum(axis=0)
+    d_normed = d_out * params["query_norm.scale"]
+    if not tape.batch_stats:
+        return d_normed * tape.inv_std
+    # normed_s = (q_s - mean) * inv_std for every token s; mean and var use valid tokens only.
+    weight = tape.valid.astype(d_out.dtype)[:, None] / tape.n_valid
+    total = d_normed.sum(axis=0)
+    total_dot = (d_normed * tape.normed).sum(axis=0)
+    return tape.inv_std * (d_normed - weight * (total + tape.normed * total_dot))

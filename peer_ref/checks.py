@@ -1,0 +1,128 @@
+"""Argument validation shared by the reference and every backend (SPEC §9).
+
+Everything here works on shapes and dtype *names* ("float32", "int64", "bool"),
+so a backend calls the same functions on its own tensors and raises the very
+same errors. Nothing is silently cast, broadcast or truncated.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+from .config import DTYPES, PEERConfig
+from .errors import PEERInputError
+
+Meta = tuple[tuple[int, ...], str]  # (shape, dtype name)
+
+
+def state_dtype(param_dtype: str) -> str:
+    """Batch-norm statistics are kept in float32 when parameters are bfloat16 (SPEC §10)."""
+    return "float32" if param_dtype == "bfloat16" else param_dtype
+
+
+def check_tree(cfg: PEERConfig, kind: str, tree: Mapping[str, Meta], dtype: str | None = None) -> str:
+    """Check names, shapes and a common float dtype of ``params`` or ``state``.
+
+    Returns the common dtype name. ``dtype`` (if given) is the dtype the tree must have.
+    """
+    expected = cfg.param_shapes() if kind == "params" else cfg.state_shapes()
+    missing = sorted(set(expected) - set(tree))
+    extra = sorted(set(tree) - set(expected))
+    if missing or extra:
+        raise PEERInputError(
+            f"{kind} has names missing={missing} extra={extra}, "
+            f"but expected exactly {sorted(expected)} for this config"
+        )
+    found = dtype
+    for name in expected:
+        shape, dt = tree[name]
+        if tuple(shape) != expected[name]:
+            raise PEERInputError(
+                f"{kind}[{name!r}].shape={tuple(shape)}, but expected {expected[name]}"
+            )
+        if dt not in DTYPES:
+            raise PEERInputError(f"{kind}[{name!r}].dtype={dt}, but expected one of {DTYPES}")
+        if found is None:
+            found = dt
+        elif dt != found:
+            raise PEERInputError(
+                f"{kind}[{name!r}].dtype={dt}, but expected {found} like the rest of {kind}"
+            )
+    return found or "float64"
+
+
+def check_params_state(cfg: PEERConfig, params: Mapping[str, Meta], state: Mapping[str, Meta]) -> str:
+    """Validate params and state together; returns the parameter dtype name."""
+    dtype = check_tree(cfg, "params", params)
+    if cfg.state_shapes():
+        check_tree(cfg, "state", state, dtype=state_dtype(dtype))
+    elif state:
+        raise PEERInputError(
+            f"state has names {sorted(state)}, but expected none when query_norm='none'"
+        )
+    return dtype
+
+
+def check_call(
+    cfg: PEERConfig,
+    param_dtype: str,
+    x: Meta,
+    training: object,
+    mask: Meta | None = None,
+    routing: Meta | None = None,
+    dy: Meta | None = None,
+) -> tuple[int, ...]:
+    """Validate the arguments of forward/vjp; returns the leading (token) shape of x."""
+    if not isinstance(training, bool):
+        raise PEERInputError(f"training={training!r}, but expected a bool")
+    x_shape, x_dtype = tuple(x[0]), x[1]
+    if len(x_shape) < 1:
+        raise PEERInputError(f"x.shape={x_shape}, but expected (..., d_model={cfg.d_model})")
+    if x_shape[-1] != cfg.d_model:
+        raise PEERInputError(
+            f"x.shape={x_shape}, but expected a last dimension of d_model={cfg.d_model}"
+        )
+    if x_dtype != param_dtype:
+        raise PEERInputError(
+            f"x.dtype={x_dtype}, but expected {param_dtype} (the parameters' dtype; "
+            "nothing is cast implicitly)"
+        )
+    lead = x_shape[:-1]
+    if mask is not None:
+        m_shape, m_dtype = tuple(mask[0]), mask[1]
+        if m_dtype != "bool":
+            raise PEERInputError(f"mask.dtype={m_dtype}, but expected bool")
+        if m_shape != lead:
+            raise PEERInputError(f"mask.shape={m_shape}, but expected x.shape[:-1]={lead}")
+    if routing is not None:
+        r_shape, r_dtype = tuple(routing[0]), routing[1]
+        if not (r_dtype.startswith("int") or r_dtype.startswith("uint")):
+            raise PEERInputError(f"routing.dtype={r_dtype}, but expected an integer dtype")
+        want = lead + (cfg.heads, cfg.topk)
+        if r_shape != want:
+            raise PEERInputError(
+                f"routing.shape={r_shape}, but expected x.shape[:-1] + (heads, topk)={want}"
+            )
+    if dy is not None:
+        d_shape, d_dtype = tuple(dy[0]), dy[1]
+        want = lead + (cfg.d_out,)
+        if d_shape != want:
+            raise PEERInputError(f"dy.shape={d_shape}, but expected x.shape[:-1] + (d_out,)={want}")
+        if d_dtype != param_dtype:
+            raise PEERInputError(f"dy.dtype={d_dtype}, but expected {param_dtype}")
+    return lead
+
+
+def check_routing_values(cfg: PEERConfig, low: int, high: int) -> None:
+    """Routing indices must lie in [0, n_experts); call with the min and max of a non-empty routing."""
+    if low < 0 or high >= cfg.n_experts:
+        bad = low if low < 0 else high
+        raise PEERInputError(
+            f"routing contains {bad}, but expected expert indices in [0, n_experts={cfg.n_experts})"
+        )
+
+
+def check_dtype_name(dtype: str, allowed: Sequence[str] = DTYPES) -> str:
+    if dtype not in allowed:
+        raise PEERInputError(f"dtype={dtype!r}, but expected one of {tuple(allowed)}")
+    return dtype

@@ -1,0 +1,123 @@
+"""The PEER forward pass, step by step (SPEC §3). Vectorised over tokens."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from . import checks
+from .config import PEERConfig
+from .errors import PEERInputError
+from .functions import activation, score_weights
+from .routing import expert_scores, product_key_topk, sub_key_scores
+
+
+class Tape(NamedTuple):
+    """Intermediates of one forward call, kept for the analytic backward."""
+
+    lead: tuple
+    x: np.ndarray  # (T, d_model)
+    valid: np.ndarray  # (T,) bool
+    normed: np.ndarray | None  # (T, d_query) standardised query before scale/offset
+    inv_std: np.ndarray | None  # (d_query,)
+    batch_stats: bool  # normalised with this call's statistics (gradient flows through them)
+    n_valid: int
+    queries: np.ndarray  # (T, heads, d_key) after query norm
+    indices: np.ndarray  # (T, heads, topk)
+    weights: np.ndarray  # (T, heads, topk)
+    pre: np.ndarray  # (T, heads, topk) expert pre-activations
+
+
+def validate(cfg, params, state, x, training, mask=None, routing=None, dy=None) -> tuple[int, ...]:
+    """Check every argument (SPEC §9); returns the leading shape of x."""
+    meta = lambda tree: {k: (np.shape(v), _dtype_name(v)) for k, v in tree.items()}  # noqa: E731
+    for arg, value in (("params", params), ("state", state)):
+        if not isinstance(value, dict):
+            raise PEERInputError(f"{arg} is {type(value).__name__}, but expected a dict of arrays")
+    dtype = checks.check_params_state(cfg, meta(params), meta(state))
+    checks.check_dtype_name(dtype, ("float64", "float32"))
+    arr = lambda v: None if v is None else (np.shape(v), _dtype_name(v))  # noqa: E731
+    if not isinstance(x, np.ndarray):
+        raise PEERInputError(f"x is {type(x).__name__}, but expected a numpy.ndarray")
+    lead = checks.check_call(cfg, dtype, arr(x), training, arr(mask), arr(routing), arr(dy))
+    if routing is not None and np.size(routing):
+        checks.check_routing_values(cfg, int(np.min(routing)), int(np.max(routing)))
+    return lead
+
+
+def _dtype_name(value) -> str:
+    return np.asarray(value).dtype.name
+
+
+def query_norm(cfg: PEERConfig, params, state, q, valid, training):
+    """Batch norm of the queries (SPEC §3.3). Returns (normed query, new state, tape parts)."""
+    if cfg.query_norm == "none":
+        return q, dict(state), (None, None, False, 0)
+    n_valid = int(valid.sum())
+    use_batch = training and n_valid > 0
+    if use_batch:
+        mean = q[valid].sum(axis=0) / n_valid
+        var = ((q[valid] - mean) ** 2).sum(axis=0) / n_valid
+        m = cfg.bn_momentum
+        unbiased = var * (n_valid / max(n_valid - 1, 1))
+        s_dtype = state["query_norm.mean"].dtype
+        new_state = {
+            "query_norm.mean": ((1 - m) * state["query_norm.mean"] + m * mean).astype(s_dtype),
+            "query_norm.var": ((1 - m) * state["query_norm.var"] + m * unbiased).astype(s_dtype),
+        }
+    else:
+        # Evaluation, or a training call with no valid token: running statistics, state unchanged.
+        mean = state["query_norm.mean"].astype(q.dtype)
+        var = state["query_norm.var"].astype(q.dtype)
+        new_state = dict(state)
+    inv_std = 1.0 / np.sqrt(var + q.dtype.type(cfg.bn_eps))
+    normed = (q - mean) * inv_std
+    out = normed * params["query_norm.scale"] + params["query_norm.offset"]
+    return out, new_state, (normed, inv_std, use_batch, n_valid)
+
+
+def _forward(cfg: PEERConfig, params, state, x, training=False, mask=None, routing=None, dy=None):
+    lead = validate(cfg, params, state, x, training, mask, routing, dy)
+    tokens = int(np.prod(lead, dtype=np.int64))
+    xf = x.reshape(tokens, cfg.d_model)
+    valid = np.ones(tokens, bool) if mask is None else mask.reshape(tokens)
+
+    # §3.2 query projection, §3.3 query norm, §3.4 split into heads
+    q = xf @ params["query.kernel"]
+    if cfg.query_bias:
+        q = q + params["query.bias"]
+    q, new_state, (normed, inv_std, batch_stats, n_valid) = query_norm(cfg, params, state, q, valid, training)
+    queries = q.reshape(tokens, cfg.heads, cfg.d_key)
+
+    # §3.5 sub-key scores, §3.6–3.8 product-key top-k (or the caller's routing)
+    s_left, s_right = sub_key_scores(cfg, params, queries)
+    if routing is None:
+        indices = product_key_topk(cfg, s_left, s_right)
+    else:
+        indices = routing.reshape(tokens, cfg.heads, cfg.topk).astype(np.int64)
+    scores = expert_scores(cfg, s_left, s_right, indices)
+
+    # §3.9 router weights, §3.10 experts, §3.11 output
+    weights = score_weights(cfg.score, scores)
+    pre = np.einsum("td,thkd->thk", xf, params["experts.down"][indices])
+    if cfg.expert_bias:
+        pre = pre + params["experts.bias"][indices]
+    hidden = activation(cfg.activation, pre)
+    y = np.einsum("thk,thko->to", weights * hidden, params["experts.up"][indices])
+    y = np.where(valid[:, None], y, y.dtype.type(0))  # §5: masked tokens output exactly zero
+
+    aux = {
+        "indices": indices.reshape(lead + (cfg.heads, cfg.topk)),
+        "scores": scores.reshape(lead + (cfg.heads, cfg.topk)),
+        "weights": weights.reshape(lead + (cfg.heads, cfg.topk)),
+    }
+    tape = Tape(lead, xf, valid, normed, inv_std, batch_stats, n_valid, queries, indices, weights, pre)
+    return y.reshape(lead + (cfg.d_out,)), new_state, aux, tape
+
+
+def forward(cfg: PEERConfig, params: dict, state: dict, x: np.ndarray, training: bool = False,
+            mask: np.ndarray | None = None, routing: np.ndarray | None = None):
+    """Apply the layer. Returns ``(y, new_state, aux)``; see SPEC §3 and §6."""
+    y, new_state, aux, _ = _forward(cfg, params, state, x, training, mask, routing)
+    return y, new_state, aux
