@@ -67,8 +67,11 @@ def vjp(cfg: PEERConfig, params: dict, state: dict, x: np.ndarray, dy: np.ndarra
 def _scatter_last(values: np.ndarray, positions: np.ndarray, size: int) -> np.ndarray:
     """out[..., p] += values[..., j] for p = positions[..., j] (duplicates accumulate)."""
     out = np.zeros(values.shape[:-1] + (size,), values.dtype)
-    rows = np.arange(int(np.prod(values.shape[:-1], dtype=np.int64)))[:, None]
-    np.add.at(out.reshape(-1, size), (rows, positions.reshape(rows.shape[0], -1)), values.reshape(rows.shape[0], -1))
+    width = values.shape[-1]
+    # An explicit width (not -1) so that zero rows (no tokens) still reshape.
+    flat_out = out.reshape(-1, size)
+    rows = np.arange(flat_out.shape[0])[:, None]
+    np.add.at(flat_out, (rows, positions.reshape(-1, width)), values.reshape(-1, width))
     return out
 
 
