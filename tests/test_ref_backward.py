@@ -105,7 +105,7 @@ def _check(case: Case) -> None:
     _assert_close("x", dx, _central_difference(lambda: _loss(case, params, x, routing), x), case)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(cases())
 def test_vjp_matches_finite_differences(case):
     _check(case)
