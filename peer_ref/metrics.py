@@ -37,7 +37,7 @@ def accumulate(cfg: PEERConfig, indices: np.ndarray, weights: np.ndarray,
         mask = np.asarray(mask)
         if mask.shape != indices.shape[:-2]:
             raise PEERInputError(f"mask.shape={mask.shape}, but expected {indices.shape[:-2]}")
-        w = w * mask[..., None, None]
+        w = np.where(mask[..., None, None], w, 0.0)  # a select, so NaN weights of padding drop out
     np.add.at(totals, indices.reshape(-1), w.reshape(-1))
     return totals
 
