@@ -22,7 +22,6 @@ from typing import NamedTuple
 import numpy as np
 
 import peer_ref
-from peer_ref.forward import _forward
 
 VECTORS = Path(__file__).resolve().parent / "vectors"
 FORMAT = "peer-vectors/1"
@@ -90,9 +89,7 @@ def _inputs(case: Case):
 
 def _routing_margin(cfg, params, state, x, training, mask) -> float:
     """Smallest gap between consecutive scores among the top topk+1 of all experts, over tokens and heads."""
-    queries = _forward(cfg, params, state, x, training, mask)[3].queries
-    s_left, s_right = peer_ref.sub_key_scores(cfg, params, queries.astype(np.float64))
-    full = (s_left[..., :, None] + s_right[..., None, :]).reshape(s_left.shape[:-1] + (cfg.n_experts,))
+    full = peer_ref.routing_scores(cfg, params, state, x, training, mask).astype(np.float64)
     ranked = -np.sort(-full, axis=-1)[..., : cfg.topk + 1]
     return float(np.min(-np.diff(ranked, axis=-1), initial=np.inf))
 
