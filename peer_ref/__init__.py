@@ -5,10 +5,10 @@ backward, and the oracles the conformance suite checks every backend against.
 """
 
 from . import checks, metrics
-from .backward import vjp
+from .backward_pass import vjp
 from .config import ACTIVATIONS, DTYPES, QUERY_NORMS, SCORES, PEERConfig
 from .errors import PEERCheckpointError, PEERConfigError, PEERInputError
-from .forward import forward
+from .forward_pass import forward, routing_scores
 from .init import init, init_constant, init_std
 from .routing import brute_force_topk, product_key_topk, sub_key_scores
 from .tolerances import TOLERANCES, Tolerance
@@ -18,6 +18,6 @@ __version__ = "0.1.0"
 __all__ = [
     "ACTIVATIONS", "DTYPES", "QUERY_NORMS", "SCORES", "PEERConfig", "PEERCheckpointError",
     "PEERConfigError", "PEERInputError", "TOLERANCES", "Tolerance", "brute_force_topk",
-    "checks", "forward", "init", "init_constant", "init_std", "metrics", "product_key_topk",
+    "checks", "forward", "init", "init_constant", "init_std", "metrics", "product_key_topk", "routing_scores",
     "sub_key_scores", "vjp",
 ]

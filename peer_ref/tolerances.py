@@ -23,5 +23,5 @@ class Tolerance(NamedTuple):
 TOLERANCES: dict[str, Tolerance] = {
     "float64": Tolerance(rtol=1e-9, atol=1e-9, grad_rtol=1e-8, grad_atol=1e-8, route=1e-9),
     "float32": Tolerance(rtol=2e-4, atol=2e-4, grad_rtol=2e-3, grad_atol=2e-3, route=1e-4),
-    "bfloat16": Tolerance(rtol=6e-2, atol=6e-2, grad_rtol=1.5e-1, grad_atol=1.5e-1, route=6e-2),
+    "bfloat16": Tolerance(rtol=2e-2, atol=2e-2, grad_rtol=5e-2, grad_atol=5e-2, route=1e-2),
 }

@@ -7,7 +7,7 @@ import importlib
 import importlib.util
 import os
 from types import ModuleType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from peer_ref.errors import PEERConfigError
 
@@ -40,11 +40,12 @@ def available() -> list[str]:
     return [name for name, entry in BACKENDS.items() if importlib.util.find_spec(entry.framework)]
 
 
-def get(name: str | None = None) -> ModuleType:
+def get(name: str | None = None) -> ModuleType | Any:
     """The backend called ``name`` (default: ``$PEER_BACKEND``, else "numpy").
 
-    ``name`` is a built-in backend name or alias, or the dotted import path of a
-    third-party module implementing the same contract.
+    ``name`` is a built-in backend name or alias, or the import path of a third-party
+    backend implementing the same contract: ``"package.module"`` (the module itself) or
+    ``"package.module:attribute"`` (an object in it).
     """
     if name is None:
         name = os.environ.get(ENV_VAR) or DEFAULT
@@ -59,12 +60,18 @@ def get(name: str | None = None) -> ModuleType:
                 f"install it with: pip install 'peer-layer[{entry.extra}]'"
             )
         return importlib.import_module(entry.module)
-    if "." in name:
+    if "." in name or ":" in name:
+        module_name, _, attribute = name.partition(":")
         try:
-            return importlib.import_module(name)
+            module = importlib.import_module(module_name)
         except ModuleNotFoundError as err:
             raise PEERConfigError(f"backend={name!r}: module not found ({err})") from None
+        if not attribute:
+            return module
+        if not hasattr(module, attribute):
+            raise PEERConfigError(f"backend={name!r}: module {module_name!r} has no attribute {attribute!r}")
+        return getattr(module, attribute)
     raise PEERConfigError(
         f"backend={name!r}, but expected one of {sorted(BACKENDS)} (aliases {sorted(ALIASES)}) "
-        "or the dotted path of a module implementing the backend contract"
+        "or the import path ('pkg.module' or 'pkg.module:attr') of a backend implementing the contract"
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import PEERConfig
-from .forward import _forward
+from .forward_pass import _forward
 from .functions import activation, activation_grad, score_weights_vjp
 
 

@@ -1,0 +1,211 @@
+"""Assertion and conversion helpers of the conformance suite.
+
+Every assertion fails with one message shape — ``what: detail [context]`` — and hides
+its own frames so pytest points at the test.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+import peer_ref
+from peer_ref import TOLERANCES
+from peer_ref.checks import state_dtype
+
+
+# --- conversion ---------------------------------------------------------------------------
+
+def np_dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def cast_tree(tree: dict, dtype: str) -> dict:
+    return {k: np.asarray(v).astype(np_dtype(dtype)) for k, v in tree.items()}
+
+
+def as_f64(value) -> Any:
+    """Upcast a NumPy tree's floats to float64 for comparisons (exact for bf16/f32)."""
+    if isinstance(value, dict):
+        return {k: as_f64(v) for k, v in value.items()}
+    arr = np.asarray(value)
+    return arr.astype(np.float64) if arr.dtype.kind in "fV" or arr.dtype.name == "bfloat16" else arr
+
+
+def dtype_name(arr) -> str:
+    return np.asarray(arr).dtype.name
+
+
+def needs(backend, capability: str) -> None:
+    """Skip unless the backend declares ``capability``."""
+    if capability not in backend.capabilities:
+        pytest.skip(f"backend {backend.name!r} does not declare capability {capability!r}")
+
+
+def run_backend(backend, case, dtype: str, *, routing=None, jit=False, dy=None):
+    """Run the backend on ``case`` rounded to ``dtype``; returns NumPy results.
+
+    Returns ``(y, new_state, aux)`` or, when ``dy`` is given, ``(grads, dx)``.
+    """
+    params = backend.from_numpy(cast_tree(case.params, dtype))
+    state = backend.from_numpy(cast_tree(case.state, state_dtype(dtype)))
+    x = backend.from_numpy(case.x.astype(np_dtype(dtype)))
+    mask = None if case.mask is None else backend.from_numpy(case.mask)
+    route = None if routing is None else backend.from_numpy(np.asarray(routing))
+    if dy is None:
+        out = backend.apply(case.cfg, params, state, x, training=case.training, mask=mask, routing=route, jit=jit)
+    else:
+        d = backend.from_numpy(dy.astype(np_dtype(dtype)))
+        out = backend.vjp(case.cfg, params, state, x, d, training=case.training, mask=mask, routing=route, jit=jit)
+    return backend.to_numpy(out)
+
+
+def reference_inputs(case, dtype: str):
+    """The case's inputs rounded to ``dtype`` then widened to float64: what the backend saw, exactly."""
+    params = as_f64(cast_tree(case.params, dtype))
+    state = as_f64(cast_tree(case.state, state_dtype(dtype)))
+    x = as_f64(case.x.astype(np_dtype(dtype)))
+    return params, state, x
+
+
+def run_reference(case, dtype: str, *, routing=None, dy=None):
+    params, state, x = reference_inputs(case, dtype)
+    if dy is None:
+        return peer_ref.forward(case.cfg, params, state, x, case.training, case.mask, routing)
+    dy64 = as_f64(dy.astype(np_dtype(dtype)))
+    return peer_ref.vjp(case.cfg, params, state, x, dy64, case.training, case.mask, routing)
+
+
+# --- assertions ---------------------------------------------------------------------------
+
+def _scale(expected: np.ndarray) -> float:
+    finite = expected[np.isfinite(expected)] if expected.size else expected
+    return max(1.0, float(np.max(np.abs(finite)))) if finite.size else 1.0
+
+
+def assert_close(actual, expected, *, rtol: float, atol: float, what: str, context: str = "") -> None:
+    """|actual - expected| <= atol * max(1, max|expected|) + rtol * |expected|, NaNs in the same places."""
+    __tracebackhide__ = True
+    a = as_f64(actual)
+    e = as_f64(expected)
+    if a.shape != e.shape:
+        pytest.fail(f"{what}.shape={a.shape}, but should be {e.shape} [{context}]", pytrace=False)
+    nan_a, nan_e = np.isnan(a), np.isnan(e)
+    if not np.array_equal(nan_a, nan_e):
+        pytest.fail(
+            f"{what} has NaN at {np.argwhere(nan_a != nan_e)[:5].tolist()} where the reference "
+            f"{'does not' if nan_a.any() else 'does'} [{context}]", pytrace=False,
+        )
+    a, e = np.where(nan_a, 0.0, a), np.where(nan_e, 0.0, e)
+    bound = atol * _scale(e) + rtol * np.abs(e)
+    err = np.abs(a - e)
+    if not np.all(err <= bound):
+        i = np.unravel_index(np.argmax(err - bound), err.shape)
+        pytest.fail(
+            f"{what}[{', '.join(map(str, i))}]={a[i]!r}, but should be {e[i]!r} "
+            f"(|diff|={err[i]:.3g} > {bound[i]:.3g}; rtol={rtol}, atol={atol}) [{context}]",
+            pytrace=False,
+        )
+
+
+def assert_equal(actual, expected, *, what: str, context: str = "") -> None:
+    __tracebackhide__ = True
+    a, e = np.asarray(actual), np.asarray(expected)
+    if a.shape != e.shape or not np.array_equal(a, e):
+        pytest.fail(f"{what}={a.tolist()!r}, but should be {e.tolist()!r} [{context}]", pytrace=False)
+
+
+def assert_dtype(arr, expected: str, *, what: str, context: str = "") -> None:
+    __tracebackhide__ = True
+    got = dtype_name(arr)
+    if got != expected:
+        pytest.fail(f"{what}.dtype={got}, but should be {expected} [{context}]", pytrace=False)
+
+
+def assert_tree_close(actual: dict, expected: dict, *, rtol, atol, what: str, context: str = "") -> None:
+    __tracebackhide__ = True
+    if set(actual) != set(expected):
+        pytest.fail(f"{what} names={sorted(actual)}, but should be {sorted(expected)} [{context}]", pytrace=False)
+    for name in expected:
+        assert_close(actual[name], expected[name], rtol=rtol, atol=atol, what=f"{what}[{name!r}]", context=context)
+
+
+def assert_valid_routing(case, dtype: str, indices: np.ndarray, context: str = "") -> None:
+    """Near-tie-aware routing check against the reference's float64 scores (SPEC §4.3).
+
+    (a) the backend's experts are distinct and a valid top-k within the routing tolerance,
+        listed in descending score order within it;
+    (c) wherever the reference's ranking is separated by more than the tolerance (the k-th vs
+        (k+1)-th expert and every adjacent pair within the top-k), the indices match exactly.
+    """
+    __tracebackhide__ = True
+    cfg = case.cfg
+    params, state, x = reference_inputs(case, dtype)
+    table = peer_ref.routing_scores(cfg, params, state, x, case.training, case.mask)
+    lead = table.shape[:-1]
+    table = table.reshape(-1, cfg.n_experts)
+    got = np.asarray(indices).astype(np.int64).reshape(-1, cfg.topk)
+    if np.asarray(indices).shape != lead + (cfg.topk,):
+        pytest.fail(f"aux['indices'].shape={np.shape(indices)}, but should be {lead + (cfg.topk,)} [{context}]",
+                    pytrace=False)
+    if got.size and (got.min() < 0 or got.max() >= cfg.n_experts):
+        pytest.fail(f"aux['indices'] has values outside [0, {cfg.n_experts}) [{context}]", pytrace=False)
+    tol = TOLERANCES[dtype].route * _scale(table)
+    expected = np.lexsort((np.broadcast_to(np.arange(cfg.n_experts), table.shape), -table), axis=-1)
+    best = np.take_along_axis(table, expected, axis=-1)
+    chosen = np.take_along_axis(table, got, axis=-1)
+    for row in range(got.shape[0]):
+        where = f"token-head {np.unravel_index(row, lead) if lead else row}"
+        if len(set(got[row].tolist())) != cfg.topk:
+            pytest.fail(f"aux['indices'][{where}]={got[row].tolist()} repeats an expert [{context}]", pytrace=False)
+        if np.any(np.sort(chosen[row])[::-1] < best[row, : cfg.topk] - tol):
+            pytest.fail(
+                f"aux['indices'][{where}]={got[row].tolist()} with reference scores {chosen[row].tolist()}, "
+                f"but should be a top-{cfg.topk} within {tol:.3g} of {expected[row, :cfg.topk].tolist()} "
+                f"(scores {best[row, :cfg.topk].tolist()}) [{context}]", pytrace=False,
+            )
+        if np.any(np.diff(chosen[row]) > tol):
+            pytest.fail(
+                f"aux['indices'][{where}]={got[row].tolist()} has reference scores {chosen[row].tolist()}, "
+                f"but should be in descending score order [{context}]", pytrace=False,
+            )
+        ranked = best[row, : cfg.topk + 1]
+        if np.all(-np.diff(ranked) > tol):
+            assert_equal(got[row], expected[row, : cfg.topk], what=f"aux['indices'][{where}]",
+                         context=f"reference ranking separated by > {tol:.3g}; {context}")
+
+
+# --- whole-call checks used by several modules ---------------------------------------------
+
+def check_forward(backend, case, dtype: str, *, jit=False) -> None:
+    """Forward of the backend equals the reference run with the backend's own routing (SPEC §3, §4.3)."""
+    __tracebackhide__ = True
+    tol = TOLERANCES[dtype]
+    context = f"dtype={dtype}, jit={jit}, {case.describe()}"
+    y, new_state, aux = run_backend(backend, case, dtype, jit=jit)
+    assert_valid_routing(case, dtype, aux["indices"], context)
+    routing = np.asarray(aux["indices"]).astype(np.int64)
+    y_ref, state_ref, aux_ref = run_reference(case, dtype, routing=routing)
+    assert_close(y, y_ref, rtol=tol.rtol, atol=tol.atol, what="y", context=context)
+    assert_tree_close(new_state, state_ref, rtol=tol.rtol, atol=tol.atol, what="new_state", context=context)
+    for key in ("scores", "weights"):
+        assert_close(aux[key], aux_ref[key], rtol=tol.rtol, atol=tol.atol, what=f"aux[{key!r}]", context=context)
+
+
+def check_gradients(backend, case, dtype: str, *, jit=False) -> None:
+    """vjp of the backend equals the reference's analytic vjp under the backend's routing (SPEC §7)."""
+    __tracebackhide__ = True
+    tol = TOLERANCES[dtype]
+    context = f"dtype={dtype}, jit={jit}, {case.describe()}"
+    _, _, aux = run_backend(backend, case, dtype, jit=jit)
+    routing = np.asarray(aux["indices"]).astype(np.int64)
+    grads, dx = run_backend(backend, case, dtype, jit=jit, dy=case.dy)
+    grads_ref, dx_ref = run_reference(case, dtype, routing=routing, dy=case.dy)
+    assert_tree_close(grads, grads_ref, rtol=tol.grad_rtol, atol=tol.grad_atol, what="grads", context=context)
+    assert_close(dx, dx_ref, rtol=tol.grad_rtol, atol=tol.grad_atol, what="dx", context=context)

@@ -1,0 +1,130 @@
+"""Hypothesis strategies: small building blocks, then composite strategies returning NamedTuples.
+
+Sizes are capped so one example runs in milliseconds. Config strategies sometimes omit a
+keyword so that the defaults of PEERConfig are exercised too.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from hypothesis import strategies as st
+
+import peer_ref
+from peer_ref import PEERConfig
+
+MAX_TOKENS = 12
+
+# --- building blocks ----------------------------------------------------------------------
+n_keys = st.integers(1, 6)
+heads = st.integers(1, 3)
+d_key = st.integers(1, 4).map(lambda half: 2 * half)
+d_model = st.integers(1, 8)
+seeds = st.integers(0, 2**32 - 1)
+leading_shapes = st.one_of(
+    st.just(()),
+    st.tuples(st.integers(0, MAX_TOKENS)),
+    st.tuples(st.integers(1, 3), st.integers(0, 4)),
+)
+
+_OPTIONS = {
+    "d_out": st.integers(1, 8),
+    "shared_keys": st.booleans(),
+    "query_norm": st.sampled_from(peer_ref.QUERY_NORMS),
+    "bn_momentum": st.sampled_from([0.0, 0.1, 0.5, 1.0]),
+    "bn_eps": st.sampled_from([1e-5, 1e-3, 0.1]),
+    "query_bias": st.booleans(),
+    "activation": st.sampled_from(peer_ref.ACTIVATIONS),
+    "score": st.sampled_from(peer_ref.SCORES),
+    "expert_bias": st.booleans(),
+}
+
+
+@st.composite
+def configs(draw, **fixed) -> PEERConfig:
+    """A valid PEERConfig; ``fixed`` pins fields. Each optional field is sometimes left to its default."""
+    keys = draw(n_keys)
+    kwargs = {
+        "d_model": draw(d_model),
+        "n_experts": keys * keys,
+        "heads": draw(heads),
+        "topk": draw(st.integers(1, keys)),
+        "d_key": draw(d_key),
+    }
+    for name, strategy in _OPTIONS.items():
+        if draw(st.booleans()):
+            kwargs[name] = draw(strategy)
+    kwargs.update(fixed)
+    return PEERConfig(**kwargs)
+
+
+class Case(NamedTuple):
+    """One call of the layer: config, float64 params/state (NumPy), inputs and mode."""
+
+    cfg: PEERConfig
+    params: dict
+    state: dict
+    x: np.ndarray
+    mask: np.ndarray | None
+    dy: np.ndarray
+    training: bool
+    seed: int
+
+    def describe(self) -> str:
+        lead = self.x.shape[:-1]
+        return f"cfg={self.cfg}, lead={lead}, training={self.training}, mask={self.mask is not None}, seed={self.seed}"
+
+
+def perturbed_state(cfg: PEERConfig, rng: np.random.Generator) -> dict:
+    """Non-trivial running statistics (so evaluation mode is not an identity)."""
+    return {
+        name: (rng.standard_normal(shape) * 0.5 if name.endswith("mean") else rng.uniform(0.25, 2.0, shape))
+        for name, shape in cfg.state_shapes().items()
+    }
+
+
+def perturbed_params(cfg: PEERConfig, seed: int) -> dict:
+    """Reference init plus noise, so that scales, offsets and biases are not constants."""
+    params, _ = peer_ref.init(cfg, seed=seed % 2**32)
+    rng = np.random.default_rng(seed + 1)
+    return {name: value + 0.2 * rng.standard_normal(value.shape) for name, value in params.items()}
+
+
+@st.composite
+def cases(draw, cfg=None, training=None, masked=None, lead=None, **fixed) -> Case:
+    """A complete call. ``masked`` None = sometimes; ``lead`` pins the leading shape."""
+    cfg = draw(configs(**fixed)) if cfg is None else cfg
+    seed = draw(seeds)
+    rng = np.random.default_rng(seed)
+    lead = draw(leading_shapes) if lead is None else lead
+    x = rng.standard_normal(lead + (cfg.d_model,))
+    use_mask = draw(st.booleans()) if masked is None else masked
+    mask = rng.random(lead) < 0.7 if use_mask else None
+    dy = rng.standard_normal(lead + (cfg.d_out,))
+    train = draw(st.booleans()) if training is None else training
+    return Case(cfg, perturbed_params(cfg, seed), perturbed_state(cfg, rng), x, mask, dy, train, seed)
+
+
+@st.composite
+def tied_cases(draw, training=False) -> Case:
+    """Exact ties by construction: integer-valued queries and keys give integer scores, exactly
+    representable in every dtype, so every backend must break ties by the index rule (SPEC §4.1)."""
+    keys = draw(st.integers(2, 5))
+    cfg = PEERConfig(
+        d_model=draw(st.integers(2, 6)), n_experts=keys * keys, heads=draw(heads), topk=draw(st.integers(1, keys)),
+        d_key=draw(d_key), shared_keys=draw(st.booleans()), query_norm="none", query_bias=False,
+    )
+    seed = draw(seeds)
+    rng = np.random.default_rng(seed)
+    params, state = peer_ref.init(cfg, seed=seed)
+    # The query kernel picks input coordinates (0/1 entries), so queries are small integers.
+    kernel = np.zeros((cfg.d_model, cfg.d_query))
+    kernel[rng.integers(0, cfg.d_model, cfg.d_query), np.arange(cfg.d_query)] = 1.0
+    params["query.kernel"] = kernel
+    for side in ("keys.left", "keys.right"):
+        params[side] = rng.integers(-1, 2, params[side].shape).astype(np.float64)
+    lead = (draw(st.integers(1, 6)),)
+    x = rng.integers(-2, 3, lead + (cfg.d_model,)).astype(np.float64)
+    dy = rng.standard_normal(lead + (cfg.d_out,))
+    return Case(cfg, params, state, x, None, dy, training, seed)

@@ -1,0 +1,78 @@
+"""SPEC §9.1 Argument errors: the backend raises the reference's exception class and message."""
+
+import numpy as np
+import pytest
+
+import peer_ref
+from peer_ref import PEERConfig
+
+from .helpers import np_dtype
+from .strategies import perturbed_params
+
+CFG = PEERConfig(d_model=6, n_experts=9, heads=2, topk=2, d_key=4)
+
+
+def _valid():
+    params = {k: v.astype(np.float32) for k, v in perturbed_params(CFG, 0).items()}
+    _, state = peer_ref.init(CFG, seed=0, dtype="float32")
+    rng = np.random.default_rng(0)
+    return {
+        "params": params, "state": state, "x": rng.standard_normal((2, 3, 6)).astype(np.float32),
+        "training": True, "mask": None, "routing": None, "dy": rng.standard_normal((2, 3, 6)).astype(np.float32),
+    }
+
+
+def _drop(tree, name):
+    return {k: v for k, v in tree.items() if k != name}
+
+
+SCENARIOS = {
+    "x_wrong_d_model": lambda a: {**a, "x": np.zeros((2, 3, 5), np.float32)},
+    "x_scalar": lambda a: {**a, "x": np.zeros((), np.float32)},
+    "x_dtype_mismatch": lambda a: {**a, "x": a["x"].astype(np.float64)},
+    "x_bfloat16_with_float32_params": lambda a: {**a, "x": a["x"].astype(np_dtype("bfloat16"))},
+    "mask_wrong_shape": lambda a: {**a, "mask": np.ones((2, 4), bool)},
+    "mask_not_bool": lambda a: {**a, "mask": np.ones((2, 3), np.int32)},
+    "routing_wrong_shape": lambda a: {**a, "routing": np.zeros((2, 3, 2, 3), np.int64)},
+    "routing_not_integer": lambda a: {**a, "routing": np.zeros((2, 3, 2, 2), np.float32)},
+    "routing_out_of_range": lambda a: {**a, "routing": np.full((2, 3, 2, 2), 9, np.int64)},
+    "routing_negative": lambda a: {**a, "routing": np.full((2, 3, 2, 2), -1, np.int64)},
+    "params_missing_name": lambda a: {**a, "params": _drop(a["params"], "experts.up")},
+    "params_extra_name": lambda a: {**a, "params": {**a["params"], "experts.gate": a["params"]["experts.up"]}},
+    "params_wrong_shape": lambda a: {**a, "params": {**a["params"], "experts.down": np.zeros((9, 7), np.float32)}},
+    "params_mixed_dtypes": lambda a: {**a, "params": {**a["params"], "keys.left": a["params"]["keys.left"].astype(np.float64)}},
+    "state_missing_name": lambda a: {**a, "state": _drop(a["state"], "query_norm.var")},
+    "training_not_bool": lambda a: {**a, "training": 1},
+    "dy_wrong_shape": lambda a: {**a, "dy": np.zeros((2, 3, 7), np.float32)},
+}
+
+
+def _call(fn, convert, args, with_dy):
+    c = convert
+    common = dict(training=args["training"], mask=c(args["mask"]), routing=c(args["routing"]))
+    if with_dy:
+        return fn(CFG, c(args["params"]), c(args["state"]), c(args["x"]), c(args["dy"]), **common)
+    return fn(CFG, c(args["params"]), c(args["state"]), c(args["x"]), **common)
+
+
+@pytest.mark.parametrize("entry", ["apply", "vjp"])
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_bad_input_raises_like_the_reference(backend, scenario, entry):
+    if entry == "vjp" and "grad" not in backend.capabilities:
+        pytest.skip(f"backend {backend.name!r} does not declare capability 'grad'")
+    if scenario == "x_dtype_mismatch" and "float64" not in backend.capabilities:
+        pytest.skip(f"backend {backend.name!r} does not declare capability 'float64'")
+    if scenario == "x_bfloat16_with_float32_params" and "bfloat16" not in backend.capabilities:
+        pytest.skip(f"backend {backend.name!r} does not declare capability 'bfloat16'")
+    if scenario == "dy_wrong_shape" and entry == "apply":
+        pytest.skip("apply takes no dy")
+    args = SCENARIOS[scenario](_valid())
+    with_dy = entry == "vjp"
+    ref_fn = peer_ref.forward if entry == "apply" else peer_ref.vjp
+    with pytest.raises(peer_ref.PEERInputError) as expected:
+        _call(ref_fn, lambda t: t, args, with_dy)
+    with pytest.raises(type(expected.value)) as got:
+        _call(getattr(backend, entry), backend.from_numpy, args, with_dy)
+    assert str(got.value) == str(expected.value), (
+        f"{backend.name}.{entry} raised {got.value!s}, but should say {expected.value!s} [{scenario}]"
+    )
