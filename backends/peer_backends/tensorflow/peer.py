@@ -1,0 +1,327 @@
+"""PEER in TensorFlow: functional init/apply/vjp (SPEC §3, §7, §8).
+
+Arguments are validated in Python through ``peer_ref.checks`` before any graph runs,
+so errors equal the reference's. The default path runs one XLA-compiled
+``tf.function`` per (config, training, mask?, routing?, dtype), traced once for any
+number of tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import zlib
+
+import numpy as np
+import tensorflow as tf
+
+import peer_ref
+from peer_ref import checks
+from peer_ref.errors import PEERInputError
+
+from .core import dtype_name
+
+TF_DTYPES = {"float64": tf.float64, "float32": tf.float32, "bfloat16": tf.bfloat16}
+
+# A gathered chunk of expert rows (tokens, heads, topk, d) holds at most this many elements.
+CHUNK_ELEMENTS = 2**22
+
+
+def init(cfg, seed=0, dtype=None):
+    dtype = checks.check_dtype_name(dtype or "float32")
+    stds, constants = peer_ref.init_std(cfg), peer_ref.init_constant(cfg)
+    draw_dtype = tf.float64 if dtype == "float64" else tf.float32
+    params = {}
+    for name, shape in cfg.param_shapes().items():
+        if name in stds:
+            # One stateless stream per canonical name: enabling another parameter
+            # (query.bias, experts.bias) leaves every other parameter's values unchanged.
+            stream = tf.constant([seed, zlib.crc32(name.encode())], tf.int64)
+            draw = tf.random.stateless_normal(shape, seed=stream, dtype=draw_dtype) * stds[name]
+            params[name] = tf.cast(draw, TF_DTYPES[dtype])
+        else:
+            params[name] = tf.constant(constants[name], TF_DTYPES[dtype], shape=shape)
+    s_dtype = TF_DTYPES[checks.state_dtype(dtype)]
+    state = {name: tf.constant(constants[name], s_dtype, shape=shape) for name, shape in cfg.state_shapes().items()}
+    return params, state
+
+
+def apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit=None):
+    lead, dtype, args = _prepare(cfg, params, state, x, training, mask, routing)
+    fn = _compiled_apply(cfg, training, mask is not None, routing is not None, dtype)
+    y, new_state, aux = (fn.python_function if jit is False else fn)(*args)
+    aux = {key: tf.reshape(value, lead + (cfg.heads, cfg.topk)) for key, value in aux.items()}
+    return tf.reshape(y, lead + (cfg.d_out,)), new_state, aux
+
+
+def vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, jit=None):
+    lead, dtype, args = _prepare(cfg, params, state, x, training, mask, routing, dy)
+    fn = _compiled_vjp(cfg, training, mask is not None, routing is not None, dtype)
+    grads, dx = (fn.python_function if jit is False else fn)(*args)
+    return grads, tf.reshape(dx, lead + (cfg.d_model,))
+
+
+def _as_tensor(arg, value):
+    if isinstance(value, (tf.Tensor, tf.Variable, np.ndarray)):
+        return tf.convert_to_tensor(value)
+    raise PEERInputError(f"{arg} is {type(value).__name__}, but expected a tf.Tensor")
+
+
+def _prepare(cfg, params, state, x, training, mask, routing, dy=None):
+    """Validate like the reference; return (leading shape, dtype name, flat arguments)."""
+    for arg, tree in (("params", params), ("state", state)):
+        if not isinstance(tree, dict):
+            raise PEERInputError(f"{arg} is {type(tree).__name__}, but expected a dict of arrays")
+    params = {name: _as_tensor(f"params[{name!r}]", value) for name, value in params.items()}
+    state = {name: _as_tensor(f"state[{name!r}]", value) for name, value in state.items()}
+    meta = lambda tree: {k: (tuple(v.shape), dtype_name(v)) for k, v in tree.items()}  # noqa: E731
+    dtype = checks.check_params_state(cfg, meta(params), meta(state))
+    x = _as_tensor("x", x)
+    mask = None if mask is None else _as_tensor("mask", mask)
+    routing = None if routing is None else _as_tensor("routing", routing)
+    dy = None if dy is None else _as_tensor("dy", dy)
+    arr = lambda v: None if v is None else (tuple(v.shape), dtype_name(v))  # noqa: E731
+    lead = checks.check_call(cfg, dtype, arr(x), training, arr(mask), arr(routing), arr(dy))
+    if routing is not None and routing.shape.num_elements():
+        checks.check_routing_values(cfg, int(tf.reduce_min(routing)), int(tf.reduce_max(routing)))
+    args = [params, state, tf.reshape(x, (-1, cfg.d_model))]
+    if mask is not None:
+        args.append(tf.reshape(mask, (-1,)))
+    if routing is not None:
+        args.append(tf.reshape(tf.cast(routing, tf.int64), (-1, cfg.heads, cfg.topk)))
+    if dy is not None:
+        args.append(tf.reshape(dy, (-1, cfg.d_out)))
+    return lead, dtype, args
+
+
+def _signature(cfg, dtype, has_mask, has_routing, has_dy):
+    """Shapes with a free token axis, so one trace serves every token count."""
+    p_dtype, s_dtype = TF_DTYPES[dtype], TF_DTYPES[checks.state_dtype(dtype)]
+    signature = [
+        {name: tf.TensorSpec(shape, p_dtype) for name, shape in cfg.param_shapes().items()},
+        {name: tf.TensorSpec(shape, s_dtype) for name, shape in cfg.state_shapes().items()},
+        tf.TensorSpec((None, cfg.d_model), p_dtype),
+    ]
+    if has_mask:
+        signature.append(tf.TensorSpec((None,), tf.bool))
+    if has_routing:
+        signature.append(tf.TensorSpec((None, cfg.heads, cfg.topk), tf.int64))
+    if has_dy:
+        signature.append(tf.TensorSpec((None, cfg.d_out), p_dtype))
+    return signature
+
+
+def _unpack(extras, has_mask, has_routing):
+    extras = list(extras)
+    mask = extras.pop(0) if has_mask else None
+    routing = extras.pop(0) if has_routing else None
+    return mask, routing, extras
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_apply(cfg, training, has_mask, has_routing, dtype):
+    def run(params, state, x, *extras):
+        mask, routing, _ = _unpack(extras, has_mask, has_routing)
+        return forward(cfg, params, state, x, training, mask, routing)
+
+    signature = _signature(cfg, dtype, has_mask, has_routing, has_dy=False)
+    return tf.function(run, input_signature=signature, jit_compile=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_vjp(cfg, training, has_mask, has_routing, dtype):
+    def run(params, state, x, *extras):
+        mask, routing, (dy,) = _unpack(extras, has_mask, has_routing)
+        with tf.GradientTape() as tape:
+            tape.watch((params, x))
+            y, _, _ = forward(cfg, params, state, x, training, mask, routing)
+        grads, dx = tape.gradient(y, (params, x), output_gradients=dy,
+                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return {name: tf.convert_to_tensor(g) for name, g in grads.items()}, dx
+
+    signature = _signature(cfg, dtype, has_mask, has_routing, has_dy=True)
+    return tf.function(run, input_signature=signature, jit_compile=True)
+
+
+def forward(cfg, params, state, x, training=False, mask=None, routing=None):
+    """The layer on flat tokens: x (T, d_model), mask (T,), routing (T, heads, topk).
+
+    Traceable and differentiable; no validation (callers validate). Parameters may be
+    tensors or variables. Returns (y (T, d_out), new_state, aux with (T, heads, topk)).
+    """
+    out_dtype = x.dtype
+    # bfloat16: all arithmetic in float32, rounded once at the end (SPEC §10).
+    compute = tf.float32 if out_dtype == tf.bfloat16 else out_dtype
+    p = {name: tf.cast(value, compute) for name, value in params.items()}
+    x = tf.cast(x, compute)
+
+    q = tf.matmul(x, p["query.kernel"])
+    if cfg.query_bias:
+        q = q + p["query.bias"]
+    q, new_state = _query_norm(cfg, p, state, q, mask, training)
+    queries = tf.reshape(q, (-1, cfg.heads, cfg.d_key))
+
+    s_left, s_right = _sub_key_scores(cfg, p, queries)
+    indices = _product_key_topk(cfg, s_left, s_right) if routing is None else tf.cast(routing, tf.int64)
+    scores = (tf.gather(s_left, indices // cfg.n_keys, batch_dims=2)
+              + tf.gather(s_right, indices % cfg.n_keys, batch_dims=2))
+    weights = _score_weights(cfg.score, scores)
+
+    y = _experts(cfg, x, weights, indices, p["experts.down"], p["experts.up"], p.get("experts.bias"))
+    if mask is not None:
+        y = tf.where(mask[:, None], y, tf.zeros_like(y))  # select, so NaN in masked tokens still gives 0
+    aux = {"indices": indices, "scores": scores, "weights": weights}
+    return tf.cast(y, out_dtype), new_state, aux
+
+
+def _query_norm(cfg, p, state, q, mask, training):
+    if cfg.query_norm == "none":
+        return q, dict(state)
+    running_mean = tf.cast(state["query_norm.mean"], q.dtype)
+    running_var = tf.cast(state["query_norm.var"], q.dtype)
+    if training:
+        valid = tf.ones_like(q[:, 0], tf.bool) if mask is None else mask
+        n_valid = tf.reduce_sum(tf.cast(valid, q.dtype))
+        use_batch = n_valid > 0
+        count = tf.maximum(n_valid, 1)
+        only_valid = lambda t: tf.where(valid[:, None], t, tf.zeros_like(t))  # noqa: E731
+        batch_mean = tf.reduce_sum(only_valid(q), axis=0) / count
+        batch_var = tf.reduce_sum(only_valid(q - batch_mean) ** 2, axis=0) / count
+        # No valid token: normalise with the running statistics and leave them unchanged.
+        mean = tf.where(use_batch, batch_mean, running_mean)
+        var = tf.where(use_batch, batch_var, running_var)
+        m = cfg.bn_momentum
+        unbiased = batch_var * (n_valid / tf.maximum(n_valid - 1, 1))
+        updated = {
+            "query_norm.mean": tf.where(use_batch, (1 - m) * running_mean + m * batch_mean, running_mean),
+            "query_norm.var": tf.where(use_batch, (1 - m) * running_var + m * unbiased, running_var),
+        }
+        new_state = {name: tf.stop_gradient(tf.cast(value, state[name].dtype)) for name, value in updated.items()}
+    else:
+        mean, var, new_state = running_mean, running_var, dict(state)
+    inv_std = 1.0 / tf.sqrt(var + cfg.bn_eps)
+    return (q - mean) * inv_std * p["query_norm.scale"] + p["query_norm.offset"], new_state
+
+
+def _sub_key_scores(cfg, p, queries):
+    halves = (queries[..., : cfg.d_half], queries[..., cfg.d_half :])
+    keys = (p["keys.left"], p["keys.right"])
+    if cfg.shared_keys:  # every head reads key set 0
+        return tuple(tf.einsum("thd,nd->thn", q, k[0]) for q, k in zip(halves, keys))
+    return tuple(tf.einsum("thd,hnd->thn", q, k) for q, k in zip(halves, keys))
+
+
+def _orderable(scores):
+    """Scores whose order under XLA equals the reference's: XLA's top_k uses a total
+    order (+0 above -0, NaN above everything), the reference an IEEE one (+0 == -0,
+    NaN last)."""
+    no_nan = tf.where(tf.math.is_nan(scores), tf.constant(-math.inf, scores.dtype), scores)
+    return tf.where(no_nan == 0, tf.zeros_like(no_nan), no_nan)
+
+
+def _product_key_topk(cfg, s_left, s_right):
+    """Expert indices (T, heads, topk), int64, by the order rule of SPEC §4.
+
+    tf.math.top_k returns equal values lower position first (checked by the tests), so
+    stage 1 breaks ties by lower sub-key index. For stage 2 each side's selection is put
+    in ascending sub-key order: the flattened k*k grid is then in ascending expert
+    index (left * n_keys + right), and lower position means lower expert index.
+    """
+    k, n = cfg.topk, cfg.n_keys
+    sides = []
+    for scores in (_orderable(s_left), _orderable(s_right)):
+        sub_keys = tf.sort(tf.math.top_k(scores, k).indices, axis=-1)
+        sides.append((tf.cast(sub_keys, tf.int64), tf.gather(scores, sub_keys, batch_dims=2)))
+    (left, left_scores), (right, right_scores) = sides
+    sums = tf.reshape(left_scores[..., :, None] + right_scores[..., None, :], (-1, cfg.heads, k * k))
+    experts = tf.reshape(left[..., :, None] * n + right[..., None, :], (-1, cfg.heads, k * k))
+    best = tf.math.top_k(_orderable(sums), k).indices
+    return tf.gather(experts, best, batch_dims=2)
+
+
+def _score_weights(name, scores):
+    if name == "softmax":
+        return tf.nn.softmax(scores, axis=-1)
+    if name == "sigmoid":
+        return tf.sigmoid(scores)
+    return scores
+
+
+def _activation(name, z):
+    if name == "gelu":
+        return 0.5 * z * (1.0 + tf.math.erf(z / math.sqrt(2.0)))
+    if name == "gelu_tanh":
+        return 0.5 * z * (1.0 + tf.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * z**3)))
+    if name == "relu":
+        return tf.nn.relu(z)
+    if name == "silu":
+        return z * tf.sigmoid(z)
+    return z
+
+
+def _expert_chunk(cfg, x, weights, down_rows, up_rows, bias_rows):
+    """y = sum_{h,k} weights * act(x . down + bias) * up for one chunk of tokens."""
+    pre = tf.einsum("td,thkd->thk", x, down_rows)
+    if bias_rows is not None:
+        pre = pre + bias_rows
+    return tf.einsum("thk,thko->to", weights * _activation(cfg.activation, pre), up_rows)
+
+
+def _experts(cfg, x, weights, indices, down, up, bias):
+    """The expert MLP over token chunks, so gathered rows never exceed CHUNK_ELEMENTS.
+
+    The custom gradient recomputes each chunk's gathers instead of letting autodiff
+    keep all of them, and scatter-adds the row gradients into dense tables.
+    """
+    width = cfg.heads * cfg.topk * max(cfg.d_model, cfg.d_out)
+    tokens = tf.shape(x)[0]
+    chunk = tf.maximum(tf.minimum(max(1, CHUNK_ELEMENTS // width), tokens), 1)
+    # At least one (padding) chunk: XLA compiles the loop body even when it would never run.
+    n_chunks = tf.maximum((tokens + chunk - 1) // chunk, 1)
+    pad = n_chunks * chunk - tokens
+    chunked = lambda t: tf.reshape(  # noqa: E731
+        tf.pad(t, [[0, pad]] + [[0, 0]] * (t.shape.rank - 1)), tf.concat([[n_chunks, chunk], tf.shape(t)[1:]], 0))
+    idx = chunked(indices)  # padding tokens read expert 0 with weight 0
+    has_bias = bias is not None
+
+    @tf.custom_gradient
+    def run(xs, ws, down, up, *maybe_bias):
+        bias = maybe_bias[0] if has_bias else None
+
+        def rows(i):
+            return (tf.gather(down, idx[i]), tf.gather(up, idx[i]),
+                    tf.gather(bias, idx[i]) if has_bias else None)
+
+        def forward_body(i, ys):
+            y = _expert_chunk(cfg, xs[i], ws[i], *rows(i))
+            return i + 1, tf.tensor_scatter_nd_update(ys, [[i]], y[None])
+
+        # Preallocated outputs rather than a TensorArray: zero chunks must work too.
+        ys = tf.zeros(tf.concat([tf.shape(xs)[:2], [cfg.d_out]], 0), xs.dtype)
+        _, ys = tf.while_loop(lambda i, _: i < n_chunks, forward_body, (0, ys))
+
+        def grad(dys):
+            def backward_body(i, dxs, dws, d_down, d_up, d_bias):
+                inputs = [xs[i], ws[i], *rows(i)][: 5 if has_bias else 4]
+                with tf.GradientTape() as tape:
+                    tape.watch(inputs)
+                    y = _expert_chunk(cfg, *inputs, *([] if has_bias else [None]))
+                g = tape.gradient(y, inputs, output_gradients=dys[i])
+                flat = tf.reshape(idx[i], (-1, 1))
+                d_down = tf.tensor_scatter_nd_add(d_down, flat, tf.reshape(g[2], (-1, cfg.d_model)))
+                d_up = tf.tensor_scatter_nd_add(d_up, flat, tf.reshape(g[3], (-1, cfg.d_out)))
+                if has_bias:
+                    d_bias = tf.tensor_scatter_nd_add(d_bias, flat, tf.reshape(g[4], (-1,)))
+                dxs = tf.tensor_scatter_nd_update(dxs, [[i]], g[0][None])
+                dws = tf.tensor_scatter_nd_update(dws, [[i]], g[1][None])
+                return i + 1, dxs, dws, d_down, d_up, d_bias
+
+            state = (0, tf.zeros_like(xs), tf.zeros_like(ws), tf.zeros_like(down), tf.zeros_like(up),
+                     tf.zeros_like(bias) if has_bias else tf.zeros(()))
+            _, dxs, dws, d_down, d_up, d_bias = tf.while_loop(lambda i, *_: i < n_chunks, backward_body, state)
+            return (dxs, dws, d_down, d_up) + ((d_bias,) if has_bias else ())
+
+        return ys, grad
+
+    ys = run(chunked(x), chunked(weights), down, up, *([bias] if has_bias else []))
+    return tf.reshape(ys, (-1, cfg.d_out))[:tokens]
