@@ -1,0 +1,15 @@
+"""The "tensorflow" backend: PEER in TensorFlow 2 (XLA-compiled by default) and a Keras 3 layer."""
+
+import tensorflow as tf
+
+from . import layer as _layer_module
+from .core import from_numpy, to_numpy, version
+from .peer import apply, init, vjp
+
+name = "tensorflow"
+capabilities = frozenset(
+    {"float64", "float32", "bfloat16", "grad", "jit"} | ({"gpu"} if tf.config.list_physical_devices("GPU") else set())
+)
+layer = _layer_module.PEER
+
+__all__ = ["apply", "capabilities", "from_numpy", "init", "layer", "name", "to_numpy", "version", "vjp"]

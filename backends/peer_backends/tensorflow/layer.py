@@ -1,0 +1,86 @@
+import keras
+import tensorflow as tf
+
+from peer_ref import PEERConfig, checks
+
+from .core import dtype_name, from_numpy
+from .peer import forward, init
+
+
+class PEER(keras.layers.Layer):
+    """PEER as a Keras 3 layer (TensorFlow backend): ``PEER(cfg)(x, training=..., mask=...)``.
+
+    Every weight is created with ``add_weight(name=<canonical name>)``, so
+    ``variable.name`` is e.g. "experts.down" and ``variable.path`` is
+    "<layer name>/experts.down". Trainable weights are ``cfg.param_shapes()``;
+    the batch-norm statistics ("query_norm.mean", "query_norm.var") are
+    non-trainable and updated by assignment in training calls.
+
+    ``mask`` is PEER's token mask (bool, ``x.shape[:-1]``), which is also Keras's
+    sequence mask layout: a mask propagated by an earlier layer (e.g.
+    ``Embedding(mask_zero=True)``) excludes those tokens from the statistics and
+    zeroes their output, and the layer passes it on unchanged.
+
+    ``dtype`` is one of "float32" (default), "float64", "bfloat16" and sets the
+    weights' dtype; as in any Keras layer, float inputs are cast to it on call.
+    Initial values equal ``peer_backends.get("tensorflow").init(cfg, seed, dtype)``.
+    """
+
+    def __init__(self, cfg: PEERConfig, seed: int = 0, dtype: str | None = None, **kwargs):
+        dtype = checks.check_dtype_name(dtype or "float32")
+        super().__init__(dtype=dtype, **kwargs)
+        self.cfg, self.seed, self.param_dtype = cfg, seed, dtype
+        self.supports_masking = True
+        self.build((None, cfg.d_model))
+
+    def build(self, input_shape=None):
+        params, state = init(self.cfg, seed=self.seed, dtype=self.param_dtype)
+        self._params = {name: self._add(name, value, trainable=True) for name, value in params.items()}
+        self._state = {name: self._add(name, value, trainable=False) for name, value in state.items()}
+
+    def _add(self, name, value, trainable):
+        return self.add_weight(shape=value.shape, dtype=value.dtype.name, trainable=trainable, name=name,
+                               initializer=lambda shape, dtype: value)
+
+    def call(self, x, training=None, mask=None, routing=None):
+        cfg, training = self.cfg, bool(training)  # None: no Keras training context, so inference
+        meta = lambda v: None if v is None else (tuple(v.shape), dtype_name(v))  # noqa: E731
+        checks.check_call(cfg, self.param_dtype, meta(x), training, meta(mask), meta(routing))
+        flat = lambda t, tail: None if t is None else tf.reshape(t, (-1,) + tail)  # noqa: E731
+        y, new_state, _ = forward(cfg, self._params, self._state, flat(x, (cfg.d_model,)), training,
+                                  flat(mask, ()), flat(routing, (cfg.heads, cfg.topk)))
+        if training:
+            for name, variable in self._state.items():
+                variable.assign(new_state[name])
+        return tf.reshape(y, tf.concat([tf.shape(x)[:-1], [cfg.d_out]], 0))
+
+    def compute_mask(self, inputs, mask=None):
+        return mask
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.cfg.d_out,)
+
+    def params_and_state(self):
+        """Current ``(params, state)`` as tensors keyed by canonical names (the functional API's format)."""
+        snapshot = lambda variables: {name: tf.convert_to_tensor(v) for name, v in variables.items()}  # noqa: E731
+        return snapshot(self._params), snapshot(self._state)
+
+    def load_params_and_state(self, params, state):
+        """Assign ``(params, state)`` (tensors or NumPy arrays keyed by canonical names), validated first."""
+        params, state = from_numpy(dict(params)), from_numpy(dict(state))
+        meta = lambda tree: {k: (tuple(v.shape), dtype_name(v)) for k, v in tree.items()}  # noqa: E731
+        dtype = checks.check_params_state(self.cfg, meta(params), meta(state))
+        checks.check_dtype_name(dtype, (self.param_dtype,))
+        for variables, values in ((self._params, params), (self._state, state)):
+            for name, variable in variables.items():
+                variable.assign(values[name])
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("dtype", None)
+        return {**config, "cfg": self.cfg.to_dict(), "seed": self.seed, "dtype": self.param_dtype}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        return cls(PEERConfig.from_dict(config.pop("cfg")), **config)
