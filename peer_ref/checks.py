@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+import numpy as np
+
 from .config import DTYPES, PEERConfig
 from .errors import PEERInputError
 
@@ -73,7 +75,7 @@ def check_call(
     dy: Meta | None = None,
 ) -> tuple[int, ...]:
     """Validate the arguments of forward/vjp; returns the leading (token) shape of x."""
-    if not isinstance(training, bool):
+    if not isinstance(training, (bool, np.bool_)):
         raise PEERInputError(f"training={training!r}, but expected a bool")
     x_shape, x_dtype = tuple(x[0]), x[1]
     if len(x_shape) < 1:

@@ -77,9 +77,9 @@ def query_norm(cfg: PEERConfig, params, state, q, valid, training):
     return out, new_state, (normed, inv_std, use_batch, n_valid)
 
 
-def zero_masked(y: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """§5: masked tokens output exactly zero — a select, not a product, so NaN cannot leak."""
-    return np.where(valid[:, None], y, y.dtype.type(0))
+def zero_masked(rows: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """§5: rows of masked tokens become exactly zero — a select, not a product, so NaN cannot leak."""
+    return np.where(valid[:, None], rows, rows.dtype.type(0))
 
 
 def _forward(cfg: PEERConfig, params, state, x, training=False, mask=None, routing=None, dy=None):
@@ -87,6 +87,8 @@ def _forward(cfg: PEERConfig, params, state, x, training=False, mask=None, routi
     tokens = int(np.prod(lead, dtype=np.int64))
     xf = x.reshape(tokens, cfg.d_model)
     valid = np.ones(tokens, bool) if mask is None else mask.reshape(tokens)
+    if mask is not None:
+        xf = zero_masked(xf, valid)  # §5: padding is inert, even NaN padding, in both passes
 
     # §3.2 query projection, §3.3 query norm, §3.4 split into heads
     q = xf @ params["query.kernel"]

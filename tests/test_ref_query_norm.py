@@ -52,7 +52,7 @@ def test_training_uses_biased_batch_stats_and_updates_running_stats(tokens, mome
     for k in state:
         np.testing.assert_array_equal(state[k], before[k], err_msg=f"forward mutated state[{k!r}] in place")
 
-    q = _queries(cfg, params, x)
+    q = _queries(cfg, params, np.where(valid[:, None], x, 0.0))  # masked tokens are routed as zero input
     n = int(valid.sum())
     if n == 0:
         mean, var = state["query_norm.mean"], state["query_norm.var"]
@@ -69,7 +69,7 @@ def test_training_uses_biased_batch_stats_and_updates_running_stats(tokens, mome
         np.testing.assert_allclose(new_state[k], want_state[k], rtol=1e-12, atol=1e-12, err_msg=k)
     normed = (q - mean) / np.sqrt(var + cfg.bn_eps)
     want_scores, want_indices = _expected_scores(cfg, params, normed, aux["indices"])
-    # All tokens are normalised with the valid tokens' statistics, masked ones included.
+    # All tokens are normalised with the valid tokens' statistics, masked ones (zeroed) included.
     np.testing.assert_allclose(aux["scores"], want_scores, rtol=1e-10, atol=1e-10)
     np.testing.assert_array_equal(aux["indices"], want_indices)
 

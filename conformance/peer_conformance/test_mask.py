@@ -37,3 +37,13 @@ def test_masked_tokens_get_zero_input_gradient(backend, case):
     _, dx = run_backend(backend, case, _dtype(backend), dy=case.dy)
     dx = np.asarray(dx).astype(np.float64)
     assert_equal(dx[~case.mask], np.zeros_like(dx[~case.mask]), what="dx[masked]", context=case.describe())
+
+
+@given(case=cases(masked=True))
+def test_nan_in_masked_tokens_leaves_gradients_finite(backend, case):
+    needs(backend, "grad")
+    x = np.where(case.mask[..., None], case.x, np.nan)
+    grads, dx = run_backend(backend, case._replace(x=x), _dtype(backend), dy=case.dy)
+    for name, value in {**grads, "dx": dx}.items():
+        value = np.asarray(value).astype(np.float64)
+        assert np.all(np.isfinite(value)), f"{name} has non-finite entries though only masked tokens hold NaN [{case.describe()}]"
