@@ -47,7 +47,7 @@ def init(cfg, seed=0, dtype=None):
 
 
 def apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit=None):
-    lead, dtype, args = _prepare(cfg, params, state, x, training, mask, routing)
+    lead, dtype, training, args = _prepare(cfg, params, state, x, training, mask, routing)
     fn = _compiled_apply(cfg, training, mask is not None, routing is not None, dtype)
     y, new_state, aux = (fn.python_function if jit is False else fn)(*args)
     aux = {key: tf.reshape(value, lead + (cfg.heads, cfg.topk)) for key, value in aux.items()}
@@ -55,7 +55,7 @@ def apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit
 
 
 def vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, jit=None):
-    lead, dtype, args = _prepare(cfg, params, state, x, training, mask, routing, dy)
+    lead, dtype, training, args = _prepare(cfg, params, state, x, training, mask, routing, dy)
     fn = _compiled_vjp(cfg, training, mask is not None, routing is not None, dtype)
     grads, dx = (fn.python_function if jit is False else fn)(*args)
     return grads, tf.reshape(dx, lead + (cfg.d_model,))
@@ -68,7 +68,7 @@ def _as_tensor(arg, value):
 
 
 def _prepare(cfg, params, state, x, training, mask, routing, dy=None):
-    """Validate like the reference; return (leading shape, dtype name, flat arguments)."""
+    """Validate like the reference; return (leading shape, dtype name, training, flat arguments)."""
     for arg, tree in (("params", params), ("state", state)):
         if not isinstance(tree, dict):
             raise PEERInputError(f"{arg} is {type(tree).__name__}, but expected a dict of arrays")
@@ -82,6 +82,7 @@ def _prepare(cfg, params, state, x, training, mask, routing, dy=None):
     dy = None if dy is None else _as_tensor("dy", dy)
     arr = lambda v: None if v is None else (tuple(v.shape), dtype_name(v))  # noqa: E731
     lead = checks.check_call(cfg, dtype, arr(x), training, arr(mask), arr(routing), arr(dy))
+    training = bool(training)  # a NumPy bool is accepted too
     if routing is not None and routing.shape.num_elements():
         checks.check_routing_values(cfg, int(tf.reduce_min(routing)), int(tf.reduce_max(routing)))
     args = [params, state, tf.reshape(x, (-1, cfg.d_model))]
@@ -91,7 +92,7 @@ def _prepare(cfg, params, state, x, training, mask, routing, dy=None):
         args.append(tf.reshape(tf.cast(routing, tf.int64), (-1, cfg.heads, cfg.topk)))
     if dy is not None:
         args.append(tf.reshape(dy, (-1, cfg.d_out)))
-    return lead, dtype, args
+    return lead, dtype, training, args
 
 
 def _signature(cfg, dtype, has_mask, has_routing, has_dy):
@@ -154,6 +155,8 @@ def forward(cfg, params, state, x, training=False, mask=None, routing=None):
     compute = tf.float32 if out_dtype == tf.bfloat16 else out_dtype
     p = {name: tf.cast(value, compute) for name, value in params.items()}
     x = tf.cast(x, compute)
+    if mask is not None:
+        x = _zero_masked(x, mask)  # padding is inert, even NaN padding, in both passes (SPEC §5)
 
     q = tf.matmul(x, p["query.kernel"])
     if cfg.query_bias:
@@ -169,9 +172,14 @@ def forward(cfg, params, state, x, training=False, mask=None, routing=None):
 
     y = _experts(cfg, x, weights, indices, p["experts.down"], p["experts.up"], p.get("experts.bias"))
     if mask is not None:
-        y = tf.where(mask[:, None], y, tf.zeros_like(y))  # select, so NaN in masked tokens still gives 0
+        y = _zero_masked(y, mask)
     aux = {"indices": indices, "scores": scores, "weights": weights}
     return tf.cast(y, out_dtype), new_state, aux
+
+
+def _zero_masked(rows, mask):
+    # A select, not a product: 0 * NaN would be NaN.
+    return tf.where(mask[:, None], rows, tf.zeros_like(rows))
 
 
 def _query_norm(cfg, p, state, q, mask, training):
@@ -184,9 +192,8 @@ def _query_norm(cfg, p, state, q, mask, training):
         n_valid = tf.reduce_sum(tf.cast(valid, q.dtype))
         use_batch = n_valid > 0
         count = tf.maximum(n_valid, 1)
-        only_valid = lambda t: tf.where(valid[:, None], t, tf.zeros_like(t))  # noqa: E731
-        batch_mean = tf.reduce_sum(only_valid(q), axis=0) / count
-        batch_var = tf.reduce_sum(only_valid(q - batch_mean) ** 2, axis=0) / count
+        batch_mean = tf.reduce_sum(_zero_masked(q, valid), axis=0) / count
+        batch_var = tf.reduce_sum(_zero_masked(q - batch_mean, valid) ** 2, axis=0) / count
         # No valid token: normalise with the running statistics and leave them unchanged.
         mean = tf.where(use_batch, batch_mean, running_mean)
         var = tf.where(use_batch, batch_var, running_var)
