@@ -1,0 +1,224 @@
+"""TensorFlow backend specifics: Keras layer, compiled path, tie rule, errors.
+
+Generic semantics are covered by the conformance suite; these tests pin down what only
+this backend has (Keras names and fit, XLA tracing, TF's top_k tie order).
+"""
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+
+import peer_backends  # noqa: E402
+import peer_ref  # noqa: E402
+from peer_ref import PEERConfig, PEERInputError  # noqa: E402
+
+be = peer_backends.get("tensorflow")
+from peer_backends.tensorflow import peer as tf_peer  # noqa: E402
+
+CFG = PEERConfig(d_model=8, n_experts=16, heads=2, topk=3, d_key=4)
+
+
+def _numpy(tree):
+    return be.to_numpy(tree)
+
+
+def _reference(cfg, params, state, x, **kwargs):
+    return peer_ref.forward(cfg, _numpy(params), _numpy(state), np.asarray(x), **kwargs)
+
+
+def test_backend_attributes():
+    assert be.name == "tensorflow" and be.version == tf.__version__
+    assert {"float64", "float32", "bfloat16", "grad", "jit"} <= be.capabilities
+
+
+def test_conversion_keeps_dtypes_and_bfloat16_maps_to_ml_dtypes():
+    tree = {"a": np.ones((2, 3), ml_dtypes.bfloat16), "b": (np.arange(3), None), "c": [np.zeros(2, bool)]}
+    tensors = be.from_numpy(tree)
+    assert tensors["a"].dtype == tf.bfloat16 and tensors["b"][0].dtype == tf.int64 and tensors["b"][1] is None
+    back = be.to_numpy({**tensors, "v": tf.Variable(tf.ones(2, tf.float64))})
+    assert back["a"].dtype == ml_dtypes.bfloat16 and back["c"][0].dtype == np.bool_
+    assert back["v"].dtype == np.float64
+
+
+def test_init_follows_reference_distributions_and_is_seeded():
+    cfg = PEERConfig(d_model=64, n_experts=1024, heads=2, topk=4, d_key=16, query_bias=True)
+    params, state = be.init(cfg, seed=5)
+    again, _ = be.init(cfg, seed=5)
+    other, _ = be.init(cfg, seed=6)
+    assert all(params[name].dtype == tf.float32 for name in params)
+    assert np.array_equal(params["experts.down"].numpy(), again["experts.down"].numpy())
+    assert not np.array_equal(params["experts.down"].numpy(), other["experts.down"].numpy())
+    for name, std in peer_ref.init_std(cfg).items():
+        assert np.std(params[name].numpy()) == pytest.approx(std, rel=0.1), name
+    for name, value in peer_ref.init_constant(cfg).items():
+        tree = params if name in params else state
+        assert np.all(tree[name].numpy() == value), name
+
+
+def test_keras_weights_carry_canonical_names():
+    layer = be.layer(CFG, name="peer_block")
+    trainable = {w.name: w.path for w in layer.trainable_weights}
+    assert trainable == {name: f"peer_block/{name}" for name in CFG.param_shapes()}
+    assert sorted(w.name for w in layer.non_trainable_weights) == sorted(CFG.state_shapes())
+    params, state = layer.params_and_state()
+    assert {k: tuple(v.shape) for k, v in params.items()} == CFG.param_shapes()
+    assert {k: tuple(v.shape) for k, v in state.items()} == CFG.state_shapes()
+
+
+def test_layer_equals_functional_equals_reference_float64():
+    cfg = PEERConfig(d_model=8, n_experts=25, heads=3, topk=2, d_key=6, shared_keys=False, query_bias=True)
+    layer = be.layer(cfg, seed=3, dtype="float64")
+    params, state = layer.params_and_state()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 5, cfg.d_model))
+    mask = rng.random((2, 5)) > 0.3
+    y_layer = layer(x, training=True, mask=mask)
+    y_fn, state_fn, aux = be.apply(cfg, params, state, be.from_numpy(x), True, be.from_numpy(mask))
+    y_ref, state_ref, aux_ref = _reference(cfg, params, state, x, training=True, mask=mask)
+    np.testing.assert_allclose(y_layer.numpy(), y_ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(y_fn.numpy(), y_ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(aux["indices"].numpy(), aux_ref["indices"])
+    assert aux["indices"].dtype == tf.int64
+    _, layer_state = layer.params_and_state()
+    for name in state_ref:
+        np.testing.assert_allclose(layer_state[name].numpy(), state_ref[name], rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(state_fn[name].numpy(), state_ref[name], rtol=1e-12, atol=1e-15)
+    # Keras passes the mask on; loading the reference's state back is exact.
+    assert layer.compute_mask(x, mask) is mask
+    layer.load_params_and_state(_numpy(params), state_ref)
+    assert np.array_equal(layer.params_and_state()[1]["query_norm.var"].numpy(), state_ref["query_norm.var"])
+
+
+def test_compiled_equals_eager_forward_and_vjp():
+    params, state = be.init(CFG, seed=1)
+    rng = np.random.default_rng(1)
+    x = be.from_numpy(rng.standard_normal((3, 4, CFG.d_model)).astype(np.float32))
+    dy = be.from_numpy(rng.standard_normal((3, 4, CFG.d_out)).astype(np.float32))
+    eager = be.apply(CFG, params, state, x, True, jit=False)
+    compiled = be.apply(CFG, params, state, x, True, jit=True)
+    for a, b in zip(_numpy(eager), _numpy(compiled)):
+        for key in a if isinstance(a, dict) else [None]:
+            pick = (lambda t: t[key]) if key else (lambda t: t)
+            np.testing.assert_allclose(pick(a), pick(b), rtol=1e-5, atol=1e-6)
+    (g_eager, dx_eager), (g_jit, dx_jit) = (be.vjp(CFG, params, state, x, dy, True, jit=j) for j in (False, None))
+    np.testing.assert_allclose(dx_eager.numpy(), dx_jit.numpy(), rtol=1e-4, atol=1e-5)
+    for name in CFG.param_shapes():
+        np.testing.assert_allclose(g_eager[name].numpy(), g_jit[name].numpy(), rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_compiled_path_traces_once_for_every_token_count():
+    params, state = be.init(CFG, seed=2)
+    rng = np.random.default_rng(2)
+    for lead in [(4,), (2, 9), (0,), (17,)]:
+        x = be.from_numpy(rng.standard_normal(lead + (CFG.d_model,)).astype(np.float32))
+        y, _, aux = be.apply(CFG, params, state, x, False)
+        assert tuple(y.shape) == lead + (CFG.d_out,) and tuple(aux["indices"].shape) == lead + (2, 3)
+    fn = tf_peer._compiled_apply(CFG, False, False, False, "float32")
+    assert fn.experimental_get_tracing_count() == 1
+
+
+def test_model_fit_reduces_loss_and_updates_statistics():
+    inputs = keras.Input((5, CFG.d_model))
+    layer = be.layer(CFG, seed=4)
+    model = keras.Model(inputs, layer(inputs))
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((16, 5, CFG.d_model)).astype(np.float32)
+    before = {k: v.numpy() for k, v in layer.params_and_state()[1].items()}
+    history = model.fit(x, np.tanh(x), batch_size=16, epochs=2, verbose=0)
+    loss = history.history["loss"]
+    assert loss[1] < loss[0]
+    after = layer.params_and_state()[1]
+    assert all(not np.allclose(after[name].numpy(), before[name]) for name in before)
+
+
+def _tie_problem(dtype):
+    """Integer-valued queries and keys: sub-key scores and their sums tie all the time."""
+    cfg = PEERConfig(d_model=4, n_experts=36, heads=2, topk=4, d_key=4, shared_keys=False, query_norm="none")
+    rng = np.random.default_rng(7)
+    params, state = peer_ref.init(cfg, dtype=dtype)
+    params["query.kernel"] = rng.integers(-1, 2, (4, 8)).astype(dtype)
+    params["keys.left"] = rng.integers(-1, 2, (2, 6, 2)).astype(dtype)
+    params["keys.right"] = rng.integers(-1, 2, (2, 6, 2)).astype(dtype)
+    x = rng.integers(-2, 3, (300, 4)).astype(dtype)
+    return cfg, params, state, x
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_exact_ties_go_to_the_lower_index(jit):
+    # Stage 1 relies on tf.math.top_k putting equal values lower position first.
+    values = np.random.default_rng(0).integers(0, 3, (200, 64)).astype(np.float32)
+    top = tf.function(lambda v: tf.math.top_k(v, 16).indices, jit_compile=jit)(tf.constant(values))
+    order = np.lexsort((np.broadcast_to(np.arange(64), values.shape), -values), axis=-1)[:, :16]
+    np.testing.assert_array_equal(top.numpy(), order)
+    for dtype in ("float64", "float32"):
+        cfg, params, state, x = _tie_problem(dtype)
+        _, _, aux_ref = peer_ref.forward(cfg, params, state, x)
+        _, _, aux = be.apply(cfg, be.from_numpy(params), be.from_numpy(state), be.from_numpy(x), jit=jit)
+        np.testing.assert_array_equal(aux["indices"].numpy(), aux_ref["indices"])
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_signed_zero_and_nan_scores_order_like_the_reference(jit):
+    # XLA orders +0 above -0 and NaN first; the reference treats +-0 as a tie and NaN as lowest.
+    scores = tf.constant([[[0.0, -0.0, np.nan, 1.0, -0.0, 0.0]]])
+    top = tf.function(lambda s: tf.math.top_k(tf_peer._orderable(s), 6).indices, jit_compile=jit)(scores)
+    np.testing.assert_array_equal(top.numpy(), [[[3, 0, 1, 4, 5, 2]]])
+
+
+def test_zero_tokens_and_all_masked_training_keep_state():
+    params, state = be.init(CFG, seed=5)
+    x = be.from_numpy(np.full((2, 3, CFG.d_model), np.nan, np.float32))
+    y, new_state, _ = be.apply(CFG, params, state, x, True, be.from_numpy(np.zeros((2, 3), bool)))
+    assert np.array_equal(y.numpy(), np.zeros((2, 3, CFG.d_out)))
+    y, empty_state, aux = be.apply(CFG, params, state, tf.zeros((0, CFG.d_model)), True)
+    assert y.shape == (0, CFG.d_out) and aux["indices"].shape == (0, 2, 3)
+    grads, dx = be.vjp(CFG, params, state, tf.zeros((0, CFG.d_model)), tf.zeros((0, CFG.d_out)), True)
+    assert dx.shape == (0, CFG.d_model) and not np.any(grads["experts.down"].numpy())
+    for name in state:
+        assert np.array_equal(new_state[name].numpy(), state[name].numpy())
+        assert np.array_equal(empty_state[name].numpy(), state[name].numpy())
+
+
+def test_bfloat16_stores_bfloat16_and_computes_in_float32():
+    params, state = be.init(CFG, seed=6, dtype="bfloat16")
+    assert state["query_norm.mean"].dtype == tf.float32
+    x = np.random.default_rng(6).standard_normal((6, CFG.d_model)).astype(ml_dtypes.bfloat16)
+    y, new_state, aux = be.apply(CFG, params, state, be.from_numpy(x), True)
+    grads, dx = be.vjp(CFG, params, state, be.from_numpy(x), be.from_numpy(np.ones((6, 8), ml_dtypes.bfloat16)))
+    assert y.dtype == dx.dtype == tf.bfloat16 and aux["scores"].dtype == tf.float32
+    assert all(g.dtype == tf.bfloat16 for g in grads.values())
+    as64 = lambda tree: {k: np.asarray(v, np.float64) for k, v in _numpy(tree).items()}  # noqa: E731
+    y_ref, _, _ = peer_ref.forward(CFG, as64(params), as64(state), x.astype(np.float64), training=True)
+    np.testing.assert_allclose(y.numpy().astype(np.float64), y_ref, rtol=2e-2, atol=2e-2)
+
+
+def _bad_calls():
+    params, state = peer_ref.init(CFG, dtype="float32")
+    x = np.zeros((2, CFG.d_model), np.float32)
+    missing = {k: v for k, v in params.items() if k != "experts.up"}
+    return {
+        "x dtype": (params, state, x.astype(np.float64), {}),
+        "x width": (params, state, np.zeros((2, 5), np.float32), {}),
+        "training": (params, state, x, {"training": 1}),
+        "mask dtype": (params, state, x, {"mask": np.ones(2, np.int32)}),
+        "mask shape": (params, state, x, {"mask": np.ones(3, bool)}),
+        "routing range": (params, state, x, {"routing": np.full((2, 2, 3), 16)}),
+        "routing shape": (params, state, x, {"routing": np.zeros((2, 3), np.int64)}),
+        "params names": (missing, state, x, {}),
+        "state dtype": (params, {k: v.astype(np.float64) for k, v in state.items()}, x, {}),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_bad_calls()))
+def test_bad_inputs_raise_the_reference_error(case):
+    params, state, x, kwargs = _bad_calls()[case]
+    with pytest.raises(PEERInputError) as want:
+        peer_ref.forward(CFG, params, state, x, **kwargs)
+    arrays = {k: be.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in kwargs.items()}
+    with pytest.raises(PEERInputError) as got:
+        be.apply(CFG, be.from_numpy(params), be.from_numpy(state), be.from_numpy(x), **arrays)
+    assert str(got.value) == str(want.value)
