@@ -1,0 +1,15 @@
+"""The "torch" backend: PyTorch functional API (init/apply/vjp) and an nn.Module layer."""
+
+import torch as _torch
+
+from . import layer as _layer_module
+from .core import from_numpy, to_numpy, version
+from .peer import apply, init, vjp
+
+name = "torch"
+capabilities = frozenset(
+    {"float64", "float32", "bfloat16", "grad", "jit"} | ({"gpu"} if _torch.cuda.is_available() else set())
+)
+layer = _layer_module.PEER
+
+__all__ = ["apply", "capabilities", "from_numpy", "init", "layer", "name", "to_numpy", "version", "vjp"]

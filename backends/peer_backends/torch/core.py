@@ -1,0 +1,44 @@
+import ml_dtypes
+import numpy as np
+import torch
+
+from .._tree import map_tree
+
+version = torch.__version__
+
+
+def _to_tensor(leaf):
+    if isinstance(leaf, torch.Tensor):
+        return leaf
+    array = np.asarray(leaf)
+    # NumPy has no native bfloat16: move the raw bits so no value is rounded on the way.
+    if array.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(np.array(array.view(np.int16), copy=True)).view(torch.bfloat16)
+    return torch.from_numpy(np.array(array, copy=True))
+
+
+def _to_array(leaf):
+    if not isinstance(leaf, torch.Tensor):
+        return np.asarray(leaf)
+    tensor = leaf.detach().cpu().contiguous()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().copy().view(ml_dtypes.bfloat16)
+    return tensor.numpy().copy()
+
+
+def from_numpy(tree):
+    """NumPy arrays (or nested containers of them) to CPU tensors; copies, never casts."""
+    return map_tree(_to_tensor, tree)
+
+
+def to_numpy(tree):
+    """Tensors on any device to NumPy arrays; bfloat16 becomes ml_dtypes.bfloat16, bit for bit."""
+    return map_tree(_to_array, tree)
+
+
+def dtype_name(tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)

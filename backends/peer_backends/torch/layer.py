@@ -1,0 +1,64 @@
+import torch
+from torch import nn
+
+from peer_ref import checks
+from peer_ref.errors import PEERInputError
+
+from .core import dtype_name
+from .peer import _aux, forward_tensors, init, validate
+
+
+class PEER(nn.Module):
+    """PEER as an nn.Module whose state_dict keys are the canonical names.
+
+    Parameters live in plain submodules named after the first part of each canonical name
+    (``query``, ``query_norm``, ``keys``, ``experts``), so ``keys.left`` or
+    ``query_norm.mean`` come out of ``state_dict()`` and go into ``load_state_dict()`` as is.
+    ``forward`` returns y only; the routing of the last call is kept on ``self.last_aux``
+    ({"indices", "scores", "weights"}, detached). In training mode the batch-norm buffers
+    are updated in place.
+    """
+
+    def __init__(self, cfg, seed=0, dtype=None, device=None):
+        super().__init__()
+        self.cfg = cfg
+        params, state = init(cfg, seed=seed, dtype=dtype, device=device)
+        for name, value in params.items():
+            self._owner(name).register_parameter(name.split(".")[1], nn.Parameter(value))
+        for name, value in state.items():
+            self._owner(name).register_buffer(name.split(".")[1], value)
+        self.last_aux = None
+
+    def _owner(self, name):
+        group = name.split(".")[0]
+        if group not in self._modules:
+            self.add_module(group, nn.Module())
+        return self._modules[group]
+
+    def params_and_state(self):
+        """The functional ``(params, state)`` dicts: the module's own tensors, not copies."""
+        return dict(self.named_parameters()), dict(self.named_buffers())
+
+    def load_params_and_state(self, params, state):
+        """Load functional dicts (canonical names) after checking names, shapes and dtypes."""
+        meta = lambda tree: {k: (tuple(v.shape), dtype_name(v)) for k, v in tree.items()}  # noqa: E731
+        dtype = checks.check_params_state(self.cfg, meta(params), meta(state))
+        own = dtype_name(self.experts.down)
+        if dtype != own:
+            raise PEERInputError(f"params dtype={dtype}, but expected {own} (the module's; nothing is cast)")
+        self.load_state_dict({**params, **state}, strict=True)
+
+    def forward(self, x, mask=None, routing=None):
+        params, state = self.params_and_state()
+        lead = validate(self.cfg, params, state, x, self.training, mask, routing)
+        y, new_state, indices, scores, weights = forward_tensors(
+            self.cfg, self.training, params, state, x, mask, routing)
+        if self.training and new_state:
+            with torch.no_grad():
+                for name, value in new_state.items():
+                    self.get_buffer(name).copy_(value)
+        self.last_aux = _aux(self.cfg, lead, indices, scores, weights)
+        return y.reshape(lead + (self.cfg.d_out,))
+
+    def extra_repr(self):
+        return repr(self.cfg)

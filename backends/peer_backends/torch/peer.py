@@ -1,0 +1,327 @@
+import functools
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import peer_ref
+from peer_ref import checks
+from peer_ref.errors import PEERInputError
+
+from .core import dtype_name, torch_dtype
+
+# Elements of one gathered (tokens, heads*topk, d_model) chunk of expert rows: ~4 MiB in float32,
+# large enough that the Python loop over chunks costs little, small enough to stay in cache.
+CHUNK_ELEMENTS = 1 << 20
+
+
+def init(cfg, seed=0, dtype=None, device=None):
+    dtype = checks.check_dtype_name(dtype or "float32")
+    generator = torch.Generator().manual_seed(seed)
+    # bfloat16 parameters are drawn in float32 and rounded once.
+    draw = torch.float64 if dtype == "float64" else torch.float32
+    stds, constants = peer_ref.init_std(cfg), peer_ref.init_constant(cfg)
+    params = {}
+    for name, shape in cfg.param_shapes().items():
+        if name in stds:
+            value = torch.randn(shape, generator=generator, dtype=draw) * stds[name]
+        else:
+            value = torch.full(shape, constants[name], dtype=draw)
+        params[name] = value.to(device=device, dtype=torch_dtype(dtype))
+    s_dtype = torch_dtype(checks.state_dtype(dtype))
+    state = {name: torch.full(shape, constants[name], dtype=s_dtype, device=device)
+             for name, shape in cfg.state_shapes().items()}
+    return params, state
+
+
+def _meta(value):
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape), dtype_name(value)
+    array = np.asarray(value)
+    return array.shape, array.dtype.name
+
+
+def validate(cfg, params, state, x, training, mask=None, routing=None, dy=None) -> tuple[int, ...]:
+    """Check every argument through peer_ref.checks (SPEC §9); returns the leading shape of x."""
+    for arg, value in (("params", params), ("state", state)):
+        if not isinstance(value, dict):
+            raise PEERInputError(f"{arg} is {type(value).__name__}, but expected a dict of arrays")
+    dtype = checks.check_params_state(
+        cfg, {k: _meta(v) for k, v in params.items()}, {k: _meta(v) for k, v in state.items()})
+    for arg, tree in (("params", params), ("state", state)):
+        for key, value in tree.items():
+            if not isinstance(value, torch.Tensor):
+                raise PEERInputError(f"{arg}[{key!r}] is {type(value).__name__}, but expected a torch.Tensor")
+    for arg, value in (("x", x), ("mask", mask), ("routing", routing), ("dy", dy)):
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise PEERInputError(f"{arg} is {type(value).__name__}, but expected a torch.Tensor")
+    meta = lambda v: None if v is None else _meta(v)  # noqa: E731
+    lead = checks.check_call(cfg, dtype, _meta(x), training, meta(mask), meta(routing), meta(dy))
+    if routing is not None and routing.numel():
+        checks.check_routing_values(cfg, int(routing.min()), int(routing.max()))
+    return lead
+
+
+# ---------------------------------------------------------------- routing (SPEC §3.4–§3.8, §4)
+
+def _order_key(values, index):
+    """int64 keys whose descending order is (value descending, index ascending), with no ties.
+
+    A float32's bits, with the magnitude bits of negatives flipped, compare as integers like the
+    floats do; the index fills the low 32 bits. Adding 0.0 turns -0.0 into +0.0 so the two tie,
+    as they do as floats.
+    """
+    bits = (values + 0.0).view(torch.int32)
+    monotone = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+    return monotone * (1 << 32) + ((1 << 32) - 1 - index)
+
+
+def _ordered_positions(values, index, k):
+    """Positions along the last axis of the top k by (value descending, index ascending)."""
+    if values.dtype == torch.float32:
+        return torch.topk(_order_key(values, index), k, dim=-1).indices
+    # float64 has no spare bits for a composite key: order by index, then a stable sort by value.
+    by_index = torch.argsort(index, dim=-1)
+    ranked = torch.sort(values.gather(-1, by_index), dim=-1, descending=True, stable=True).indices
+    return by_index.gather(-1, ranked[..., :k])
+
+
+def _top_positions(values, index, k):
+    """Like _ordered_positions, via a plain top-k, fixing only the rows where it is ambiguous."""
+    if torch.compiler.is_compiling():
+        return _ordered_positions(values, index, k)
+    top, positions = torch.topk(values, k, dim=-1)
+    # torch.topk picks among exactly equal values in no promised order. A row is decided by
+    # top-k alone when exactly k values reach its k-th value and the k selected are distinct.
+    ambiguous = (values >= top[..., -1:]).sum(-1) != k
+    if k > 1:
+        ambiguous |= (top[..., 1:] == top[..., :-1]).any(-1)
+    if ambiguous.any():
+        rows = ambiguous.nonzero(as_tuple=True)
+        positions[rows] = _ordered_positions(values[rows], index[rows], k)
+    return positions
+
+
+def _sub_key_scores(cfg, params, queries):
+    """(T, heads, n_keys) scores of each query half against its sub-keys."""
+    halves = (queries[..., : cfg.d_half], queries[..., cfg.d_half:])
+    scores = []
+    for half, keys in zip(halves, (params["keys.left"], params["keys.right"])):
+        if cfg.shared_keys:
+            scores.append(half @ keys[0].T)
+        else:
+            scores.append(torch.einsum("thd,hnd->thn", half, keys))
+    return scores
+
+
+def _product_key_topk(cfg, s_left, s_right):
+    k, n = cfg.topk, cfg.n_keys
+    sub_index = torch.arange(n, device=s_left.device).expand(s_left.shape)
+    pos_left = _top_positions(s_left, sub_index, k)
+    pos_right = _top_positions(s_right, sub_index, k)
+    sums = s_left.gather(-1, pos_left)[..., :, None] + s_right.gather(-1, pos_right)[..., None, :]
+    experts = pos_left[..., :, None] * n + pos_right[..., None, :]
+    sums, experts = sums.flatten(-2), experts.flatten(-2)
+    return experts.gather(-1, _top_positions(sums, experts, k))
+
+
+# ---------------------------------------------------------------- experts (SPEC §3.9–§3.11)
+
+def _chunks(tokens, width):
+    step = max(1, CHUNK_ELEMENTS // max(width, 1))
+    return [slice(start, start + step) for start in range(0, tokens, step)]
+
+
+def _gathered_dots(x, down, indices):
+    pre = x.new_empty(indices.shape)
+    for rows in _chunks(x.shape[0], indices.shape[1] * x.shape[1]):
+        gathered = F.embedding(indices[rows], down)  # (chunk, heads*topk, d_model)
+        pre[rows] = (gathered * x[rows, None, :]).sum(-1)
+    return pre
+
+
+def _scattered_outer(x, down, indices, d_pre):
+    d_down = torch.zeros_like(down)
+    for rows in _chunks(x.shape[0], indices.shape[1] * x.shape[1]):
+        outer = d_pre[rows, :, None] * x[rows, None, :]
+        d_down.index_add_(0, indices[rows].reshape(-1), outer.reshape(-1, x.shape[1]))
+    return d_down
+
+
+class _DownProjection(torch.autograd.Function):
+    """pre[t, j] = x[t] . down[indices[t, j]] in memory O(T * heads * topk), not O(... * d_model).
+
+    Eagerly it runs on embedding_bag's kernels, which never gather rows: with
+    out = embedding_bag(indices, down, per_sample_weights=w), pre is d<out, x>/dw,
+    dx = embedding_bag(indices, down, per_sample_weights=d_pre) and d_down = d<dx, x>/d down.
+    Compiled, where autograd cannot be called inside a traced function, rows are gathered
+    and scattered one token chunk at a time; the backward recomputes rather than saving chunks.
+    """
+
+    @staticmethod
+    def forward(x, down, indices):
+        if torch.compiler.is_compiling():
+            return _gathered_dots(x, down, indices)
+        with torch.enable_grad():
+            ones = torch.ones(indices.shape, dtype=x.dtype, device=x.device, requires_grad=True)
+            out = F.embedding_bag(indices, down, per_sample_weights=ones, mode="sum")
+            return torch.autograd.grad(out, ones, x)[0]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, down, indices = inputs
+        ctx.save_for_backward(x, down, indices)
+
+    @staticmethod
+    def backward(ctx, d_pre):
+        x, down, indices = ctx.saved_tensors
+        d_pre = d_pre.contiguous()
+        if torch.compiler.is_compiling():
+            dx = F.embedding_bag(indices, down, per_sample_weights=d_pre, mode="sum")
+            return dx, _scattered_outer(x, down, indices, d_pre), None
+        with torch.enable_grad():
+            rows = down.detach().requires_grad_(True)
+            dx = F.embedding_bag(indices, rows, per_sample_weights=d_pre, mode="sum")
+            d_down = torch.autograd.grad(dx, rows, x)[0] if ctx.needs_input_grad[1] else None
+        return dx.detach(), d_down, None
+
+
+def _activation(name, z):
+    if name == "gelu":
+        return F.gelu(z)
+    if name == "gelu_tanh":
+        return F.gelu(z, approximate="tanh")
+    if name == "relu":
+        return F.relu(z)
+    if name == "silu":
+        return F.silu(z)
+    return z
+
+
+def _score_weights(name, scores):
+    if name == "softmax":
+        return torch.softmax(scores, dim=-1)
+    if name == "sigmoid":
+        return torch.sigmoid(scores)
+    return scores
+
+
+# ---------------------------------------------------------------- the layer
+
+def _query_norm(cfg, params, state, q, valid, training):
+    """Batch norm of the queries (SPEC §3.3). Branch-free in the token count so it compiles."""
+    if cfg.query_norm == "none":
+        return q, {}
+    running_mean = state["query_norm.mean"].to(q.dtype)
+    running_var = state["query_norm.var"].to(q.dtype)
+    new_state = dict(state)
+    if training:
+        # Masked tokens are left out of the statistics by selection.
+        n_valid = valid.sum().to(q.dtype)
+        count = n_valid.clamp(min=1)
+        batch_mean = torch.where(valid[:, None], q, 0).sum(0) / count
+        centred = torch.where(valid[:, None], q - batch_mean, 0)
+        batch_var = (centred * centred).sum(0) / count
+        # A training call without valid tokens normalises with running statistics, state unchanged.
+        has_tokens = n_valid > 0
+        mean = torch.where(has_tokens, batch_mean, running_mean)
+        var = torch.where(has_tokens, batch_var, running_var)
+        m = cfg.bn_momentum
+        unbiased = batch_var.detach() * (n_valid / (n_valid - 1).clamp(min=1))
+        new_state = {
+            "query_norm.mean": torch.where(has_tokens, (1 - m) * running_mean + m * batch_mean.detach(),
+                                           running_mean),
+            "query_norm.var": torch.where(has_tokens, (1 - m) * running_var + m * unbiased, running_var),
+        }
+    else:
+        mean, var = running_mean, running_var
+    normed = (q - mean) * torch.rsqrt(var + cfg.bn_eps)
+    return normed * params["query_norm.scale"] + params["query_norm.offset"], new_state
+
+
+def forward_tensors(cfg, training, params, state, x, mask, routing):
+    """The forward pass on validated tensors (all on x's device).
+
+    Returns (y, new_state, indices, scores, weights) with x flattened to (T, d_model) and the
+    routing tensors (T, heads, topk). Arithmetic is float32 for bfloat16 inputs (SPEC §10).
+    """
+    compute = torch.float32 if x.dtype == torch.bfloat16 else x.dtype
+    p = {name: value.to(compute) for name, value in params.items()}
+    xf = x.reshape(-1, cfg.d_model).to(compute)
+    tokens = xf.shape[0]
+    valid = torch.ones(tokens, dtype=torch.bool, device=x.device) if mask is None else mask.reshape(tokens)
+    if mask is not None:
+        xf = torch.where(valid[:, None], xf, 0)  # §5: padding is inert, NaN padding included, in both passes
+
+    q = xf @ p["query.kernel"]
+    if cfg.query_bias:
+        q = q + p["query.bias"]
+    q, new_state = _query_norm(cfg, p, state, q, valid, training)
+    s_left, s_right = _sub_key_scores(cfg, p, q.reshape(tokens, cfg.heads, cfg.d_key))
+
+    if routing is None:
+        with torch.no_grad():
+            indices = _product_key_topk(cfg, s_left.detach(), s_right.detach())
+    else:
+        indices = routing.reshape(tokens, cfg.heads, cfg.topk).to(torch.int64)
+    n = cfg.n_keys
+    scores = s_left.gather(-1, indices // n) + s_right.gather(-1, indices % n)
+    weights = _score_weights(cfg.score, scores)
+
+    flat = indices.reshape(tokens, cfg.heads * cfg.topk)
+    pre = _DownProjection.apply(xf, p["experts.down"], flat)
+    if cfg.expert_bias:
+        pre = pre + p["experts.bias"][flat]
+    coef = weights.reshape(flat.shape) * _activation(cfg.activation, pre)
+    # Weighted sum of up rows without materialising them: (T, d_out).
+    y = F.embedding_bag(flat, p["experts.up"], per_sample_weights=coef, mode="sum")
+    y = torch.where(valid[:, None], y, 0)  # §5: masked tokens output exactly zero
+    return y.to(x.dtype), new_state, indices, scores, weights
+
+
+_COMPILED: dict = {}
+
+
+def _runner(cfg, training, has_mask, has_routing, jit):
+    if not jit:
+        return functools.partial(forward_tensors, cfg, training)
+    key = (cfg, training, has_mask, has_routing)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(functools.partial(forward_tensors, cfg, training))
+    return _COMPILED[key]
+
+
+def _to_device(device, params, state, mask, routing):
+    move = lambda v: None if v is None else v.to(device)  # noqa: E731
+    return ({k: move(v) for k, v in params.items()}, {k: move(v) for k, v in state.items()},
+            move(mask), move(routing))
+
+
+def _aux(cfg, lead, indices, scores, weights):
+    shape = lead + (cfg.heads, cfg.topk)
+    return {"indices": indices.detach().reshape(shape), "scores": scores.detach().reshape(shape),
+            "weights": weights.detach().reshape(shape)}
+
+
+def apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit=None):
+    lead = validate(cfg, params, state, x, training, mask, routing)
+    params, state, mask, routing = _to_device(x.device, params, state, mask, routing)
+    run = _runner(cfg, bool(training), mask is not None, routing is not None, jit)
+    y, new_state, indices, scores, weights = run(params, state, x, mask, routing)
+    new_state = {name: value.detach() for name, value in new_state.items()}
+    return y.reshape(lead + (cfg.d_out,)), new_state, _aux(cfg, lead, indices, scores, weights)
+
+
+def vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, jit=None):
+    lead = validate(cfg, params, state, x, training, mask, routing, dy)
+    params, state, mask, routing = _to_device(x.device, params, state, mask, routing)
+    leaves = {name: value.detach().requires_grad_(True) for name, value in params.items()}
+    x_leaf = x.detach().requires_grad_(True)
+    run = _runner(cfg, bool(training), mask is not None, routing is not None, jit)
+    with torch.enable_grad():
+        y = run(leaves, state, x_leaf, mask, routing)[0]
+        # The cotangent of sum(y * dy) with respect to y is dy itself.
+        *d_params, dx = torch.autograd.grad(
+            y, [*leaves.values(), x_leaf], grad_outputs=dy.reshape(y.shape).to(y.device),
+            allow_unused=True, materialize_grads=True)
+    return dict(zip(leaves, d_params)), dx.reshape(lead + (cfg.d_model,))
