@@ -84,6 +84,10 @@ def run_reference(case, dtype: str, *, routing=None, dy=None):
 
 # --- assertions ---------------------------------------------------------------------------
 
+def _ctx(context: str) -> str:
+    return f" [{context}]" if context else ""
+
+
 def _scale(expected: np.ndarray) -> float:
     finite = expected[np.isfinite(expected)] if expected.size else expected
     return max(1.0, float(np.max(np.abs(finite)))) if finite.size else 1.0
@@ -95,12 +99,12 @@ def assert_close(actual, expected, *, rtol: float, atol: float, what: str, conte
     a = as_f64(actual)
     e = as_f64(expected)
     if a.shape != e.shape:
-        pytest.fail(f"{what}.shape={a.shape}, but should be {e.shape} [{context}]", pytrace=False)
+        pytest.fail(f"{what}.shape={a.shape}, but should be {e.shape}{_ctx(context)}", pytrace=False)
     nan_a, nan_e = np.isnan(a), np.isnan(e)
     if not np.array_equal(nan_a, nan_e):
         pytest.fail(
             f"{what} has NaN at {np.argwhere(nan_a != nan_e)[:5].tolist()} where the reference "
-            f"{'does not' if nan_a.any() else 'does'} [{context}]", pytrace=False,
+            f"{'does not' if nan_a.any() else 'does'}{_ctx(context)}", pytrace=False,
         )
     a, e = np.where(nan_a, 0.0, a), np.where(nan_e, 0.0, e)
     bound = atol * _scale(e) + rtol * np.abs(e)
@@ -108,8 +112,8 @@ def assert_close(actual, expected, *, rtol: float, atol: float, what: str, conte
     if not np.all(err <= bound):
         i = np.unravel_index(np.argmax(err - bound), err.shape)
         pytest.fail(
-            f"{what}[{', '.join(map(str, i))}]={a[i]!r}, but should be {e[i]!r} "
-            f"(|diff|={err[i]:.3g} > {bound[i]:.3g}; rtol={rtol}, atol={atol}) [{context}]",
+            f"{what}[{', '.join(map(str, i))}]={float(a[i])!r}, but should be {float(e[i])!r} "
+            f"(|diff|={err[i]:.3g} > {bound[i]:.3g}; rtol={rtol}, atol={atol}){_ctx(context)}",
             pytrace=False,
         )
 
@@ -118,20 +122,20 @@ def assert_equal(actual, expected, *, what: str, context: str = "") -> None:
     __tracebackhide__ = True
     a, e = np.asarray(actual), np.asarray(expected)
     if a.shape != e.shape or not np.array_equal(a, e):
-        pytest.fail(f"{what}={a.tolist()!r}, but should be {e.tolist()!r} [{context}]", pytrace=False)
+        pytest.fail(f"{what}={a.tolist()!r}, but should be {e.tolist()!r}{_ctx(context)}", pytrace=False)
 
 
 def assert_dtype(arr, expected: str, *, what: str, context: str = "") -> None:
     __tracebackhide__ = True
     got = dtype_name(arr)
     if got != expected:
-        pytest.fail(f"{what}.dtype={got}, but should be {expected} [{context}]", pytrace=False)
+        pytest.fail(f"{what}.dtype={got}, but should be {expected}{_ctx(context)}", pytrace=False)
 
 
 def assert_tree_close(actual: dict, expected: dict, *, rtol, atol, what: str, context: str = "") -> None:
     __tracebackhide__ = True
     if set(actual) != set(expected):
-        pytest.fail(f"{what} names={sorted(actual)}, but should be {sorted(expected)} [{context}]", pytrace=False)
+        pytest.fail(f"{what} names={sorted(actual)}, but should be {sorted(expected)}{_ctx(context)}", pytrace=False)
     for name in expected:
         assert_close(actual[name], expected[name], rtol=rtol, atol=atol, what=f"{what}[{name!r}]", context=context)
 
@@ -152,10 +156,10 @@ def assert_valid_routing(case, dtype: str, indices: np.ndarray, context: str = "
     table = table.reshape(-1, cfg.n_experts)
     got = np.asarray(indices).astype(np.int64).reshape(-1, cfg.topk)
     if np.asarray(indices).shape != lead + (cfg.topk,):
-        pytest.fail(f"aux['indices'].shape={np.shape(indices)}, but should be {lead + (cfg.topk,)} [{context}]",
+        pytest.fail(f"aux['indices'].shape={np.shape(indices)}, but should be {lead + (cfg.topk,)}{_ctx(context)}",
                     pytrace=False)
     if got.size and (got.min() < 0 or got.max() >= cfg.n_experts):
-        pytest.fail(f"aux['indices'] has values outside [0, {cfg.n_experts}) [{context}]", pytrace=False)
+        pytest.fail(f"aux['indices'] has values outside [0, {cfg.n_experts}){_ctx(context)}", pytrace=False)
     tol = TOLERANCES[dtype].route * _scale(table)
     expected = np.lexsort((np.broadcast_to(np.arange(cfg.n_experts), table.shape), -table), axis=-1)
     best = np.take_along_axis(table, expected, axis=-1)
@@ -163,17 +167,17 @@ def assert_valid_routing(case, dtype: str, indices: np.ndarray, context: str = "
     for row in range(got.shape[0]):
         where = f"token-head {np.unravel_index(row, lead) if lead else row}"
         if len(set(got[row].tolist())) != cfg.topk:
-            pytest.fail(f"aux['indices'][{where}]={got[row].tolist()} repeats an expert [{context}]", pytrace=False)
+            pytest.fail(f"aux['indices'][{where}]={got[row].tolist()} repeats an expert{_ctx(context)}", pytrace=False)
         if np.any(np.sort(chosen[row])[::-1] < best[row, : cfg.topk] - tol):
             pytest.fail(
                 f"aux['indices'][{where}]={got[row].tolist()} with reference scores {chosen[row].tolist()}, "
                 f"but should be a top-{cfg.topk} within {tol:.3g} of {expected[row, :cfg.topk].tolist()} "
-                f"(scores {best[row, :cfg.topk].tolist()}) [{context}]", pytrace=False,
+                f"(scores {best[row, :cfg.topk].tolist()}){_ctx(context)}", pytrace=False,
             )
         if np.any(np.diff(chosen[row]) > tol):
             pytest.fail(
                 f"aux['indices'][{where}]={got[row].tolist()} has reference scores {chosen[row].tolist()}, "
-                f"but should be in descending score order [{context}]", pytrace=False,
+                f"but should be in descending score order{_ctx(context)}", pytrace=False,
             )
         ranked = best[row, : cfg.topk + 1]
         if np.all(-np.diff(ranked) > tol):

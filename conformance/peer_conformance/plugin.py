@@ -114,7 +114,7 @@ def pytest_report_header(config):
             lines.append(f"peer backend: {be.name} (framework {be.version}; capabilities {caps})")
         except Exception as err:  # report, the fixture will fail the tests with the same error
             lines.append(f"peer backend: {name} (unavailable: {err})")
-    lines.append(f"hypothesis profile: {settings._current_profile}")
+    lines.append(f"hypothesis profile: {settings.get_current_profile_name()}")
     return lines
 
 

@@ -1,0 +1,75 @@
+"""Sessions: `nox -s tests` runs everything; `ref`, `torch`, `jax`, `tensorflow` one backend each;
+`bench` runs the benchmark harness (pass flags after `--`, e.g. `nox -s bench -- --preset paper`).
+
+Each session installs the project and only what it needs into its own virtual environment.
+torch is pinned to 2.13.0 (the CPU build) in pyproject.toml's extras.
+"""
+
+import nox
+
+nox.options.sessions = ["tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+PYTHON = "3.11"
+# The Hypothesis profile: ci (200 examples per core property, derandomized) unless told otherwise.
+PROFILE = ["--hypothesis-profile", "ci"]
+PYTEST = ["-p", "no:cacheprovider", "-ra"]
+
+
+def _install(session, extras: str = "", editable: bool = False) -> None:
+    session.install("--upgrade", "pip>=25.1")  # dependency groups (pyproject [dependency-groups])
+    target = f".[{extras}]" if extras else "."
+    session.install(*(["-e"] if editable else []), target, "--group", "test")
+
+
+def _conformance(session, backend: str) -> None:
+    session.run("pytest", *PYTEST, *PROFILE, "--pyargs", "peer_conformance", "--peer-backend", backend,
+                *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def tests(session):
+    """The whole suite: reference, packaging, every backend's own tests and conformance, bench smoke."""
+    _install(session, "all")
+    session.run("pytest", *PYTEST, *PROFILE, "tests", *session.posargs)
+    _conformance(session, "all")
+
+
+@nox.session(python=PYTHON)
+def ref(session):
+    """NumPy only: the reference, its golden vectors, and the suite's own meta-tests."""
+    _install(session, editable=True)
+    session.run("pytest", *PYTEST, *PROFILE, "tests/test_ref_config.py", "tests/test_ref_checks.py",
+                "tests/test_ref_routing.py", "tests/test_ref_backward.py", "tests/test_ref_query_norm.py",
+                "tests/test_ref_invariants.py", "tests/test_ref_init.py", "tests/test_ref_metrics.py",
+                "tests/test_vectors.py", "tests/test_api.py", "tests/test_conformance_meta.py",
+                "tests/test_conformance_helpers.py")
+    _conformance(session, "numpy")
+
+
+@nox.session(python=PYTHON, name="torch")
+def torch_session(session):
+    _install(session, "torch")
+    session.run("pytest", *PYTEST, *PROFILE, "tests/test_torch_backend.py")
+    _conformance(session, "torch")
+
+
+@nox.session(python=PYTHON, name="jax")
+def jax_session(session):
+    _install(session, "jax")
+    session.run("pytest", *PYTEST, *PROFILE, "tests/test_jax_backend.py")
+    _conformance(session, "jax")
+
+
+@nox.session(python=PYTHON, name="tensorflow")
+def tensorflow_session(session):
+    _install(session, "tensorflow")
+    session.run("pytest", *PYTEST, *PROFILE, "tests/test_tensorflow_backend.py")
+    _conformance(session, "tensorflow")
+
+
+@nox.session(python=PYTHON)
+def bench(session):
+    """The benchmark on the embedded default preset (cpu); flags after `--` override it."""
+    _install(session, "all")
+    session.run("python", "-m", "peer_bench", *session.posargs)
