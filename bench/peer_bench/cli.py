@@ -1,0 +1,186 @@
+"""`python -m peer_bench`: time every installed PEER backend against PEER-pytorch and a dense FFN."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+from pathlib import Path
+
+from .presets import PRESETS, Case, sweep_values
+
+OUR_BACKENDS = ("numpy", "torch", "jax", "tensorflow")
+ALL_BACKENDS = OUR_BACKENDS + ("peer_pytorch",)
+CASE_FLAGS = {"d_model": int, "n_experts": int, "heads": int, "topk": int, "d_key": int, "tokens": int,
+              "dtype": str}
+
+
+def _default_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m peer_bench", description=__doc__)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                   help="cpu (default, < 5 min on 2 cores), paper (N=1024^2), smoke (seconds)")
+    for field, kind in CASE_FLAGS.items():
+        p.add_argument("--" + field.replace("_", "-"), type=kind, help=f"override the preset's {field}")
+    p.add_argument("--backends", default=",".join(ALL_BACKENDS),
+                   help=f"comma-separated subset of {','.join(ALL_BACKENDS)} (default: all)")
+    p.add_argument("--repeats", type=int, help="timed calls per measurement (at most; see --budget-s)")
+    p.add_argument("--warmup", type=int, help="untimed calls before timing (compilation happens there)")
+    p.add_argument("--budget-s", type=float, help="stop timing a measurement early after this many seconds")
+    p.add_argument("--paths", default="eager,compiled",
+                   help="comma-separated subset of eager,compiled (compiled needs the 'jit' capability)")
+    p.add_argument("--sweep", default="reduced", choices=["reduced", "experts", "tokens", "all", "none"],
+                   help="reduced (default: the preset's few points), experts, tokens, all (full sweeps), none")
+    p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    p.add_argument("--threads", type=int, default=_default_threads(), help="threads for every framework")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("bench/out"), help="output folder (default bench/out)")
+    return p
+
+
+def _fail(p, arg, value, expected):
+    p.error(f"{arg}={value!r}, but expected {expected}")
+
+
+def settings_from_args(args, p):
+    from peer_ref.config import PEERConfig
+    from peer_ref.errors import PEERConfigError
+
+    from .runner import Settings
+
+    preset = PRESETS[args.preset]
+    overrides = {f: getattr(args, f) for f in CASE_FLAGS if getattr(args, f) is not None}
+    case = dataclasses.replace(preset.case, **overrides)
+    try:
+        PEERConfig(**case.config())
+    except PEERConfigError as err:
+        p.error(str(err))
+    if case.dtype not in ("float32", "float64", "bfloat16"):
+        _fail(p, "--dtype", case.dtype, "one of float32, float64, bfloat16")
+    if case.tokens < 1:
+        _fail(p, "--tokens", case.tokens, "an int >= 1")
+    backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
+    for name in backends:
+        if name not in ALL_BACKENDS:
+            _fail(p, "--backends", name, f"names from {','.join(ALL_BACKENDS)}")
+    paths = tuple(x.strip() for x in args.paths.split(",") if x.strip())
+    if not paths or any(x not in ("eager", "compiled") for x in paths):
+        _fail(p, "--paths", args.paths, "a comma-separated subset of eager,compiled")
+    timing = preset.timing
+    if args.repeats is not None:
+        if args.repeats < 1:
+            _fail(p, "--repeats", args.repeats, "an int >= 1")
+        timing = dataclasses.replace(timing, repeats=args.repeats, min_repeats=min(timing.min_repeats, args.repeats))
+    if args.warmup is not None:
+        timing = dataclasses.replace(timing, warmup=max(1, args.warmup))
+    if args.budget_s is not None:
+        timing = dataclasses.replace(timing, budget_s=args.budget_s)
+    if args.threads < 1:
+        _fail(p, "--threads", args.threads, "an int >= 1")
+    axes = _valid_sweep(sweep_values(preset, args.sweep), case)
+    return Settings(preset=args.preset, case=case, timing=timing, device=args.device, threads=args.threads,
+                    backends=backends, paths=paths, sweep=args.sweep, sweep_axes=axes,
+                    sweep_timing=preset.sweep_timing, job_timeout_s=preset.job_timeout_s,
+                    bandwidth_bytes=preset.bandwidth_bytes, seed=args.seed)
+
+
+def _valid_sweep(axes, case: Case):
+    # N values whose n_keys is below topk cannot hold the layer; drop them rather than fail.
+    if "experts" in axes:
+        axes["experts"] = tuple(n for n in axes["experts"] if math.isqrt(n) >= case.topk)
+    return {axis: values for axis, values in axes.items() if values}
+
+
+def build_report(runner, argv, load_before) -> dict:
+    from . import formulas, peer_pytorch, report
+    from .environment import collect
+    from .runner import thread_settings
+
+    s = runner.settings
+    copy_bw = (runner.bandwidth or {}).get("bytes_per_s")
+    sweeps = runner.sweep_rows
+    report.add_derived(runner.rows, copy_bw)
+    report.add_derived(sweeps, copy_bw, reference_rows=sweeps)
+    return {
+        "schema": report.SCHEMA,
+        "settings": {"preset": s.preset, "device": s.device, "threads": s.threads, "backends": list(s.backends),
+                     "paths": list(s.paths), "timing": dataclasses.asdict(s.timing),
+                     "sweep_timing": dataclasses.asdict(s.sweep_timing), "sweep": s.sweep,
+                     "sweep_axes": {k: list(v) for k, v in s.sweep_axes.items()}, "seed": s.seed},
+        "case": s.case.to_dict(),
+        "counts": formulas.case_counts(s.case),
+        "formulas": {"flops": formulas.__doc__, "memory": "see peer_bench.worker.measure and peer_bench.memory",
+                     "expert_bandwidth": "expert_stage_bytes / full-layer forward median time; "
+                                         "expert_stage_bytes = T*h*k*(d_model+d_out)*itemsize + T*(d_model+d_out)*itemsize"},
+        "peer_pytorch_mapping": {"arguments": peer_pytorch.mapping(s.case),
+                                 "differences": list(peer_pytorch.DIFFERENCES)},
+        "bandwidth": runner.bandwidth,
+        "environment": collect(argv) | {"threads": thread_settings(s.threads), "frameworks": runner.frameworks,
+                                        "load_average_before": load_before, "load_average_after": _load()},
+        "jobs": runner.job_walls,
+        "results": runner.rows,
+        "sweeps": sweeps,
+    }
+
+
+def _load() -> list[float] | None:
+    """1/5/15-minute load averages: above the thread count, other processes shared the cores."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = parser()
+    args = p.parse_args(argv)
+    settings = settings_from_args(args, p)
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from . import peer_pytorch, plots, report
+    from .runner import Runner
+
+    console = Console()
+    if not console.is_terminal:  # logs and pipes: keep table rows on one line
+        console = Console(width=200)
+    c = settings.case
+    console.print(f"[bold]PEER bench[/] preset={settings.preset} device={settings.device} threads={settings.threads} "
+                  f"d_model={c.d_model} N={c.n_experts} heads={c.heads} topk={c.topk} d_key={c.d_key} "
+                  f"tokens={c.tokens} {c.dtype}")
+    console.print(f"PEER-pytorch mapped as PEER({peer_pytorch.mapping(c)})")
+    columns = (TextColumn("{task.description:<42}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    runner = Runner(settings)
+    load_before = _load()
+    with Progress(*columns, console=console, transient=False) as progress:
+        runner.progress = progress
+        runner.run()
+    result = build_report(runner, argv, load_before)
+    bw = result["bandwidth"]
+    title = (f"N={c.n_experts}, {c.tokens} tokens, {c.dtype}, {settings.threads} threads; copy bandwidth "
+             f"{bw.get('bytes_per_s', float('nan')) / 1e9:.1f} GB/s; dense width {result['counts']['dense_width']}")
+    console.print(report.terminal_table(result["results"], title))
+    paths = report.write(result, args.out)
+    paths |= plots.write_all(result, args.out)
+    for name in ("experts", "tokens"):
+        table = report.sweep_table(result["sweeps"], name)
+        if table:
+            console.print(f"forward median ms over {name}: " + "; ".join(
+                f"{line[0]}: " + ", ".join(f"{h}={v}" for h, v in zip(table[0][1:], line[1:]))
+                for line in table[1]))
+    load = result["environment"]["load_average_after"]
+    if load and load[0] > settings.threads:
+        console.print(f"[yellow]note:[/] load average {load[0]} > {settings.threads} threads: other processes "
+                      "shared the cores, so times are inflated and noisy")
+    console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0

@@ -1,0 +1,83 @@
+"""Analytic FLOP and byte counts, and the width of the equal-FLOP dense FFN.
+
+FLOPs count a multiply-add as 2. Per token, forward, for the layer of SPEC §3 (n_keys = sqrt(N)):
+
+    query       2 * d_model * heads * d_key        x @ query.kernel
+    sub_keys    2 * heads * n_keys * d_key         each head's two half-queries against n_keys sub-keys
+    candidates  heads * topk**2                    the k*k candidate sums of stage 2
+    down        2 * heads * topk * d_model         x . experts.down[i] for the h*k selected experts
+    up          2 * heads * topk * d_out           the weighted sum of the selected experts.up rows
+
+Batch norm, biases, activation, softmax and top-k selection are O(heads * (d_key + topk)) per token
+and left out. forward+backward is counted as 3 x forward (the usual convention: the backward of a
+matmul costs twice its forward); PEER's true backward is cheaper than that because routing has no
+gradient and only selected sub-key scores receive one, so the count is an upper bound there.
+
+The dense FFN is y = gelu(x @ W1 + b1) @ W2 + b2, 2 * width * (d_model + d_out) FLOPs per token;
+its width is PEER's forward FLOPs per token divided by 2 * (d_model + d_out), rounded.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .presets import DTYPE_BYTES, Case
+
+FLOP_TERMS = ("query", "sub_keys", "candidates", "down", "up")
+
+
+def peer_flops_per_token(d_model: int, n_experts: int, heads: int, topk: int, d_key: int,
+                         d_out: int | None = None) -> dict[str, int]:
+    """Forward FLOPs per token, by term (see the module docstring), plus their "total"."""
+    d_out = d_model if d_out is None else d_out
+    n_keys = math.isqrt(n_experts)
+    terms = {
+        "query": 2 * d_model * heads * d_key,
+        "sub_keys": 2 * heads * n_keys * d_key,
+        "candidates": heads * topk * topk,
+        "down": 2 * heads * topk * d_model,
+        "up": 2 * heads * topk * d_out,
+    }
+    terms["total"] = sum(terms[t] for t in FLOP_TERMS)
+    return terms
+
+
+def mode_factor(mode: str) -> int:
+    """FLOPs of `mode` as a multiple of the forward FLOPs."""
+    factors = {"forward": 1, "forward_backward": 3}
+    if mode not in factors:
+        raise ValueError(f"mode={mode!r}, but expected one of {sorted(factors)}")
+    return factors[mode]
+
+
+def dense_width(flops_per_token: int, d_model: int, d_out: int | None = None) -> int:
+    """Hidden width of the dense FFN whose forward FLOPs per token match `flops_per_token`."""
+    d_out = d_model if d_out is None else d_out
+    return max(1, round(flops_per_token / (2 * (d_model + d_out))))
+
+
+def dense_flops_per_token(width: int, d_model: int, d_out: int | None = None) -> int:
+    d_out = d_model if d_out is None else d_out
+    return 2 * width * (d_model + d_out)
+
+
+def expert_stage_bytes(tokens: int, heads: int, topk: int, d_model: int, d_out: int | None,
+                       itemsize: int) -> int:
+    """Bytes the expert stage must move if no row is reused from cache: the gathered rows of
+    experts.down and experts.up (tokens*heads*topk of each), plus reading x and writing y."""
+    d_out = d_model if d_out is None else d_out
+    return (tokens * heads * topk * (d_model + d_out) + tokens * (d_model + d_out)) * itemsize
+
+
+def case_counts(case: Case) -> dict[str, int]:
+    """Every derived count of a case, for the JSON report."""
+    per_token = peer_flops_per_token(case.d_model, case.n_experts, case.heads, case.topk, case.d_key)
+    width = dense_width(per_token["total"], case.d_model)
+    return {
+        "peer_flops_per_token": per_token,
+        "peer_flops_forward": per_token["total"] * case.tokens,
+        "dense_width": width,
+        "dense_flops_forward": dense_flops_per_token(width, case.d_model) * case.tokens,
+        "expert_stage_bytes": expert_stage_bytes(case.tokens, case.heads, case.topk, case.d_model,
+                                                  None, DTYPE_BYTES[case.dtype]),
+    }

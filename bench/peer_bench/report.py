@@ -1,0 +1,140 @@
+"""Derived numbers (ratios, expert-stage bandwidth), the terminal table, summary.md and the JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from rich.table import Table
+
+from .formulas import expert_stage_bytes
+from .presets import DTYPE_BYTES
+
+SCHEMA = "peer_bench/1"
+MODES = {"forward": "fwd", "forward_backward": "fwd+bwd"}
+
+
+def label(row: dict) -> str:
+    if row["impl"] == "peer_pytorch":
+        return "PEER-pytorch"
+    return f"{'PEER' if row['impl'] == 'peer' else 'dense'} {row['backend']}"
+
+
+def _key(row):
+    return (row["impl"], row["backend"], row["path"], row["mode"], json.dumps(row["case"], sort_keys=True))
+
+
+def add_derived(rows: list[dict], copy_bytes_per_s: float | None, reference_rows: list[dict] = ()) -> None:
+    """Fill ratio_vs_peer_pytorch, ratio_vs_dense (time ratios: below 1 = faster) and, for forward
+    rows of a PEER layer, the expert stage's achieved bandwidth over the full-layer time."""
+    ok = {_key(r): r for r in list(rows) + list(reference_rows) if r.get("status") == "ok"}
+    for row in rows:
+        if row.get("status") != "ok" or row["impl"] == "dense":
+            continue
+        case_key = json.dumps(row["case"], sort_keys=True)
+        baseline = ok.get(("peer_pytorch", "torch", "eager", row["mode"], case_key))
+        if baseline is not None and row["impl"] != "peer_pytorch":
+            row["ratio_vs_peer_pytorch"] = row["median_s"] / baseline["median_s"]
+        framework, path = ("torch", "eager") if row["impl"] == "peer_pytorch" else (row["backend"], row["path"])
+        dense = ok.get(("dense", framework, path, row["mode"], case_key))
+        if dense is not None:
+            row["ratio_vs_dense"] = row["median_s"] / dense["median_s"]
+        if row["mode"] == "forward":
+            c = row["case"]
+            moved = expert_stage_bytes(c["tokens"], c["heads"], c["topk"], c["d_model"], None,
+                                       DTYPE_BYTES[c["dtype"]])
+            row["expert_stage_bytes"] = moved
+            row["expert_bytes_per_s"] = moved / row["median_s"]
+            if copy_bytes_per_s:
+                row["expert_bandwidth_fraction"] = row["expert_bytes_per_s"] / copy_bytes_per_s
+
+
+def _fmt(value, spec, scale=1.0):
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return format(value * scale, spec)
+
+
+def _cells(row: dict) -> list[str]:
+    head = [label(row), row["path"], MODES[row["mode"]]]
+    if row.get("status") != "ok":
+        return head + ["–"] * 8 + [f"{row.get('status')}: {row.get('reason')}"]
+    iqr = row["q3_s"] - row["q1_s"]
+    return head + [
+        _fmt(row["median_s"], ".4g", 1e3), _fmt(iqr, ".3g", 1e3), _fmt(row["tokens_per_s"], ",.0f"),
+        _fmt(row["gflops_per_s"], ".3g"), _fmt(row.get("peak_mem_bytes"), ".0f", 2**-20),
+        _fmt(row.get("ratio_vs_peer_pytorch"), ".3g"), _fmt(row.get("ratio_vs_dense"), ".3g"),
+        _fmt(row.get("expert_bandwidth_fraction"), ".1%", 1.0),
+        f"{row['repeats']} runs, 1st {row['first_call_s']:.2f} s",
+    ]
+
+
+COLUMNS = ["implementation", "path", "mode", "median ms", "IQR ms", "tokens/s", "GFLOP/s", "peak MiB",
+           "t / t(PEER-pytorch)", "t / t(dense)", "expert BW / copy BW", "note"]
+
+
+def terminal_table(rows: list[dict], title: str) -> Table:
+    table = Table(title=title, header_style="bold")
+    for i, name in enumerate(COLUMNS):
+        table.add_column(name, justify="right" if 3 <= i <= 10 else "left", overflow="fold")
+    for row in rows:
+        style = None if row.get("status") == "ok" else "dim"
+        table.add_row(*_cells(row), style=style)
+    return table
+
+
+def _markdown_table(header: list[str], lines: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(cell.replace("|", "/") for cell in line) + " |" for line in lines]
+    return out
+
+
+def sweep_table(sweep_rows: list[dict], axis: str) -> tuple[list[str], list[list[str]]] | None:
+    """Median forward ms of every implementation at every value of `axis`."""
+    field = {"experts": "n_experts", "tokens": "tokens"}[axis]
+    rows = [r for r in sweep_rows if axis in r.get("axes", ()) and r.get("status") == "ok"]
+    if not rows:
+        return None
+    values = sorted({r["case"][field] for r in rows})
+    names = sorted({f"{label(r)} ({r['path']})" for r in rows})
+    grid = {(f"{label(r)} ({r['path']})", r["case"][field]): r["median_s"] for r in rows}
+    header = [field] + names
+    lines = [[str(v)] + [_fmt(grid.get((n, v)), ".4g", 1e3) for n in names] for v in values]
+    return header, lines
+
+
+def summary_markdown(report: dict) -> str:
+    case = report["case"]
+    env = report["environment"]
+    bw = report["bandwidth"]
+    counts = report["counts"]
+    lines = [
+        f"### PEER benchmark — preset `{report['settings']['preset']}`, device {report['settings']['device']}",
+        "",
+        f"Layer: d_model={case['d_model']}, N={case['n_experts']} experts, heads={case['heads']}, "
+        f"topk={case['topk']}, d_key={case['d_key']}, {case['tokens']} tokens, {case['dtype']}; shared keys, "
+        f"query batch norm. Forward FLOPs/token {counts['peer_flops_per_token']['total']:,}; "
+        f"dense FFN width {counts['dense_width']}.",
+        f"Machine: {env['cpu_model']}, {report['settings']['threads']} threads; "
+        f"copy bandwidth {_fmt(bw.get('bytes_per_s'), '.1f', 1e-9)} GB/s ({bw.get('method', bw.get('error'))}); "
+        f"load average before/after {env.get('load_average_before')}/{env.get('load_average_after')}.",
+        "",
+    ]
+    lines += _markdown_table(COLUMNS, [_cells(r) for r in report["results"]])
+    lines += ["", "Times are medians; IQR = q3 - q1. Ratios are time ratios (below 1 = faster). "
+              "Expert BW = expert-stage bytes / full-layer forward time, over the copy bandwidth. "
+              "PEER-pytorch differs: per-head keys, no batch norm, no expert bias."]
+    for axis in ("experts", "tokens"):
+        table = sweep_table(report["sweeps"], axis)
+        if table:
+            lines += ["", f"Forward median ms, sweep over {axis}:", ""] + _markdown_table(*table)
+    return "\n".join(lines) + "\n"
+
+
+def write(report: dict, out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "summary": out / "summary.md"}
+    paths["json"].write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
+    paths["summary"].write_text(summary_markdown(report))
+    return paths

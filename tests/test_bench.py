@@ -1,0 +1,147 @@
+"""The benchmark harness: its formulas, its derived numbers, and one smoke run end to end."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+from peer_bench import formulas, report
+from peer_bench.presets import PRESETS, Case, sweep_cases
+
+
+def test_peer_flops_per_term():
+    # d_model=4, N=9 (n_keys=3), heads=2, topk=2, d_key=6, worked out by hand
+    terms = formulas.peer_flops_per_token(d_model=4, n_experts=9, heads=2, topk=2, d_key=6)
+    assert terms == {"query": 96, "sub_keys": 72, "candidates": 8, "down": 32, "up": 32, "total": 240}
+
+
+def test_peer_flops_grow_with_sqrt_n_and_d_out():
+    small = formulas.peer_flops_per_token(256, 256**2, 8, 16, 128)
+    large = formulas.peer_flops_per_token(256, 1024**2, 8, 16, 128)
+    assert large["sub_keys"] == 4 * small["sub_keys"]
+    assert {k: large[k] for k in ("query", "candidates", "down", "up")} == \
+        {k: small[k] for k in ("query", "candidates", "down", "up")}
+    assert formulas.peer_flops_per_token(4, 9, 2, 2, 6, d_out=8)["up"] == 2 * 2 * 2 * 8
+
+
+def test_dense_width_matches_peer_flops():
+    case = PRESETS["cpu"].case
+    peer = formulas.peer_flops_per_token(**case.config())["total"]
+    width = formulas.dense_width(peer, case.d_model)
+    assert peer == 1_181_696 and width == 1154  # 1_181_696 / (2 * (256 + 256))
+    assert formulas.dense_flops_per_token(width, case.d_model) == peer
+    for flops in (1000, 1001, 5000, 77777):
+        w = formulas.dense_width(flops, 10, 20)
+        assert abs(formulas.dense_flops_per_token(w, 10, 20) - flops) <= 2 * (10 + 20) / 2
+    assert formulas.dense_width(1, 10) == 1
+
+
+def test_expert_stage_bytes_and_mode_factor():
+    assert formulas.expert_stage_bytes(tokens=3, heads=2, topk=4, d_model=5, d_out=7, itemsize=4) == \
+        (3 * 2 * 4 * 12 + 3 * 12) * 4
+    assert formulas.mode_factor("forward_backward") == 3 * formulas.mode_factor("forward")
+    with pytest.raises(ValueError, match="mode='backward'"):
+        formulas.mode_factor("backward")
+
+
+def test_sweep_cases_measure_the_base_case_once():
+    base = Case(d_model=8, n_experts=64, heads=1, topk=2, d_key=4, tokens=32)
+    pairs = sweep_cases(base, {"experts": (16, 64, 256), "tokens": (8,)})
+    cases = [c for c, _ in pairs]
+    assert len(cases) == len(set(cases)) == 4
+    assert dict(pairs)[base] == ["experts", "tokens"]
+
+
+def _row(impl, backend, path, mode, median, case):
+    return {"impl": impl, "backend": backend, "path": path, "mode": mode, "case": case, "status": "ok",
+            "median_s": median}
+
+
+def test_ratios_pair_like_with_like():
+    case = Case(d_model=8, n_experts=64, heads=1, topk=2, d_key=4, tokens=32).to_dict()
+    rows = [_row("peer", "jax", "compiled", "forward", 2.0, case),
+            _row("dense", "jax", "compiled", "forward", 0.5, case),
+            _row("dense", "jax", "eager", "forward", 0.25, case),
+            _row("peer_pytorch", "torch", "eager", "forward", 8.0, case),
+            _row("dense", "torch", "eager", "forward", 4.0, case),
+            _row("peer", "jax", "compiled", "forward_backward", 3.0, case),
+            {"impl": "peer", "backend": "tensorflow", "path": "eager", "mode": "forward", "case": case,
+             "status": "skipped", "reason": "not installed"}]
+    report.add_derived(rows, copy_bytes_per_s=1e9)
+    peer_fwd, _, _, baseline, _, peer_bwd, skipped = rows
+    assert peer_fwd["ratio_vs_peer_pytorch"] == 0.25 and peer_fwd["ratio_vs_dense"] == 4.0
+    assert baseline["ratio_vs_dense"] == 2.0 and "ratio_vs_peer_pytorch" not in baseline
+    assert "ratio_vs_peer_pytorch" not in peer_bwd and "ratio_vs_dense" not in peer_bwd
+    moved = formulas.expert_stage_bytes(32, 1, 2, 8, None, 4)
+    assert peer_fwd["expert_bandwidth_fraction"] == pytest.approx(moved / 2.0 / 1e9)
+    assert "expert_bandwidth_fraction" not in peer_bwd and "ratio_vs_dense" not in skipped
+
+
+def _bench(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "peer_bench", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_bad_backend_is_refused():
+    proc = _bench("--preset", "smoke", "--backends", "numpy,mxnet")
+    assert proc.returncode == 2
+    assert "--backends='mxnet'" in proc.stderr
+
+
+def test_importing_the_harness_imports_no_framework():
+    code = ("import sys, peer_bench.cli, peer_bench.runner, peer_bench.report, peer_bench.plots; "
+            "print(sorted(m for m in ('torch', 'jax', 'tensorflow', 'matplotlib') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    torch_backend = importlib.util.find_spec("torch") is not None and \
+        importlib.util.find_spec("peer_backends.torch") is not None
+    backends = "numpy,torch" if torch_backend else "numpy"
+    proc = _bench("--preset", "smoke", "--backends", backends, "--paths", "eager", "--threads", "1",
+                  "--repeats", "2", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return out, json.loads((out / "results.json").read_text()), backends.split(",")
+
+
+def test_smoke_run_writes_report_and_plots(smoke):
+    out, result, _ = smoke
+    assert result["schema"] == report.SCHEMA
+    for key in ("settings", "case", "counts", "formulas", "peer_pytorch_mapping", "bandwidth", "environment",
+                "results", "sweeps", "jobs"):
+        assert key in result, key
+    assert result["bandwidth"]["bytes_per_s"] > 0
+    assert {"python", "cpu_model", "versions", "date", "command", "threads"} <= set(result["environment"])
+    for name in ("summary.md", "bars.png", "sweep_experts.png", "sweep_tokens.png"):
+        assert (out / name).stat().st_size > 0, name
+    summary = (out / "summary.md").read_text()
+    assert "| PEER numpy | eager | fwd |" in summary and "dense FFN width" in summary
+
+
+def test_smoke_rows_are_complete(smoke):
+    _, result, backends = smoke
+    rows = result["results"]
+    assert {r["path"] for r in rows} == {"eager"}  # --paths eager
+    for backend in backends:
+        for mode in ("forward", "forward_backward"):
+            peer = [r for r in rows if (r["impl"], r["backend"], r["mode"]) == ("peer", backend, mode)]
+            assert len(peer) == 1, (backend, mode)
+            if peer[0]["status"] != "ok":
+                assert backend != "numpy" and peer[0]["reason"], peer[0]
+                continue
+            row = peer[0]
+            assert row["repeats"] == len(row["times_s"]) >= 1
+            assert row["min_s"] <= row["q1_s"] <= row["median_s"] <= row["q3_s"] <= row["max_s"]
+            assert row["flops"] == result["counts"]["peer_flops_forward"] * formulas.mode_factor(mode)
+            assert row["peak_mem_bytes"] is not None and row["ratio_vs_dense"] > 0
+            assert ("expert_bandwidth_fraction" in row) == (mode == "forward")
+    baseline = [r for r in rows if r["impl"] == "peer_pytorch"]
+    assert baseline == []  # not asked for
+    swept = {(r["case"]["n_experts"], r["case"]["tokens"]) for r in result["sweeps"] if r["backend"] == "numpy"}
+    smoke_case = PRESETS["smoke"].case
+    assert (16**2, smoke_case.tokens) in swept and (smoke_case.n_experts, 128) in swept
