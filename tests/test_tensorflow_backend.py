@@ -139,6 +139,12 @@ def test_compiled_path_traces_once_for_every_token_count():
         assert tuple(y.shape) == lead + (CFG.d_out,) and tuple(aux["indices"].shape) == lead + (2, 3)
     fn = tf_peer._compiled_apply(CFG, False, False, False, "float32")
     assert fn.experimental_get_tracing_count() == 1
+    variables = {name: tf.Variable(value) for name, value in params.items()}
+    for tokens in (3, 6):
+        x = be.from_numpy(rng.standard_normal((tokens, CFG.d_model)).astype(np.float32))
+        grads, _ = be.vjp(CFG, variables, state, x, tf.ones((tokens, CFG.d_out)), False)
+        assert set(grads) == set(CFG.param_shapes())
+    assert tf_peer._compiled_vjp(CFG, False, False, False, "float32").experimental_get_tracing_count() == 1
 
 
 def test_model_fit_reduces_loss_and_updates_statistics():
