@@ -42,6 +42,13 @@ def dtype_name(arr) -> str:
     return np.asarray(arr).dtype.name
 
 
+def prepare(backend):
+    """Let a backend that computes float64 only once asked (JAX's x64 mode, say) switch it on."""
+    if "float64" in backend.capabilities and hasattr(backend, "enable_float64"):
+        backend.enable_float64()
+    return backend
+
+
 def needs(backend, capability: str) -> None:
     """Skip unless the backend declares ``capability``."""
     if capability not in backend.capabilities:

@@ -94,10 +94,9 @@ def backend(request):
     missing = [attr for attr in ATTRIBUTES if not hasattr(be, attr)]
     if missing:
         pytest.fail(f"backend {request.param!r} lacks contract attributes {missing}", pytrace=False)
-    # JAX (say) computes float64 only once asked; the backend decides how, the suite only asks.
-    if "float64" in be.capabilities and hasattr(be, "enable_float64"):
-        be.enable_float64()
-    return be
+    from .helpers import prepare
+
+    return prepare(be)
 
 
 def pytest_report_header(config):

@@ -9,7 +9,7 @@ import peer_backends
 import peer_ref
 from peer_ref import PEERConfig
 
-from .helpers import needs
+from .helpers import needs, prepare
 
 CFG = PEERConfig(d_model=6, n_experts=16, heads=2, topk=3, d_key=4, d_out=5, query_bias=True)
 
@@ -18,7 +18,7 @@ CFG = PEERConfig(d_model=6, n_experts=16, heads=2, topk=3, d_key=4, d_out=5, que
 @pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
 def test_round_trip_to_every_installed_backend(backend, target, dtype, tmp_path):
     needs(backend, dtype)
-    other = peer_backends.get(target)
+    other = prepare(peer_backends.get(target))
     if dtype not in other.capabilities:
         pytest.skip(f"target backend {target!r} does not declare capability {dtype!r}")
     params, state = backend.init(CFG, seed=1, dtype=dtype)
