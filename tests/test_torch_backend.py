@@ -1,0 +1,225 @@
+"""The torch backend against the reference: functional API, nn.Module, kernels, ties, errors."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import peer_ref
+from peer_ref import PEERConfig, PEERInputError
+
+torch = pytest.importorskip("torch")
+import peer_backends  # noqa: E402
+from peer_backends.torch import peer as torch_peer  # noqa: E402
+
+be = peer_backends.get("torch")
+
+FULL = PEERConfig(d_model=12, n_experts=49, heads=3, topk=4, d_key=6, d_out=5, query_bias=True)
+PER_HEAD = PEERConfig(d_model=8, n_experts=36, heads=2, topk=3, d_key=4, shared_keys=False,
+                      query_norm="none", activation="silu", score="sigmoid")
+
+
+def reference_inputs(cfg, seed=0, lead=(2, 5), dtype="float64"):
+    params, state = peer_ref.init(cfg, seed=seed, dtype=dtype)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(lead + (cfg.d_model,)).astype(dtype)
+    mask = rng.random(lead) > 0.3
+    dy = rng.standard_normal(lead + (cfg.d_out,)).astype(dtype)
+    return params, state, x, mask, dy
+
+
+def assert_close(actual, expected, tol=1e-10):
+    np.testing.assert_allclose(be.to_numpy(actual), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("cfg", [FULL, PER_HEAD])
+def test_state_dict_has_the_canonical_names(cfg):
+    module = be.layer(cfg)
+    expected = {**cfg.param_shapes(), **cfg.state_shapes()}
+    assert {k: tuple(v.shape) for k, v in module.state_dict().items()} == expected
+    assert {k for k, v in module.named_parameters()} == set(cfg.param_shapes())
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("cfg", [FULL, PER_HEAD])
+def test_module_and_functional_equal_the_reference(cfg, training):
+    params, state, x, mask, _ = reference_inputs(cfg)
+    y_ref, state_ref, aux_ref = peer_ref.forward(cfg, params, state, x, training, mask)
+
+    y, new_state, aux = be.apply(cfg, be.from_numpy(params), be.from_numpy(state), be.from_numpy(x),
+                                 training, be.from_numpy(mask))
+    assert_close(y, y_ref)
+    for name in state_ref:
+        assert_close(new_state[name], state_ref[name])
+    assert aux["indices"].dtype == torch.int64
+    np.testing.assert_array_equal(be.to_numpy(aux["indices"]), aux_ref["indices"])
+    assert_close(aux["weights"], aux_ref["weights"])
+
+    module = be.layer(cfg, dtype="float64")
+    module.load_params_and_state(be.from_numpy(params), be.from_numpy(state))
+    module.train(training)
+    assert_close(module(be.from_numpy(x), mask=be.from_numpy(mask)).detach(), y_ref)
+    np.testing.assert_array_equal(be.to_numpy(module.last_aux["indices"]), aux_ref["indices"])
+    # Training updates the module's buffers in place; evaluation leaves them alone.
+    for name in state_ref:
+        assert_close(module.get_buffer(name), state_ref[name])
+    if training and state_ref:
+        assert not np.allclose(state_ref["query_norm.mean"], state["query_norm.mean"])
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_vjp_equals_the_reference(training):
+    params, state, x, mask, dy = reference_inputs(FULL, seed=3)
+    grads_ref, dx_ref = peer_ref.vjp(FULL, params, state, x, dy, training, mask)
+    grads, dx = be.vjp(FULL, be.from_numpy(params), be.from_numpy(state), be.from_numpy(x),
+                       be.from_numpy(dy), training, be.from_numpy(mask))
+    assert set(grads) == set(grads_ref)
+    for name in grads_ref:
+        assert_close(grads[name], grads_ref[name], tol=1e-9)
+    assert_close(dx, dx_ref, tol=1e-9)
+
+
+def test_module_gradients_reach_an_optimizer():
+    module = be.layer(PER_HEAD, seed=1)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.5)
+    x = torch.randn(4, PER_HEAD.d_model)
+    before = module.experts.up.detach().clone()
+    module(x).square().sum().backward()
+    optimizer.step()
+    assert not torch.equal(before, module.experts.up)
+
+
+def test_down_projection_passes_gradcheck():
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    down = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    indices = torch.tensor([[0, 6, 6, 2]] * 5)  # repeated rows must accumulate
+    assert torch.autograd.gradcheck(torch_peer._DownProjection.apply, (x, down, indices))
+
+
+def test_chunked_kernels_equal_the_eager_kernels(monkeypatch):
+    # The compiled path gathers and scatters in token chunks; force several chunks of 2 tokens.
+    monkeypatch.setattr(torch_peer, "CHUNK_ELEMENTS", 2 * 4 * 3)
+    x = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    down = torch.randn(9, 3, dtype=torch.float64, requires_grad=True)
+    indices = torch.randint(0, 9, (7, 4))
+    d_pre = torch.randn(7, 4, dtype=torch.float64)
+    pre = torch_peer._DownProjection.apply(x, down, indices)
+    _, d_down = torch.autograd.grad(pre, (x, down), d_pre)
+    torch.testing.assert_close(torch_peer._gathered_dots(x.detach(), down.detach(), indices), pre.detach())
+    torch.testing.assert_close(torch_peer._scattered_outer(x.detach(), down, indices, d_pre), d_down)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_exact_ties_follow_the_order_rule(dtype):
+    # Small integers are exact in every dtype, so scores tie exactly and often.
+    cfg = PEERConfig(d_model=6, n_experts=64, heads=2, topk=5, d_key=6, query_norm="none")
+    rng = np.random.default_rng(7)
+    params, state = peer_ref.init(cfg, seed=0, dtype=dtype)
+    for name in ("query.kernel", "keys.left", "keys.right"):
+        params[name] = rng.integers(-1, 2, params[name].shape).astype(dtype)
+    x = rng.integers(-1, 2, (40, cfg.d_model)).astype(dtype)
+    _, _, aux_ref = peer_ref.forward(cfg, params, state, x)
+    _, _, aux = be.apply(cfg, be.from_numpy(params), be.from_numpy(state), be.from_numpy(x))
+    np.testing.assert_array_equal(be.to_numpy(aux["indices"]), aux_ref["indices"])
+
+
+def test_product_key_topk_breaks_ties_like_the_reference():
+    cfg = PEERConfig(d_model=4, n_experts=100, heads=3, topk=6, d_key=4)
+    rng = np.random.default_rng(2)
+    for dtype in (np.float32, np.float64):
+        s_left = rng.integers(-2, 3, (50, 3, 10)).astype(dtype)
+        s_right = rng.integers(-2, 3, (50, 3, 10)).astype(dtype)
+        s_left[0, 0] = -0.0  # -0.0 and +0.0 are equal as floats, so they tie
+        s_left[0, 0, ::2] = 0.0
+        expected = peer_ref.product_key_topk(cfg, s_left, s_right)
+        actual = torch_peer._product_key_topk(cfg, torch.from_numpy(s_left), torch.from_numpy(s_right))
+        np.testing.assert_array_equal(actual.numpy(), expected)
+
+
+def test_bfloat16_converts_bit_for_bit():
+    bits = np.arange(-(2**15), 2**15, dtype=np.int64).astype(np.int16)
+    array = bits.view(ml_dtypes.bfloat16)
+    tensor = be.from_numpy(array)
+    assert tensor.dtype == torch.bfloat16
+    np.testing.assert_array_equal(tensor.view(torch.int16).numpy(), bits)
+    back = be.to_numpy({"a": [tensor]})["a"][0]
+    assert back.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(back.view(np.int16), bits)
+
+
+def test_bfloat16_follows_the_dtype_policy():
+    params, state = be.init(FULL, seed=0, dtype="bfloat16")
+    assert {str(v.dtype) for v in params.values()} == {"torch.bfloat16"}
+    assert {str(v.dtype) for v in state.values()} == {"torch.float32"}
+    x = torch.randn(3, FULL.d_model).to(torch.bfloat16)
+    y, new_state, aux = be.apply(FULL, params, state, x, training=True)
+    assert y.dtype == torch.bfloat16 and aux["scores"].dtype == torch.float32
+    assert new_state["query_norm.mean"].dtype == torch.float32
+    widen = lambda tree: {k: v.astype(np.float64) for k, v in be.to_numpy(tree).items()}  # noqa: E731
+    y_ref, _, _ = peer_ref.forward(FULL, widen(params), widen(state), be.to_numpy(x).astype(np.float64),
+                                   True, routing=be.to_numpy(aux["indices"]))
+    np.testing.assert_allclose(be.to_numpy(y).astype(np.float64), y_ref, rtol=2e-2, atol=2e-2)
+
+
+def test_init_is_seeded_and_on_the_requested_dtype():
+    a, _ = be.init(PER_HEAD, seed=4)
+    b, _ = be.init(PER_HEAD, seed=4)
+    c, _ = be.init(PER_HEAD, seed=5)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["experts.down"], c["experts.down"])
+    assert a["experts.down"].dtype == torch.float32
+
+
+def _errors(call):
+    try:
+        call()
+    except PEERInputError as err:
+        return str(err)
+    raise AssertionError("no PEERInputError raised")
+
+
+@pytest.mark.parametrize("case", ["x_dtype", "d_model", "mask_dtype", "routing_range", "missing_param", "dy_shape"])
+def test_bad_inputs_raise_the_reference_errors(case):
+    params, state, x, mask, dy = reference_inputs(FULL)
+    routing = None
+    if case == "x_dtype":
+        x = x.astype(np.float32)
+    elif case == "d_model":
+        x = x[..., :-1]
+    elif case == "mask_dtype":
+        mask = mask.astype(np.int32)
+    elif case == "routing_range":
+        routing = np.zeros(x.shape[:-1] + (FULL.heads, FULL.topk), np.int64)
+        routing[0, 0, 0, 0] = FULL.n_experts
+    elif case == "missing_param":
+        del params["keys.left"]
+    else:
+        dy = dy[:1]
+    expected = _errors(lambda: peer_ref.vjp(FULL, params, state, x, dy, False, mask, routing))
+    t = be.from_numpy
+    assert _errors(lambda: be.vjp(FULL, t(params), t(state), t(x), t(dy), False, t(mask), t(routing))) == expected
+
+
+def test_compiled_module_matches_eager():
+    cfg = PEERConfig(d_model=8, n_experts=16, heads=2, topk=2, d_key=4)
+    module = be.layer(cfg, seed=2).eval()
+    x = torch.randn(6, cfg.d_model)
+    expected = module(x)
+    compiled = torch.compile(module)
+    torch.testing.assert_close(compiled(x), expected)
+    torch.testing.assert_close(compiled.last_aux["indices"], module.last_aux["indices"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    params, state, x, mask, dy = reference_inputs(FULL, seed=5, dtype="float32")
+    cpu = [be.from_numpy(a) for a in (params, state, x, dy, mask)]
+    gpu = [be.from_numpy(a) for a in (params, state)] + [be.from_numpy(a).cuda() for a in (x, dy, mask)]
+    y_cpu, _, aux_cpu = be.apply(FULL, cpu[0], cpu[1], cpu[2], True, cpu[4])
+    y_gpu, _, aux_gpu = be.apply(FULL, gpu[0], gpu[1], gpu[2], True, gpu[4])
+    assert y_gpu.is_cuda
+    np.testing.assert_allclose(be.to_numpy(y_gpu), be.to_numpy(y_cpu), rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(be.to_numpy(aux_gpu["indices"]), be.to_numpy(aux_cpu["indices"]))
+    grads_cpu, _ = be.vjp(FULL, cpu[0], cpu[1], cpu[2], cpu[3], True, cpu[4])
+    grads_gpu, _ = be.vjp(FULL, gpu[0], gpu[1], gpu[2], gpu[3], True, gpu[4])
+    for name in grads_cpu:
+        np.testing.assert_allclose(be.to_numpy(grads_gpu[name]), be.to_numpy(grads_cpu[name]), rtol=1e-3, atol=1e-4)
