@@ -145,3 +145,13 @@ def test_smoke_rows_are_complete(smoke):
     swept = {(r["case"]["n_experts"], r["case"]["tokens"]) for r in result["sweeps"] if r["backend"] == "numpy"}
     smoke_case = PRESETS["smoke"].case
     assert (16**2, smoke_case.tokens) in swept and (smoke_case.n_experts, 128) in swept
+
+
+def test_missing_device_gives_skip_rows_with_reasons(tmp_path):
+    proc = _bench("--preset", "smoke", "--backends", "numpy", "--device", "gpu", "--sweep", "none",
+                  "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert [r["status"] for r in rows] == ["skipped"] * 4
+    assert rows[0]["reason"] == "numpy runs on the CPU only"
+    assert all(r["reason"] for r in rows)

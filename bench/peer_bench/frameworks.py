@@ -129,6 +129,7 @@ class Torch:
 
 class _TorchCudaMeter:
     resets = True
+    method = "torch.cuda.max_memory_allocated"
 
     def __init__(self, torch):
         self.cuda = torch.cuda
@@ -198,15 +199,16 @@ def _has_platform(jax, platform):
 
 class _JaxMeter:
     resets = False  # XLA keeps one peak for the whole process
+    method = "jax Device.memory_stats peak_bytes_in_use"
 
     def __init__(self, device):
         self.device = device
 
     def reset(self):
-        return self.device.memory_stats()["bytes_in_use"]
+        return (self.device.memory_stats() or {}).get("bytes_in_use", 0)
 
     def peak(self):
-        return self.device.memory_stats()["peak_bytes_in_use"]
+        return (self.device.memory_stats() or {}).get("peak_bytes_in_use", 0)
 
 
 class Tensorflow:
@@ -266,6 +268,7 @@ class Tensorflow:
 
 class _TfMeter:
     resets = True
+    method = "tf.config.experimental.get_memory_info peak"
 
     def __init__(self, tf):
         self.experimental = tf.config.experimental

@@ -73,8 +73,8 @@ PRESETS: dict[str, Preset] = {
         case=_CPU_CASE,
         timing=Timing(warmup=1, repeats=5, min_repeats=3, budget_s=1.5),
         sweep_full=_FULL,
-        sweep_reduced={"experts": (128**2, 512**2), "tokens": (512, 4096)},
-        sweep_timing=Timing(warmup=1, repeats=3, min_repeats=2, budget_s=0.5),
+        sweep_reduced={"experts": (128**2, 512**2), "tokens": (512, 1024)},
+        sweep_timing=Timing(warmup=1, repeats=2, min_repeats=2, budget_s=0.0),
     ),
     "paper": Preset(
         case=dataclasses.replace(_CPU_CASE, n_experts=1024**2),

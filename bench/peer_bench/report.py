@@ -63,14 +63,15 @@ def _cells(row: dict) -> list[str]:
     iqr = row["q3_s"] - row["q1_s"]
     return head + [
         _fmt(row["median_s"], ".4g", 1e3), _fmt(iqr, ".3g", 1e3), _fmt(row["tokens_per_s"], ",.0f"),
-        _fmt(row["gflops_per_s"], ".3g"), _fmt(row.get("peak_mem_bytes"), ".0f", 2**-20),
+        _fmt(row["gflops_per_s"], ".3g"),
+        f"{_fmt(row.get('peak_mem_bytes'), '.0f', 2**-20)} / {_fmt(row.get('peak_mem_steady_bytes'), '.0f', 2**-20)}",
         _fmt(row.get("ratio_vs_peer_pytorch"), ".3g"), _fmt(row.get("ratio_vs_dense"), ".3g"),
         _fmt(row.get("expert_bandwidth_fraction"), ".1%", 1.0),
         f"{row['repeats']} runs, 1st {row['first_call_s']:.2f} s",
     ]
 
 
-COLUMNS = ["implementation", "path", "mode", "median ms", "IQR ms", "tokens/s", "GFLOP/s", "peak MiB",
+COLUMNS = ["implementation", "path", "mode", "median ms", "IQR ms", "tokens/s", "GFLOP/s", "peak MiB all / timed",
            "t / t(PEER-pytorch)", "t / t(dense)", "expert BW / copy BW", "note"]
 
 
@@ -104,6 +105,10 @@ def sweep_table(sweep_rows: list[dict], axis: str) -> tuple[list[str], list[list
     return header, lines
 
 
+def _kwargs(mapping: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in mapping["arguments"].items())
+
+
 def summary_markdown(report: dict) -> str:
     case = report["case"]
     env = report["environment"]
@@ -116,6 +121,10 @@ def summary_markdown(report: dict) -> str:
         f"topk={case['topk']}, d_key={case['d_key']}, {case['tokens']} tokens, {case['dtype']}; shared keys, "
         f"query batch norm. Forward FLOPs/token {counts['peer_flops_per_token']['total']:,}; "
         f"dense FFN width {counts['dense_width']}.",
+        "FLOPs/token = 2·d_model·h·d_key (query) + 2·h·√N·d_key (sub-keys) + h·k² (candidates) "
+        "+ 2·h·k·(d_model + d_out) (experts); fwd+bwd counted as 3× fwd. "
+        "Dense FFN: gelu(x·W1 + b1)·W2 + b2 with width = round(FLOPs/token / (2·(d_model + d_out))).",
+        f"PEER-pytorch {env['versions'].get('PEER-pytorch', '?')} as PEER({_kwargs(report['peer_pytorch_mapping'])}).",
         f"Machine: {env['cpu_model']}, {report['settings']['threads']} threads; "
         f"copy bandwidth {_fmt(bw.get('bytes_per_s'), '.1f', 1e-9)} GB/s ({bw.get('method', bw.get('error'))}); "
         f"load average before/after {env.get('load_average_before')}/{env.get('load_average_after')}.",
@@ -124,6 +133,8 @@ def summary_markdown(report: dict) -> str:
     lines += _markdown_table(COLUMNS, [_cells(r) for r in report["results"]])
     lines += ["", "Times are medians; IQR = q3 - q1. Ratios are time ratios (below 1 = faster). "
               "Expert BW = expert-stage bytes / full-layer forward time, over the copy bandwidth. "
+              "Peak MiB = resident-memory high-water mark above the level before the first call, over "
+              "warm-up (compilation) and timed calls / over the timed calls alone. "
               "PEER-pytorch differs: per-head keys, no batch norm, no expert bias."]
     for axis in ("experts", "tokens"):
         table = sweep_table(report["sweeps"], axis)

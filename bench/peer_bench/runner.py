@@ -127,9 +127,13 @@ class Runner:
             row["job_wall_s"] = wall
         return result
 
-    def _advance(self, label: str):
+    def _show(self, label: str):
         if self.progress is not None:
-            self.progress.update(self.task, advance=1, description=label)
+            self.progress.update(self.task, description=label)
+
+    def _advance(self):
+        if self.progress is not None:
+            self.progress.update(self.task, advance=1)
 
     def _skip(self, impl, backend, path, mode, reason):
         self.rows.append({"impl": impl, "backend": backend, "path": path, "mode": mode,
@@ -158,10 +162,10 @@ class Runner:
         job = {"kind": "bandwidth", "device": self.settings.device, "bandwidth_bytes": self.settings.bandwidth_bytes}
         result = self._run(job)
         self.bandwidth = result.get("bandwidth") or {"error": result.get("error", "no result")}
-        self._advance("copy bandwidth")
+        self._advance()
 
     def _record(self, name, result, impl, path, mode) -> str | None:
-        """Store a worker's rows; returns the skip reason when the whole job was skipped."""
+        """Store a worker's rows; returns the reason when no job of this backend can run here."""
         if "framework" in result:
             info = self.frameworks.setdefault(name, {})
             info.update({k: result[k] for k in ("framework", "backend_version", "capabilities") if k in result})
@@ -171,14 +175,14 @@ class Runner:
         status = "skipped" if "skipped" in result else "error"
         self.rows.append({"impl": impl, "backend": name, "path": path, "mode": mode,
                           "case": self.settings.case.to_dict(), "status": status, "reason": result[status]})
-        return result.get("skipped")
+        return result["skipped"] if result.get("blocks_backend") else None
 
     def _backend_cells(self, name):
         blocked = _unavailable(name)
         for path, mode in CELLS:
             if path not in self.settings.paths:
                 continue
-            label = f"{name} {path} {mode}"
+            self._show(f"PEER {name} {path} {mode}")
             caps = self.frameworks.get(name, {}).get("capabilities")
             if blocked is None and path == "compiled" and caps is not None and "jit" not in caps:
                 self._skip("peer", name, path, mode, f"backend {name!r} lacks the 'jit' capability")
@@ -186,24 +190,21 @@ class Runner:
                 self._skip("peer", name, path, mode, blocked)
             else:
                 job = self._job("cell", "peer", name, path, mode, [self.settings.case], dense=True)
-                reason = self._record(name, self._run(job), "peer", path, mode)
-                if reason and reason.startswith("not importable"):
-                    blocked = reason
-            self._advance(label)
+                blocked = self._record(name, self._run(job), "peer", path, mode)
+            self._advance()
 
     def _baseline_cells(self):
         if "eager" not in self.settings.paths:
             return
         blocked = _unavailable(PEER_PYTORCH)
         for path, mode in CELLS[:2]:  # PEER-pytorch runs as its users run it: eager
+            self._show(f"PEER-pytorch {path} {mode}")
             if blocked is not None:
                 self._skip(PEER_PYTORCH, "torch", path, mode, blocked)
             else:
                 job = self._job("cell", PEER_PYTORCH, "torch", path, mode, [self.settings.case])
-                reason = self._record(PEER_PYTORCH, self._run(job), PEER_PYTORCH, path, mode)
-                if reason and reason.startswith("not importable"):
-                    blocked = reason
-            self._advance(f"PEER-pytorch {path} {mode}")
+                blocked = self._record(PEER_PYTORCH, self._run(job), PEER_PYTORCH, path, mode)
+            self._advance()
 
     def _sweep(self, name):
         """Forward over the sweep cases on the backend's default path (jit=None): what a user
@@ -214,6 +215,7 @@ class Runner:
         backend = "torch" if impl == PEER_PYTORCH else name
         ran = any(r["impl"] == impl and r["backend"] == backend and r["status"] == "ok" for r in self.rows)
         if ran:
+            self._show(f"{name} sweep")
             path = "eager" if impl == PEER_PYTORCH else "default"
             pairs = sweep_cases(self.settings.case, self.settings.sweep_axes)
             job = self._job("sweep", impl, backend, path, "forward", [c for c, _ in pairs],
@@ -224,4 +226,4 @@ class Runner:
                 self.sweep_rows.append({"impl": impl, "backend": backend, "path": path, "mode": "forward",
                                         "status": "error", "axes": [],
                                         "reason": result.get("skipped") or result.get("error")})
-        self._advance(f"{name} sweep")
+        self._advance()

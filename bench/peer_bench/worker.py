@@ -171,7 +171,7 @@ def run(job: dict) -> dict:
     try:
         info = fw.setup(job["threads"], job["device"])
     except NoDevice as err:
-        return {"skipped": str(err)}
+        return {"skipped": str(err), "blocks_backend": True}
     result = {"framework": info}
     backend = None
     if job["impl"] == "peer":
@@ -209,7 +209,7 @@ def main(argv=None) -> int:
     try:
         result = run(job)
     except ImportError as err:
-        result = {"skipped": f"not importable: {type(err).__name__}: {err}"}
+        result = {"skipped": f"not importable: {type(err).__name__}: {err}", "blocks_backend": True}
     except Exception as err:
         result = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=8)}
     sys.stdout.write(RESULT_MARK + json.dumps(result) + "\n")
