@@ -64,32 +64,32 @@ def validate(cfg, params, state, x, training, mask=None, routing=None, dy=None) 
 
 # ---------------------------------------------------------------- routing (SPEC §3.4–§3.8, §4)
 
-def _order_key(values, index):
+def _order_key(values, index, bound):
     """int64 keys whose descending order is (value descending, index ascending), with no ties.
 
     A float32's bits, with the magnitude bits of negatives flipped, compare as integers like the
-    floats do; the index fills the low 32 bits. Adding 0.0 turns -0.0 into +0.0 so the two tie,
-    as they do as floats.
+    floats do; bound - 1 - index (index < bound < 2**31) fills the low 32 bits. Adding 0.0 turns
+    -0.0 into +0.0 so the two tie, as they do as floats.
     """
     bits = (values + 0.0).view(torch.int32)
     monotone = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
-    return monotone * (1 << 32) + ((1 << 32) - 1 - index)
+    return monotone * (1 << 32) + (bound - 1 - index)
 
 
-def _ordered_positions(values, index, k):
+def _ordered_positions(values, index, bound, k):
     """Positions along the last axis of the top k by (value descending, index ascending)."""
     if values.dtype == torch.float32:
-        return torch.topk(_order_key(values, index), k, dim=-1).indices
+        return torch.topk(_order_key(values, index, bound), k, dim=-1).indices
     # float64 has no spare bits for a composite key: order by index, then a stable sort by value.
     by_index = torch.argsort(index, dim=-1)
     ranked = torch.sort(values.gather(-1, by_index), dim=-1, descending=True, stable=True).indices
     return by_index.gather(-1, ranked[..., :k])
 
 
-def _top_positions(values, index, k):
+def _top_positions(values, index, bound, k):
     """Like _ordered_positions, via a plain top-k, fixing only the rows where it is ambiguous."""
     if torch.compiler.is_compiling():
-        return _ordered_positions(values, index, k)
+        return _ordered_positions(values, index, bound, k)
     top, positions = torch.topk(values, k, dim=-1)
     # torch.topk picks among exactly equal values in no promised order. A row is decided by
     # top-k alone when exactly k values reach its k-th value and the k selected are distinct.
@@ -98,7 +98,7 @@ def _top_positions(values, index, k):
         ambiguous |= (top[..., 1:] == top[..., :-1]).any(-1)
     if ambiguous.any():
         rows = ambiguous.nonzero(as_tuple=True)
-        positions[rows] = _ordered_positions(values[rows], index[rows], k)
+        positions[rows] = _ordered_positions(values[rows], index[rows], bound, k)
     return positions
 
 
@@ -117,12 +117,12 @@ def _sub_key_scores(cfg, params, queries):
 def _product_key_topk(cfg, s_left, s_right):
     k, n = cfg.topk, cfg.n_keys
     sub_index = torch.arange(n, device=s_left.device).expand(s_left.shape)
-    pos_left = _top_positions(s_left, sub_index, k)
-    pos_right = _top_positions(s_right, sub_index, k)
+    pos_left = _top_positions(s_left, sub_index, n, k)
+    pos_right = _top_positions(s_right, sub_index, n, k)
     sums = s_left.gather(-1, pos_left)[..., :, None] + s_right.gather(-1, pos_right)[..., None, :]
     experts = pos_left[..., :, None] * n + pos_right[..., None, :]
     sums, experts = sums.flatten(-2), experts.flatten(-2)
-    return experts.gather(-1, _top_positions(sums, experts, k))
+    return experts.gather(-1, _top_positions(sums, experts, cfg.n_experts, k))
 
 
 # ---------------------------------------------------------------- experts (SPEC §3.9–§3.11)
