@@ -1,0 +1,67 @@
+"""Array conversion and dtype names for the JAX backend.
+
+JAX keeps 64-bit types only in its x64 mode, and outside it turns float64 into
+float32 without a word. The contract says nothing is cast, so converting a float64
+array (or asking for float64 parameters) with x64 off is refused, naming the fix.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from peer_ref.errors import PEERInputError
+
+from .._tree import map_tree
+
+version = jax.__version__
+
+X64_FIX = "enable it first with jax.config.update('jax_enable_x64', True) or JAX_ENABLE_X64=1"
+
+
+def x64_enabled() -> bool:
+    return bool(jax.config.jax_enable_x64)
+
+
+def require_x64(what: str) -> None:
+    """Refuse float64 ``what`` while x64 is off, because JAX would silently make it float32."""
+    if not x64_enabled():
+        raise PEERInputError(
+            f"{what} is float64, but JAX's 64-bit mode (jax_enable_x64) is off and would "
+            f"truncate it to float32; {X64_FIX}"
+        )
+
+
+def index_dtype():
+    """The integer dtype of expert indices: int64 under x64, int32 otherwise."""
+    return jnp.int64 if x64_enabled() else jnp.int32
+
+
+def dtype_name(array) -> str:
+    dtype = getattr(array, "dtype", None)
+    return np.dtype(dtype).name if dtype is not None else np.asarray(array).dtype.name
+
+
+def _to_jax(value):
+    array = np.asarray(value)
+    if not x64_enabled():
+        if array.dtype == np.float64:
+            require_x64(f"an array of shape {array.shape}")
+        if array.dtype in (np.int64, np.uint64):
+            # Indices (routing) fit in 32 bits; convert them only when no value changes.
+            narrow = np.int32 if array.dtype == np.int64 else np.uint32
+            converted = array.astype(narrow)
+            if not np.array_equal(converted, array):
+                raise PEERInputError(
+                    f"an {array.dtype} array of shape {array.shape} has values outside {np.dtype(narrow).name}, "
+                    f"but JAX's 64-bit mode is off; {X64_FIX}"
+                )
+            array = converted
+    return jnp.asarray(array)
+
+
+def from_numpy(tree):
+    return map_tree(_to_jax, tree)
+
+
+def to_numpy(tree):
+    return map_tree(np.asarray, tree)
