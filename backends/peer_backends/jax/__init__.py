@@ -1,0 +1,25 @@
+"""The "jax" backend: jax.jit-compiled functions and a flax.nnx module.
+
+float64 needs JAX's x64 mode, which this backend never switches on by itself (import-time
+work is zero, and the flag is process-wide); with x64 off, float64 is refused with the fix.
+"""
+
+import jax
+
+from . import layer as _layer_module
+from .core import from_numpy, to_numpy, version
+from .peer import apply, init, vjp
+
+name = "jax"
+capabilities = frozenset(
+    {"float64", "float32", "bfloat16", "grad", "jit"} | ({"gpu"} if jax.default_backend() == "gpu" else set())
+)
+layer = _layer_module.layer
+
+
+def enable_float64() -> None:
+    """Switch on JAX's x64 mode (process-wide), which float64 arrays need; the conformance
+    plugin calls this, and a user who wants float64 calls it (or sets JAX_ENABLE_X64=1)."""
+    jax.config.update("jax_enable_x64", True)
+
+__all__ = ["apply", "capabilities", "enable_float64", "from_numpy", "init", "layer", "name", "to_numpy", "version", "vjp"]
