@@ -1,0 +1,232 @@
+"""The JAX backend against the reference: functional API, flax.nnx module, jit, ties, errors."""
+
+import re
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+nnx = pytest.importorskip("flax.nnx")
+optax = pytest.importorskip("optax")
+
+import jax.numpy as jnp  # noqa: E402
+
+import peer_ref  # noqa: E402
+from peer_backends import jax as be  # noqa: E402
+from peer_ref.errors import PEERInputError  # noqa: E402
+
+SMALL = peer_ref.PEERConfig(d_model=12, n_experts=64, heads=3, topk=4, d_key=6, d_out=5)
+# heads * topk = 64 makes the expert chunks 128 tokens, so 300 tokens take the chunked path.
+CHUNKED = peer_ref.PEERConfig(d_model=8, n_experts=256, heads=8, topk=8, d_key=4, shared_keys=False,
+                              query_bias=True, activation="silu", score="sigmoid")
+
+
+@pytest.fixture
+def x64():
+    """Turn JAX's process-wide x64 mode on for one test and restore it after."""
+    before = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", before)
+
+
+def case(cfg, dtype, tokens=(4, 25), seed=0):
+    rng = np.random.default_rng(seed)
+    params, state = peer_ref.init(cfg, seed=seed, dtype=dtype)
+    x = rng.standard_normal(tokens + (cfg.d_model,)).astype(dtype)
+    mask = rng.random(tokens) > 0.25
+    dy = rng.standard_normal(tokens + (cfg.d_out,)).astype(dtype)
+    return params, state, x, mask, dy
+
+
+def assert_close(actual, expected, tol, what):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    err = np.max(np.abs(actual - expected), initial=0.0)
+    assert err <= tol * max(1.0, np.max(np.abs(expected), initial=0.0)), f"{what}: max error {err}"
+
+
+def compare_with_reference(cfg, dtype, tol, grad_tol, jit):
+    params, state, x, mask, dy = case(cfg, dtype)
+    j = be.from_numpy
+    for training in (False, True):
+        y, new_state, aux = peer_ref.forward(cfg, params, state, x, training, mask)
+        grads, dx = peer_ref.vjp(cfg, params, state, x, dy, training, mask)
+        yj, new_state_j, aux_j = be.to_numpy(be.apply(cfg, j(params), j(state), j(x), training, j(mask), jit=jit))
+        grads_j, dx_j = be.to_numpy(be.vjp(cfg, j(params), j(state), j(x), j(dy), training, j(mask), jit=jit))
+        assert yj.dtype == np.dtype(dtype) and dx_j.dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(aux_j["indices"], aux["indices"])
+        assert_close(yj, y, tol, f"y (training={training})")
+        assert_close(dx_j, dx, grad_tol, f"dx (training={training})")
+        for name in params:
+            assert_close(grads_j[name], grads[name], grad_tol, f"grads[{name!r}] (training={training})")
+        for name in state:
+            assert_close(new_state_j[name], new_state[name], tol, f"state[{name!r}] (training={training})")
+
+
+@pytest.mark.parametrize("cfg", [SMALL, CHUNKED], ids=["small", "chunked"])
+def test_functional_matches_reference_float32(cfg):
+    compare_with_reference(cfg, "float32", 1e-5, 1e-4, jit=None)
+
+
+@pytest.mark.parametrize("cfg", [SMALL, CHUNKED], ids=["small", "chunked"])
+def test_functional_matches_reference_float64(cfg, x64):
+    compare_with_reference(cfg, "float64", 1e-12, 1e-11, jit=None)
+
+
+def test_eager_path_equals_jit_path():
+    params, state, x, mask, dy = case(CHUNKED, "float32", tokens=(150,))
+    j = be.from_numpy
+    args = (CHUNKED, j(params), j(state), j(x), True, j(mask))
+    compiled, eager = be.apply(*args, jit=True), be.apply(*args, jit=False)
+    for got, want in zip(jax.tree.leaves(eager), jax.tree.leaves(compiled)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    args = (CHUNKED, j(params), j(state), j(x), j(dy), True, j(mask))
+    with jax.disable_jit():
+        eager = be.vjp(*args, jit=False)
+    for got, want in zip(jax.tree.leaves(eager), jax.tree.leaves(be.vjp(*args))):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_computes_in_float32_and_rounds_once():
+    params, state, x, mask, _ = case(SMALL, "float32")
+    bf16 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), be.from_numpy(tree))  # noqa: E731
+    params_bf, x_bf = bf16(params), bf16(x)
+    y, new_state, aux = be.apply(SMALL, params_bf, be.from_numpy(state), x_bf, True, be.from_numpy(mask))
+    assert y.dtype == jnp.bfloat16 and aux["weights"].dtype == jnp.float32
+    assert new_state["query_norm.mean"].dtype == jnp.float32
+    widened = lambda tree: jax.tree.map(lambda a: np.asarray(a, np.float32), tree)  # noqa: E731
+    y_ref, _, _ = peer_ref.forward(SMALL, widened(params_bf), state, widened(x_bf), True, mask)
+    assert_close(y.astype(jnp.float32), y_ref, 2e-2, "bfloat16 y")
+
+
+def test_exact_ties_follow_the_lower_index_rule():
+    # Integer-valued queries and keys make many sums exactly equal, in both stages;
+    # signed zeros (0 * negative key) must tie with +0 too.
+    cfg = peer_ref.PEERConfig(d_model=4, n_experts=100, heads=2, topk=5, d_key=4, query_norm="none",
+                              shared_keys=False)
+    rng = np.random.default_rng(3)
+    params, state = peer_ref.init(cfg, dtype="float32")
+    params["query.kernel"] = rng.integers(-1, 2, params["query.kernel"].shape).astype(np.float32)
+    for side in ("keys.left", "keys.right"):
+        params[side] = rng.integers(-1, 2, params[side].shape).astype(np.float32)
+    x = rng.integers(-1, 2, (200, cfg.d_model)).astype(np.float32)
+    x[:20] = 0  # all-zero queries: every score is a signed zero
+    _, _, aux = peer_ref.forward(cfg, params, state, x)
+    _, _, aux_j = be.apply(cfg, be.from_numpy(params), {}, be.from_numpy(x))
+    np.testing.assert_array_equal(np.asarray(aux_j["indices"]), aux["indices"])
+    s_left, s_right = peer_ref.sub_key_scores(cfg, params, (x @ params["query.kernel"]).reshape(200, 2, 4))
+    np.testing.assert_array_equal(np.asarray(aux_j["indices"]), peer_ref.brute_force_topk(cfg, s_left, s_right))
+
+
+def test_routing_overrides_indices_and_masked_nan_outputs_zero():
+    params, state, x, mask, _ = case(SMALL, "float32")
+    x[~mask] = np.nan
+    routing = np.random.default_rng(1).integers(0, SMALL.n_experts, x.shape[:-1] + (SMALL.heads, SMALL.topk))
+    j = be.from_numpy
+    y, _, aux = be.apply(SMALL, j(params), j(state), j(x), True, j(mask), j(routing))
+    y_ref, _, _ = peer_ref.forward(SMALL, params, state, x, True, mask, routing)
+    np.testing.assert_array_equal(np.asarray(aux["indices"]), routing)
+    assert np.all(np.asarray(y)[~mask] == 0)
+    assert_close(np.asarray(y)[mask], y_ref[mask], 1e-5, "y with routing")
+
+
+def test_module_has_canonical_names_and_matches_functional():
+    module = be.layer(SMALL, seed=4)
+    param_paths = {".".join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+    stat_paths = {".".join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(module, nnx.BatchStat))}
+    assert param_paths == set(SMALL.param_shapes()) and stat_paths == set(SMALL.state_shapes())
+
+    params, state = be.init(SMALL, seed=4)
+    module_params, module_state = module.params_and_state()
+    for name in params:
+        np.testing.assert_array_equal(np.asarray(module_params[name]), np.asarray(params[name]))
+    _, _, x, mask, _ = case(SMALL, "float32")
+    y = module(be.from_numpy(x), be.from_numpy(mask))  # training mode by default
+    y_fn, new_state, _ = be.apply(SMALL, params, state, be.from_numpy(x), True, be.from_numpy(mask))
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_fn), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(module.query_norm.mean.get_value()), np.asarray(new_state["query_norm.mean"]))
+
+    module.eval()
+    y_eval = module(be.from_numpy(x))
+    y_ref, _, _ = peer_ref.forward(SMALL, be.to_numpy(params), be.to_numpy(new_state), x, False)
+    assert_close(y_eval, y_ref, 1e-5, "module in eval mode")
+
+    fresh = be.layer(SMALL, seed=9, use_running_average=True)
+    fresh.load_params_and_state(be.to_numpy(params), be.to_numpy(new_state))
+    np.testing.assert_allclose(np.asarray(fresh(be.from_numpy(x))), np.asarray(y_eval), rtol=1e-6, atol=1e-6)
+
+
+def test_optax_step_inside_a_flax_model_lowers_the_loss():
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.peer = be.layer(SMALL, rngs=rngs)
+            self.head = nnx.Linear(SMALL.d_out, 1, rngs=rngs)
+
+        def __call__(self, x):
+            return self.head(self.peer(x))
+
+    model = Model(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.sgd(0.05), wrt=nnx.Param)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((64, SMALL.d_model)), jnp.float32)
+    target = jnp.asarray(x[:, :1] * 2.0)
+
+    def loss_fn(model):
+        return jnp.mean((model(x) - target) ** 2)
+
+    @nnx.jit
+    def step(model, optimizer):
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    before = jax.tree.map(np.asarray, model.peer.params_and_state()[0])
+    first = step(model, optimizer)
+    losses = [float(step(model, optimizer)) for _ in range(5)]
+    assert losses[-1] < float(first)
+    after = model.peer.params_and_state()[0]
+    assert all(not np.array_equal(before[name], np.asarray(after[name])) for name in ("query.kernel", "keys.left"))
+    assert not np.array_equal(np.asarray(model.peer.query_norm.mean.get_value()), np.zeros(SMALL.d_query))
+
+
+def reference_error(call):
+    with pytest.raises(PEERInputError) as info:
+        call()
+    return str(info.value)
+
+
+@pytest.mark.parametrize("bad", ["x_dtype", "x_shape", "mask_dtype", "routing_range", "training", "params_name"])
+def test_bad_inputs_raise_the_reference_error(bad):
+    params, state, x, mask, _ = case(SMALL, "float32")
+    routing = None
+    training = True
+    if bad == "x_dtype":
+        x = x.astype(np.float16)
+    elif bad == "x_shape":
+        x = x[..., :-1]
+    elif bad == "mask_dtype":
+        mask = mask.astype(np.int32)
+    elif bad == "routing_range":
+        routing = np.zeros(x.shape[:-1] + (SMALL.heads, SMALL.topk), np.int64)
+        routing[1, 2, 0, 3] = SMALL.n_experts
+    elif bad == "training":
+        training = 1
+    elif bad == "params_name":
+        params["query.bias"] = np.zeros(SMALL.d_query, np.float32)
+    expected = reference_error(lambda: peer_ref.forward(SMALL, params, state, x, training, mask, routing))
+    j = be.from_numpy
+    got = reference_error(lambda: be.apply(SMALL, j(params), j(state), j(x), training, j(mask), j(routing)))
+    assert got == expected
+
+
+def test_float64_without_x64_is_refused_with_the_fix():
+    if jax.config.jax_enable_x64:
+        pytest.skip("x64 mode is on in this process")
+    fix = re.escape("jax.config.update('jax_enable_x64', True)")
+    with pytest.raises(PEERInputError, match=fix):
+        be.init(SMALL, dtype="float64")
+    with pytest.raises(PEERInputError, match=fix):
+        be.from_numpy(np.zeros(3))
+    params, state = peer_ref.init(SMALL, dtype="float64")
+    with pytest.raises(PEERInputError, match=fix):
+        be.apply(SMALL, params, state, np.zeros((2, SMALL.d_model)))
