@@ -104,7 +104,7 @@ def smoke(tmp_path_factory):
         importlib.util.find_spec("peer_backends.torch") is not None
     backends = "numpy,torch" if torch_backend else "numpy"
     proc = _bench("--preset", "smoke", "--backends", backends, "--paths", "eager", "--threads", "1",
-                  "--repeats", "2", "--out", str(out))
+                  "--repeats", "2", "--sweep", "all", "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return out, json.loads((out / "results.json").read_text()), backends.split(",")
 
@@ -143,8 +143,9 @@ def test_smoke_rows_are_complete(smoke):
     baseline = [r for r in rows if r["impl"] == "peer_pytorch"]
     assert baseline == []  # not asked for
     swept = {(r["case"]["n_experts"], r["case"]["tokens"]) for r in result["sweeps"] if r["backend"] == "numpy"}
-    smoke_case = PRESETS["smoke"].case
-    assert (16**2, smoke_case.tokens) in swept and (smoke_case.n_experts, 128) in swept
+    smoke = PRESETS["smoke"]
+    assert swept == {(n, smoke.case.tokens) for n in smoke.sweep_full["experts"]} | \
+        {(smoke.case.n_experts, t) for t in smoke.sweep_full["tokens"]}
 
 
 def test_missing_device_gives_skip_rows_with_reasons(tmp_path):

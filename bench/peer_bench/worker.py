@@ -21,7 +21,7 @@ import numpy as np
 
 from .formulas import case_counts, dense_width, mode_factor, peer_flops_per_token
 from .memory import cpu_meter
-from .presets import DTYPE_BYTES, Case, Timing
+from .presets import Case, Timing
 
 RESULT_MARK = "PEER_BENCH_RESULT "
 
@@ -55,7 +55,8 @@ def measure(call, fw, mode, timing: Timing, meter) -> dict:
         "times_s": times, "median_s": float(median), "q1_s": float(q1), "q3_s": float(q3),
         "min_s": min(times), "max_s": max(times), "repeats": len(times), "first_call_s": first_call_s,
         "peak_mem_bytes": max(warm_peak, timed_peak) - base,
-        "peak_mem_steady_bytes": timed_peak - base if meter.resets else None,
+        # Below zero means the timed calls stayed under the pre-call level (warm-up freed memory).
+        "peak_mem_steady_bytes": max(0, timed_peak - base) if meter.resets else None,
         "mem_method": meter.method,
     }
 
