@@ -88,24 +88,32 @@ def test_module_gradients_reach_an_optimizer():
     assert not torch.equal(before, module.experts.up)
 
 
-def test_down_projection_passes_gradcheck():
-    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
-    down = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
-    indices = torch.tensor([[0, 6, 6, 2]] * 5)  # repeated rows must accumulate
-    assert torch.autograd.gradcheck(torch_peer._DownProjection.apply, (x, down, indices))
+@pytest.mark.parametrize("projection", ["_DownProjection", "_UpProjection"])
+def test_expert_projections_pass_gradcheck(projection):
+    # Repeated experts, within a token and across tokens, must accumulate.
+    indices = torch.tensor([[0, 6, 6, 2], [6, 1, 0, 3], [5, 5, 5, 5]])
+    # The down projection's first input is x (T, d); the up projection's the weights (T, heads*topk).
+    first = torch.randn(3, 2 if projection == "_DownProjection" else 4, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(7, 2, dtype=torch.float64, requires_grad=True)
+    fn = getattr(torch_peer, projection).apply
+    groups = torch_peer.expert_groups(indices)
+    assert torch.autograd.gradcheck(lambda a, t: fn(a, t, indices, groups), (first, table))
 
 
 def test_chunked_kernels_equal_the_eager_kernels(monkeypatch):
     # The compiled path gathers and scatters in token chunks; force several chunks of 2 tokens.
     monkeypatch.setattr(torch_peer, "CHUNK_ELEMENTS", 2 * 4 * 3)
-    x = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
-    down = torch.randn(9, 3, dtype=torch.float64, requires_grad=True)
+    rows = torch.randn(7, 3, dtype=torch.float64)
+    table = torch.randn(9, 3, dtype=torch.float64)
     indices = torch.randint(0, 9, (7, 4))
-    d_pre = torch.randn(7, 4, dtype=torch.float64)
-    pre = torch_peer._DownProjection.apply(x, down, indices)
-    _, d_down = torch.autograd.grad(pre, (x, down), d_pre)
-    torch.testing.assert_close(torch_peer._gathered_dots(x.detach(), down.detach(), indices), pre.detach())
-    torch.testing.assert_close(torch_peer._scattered_outer(x.detach(), down, indices, d_pre), d_down)
+    weights = torch.randn(7, 4, dtype=torch.float64)
+    eager_dots = torch_peer._row_dots(indices, table, rows)
+    eager_outer = torch_peer._row_outer(indices, torch_peer.expert_groups(indices), weights, rows, 9)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.testing.assert_close(torch_peer._row_dots(indices, table, rows), eager_dots)
+    torch.testing.assert_close(torch_peer._row_outer(indices, None, weights, rows, 9), eager_outer)
+    expected = torch.einsum("tjd,td->tj", table[indices], rows)
+    torch.testing.assert_close(eager_dots, expected)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])

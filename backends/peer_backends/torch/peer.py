@@ -10,8 +10,9 @@ from peer_ref.errors import PEERInputError
 
 from .core import dtype_name, torch_dtype
 
-# Elements of one gathered (tokens, heads*topk, d_model) chunk of expert rows: ~4 MiB in float32,
-# large enough that the Python loop over chunks costs little, small enough to stay in cache.
+# Elements of one gathered (tokens, heads*topk, d_model) chunk of expert rows on the compiled
+# path: ~4 MiB in float32, large enough that the loop over chunks costs little, small enough
+# to stay in cache.
 CHUNK_ELEMENTS = 1 << 20
 
 
@@ -132,58 +133,98 @@ def _chunks(tokens, width):
     return [slice(start, start + step) for start in range(0, tokens, step)]
 
 
-def _gathered_dots(x, down, indices):
-    pre = x.new_empty(indices.shape)
-    for rows in _chunks(x.shape[0], indices.shape[1] * x.shape[1]):
-        gathered = F.embedding(indices[rows], down)  # (chunk, heads*topk, d_model)
-        pre[rows] = (gathered * x[rows, None, :]).sum(-1)
-    return pre
+# Three kernels over the selections indices (T, heads*topk) of rows of a table (N, d):
+#   row_sums:  out[t]    = sum_j weights[t, j] * table[indices[t, j]]        (T, d)
+#   row_dots:  out[t, j] = rows[t] . table[indices[t, j]]                   (T, heads*topk)
+#   row_outer: out[e]    = sum over indices[t, j] == e of weights[t, j] * rows[t]   (N, d)
+# The up projection is row_sums; the down projection is row_dots, its adjoint. Each one's
+# backward is made of the other two, so no (T, heads*topk, d) tensor is ever kept. Eagerly
+# they run on embedding_bag's kernels, which never gather; compiled (where autograd cannot be
+# called inside the traced function) they gather and scatter one token chunk at a time.
+
+def _row_sums(indices, table, weights):
+    return F.embedding_bag(indices, table, per_sample_weights=weights.contiguous(), mode="sum")
 
 
-def _scattered_outer(x, down, indices, d_pre):
-    d_down = torch.zeros_like(down)
-    for rows in _chunks(x.shape[0], indices.shape[1] * x.shape[1]):
-        outer = d_pre[rows, :, None] * x[rows, None, :]
-        d_down.index_add_(0, indices[rows].reshape(-1), outer.reshape(-1, x.shape[1]))
-    return d_down
+def _row_dots(indices, table, rows):
+    if torch.compiler.is_compiling():
+        out = rows.new_empty(indices.shape)
+        for chunk in _chunks(rows.shape[0], indices.shape[1] * rows.shape[1]):
+            gathered = F.embedding(indices[chunk], table)  # (chunk, heads*topk, d)
+            out[chunk] = (gathered * rows[chunk, None, :]).sum(-1)
+        return out
+    # d<row_sums(indices, table, w), rows>/dw is exactly these dot products.
+    with torch.enable_grad():
+        weights = torch.ones(indices.shape, dtype=rows.dtype, device=rows.device, requires_grad=True)
+        return torch.autograd.grad(_row_sums(indices, table, weights), weights, rows)[0]
+
+
+@torch.no_grad()
+def expert_groups(indices):
+    """The selections grouped by expert, computed once per call and shared by both row_outer:
+    (token of each selection, position of each selection, group offsets, expert of each group)."""
+    flat = indices.reshape(-1)
+    # On CPU, integer sorts take a radix-sort path that stalls for ~0.1 s when it follows other
+    # parallel work; float64 keys (exact for any index below 2**53) take the comparison sort.
+    keys = flat.to(torch.float64) if flat.device.type == "cpu" else flat
+    _, order = torch.sort(keys)
+    sorted_experts = flat[order]
+    experts, counts = torch.unique_consecutive(sorted_experts, return_counts=True)
+    return order // indices.shape[1], order, counts.cumsum(0) - counts, experts
+
+
+def _row_outer(indices, groups, weights, rows, n_rows):
+    out = rows.new_zeros((n_rows, rows.shape[1]))
+    if groups is None:
+        for chunk in _chunks(rows.shape[0], indices.shape[1] * rows.shape[1]):
+            outer = weights[chunk, :, None] * rows[chunk, None, :]
+            out.index_add_(0, indices[chunk].reshape(-1), outer.reshape(-1, rows.shape[1]))
+        return out
+    # Each expert's group is one bag of token rows: one embedding_bag, then one row copy per expert.
+    tokens, order, offsets, experts = groups
+    summed = F.embedding_bag(tokens, rows.contiguous(), offsets,
+                             per_sample_weights=weights.reshape(-1)[order], mode="sum")
+    return out.index_copy_(0, experts, summed)
 
 
 class _DownProjection(torch.autograd.Function):
-    """pre[t, j] = x[t] . down[indices[t, j]] in memory O(T * heads * topk), not O(... * d_model).
-
-    Eagerly it runs on embedding_bag's kernels, which never gather rows: with
-    out = embedding_bag(indices, down, per_sample_weights=w), pre is d<out, x>/dw,
-    dx = embedding_bag(indices, down, per_sample_weights=d_pre) and d_down = d<dx, x>/d down.
-    Compiled, where autograd cannot be called inside a traced function, rows are gathered
-    and scattered one token chunk at a time; the backward recomputes rather than saving chunks.
-    """
+    """pre[t, j] = x[t] . down[indices[t, j]]."""
 
     @staticmethod
-    def forward(x, down, indices):
-        if torch.compiler.is_compiling():
-            return _gathered_dots(x, down, indices)
-        with torch.enable_grad():
-            ones = torch.ones(indices.shape, dtype=x.dtype, device=x.device, requires_grad=True)
-            out = F.embedding_bag(indices, down, per_sample_weights=ones, mode="sum")
-            return torch.autograd.grad(out, ones, x)[0]
+    def forward(x, down, indices, groups):
+        return _row_dots(indices, down, x)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, down, indices = inputs
+        x, down, indices, ctx.groups = inputs
         ctx.save_for_backward(x, down, indices)
 
     @staticmethod
     def backward(ctx, d_pre):
         x, down, indices = ctx.saved_tensors
-        d_pre = d_pre.contiguous()
-        if torch.compiler.is_compiling():
-            dx = F.embedding_bag(indices, down, per_sample_weights=d_pre, mode="sum")
-            return dx, _scattered_outer(x, down, indices, d_pre), None
-        with torch.enable_grad():
-            rows = down.detach().requires_grad_(True)
-            dx = F.embedding_bag(indices, rows, per_sample_weights=d_pre, mode="sum")
-            d_down = torch.autograd.grad(dx, rows, x)[0] if ctx.needs_input_grad[1] else None
-        return dx.detach(), d_down, None
+        dx = _row_sums(indices, down, d_pre) if ctx.needs_input_grad[0] else None
+        d_down = _row_outer(indices, ctx.groups, d_pre, x, down.shape[0]) if ctx.needs_input_grad[1] else None
+        return dx, d_down, None, None
+
+
+class _UpProjection(torch.autograd.Function):
+    """y[t] = sum_j coef[t, j] * up[indices[t, j]]."""
+
+    @staticmethod
+    def forward(coef, up, indices, groups):
+        return _row_sums(indices, up, coef)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        coef, up, indices, ctx.groups = inputs
+        ctx.save_for_backward(coef, up, indices)
+
+    @staticmethod
+    def backward(ctx, dy):
+        coef, up, indices = ctx.saved_tensors
+        d_coef = _row_dots(indices, up, dy) if ctx.needs_input_grad[0] else None
+        d_up = _row_outer(indices, ctx.groups, coef, dy, up.shape[0]) if ctx.needs_input_grad[1] else None
+        return d_coef, d_up, None, None
 
 
 def _activation(name, z):
@@ -269,13 +310,15 @@ def forward_tensors(cfg, training, params, state, x, mask, routing):
     weights = _score_weights(cfg.score, scores)
 
     flat = indices.reshape(tokens, cfg.heads * cfg.topk)
-    pre = _DownProjection.apply(xf, p["experts.down"], flat)
+    eager_grad = torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    groups = expert_groups(flat) if eager_grad else None  # only the eager backward uses them
+    pre = _DownProjection.apply(xf, p["experts.down"], flat, groups)
     if cfg.expert_bias:
         pre = pre + p["experts.bias"][flat]
     coef = weights.reshape(flat.shape) * _activation(cfg.activation, pre)
-    # Weighted sum of up rows without materialising them: (T, d_out).
-    y = F.embedding_bag(flat, p["experts.up"], per_sample_weights=coef, mode="sum")
-    y = torch.where(valid[:, None], y, 0)  # §5: masked tokens output exactly zero
+    y = _UpProjection.apply(coef, p["experts.up"], flat, groups)
+    if mask is not None:
+        y = torch.where(valid[:, None], y, 0)  # §5: masked tokens output exactly zero
     return y.to(x.dtype), new_state, indices, scores, weights
 
 
