@@ -16,9 +16,10 @@ from peer_backends import jax as be  # noqa: E402
 from peer_ref.errors import PEERInputError  # noqa: E402
 
 SMALL = peer_ref.PEERConfig(d_model=12, n_experts=64, heads=3, topk=4, d_key=6, d_out=5)
-# heads * topk = 64 makes the expert chunks 128 tokens, so 300 tokens take the chunked path.
-CHUNKED = peer_ref.PEERConfig(d_model=8, n_experts=256, heads=8, topk=8, d_key=4, shared_keys=False,
+# heads * topk = 128 makes the expert chunks 256 tokens, so 300 tokens take the chunked, padded path.
+CHUNKED = peer_ref.PEERConfig(d_model=8, n_experts=256, heads=8, topk=16, d_key=4, shared_keys=False,
                               query_bias=True, activation="silu", score="sigmoid")
+CHUNKED_TOKENS = (3, 100)
 
 
 @pytest.fixture
@@ -46,7 +47,7 @@ def assert_close(actual, expected, tol, what):
 
 
 def compare_with_reference(cfg, dtype, tol, grad_tol, jit):
-    params, state, x, mask, dy = case(cfg, dtype)
+    params, state, x, mask, dy = case(cfg, dtype, tokens=CHUNKED_TOKENS if cfg is CHUNKED else (4, 25))
     j = be.from_numpy
     for training in (False, True):
         y, new_state, aux = peer_ref.forward(cfg, params, state, x, training, mask)
@@ -73,8 +74,14 @@ def test_functional_matches_reference_float64(cfg, x64):
     compare_with_reference(cfg, "float64", 1e-12, 1e-11, jit=None)
 
 
+def test_chunked_config_really_spans_several_chunks():
+    tokens = int(np.prod(CHUNKED_TOKENS))
+    assert tokens > be.peer._ROWS_PER_CHUNK // (CHUNKED.heads * CHUNKED.topk)  # more than one chunk
+    assert tokens % (be.peer._ROWS_PER_CHUNK // (CHUNKED.heads * CHUNKED.topk))  # and a padded last one
+
+
 def test_eager_path_equals_jit_path():
-    params, state, x, mask, dy = case(CHUNKED, "float32", tokens=(150,))
+    params, state, x, mask, dy = case(CHUNKED, "float32", tokens=CHUNKED_TOKENS)
     j = be.from_numpy
     args = (CHUNKED, j(params), j(state), j(x), True, j(mask))
     compiled, eager = be.apply(*args, jit=True), be.apply(*args, jit=False)
