@@ -1,4 +1,5 @@
 import functools
+import typing
 
 import numpy as np
 import torch
@@ -139,52 +140,61 @@ def _chunks(tokens, width):
 #   row_outer: out[e]    = sum over indices[t, j] == e of weights[t, j] * rows[t]   (N, d)
 # The up projection is row_sums; the down projection is row_dots, its adjoint. Each one's
 # backward is made of the other two, so no (T, heads*topk, d) tensor is ever kept. Eagerly
-# they run on embedding_bag's kernels, which never gather; compiled (where autograd cannot be
-# called inside the traced function) they gather and scatter one token chunk at a time.
+# they run on embedding_bag's kernels, which never gather: row_sums with one bag per token,
+# row_dots and row_outer with one bag per table row over the selections sorted by expert
+# (ExpertGroups), so the large table is streamed in order while the small token rows stay in
+# cache. Compiled (where the groups would break the graph) they gather and scatter one token
+# chunk at a time.
+
+class ExpertGroups(typing.NamedTuple):
+    """The selections sorted by expert, computed once per call and shared by every kernel."""
+
+    order: torch.Tensor  # position in indices.reshape(-1) of each sorted selection
+    tokens: torch.Tensor  # token of each sorted selection
+    experts: torch.Tensor  # expert of each sorted selection (non-decreasing)
+    offsets: torch.Tensor  # (N,) start of each expert's run; an unselected expert's run is empty
+
+
+@torch.no_grad()
+def expert_groups(indices, n_rows):
+    flat = indices.reshape(-1)
+    # On CPU a 1-D integer sort takes a parallel radix-sort path that stalls for ~0.1 s when it
+    # follows other parallel work; float64 keys (exact for any index below 2**53) take the
+    # comparison sort.
+    keys = flat.to(torch.float64) if flat.device.type == "cpu" else flat
+    _, order = torch.sort(keys)
+    counts = torch.bincount(flat, minlength=n_rows)
+    return ExpertGroups(order, order // indices.shape[1], flat[order], counts.cumsum(0) - counts)
+
 
 def _row_sums(indices, table, weights):
     return F.embedding_bag(indices, table, per_sample_weights=weights.contiguous(), mode="sum")
 
 
-def _row_dots(indices, table, rows):
-    if torch.compiler.is_compiling():
+def _row_dots(indices, table, rows, groups):
+    if groups is None:
         out = rows.new_empty(indices.shape)
         for chunk in _chunks(rows.shape[0], indices.shape[1] * rows.shape[1]):
             gathered = F.embedding(indices[chunk], table)  # (chunk, heads*topk, d)
             out[chunk] = (gathered * rows[chunk, None, :]).sum(-1)
         return out
-    # d<row_sums(indices, table, w), rows>/dw is exactly these dot products.
-    with torch.enable_grad():
-        weights = torch.ones(indices.shape, dtype=rows.dtype, device=rows.device, requires_grad=True)
-        return torch.autograd.grad(_row_sums(indices, table, weights), weights, rows)[0]
-
-
-@torch.no_grad()
-def expert_groups(indices):
-    """The selections grouped by expert, computed once per call and shared by both row_outer:
-    (token of each selection, position of each selection, group offsets, expert of each group)."""
-    flat = indices.reshape(-1)
-    # On CPU, integer sorts take a radix-sort path that stalls for ~0.1 s when it follows other
-    # parallel work; float64 keys (exact for any index below 2**53) take the comparison sort.
-    keys = flat.to(torch.float64) if flat.device.type == "cpu" else flat
-    _, order = torch.sort(keys)
-    sorted_experts = flat[order]
-    experts, counts = torch.unique_consecutive(sorted_experts, return_counts=True)
-    return order // indices.shape[1], order, counts.cumsum(0) - counts, experts
+    # Read as per-sample weight gradients of row_outer's embedding_bag, these are the dots of
+    # each expert's bag against its table row: table[e] . rows[t] for every selection.
+    sorted_dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        table.contiguous(), rows.contiguous(), groups.tokens, groups.offsets, groups.experts, 0)
+    return sorted_dots.new_empty(indices.numel()).index_copy_(0, groups.order, sorted_dots).view(indices.shape)
 
 
 def _row_outer(indices, groups, weights, rows, n_rows):
-    out = rows.new_zeros((n_rows, rows.shape[1]))
     if groups is None:
+        out = rows.new_zeros((n_rows, rows.shape[1]))
         for chunk in _chunks(rows.shape[0], indices.shape[1] * rows.shape[1]):
             outer = weights[chunk, :, None] * rows[chunk, None, :]
             out.index_add_(0, indices[chunk].reshape(-1), outer.reshape(-1, rows.shape[1]))
         return out
-    # Each expert's group is one bag of token rows: one embedding_bag, then one row copy per expert.
-    tokens, order, offsets, experts = groups
-    summed = F.embedding_bag(tokens, rows.contiguous(), offsets,
-                             per_sample_weights=weights.reshape(-1)[order], mode="sum")
-    return out.index_copy_(0, experts, summed)
+    # One bag per table row, written straight into the dense (N, d) result: empty bags sum to 0.
+    return F.embedding_bag(groups.tokens, rows.contiguous(), groups.offsets,
+                           per_sample_weights=weights.reshape(-1)[groups.order], mode="sum")
 
 
 class _DownProjection(torch.autograd.Function):
@@ -192,7 +202,7 @@ class _DownProjection(torch.autograd.Function):
 
     @staticmethod
     def forward(x, down, indices, groups):
-        return _row_dots(indices, down, x)
+        return _row_dots(indices, down, x, groups)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -222,7 +232,7 @@ class _UpProjection(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         coef, up, indices = ctx.saved_tensors
-        d_coef = _row_dots(indices, up, dy) if ctx.needs_input_grad[0] else None
+        d_coef = _row_dots(indices, up, dy, ctx.groups) if ctx.needs_input_grad[0] else None
         d_up = _row_outer(indices, ctx.groups, coef, dy, up.shape[0]) if ctx.needs_input_grad[1] else None
         return d_coef, d_up, None, None
 
@@ -310,8 +320,7 @@ def forward_tensors(cfg, training, params, state, x, mask, routing):
     weights = _score_weights(cfg.score, scores)
 
     flat = indices.reshape(tokens, cfg.heads * cfg.topk)
-    eager_grad = torch.is_grad_enabled() and not torch.compiler.is_compiling()
-    groups = expert_groups(flat) if eager_grad else None  # only the eager backward uses them
+    groups = None if torch.compiler.is_compiling() else expert_groups(flat, cfg.n_experts)
     pre = _DownProjection.apply(xf, p["experts.down"], flat, groups)
     if cfg.expert_bias:
         pre = pre + p["experts.bias"][flat]
