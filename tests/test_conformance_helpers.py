@@ -105,3 +105,15 @@ def test_config_strategy_exercises_every_option_value():
 def test_tied_cases_really_tie(case):
     table = peer_ref.routing_scores(case.cfg, case.params, case.state, case.x)
     assert np.all(table == np.round(table)), "tied_cases must give integer scores"
+
+
+def test_config_pool_covers_every_option_value():
+    """The pooled configs (used for whole calls outside the thorough profile) still cover every option."""
+    pools = strategies.POOL
+    for name, values in {"activation": peer_ref.ACTIVATIONS, "score": peer_ref.SCORES,
+                         "query_norm": peer_ref.QUERY_NORMS, "shared_keys": (True, False),
+                         "query_bias": (True, False), "expert_bias": (True, False)}.items():
+        assert {getattr(cfg, name) for cfg in pools} == set(values), name
+    assert any(cfg.d_out != cfg.d_model for cfg in pools)
+    assert any(cfg.topk == cfg.n_keys for cfg in pools) and any(cfg.topk == 1 for cfg in pools)
+    assert {cfg.bn_momentum for cfg in pools if cfg.query_norm == "batch"} >= {0.0, 0.1, 1.0}

@@ -55,8 +55,11 @@ def needs(backend, capability: str) -> None:
         pytest.skip(f"backend {backend.name!r} does not declare capability {capability!r}")
 
 
-def run_backend(backend, case, dtype: str, *, routing=None, jit=False, dy=None):
+def run_backend(backend, case, dtype: str, *, routing=None, jit=None, dy=None):
     """Run the backend on ``case`` rounded to ``dtype``; returns NumPy results.
+
+    ``jit`` None runs the backend's default path (what its users get); test_paths checks
+    the eager and the compiled path explicitly.
 
     Returns ``(y, new_state, aux)`` or, when ``dy`` is given, ``(grads, dx)``.
     """
@@ -194,7 +197,7 @@ def assert_valid_routing(case, dtype: str, indices: np.ndarray, context: str = "
 
 # --- whole-call checks used by several modules ---------------------------------------------
 
-def check_forward(backend, case, dtype: str, *, jit=False) -> None:
+def check_forward(backend, case, dtype: str, *, jit=None) -> None:
     """Forward of the backend equals the reference run with the backend's own routing (SPEC §3, §4.3)."""
     __tracebackhide__ = True
     tol = TOLERANCES[dtype]
@@ -209,7 +212,7 @@ def check_forward(backend, case, dtype: str, *, jit=False) -> None:
         assert_close(aux[key], aux_ref[key], rtol=tol.rtol, atol=tol.atol, what=f"aux[{key!r}]", context=context)
 
 
-def check_gradients(backend, case, dtype: str, *, jit=False) -> None:
+def check_gradients(backend, case, dtype: str, *, jit=None) -> None:
     """vjp of the backend equals the reference's analytic vjp under the backend's routing (SPEC §7)."""
     __tracebackhide__ = True
     tol = TOLERANCES[dtype]

@@ -2,6 +2,12 @@
 
 Sizes are capped so one example runs in milliseconds. Config strategies sometimes omit a
 keyword so that the defaults of PEERConfig are exercised too.
+
+Compiled backends (jax.jit, XLA) specialise on every config and shape, and a fresh
+specialisation costs them far more than the check itself. So calls (``cases``) draw their
+config from ``POOL`` — a fixed set chosen to cover every option value — and their leading
+shape from ``POOL_LEADS``, while data, masks and modes vary freely; compiled functions are
+then reused across examples. The ``thorough`` profile draws fully random configs and shapes.
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
+from hypothesis import settings
 from hypothesis import strategies as st
 
 import peer_ref
@@ -39,6 +46,35 @@ _OPTIONS = {
     "score": st.sampled_from(peer_ref.SCORES),
     "expert_bias": st.booleans(),
 }
+
+
+POOL = [
+    PEERConfig(d_model=8, n_experts=16, heads=2, topk=3, d_key=4),  # every default
+    PEERConfig(d_model=5, n_experts=25, heads=3, topk=2, d_key=6, d_out=4, shared_keys=False, query_bias=True,
+               activation="silu", score="sigmoid", expert_bias=False, bn_momentum=0.5, bn_eps=1e-3),
+    PEERConfig(d_model=6, n_experts=9, heads=1, topk=3, d_key=2, query_norm="none", activation="relu", score="none"),
+    PEERConfig(d_model=3, n_experts=36, heads=2, topk=1, d_key=8, d_out=7, activation="gelu_tanh",
+               bn_momentum=1.0, bn_eps=0.1),
+    PEERConfig(d_model=7, n_experts=1, heads=2, topk=1, d_key=2, shared_keys=False, query_norm="none",
+               query_bias=True, activation="identity", score="softmax"),
+    PEERConfig(d_model=4, n_experts=16, heads=3, topk=4, d_key=4, d_out=2, shared_keys=False, activation="gelu",
+               score="none", bn_momentum=0.0, expert_bias=False),
+]
+POOL_LEADS = [(1,), (5,), (2, 3)]
+
+
+def _thorough() -> bool:
+    return settings.get_current_profile_name() == "thorough"
+
+
+def call_configs(**fixed):
+    """Configs for whole calls: the pool (filtered by ``fixed``), or random ones when thorough."""
+    if _thorough():
+        return configs(**fixed)
+    matching = [cfg for cfg in POOL if all(getattr(cfg, k) == v for k, v in fixed.items())]
+    if not matching:
+        raise ValueError(f"no pooled config has {fixed}")
+    return st.sampled_from(matching)
 
 
 @st.composite
@@ -94,10 +130,11 @@ def perturbed_params(cfg: PEERConfig, seed: int) -> dict:
 @st.composite
 def cases(draw, cfg=None, training=None, masked=None, lead=None, **fixed) -> Case:
     """A complete call. ``masked`` None = sometimes; ``lead`` pins the leading shape."""
-    cfg = draw(configs(**fixed)) if cfg is None else cfg
+    cfg = draw(call_configs(**fixed)) if cfg is None else cfg
     seed = draw(seeds)
     rng = np.random.default_rng(seed)
-    lead = draw(leading_shapes) if lead is None else lead
+    if lead is None:
+        lead = draw(leading_shapes if _thorough() else st.sampled_from(POOL_LEADS))
     x = rng.standard_normal(lead + (cfg.d_model,))
     use_mask = draw(st.booleans()) if masked is None else masked
     mask = rng.random(lead) < 0.7 if use_mask else None
@@ -110,11 +147,7 @@ def cases(draw, cfg=None, training=None, masked=None, lead=None, **fixed) -> Cas
 def tied_cases(draw, training=False) -> Case:
     """Exact ties by construction: integer-valued queries and keys give integer scores, exactly
     representable in every dtype, so every backend must break ties by the index rule (SPEC §4.1)."""
-    keys = draw(st.integers(2, 5))
-    cfg = PEERConfig(
-        d_model=draw(st.integers(2, 6)), n_experts=keys * keys, heads=draw(heads), topk=draw(st.integers(1, keys)),
-        d_key=draw(d_key), shared_keys=draw(st.booleans()), query_norm="none", query_bias=False,
-    )
+    cfg = draw(st.sampled_from(TIED_POOL) if not _thorough() else _tied_configs())
     seed = draw(seeds)
     rng = np.random.default_rng(seed)
     params, state = peer_ref.init(cfg, seed=seed)
@@ -124,7 +157,28 @@ def tied_cases(draw, training=False) -> Case:
     params["query.kernel"] = kernel
     for side in ("keys.left", "keys.right"):
         params[side] = rng.integers(-1, 2, params[side].shape).astype(np.float64)
-    lead = (draw(st.integers(1, 6)),)
+    lead = draw(st.sampled_from(POOL_LEADS)) if not _thorough() else (draw(st.integers(1, 6)),)
     x = rng.integers(-2, 3, lead + (cfg.d_model,)).astype(np.float64)
     dy = rng.standard_normal(lead + (cfg.d_out,))
     return Case(cfg, params, state, x, None, dy, training, seed)
+
+
+@st.composite
+def _tied_configs(draw) -> PEERConfig:
+    keys = draw(st.integers(2, 5))
+    return PEERConfig(
+        d_model=draw(st.integers(2, 6)), n_experts=keys * keys, heads=draw(heads), topk=draw(st.integers(1, keys)),
+        d_key=draw(d_key), shared_keys=draw(st.booleans()), query_norm="none",
+    )
+
+
+TIED_POOL = [
+    PEERConfig(d_model=4, n_experts=16, heads=2, topk=3, d_key=4, query_norm="none"),
+    PEERConfig(d_model=3, n_experts=25, heads=3, topk=5, d_key=2, shared_keys=False, query_norm="none"),
+    PEERConfig(d_model=6, n_experts=9, heads=1, topk=2, d_key=6, query_norm="none"),
+]
+
+# Tests of secondary rules take fewer examples than the core properties (forward, gradients,
+# routing), whose count the profile sets (200 in ci).
+SECONDARY = settings(max_examples=min(50, settings.default.max_examples))
+PATHS = settings(max_examples=min(30, settings.default.max_examples))

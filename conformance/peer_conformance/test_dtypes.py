@@ -7,11 +7,12 @@ from hypothesis import given
 from peer_ref.checks import state_dtype
 
 from .helpers import assert_dtype, needs, run_backend
-from .strategies import cases
+from .strategies import SECONDARY, cases
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
-@given(case=cases(lead=(3,)))
+@SECONDARY
+@given(case=cases(lead=(5,)))
 def test_output_dtypes(backend, dtype, case):
     needs(backend, dtype)
     y, state, aux = run_backend(backend, case, dtype)
@@ -27,7 +28,8 @@ def test_output_dtypes(backend, dtype, case):
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
-@given(case=cases(lead=(3,)))
+@SECONDARY
+@given(case=cases(lead=(5,)))
 def test_gradient_dtypes(backend, dtype, case):
     needs(backend, dtype)
     needs(backend, "grad")

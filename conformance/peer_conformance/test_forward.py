@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 
 from .helpers import check_forward, needs, run_backend
-from .strategies import cases
+from .strategies import SECONDARY, cases
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
@@ -15,6 +15,7 @@ def test_forward_matches_reference(backend, dtype, case):
     check_forward(backend, case, dtype)
 
 
+@SECONDARY
 @given(case=cases())
 def test_forward_is_deterministic(backend, case):
     dtype = "float64" if "float64" in backend.capabilities else "float32"

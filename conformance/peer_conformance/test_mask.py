@@ -6,13 +6,14 @@ from hypothesis import given
 from peer_ref import TOLERANCES
 
 from .helpers import assert_close, assert_equal, needs, run_backend
-from .strategies import cases
+from .strategies import SECONDARY, cases
 
 
 def _dtype(backend):
     return "float64" if "float64" in backend.capabilities else "float32"
 
 
+@SECONDARY
 @given(case=cases(masked=True))
 def test_masked_tokens_output_exactly_zero_even_if_nan(backend, case):
     x = np.where(case.mask[..., None], case.x, np.nan)
@@ -21,6 +22,7 @@ def test_masked_tokens_output_exactly_zero_even_if_nan(backend, case):
     assert_equal(y[~case.mask], np.zeros_like(y[~case.mask]), what="y[masked]", context=case.describe())
 
 
+@SECONDARY
 @given(case=cases(masked=True))
 def test_masked_tokens_do_not_change_other_outputs(backend, case):
     dtype = _dtype(backend)
@@ -31,6 +33,7 @@ def test_masked_tokens_do_not_change_other_outputs(backend, case):
     assert_close(y_noisy, y, rtol=tol.rtol, atol=tol.atol, what="y", context=case.describe())
 
 
+@SECONDARY
 @given(case=cases(masked=True))
 def test_masked_tokens_get_zero_input_gradient(backend, case):
     needs(backend, "grad")
@@ -39,6 +42,7 @@ def test_masked_tokens_get_zero_input_gradient(backend, case):
     assert_equal(dx[~case.mask], np.zeros_like(dx[~case.mask]), what="dx[masked]", context=case.describe())
 
 
+@SECONDARY
 @given(case=cases(masked=True))
 def test_nan_in_masked_tokens_leaves_gradients_finite(backend, case):
     needs(backend, "grad")

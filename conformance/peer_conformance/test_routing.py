@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from peer_ref import TOLERANCES
 
 from .helpers import assert_close, assert_equal, assert_valid_routing, needs, run_backend, run_reference
-from .strategies import cases, tied_cases
+from .strategies import SECONDARY, cases, tied_cases
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
@@ -29,6 +29,7 @@ def test_routing_is_a_valid_topk_of_reference_scores(backend, dtype, case):
     assert_valid_routing(case, dtype, aux["indices"], f"dtype={dtype}, {case.describe()}")
 
 
+@SECONDARY
 @given(case=cases(), data=st.data())
 def test_routing_override_uses_the_given_experts(backend, case, data):
     dtype = "float64" if "float64" in backend.capabilities else "float32"

@@ -1,0 +1,38 @@
+"""Both execution paths conform: the eager one (jit=False) and the compiled one (jit=True:
+torch.compile / jax.jit / tf.function with XLA). The other modules run the backend's default path.
+"""
+
+import pytest
+from hypothesis import given
+
+from .helpers import check_forward, check_gradients, needs
+from .strategies import PATHS as PATH_SETTINGS
+from .strategies import cases
+
+PATHS = {"eager": False, "compiled": True}
+
+
+def _needs_path(backend, path):
+    if path == "compiled":
+        needs(backend, "jit")
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
+@PATH_SETTINGS
+@given(case=cases())
+def test_path_forward_matches_reference(backend, path, dtype, case):
+    _needs_path(backend, path)
+    needs(backend, dtype)
+    check_forward(backend, case, dtype, jit=PATHS[path])
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@PATH_SETTINGS
+@given(case=cases())
+def test_path_gradients_match_reference(backend, path, dtype, case):
+    _needs_path(backend, path)
+    needs(backend, "grad")
+    needs(backend, dtype)
+    check_gradients(backend, case, dtype, jit=PATHS[path])
