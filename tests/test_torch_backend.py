@@ -142,8 +142,24 @@ def test_product_key_topk_breaks_ties_like_the_reference():
         s_left[0, 0] = -0.0  # -0.0 and +0.0 are equal as floats, so they tie
         s_left[0, 0, ::2] = 0.0
         expected = peer_ref.product_key_topk(cfg, s_left, s_right)
-        actual = torch_peer._product_key_topk(cfg, torch.from_numpy(s_left), torch.from_numpy(s_right))
+        actual = torch_peer._product_key_topk(cfg, torch.from_numpy(np.stack([s_left, s_right])))
         np.testing.assert_array_equal(actual.numpy(), expected)
+
+
+@pytest.mark.parametrize("topk", [1, 2, 5, 8])
+def test_pruned_candidates_equal_all_candidates(topk):
+    # Only about k ln k of the k*k candidates are scored; continuous scores (no ties) and
+    # coarse ones (many ties, redone under the full order) must both give the full search.
+    cfg = PEERConfig(d_model=4, n_experts=144, heads=2, topk=topk, d_key=4)
+    rng = np.random.default_rng(topk)
+    for scale in (None, 2):
+        sub = rng.standard_normal((2, 300, 2, 12))
+        if scale:
+            sub = np.round(sub * scale)
+        for dtype in (np.float32, np.float64):
+            expected = peer_ref.brute_force_topk(cfg, *sub.astype(dtype))
+            actual = torch_peer._product_key_topk(cfg, torch.from_numpy(sub.astype(dtype)))
+            np.testing.assert_array_equal(actual.numpy(), expected)
 
 
 def test_bfloat16_converts_bit_for_bit():

@@ -89,42 +89,76 @@ def _ordered_positions(values, index, bound, k):
 
 
 def _top_positions(values, index, bound, k):
-    """Like _ordered_positions, via a plain top-k, fixing only the rows where it is ambiguous."""
+    """(values, positions) of the top k along the last axis, like _ordered_positions.
+
+    Via a plain top-(k+1): a row whose k+1 best values are all distinct has one top k in one
+    order, whatever torch.topk does with ties; only rows with an exact tie among them are
+    redone under the full order.
+    """
     if torch.compiler.is_compiling():
-        return _ordered_positions(values, index, bound, k)
-    top, positions = torch.topk(values, k, dim=-1)
-    # torch.topk picks among exactly equal values in no promised order. A row is decided by
-    # top-k alone when exactly k values reach its k-th value and the k selected are distinct.
-    ambiguous = (values >= top[..., -1:]).sum(-1) != k
-    if k > 1:
-        ambiguous |= (top[..., 1:] == top[..., :-1]).any(-1)
-    if ambiguous.any():
-        rows = ambiguous.nonzero(as_tuple=True)
+        positions = _ordered_positions(values, index, bound, k)
+        return values.gather(-1, positions), positions
+    top, positions = torch.topk(values, min(k + 1, values.shape[-1]), dim=-1)
+    tied = (top[..., 1:] == top[..., :-1]).any(-1)
+    top, positions = top[..., :k], positions[..., :k]
+    if tied.any():
+        rows = tied.nonzero(as_tuple=True)
         positions[rows] = _ordered_positions(values[rows], index[rows], bound, k)
-    return positions
+        top[rows] = values[rows].gather(-1, positions[rows])
+    return top, positions
 
 
 def _sub_key_scores(cfg, params, queries):
-    """(T, heads, n_keys) scores of each query half against its sub-keys."""
-    halves = (queries[..., : cfg.d_half], queries[..., cfg.d_half:])
-    scores = []
-    for half, keys in zip(halves, (params["keys.left"], params["keys.right"])):
-        if cfg.shared_keys:
-            scores.append(half @ keys[0].T)
-        else:
-            scores.append(torch.einsum("thd,hnd->thn", half, keys))
-    return scores
+    """(2, T, heads, n_keys) scores of each query half (left, right) against its sub-keys."""
+    halves = queries.unflatten(-1, (2, cfg.d_half))  # (T, heads, 2, d_half)
+    keys = torch.stack((params["keys.left"], params["keys.right"]))  # (2, key_sets, n_keys, d_half)
+    if cfg.shared_keys:
+        return torch.einsum("thsd,snd->sthn", halves, keys[:, 0])
+    return torch.einsum("thsd,shnd->sthn", halves, keys)
 
 
-def _product_key_topk(cfg, s_left, s_right):
+@functools.cache
+def _candidate_pairs(k, device):
+    """Stage-two candidates (a, b), ranks in the two sorted stage-one lists, that can matter.
+
+    Every candidate (a', b') with a' <= a and b' <= b scores at least as much as (a, b)
+    (float addition is monotone), so (a, b) with (a+1)(b+1) > k has k others scoring at least
+    as much: kept are the pairs with (a+1)(b+1) <= k, about k ln k of the k*k. Also kept is
+    the first dropped pair of each row a, (a, k // (a+1)), which scores at least as much as
+    the rest of its row. If the k+1 best kept scores are distinct, the k-th beats every
+    dropped pair strictly (a first dropped pair among the top k would need k kept pairs at
+    least as good, a tie), so the top k is the top k of all k*k pairs. Rows with a tie there
+    are redone over all k*k pairs under the full order.
+    """
+    pairs = [(a, b) for a in range(k) for b in range(k) if (a + 1) * (b + 1) <= k]
+    pairs += [(a, k // (a + 1)) for a in range(1, k)]
+    return torch.tensor(pairs, device=device).T.contiguous()
+
+
+def _all_pairs_topk(k, n, top, positions):
+    """The k best of all k*k candidates under the full order, for rows of (2, R, k) lists."""
+    sums = (top[0, :, :, None] + top[1, :, None, :]).flatten(-2)
+    experts = (positions[0, :, :, None] * n + positions[1, :, None, :]).flatten(-2)
+    return experts.gather(-1, _ordered_positions(sums, experts, n * n, k))
+
+
+def _product_key_topk(cfg, sub_scores):
+    """Expert indices (T, heads, topk) from the (2, T, heads, n_keys) sub-key scores (SPEC §3.6-§3.8)."""
     k, n = cfg.topk, cfg.n_keys
-    sub_index = torch.arange(n, device=s_left.device).expand(s_left.shape)
-    pos_left = _top_positions(s_left, sub_index, n, k)
-    pos_right = _top_positions(s_right, sub_index, n, k)
-    sums = s_left.gather(-1, pos_left)[..., :, None] + s_right.gather(-1, pos_right)[..., None, :]
-    experts = pos_left[..., :, None] * n + pos_right[..., None, :]
-    sums, experts = sums.flatten(-2), experts.flatten(-2)
-    return experts.gather(-1, _top_positions(sums, experts, cfg.n_experts, k))
+    sub_index = torch.arange(n, device=sub_scores.device).expand(sub_scores.shape)
+    top, positions = _top_positions(sub_scores, sub_index, n, k)  # both halves in one call
+    if torch.compiler.is_compiling():
+        lead = top.shape[1:-1]
+        return _all_pairs_topk(k, n, top.flatten(1, -2), positions.flatten(1, -2)).view(lead + (k,))
+    a, b = _candidate_pairs(k, top.device)
+    sums = top[0].index_select(-1, a) + top[1].index_select(-1, b)
+    best, chosen = torch.topk(sums, min(k + 1, sums.shape[-1]), dim=-1)
+    tied = (best[..., 1:] == best[..., :-1]).any(-1)
+    experts = positions[0].gather(-1, a[chosen[..., :k]]) * n + positions[1].gather(-1, b[chosen[..., :k]])
+    if tied.any():
+        rows = tied.nonzero(as_tuple=True)
+        experts[rows] = _all_pairs_topk(k, n, top[(slice(None),) + rows], positions[(slice(None),) + rows])
+    return experts
 
 
 # ---------------------------------------------------------------- experts (SPEC §3.9–§3.11)
@@ -308,15 +342,16 @@ def forward_tensors(cfg, training, params, state, x, mask, routing):
     if cfg.query_bias:
         q = q + p["query.bias"]
     q, new_state = _query_norm(cfg, p, state, q, valid, training)
-    s_left, s_right = _sub_key_scores(cfg, p, q.reshape(tokens, cfg.heads, cfg.d_key))
+    sub_scores = _sub_key_scores(cfg, p, q.reshape(tokens, cfg.heads, cfg.d_key))
 
     if routing is None:
         with torch.no_grad():
-            indices = _product_key_topk(cfg, s_left.detach(), s_right.detach())
+            indices = _product_key_topk(cfg, sub_scores.detach())
     else:
         indices = routing.reshape(tokens, cfg.heads, cfg.topk).to(torch.int64)
     n = cfg.n_keys
-    scores = s_left.gather(-1, indices // n) + s_right.gather(-1, indices % n)
+    halves = torch.stack((indices // n, indices % n))
+    scores = sub_scores.gather(-1, halves).sum(0)
     weights = _score_weights(cfg.score, scores)
 
     flat = indices.reshape(tokens, cfg.heads * cfg.topk)
