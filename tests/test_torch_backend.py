@@ -78,6 +78,23 @@ def test_vjp_equals_the_reference(training):
     assert_close(dx, dx_ref, tol=1e-9)
 
 
+@pytest.mark.parametrize("tokens", [1, 2, 9])
+def test_unmasked_training_equals_the_reference(tokens):
+    # Without a mask the batch norm runs fused (two or more tokens); one token takes the general path.
+    params, state, x, _, dy = reference_inputs(FULL, seed=4, lead=(tokens,))
+    y_ref, state_ref, _ = peer_ref.forward(FULL, params, state, x, True)
+    grads_ref, dx_ref = peer_ref.vjp(FULL, params, state, x, dy, True)
+    t = be.from_numpy
+    y, new_state, _ = be.apply(FULL, t(params), t(state), t(x), True)
+    grads, dx = be.vjp(FULL, t(params), t(state), t(x), t(dy), True)
+    assert_close(y, y_ref)
+    for name in state_ref:
+        assert_close(new_state[name], state_ref[name])
+    for name in grads_ref:
+        assert_close(grads[name], grads_ref[name], tol=1e-9)
+    assert_close(dx, dx_ref, tol=1e-9)
+
+
 def test_module_gradients_reach_an_optimizer():
     module = be.layer(PER_HEAD, seed=1)
     optimizer = torch.optim.SGD(module.parameters(), lr=0.5)
