@@ -117,6 +117,25 @@ def test_expert_projections_pass_gradcheck(projection):
     assert torch.autograd.gradcheck(lambda a, t: fn(a, t, indices, groups), (first, table))
 
 
+@pytest.mark.parametrize("key_sets", [1, 3])
+def test_selected_scores_pass_gradcheck(monkeypatch, key_sets):
+    # Chunks of one token for the sub-key gradient; repeated sub-keys within a head must accumulate.
+    monkeypatch.setattr(torch_peer, "KEY_GRAD_ELEMENTS", 1)
+    tokens, heads, n, d_half, k = 4, 3, 5, 2, 3
+    queries = torch.randn(tokens, heads, 2 * d_half, dtype=torch.float64, requires_grad=True)
+    keys = [torch.randn(key_sets, n, d_half, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    halves = torch.randint(0, n, (2, tokens, heads, k))
+    halves[:, 0, 0] = torch.tensor([1, 1, 4])
+
+    def selected(q, left, right):
+        per_head = [keys_.expand(heads, n, d_half) for keys_ in (left, right)]
+        sub = torch.stack([torch.einsum("thd,hnd->thn", q[..., side * d_half:(side + 1) * d_half], per_head[side])
+                           for side in range(2)])
+        return torch_peer._SelectedScores.apply(q, left, right, halves, sub.detach())
+
+    assert torch.autograd.gradcheck(selected, (queries, *keys))
+
+
 def test_chunked_kernels_equal_the_eager_kernels(monkeypatch):
     # The compiled path gathers and scatters in token chunks; force several chunks of 2 tokens.
     monkeypatch.setattr(torch_peer, "CHUNK_ELEMENTS", 2 * 4 * 3)

@@ -1,3 +1,4 @@
+import contextlib
 import functools
 import typing
 
@@ -112,9 +113,72 @@ def _sub_key_scores(cfg, params, queries):
     """(2, T, heads, n_keys) scores of each query half (left, right) against its sub-keys."""
     halves = queries.unflatten(-1, (2, cfg.d_half))  # (T, heads, 2, d_half)
     keys = torch.stack((params["keys.left"], params["keys.right"]))  # (2, key_sets, n_keys, d_half)
-    if cfg.shared_keys:
+    if not cfg.shared_keys:
+        return torch.einsum("thsd,shnd->sthn", halves, keys)
+    if torch.is_grad_enabled():
         return torch.einsum("thsd,snd->sthn", halves, keys[:, 0])
-    return torch.einsum("thsd,shnd->sthn", halves, keys)
+    # Without autograd, two plain matrix products read the strided halves in place.
+    out = queries.new_empty((2,) + queries.shape[:-1] + (cfg.n_keys,))
+    for side in range(2):
+        torch.mm(halves[:, :, side].reshape(-1, cfg.d_half), keys[side, 0].T, out=out[side].view(-1, cfg.n_keys))
+    return out
+
+
+# Tokens per chunk of the dense (chunk, heads, n_keys) sub-key gradient: about 1 MiB, in cache.
+KEY_GRAD_ELEMENTS = 1 << 18
+
+
+class _SelectedScores(torch.autograd.Function):
+    """scores[t, j, i] = left[t, j] . keys.left[g, a] + right[t, j] . keys.right[g, b] for each
+    selected expert i = a*n_keys + b (halves = (a, b)), read from the sub-key scores.
+
+    Only k of each half's n_keys scores per head carry gradient, so the backward never forms the
+    dense (T, heads, n_keys) gradient: the query halves get bags of their selected sub-key rows,
+    and the sub-keys get the dense products one cache-sized token chunk at a time.
+    """
+
+    @staticmethod
+    def forward(queries, keys_left, keys_right, halves, sub_scores):
+        return sub_scores.gather(-1, halves).sum(0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        queries, keys_left, keys_right, halves, _ = inputs
+        ctx.save_for_backward(queries, keys_left, keys_right, halves)
+
+    @staticmethod
+    def backward(ctx, d_scores):
+        queries, keys_left, keys_right, halves = ctx.saved_tensors
+        tokens, heads, k = d_scores.shape
+        key_sets, n, d_half = keys_left.shape
+        # One key set per head: the selected rows of the (heads * n_keys, d_half) table.
+        rows = halves if key_sets == 1 else halves + torch.arange(heads, device=halves.device)[:, None] * n
+        weights = d_scores.reshape(tokens * heads, k).contiguous()
+        d_queries = [] if ctx.needs_input_grad[0] else None
+        d_keys = []
+        for side, keys in enumerate((keys_left, keys_right)):
+            if d_queries is not None:
+                d_queries.append(F.embedding_bag(rows[side].reshape(tokens * heads, k), keys.reshape(-1, d_half),
+                                                 per_sample_weights=weights, mode="sum"))
+            if not ctx.needs_input_grad[1 + side]:
+                d_keys.append(None)
+                continue
+            half = queries[..., side * d_half:(side + 1) * d_half]  # (T, heads, d_half), strided
+            d_table = keys.new_zeros(keys.shape)
+            step = max(1, KEY_GRAD_ELEMENTS // (heads * n))
+            dense = d_scores.new_empty((min(step, tokens), heads, n))
+            for start in range(0, tokens, step):
+                chunk = slice(start, start + step)
+                dense_chunk = dense[: half[chunk].shape[0]].zero_()
+                dense_chunk.scatter_add_(-1, halves[side, chunk], d_scores[chunk])
+                if key_sets == 1:
+                    d_table[0].addmm_(dense_chunk.reshape(-1, n).T, half[chunk].reshape(-1, d_half))
+                else:
+                    d_table.baddbmm_(dense_chunk.permute(1, 2, 0), half[chunk].transpose(0, 1))
+            d_keys.append(d_table)
+        if d_queries is not None:
+            d_queries = torch.stack(d_queries, dim=1).view(queries.shape)
+        return d_queries, d_keys[0], d_keys[1], None, None
 
 
 @functools.cache
@@ -354,7 +418,10 @@ def forward_tensors(cfg, training, params, state, x, mask, routing):
     if cfg.query_bias:
         q = q + p["query.bias"]
     q, new_state = _query_norm(cfg, p, state, q, valid, training)
-    sub_scores = _sub_key_scores(cfg, p, q.reshape(tokens, cfg.heads, cfg.d_key))
+    queries = q.reshape(tokens, cfg.heads, cfg.d_key)
+    eager = not torch.compiler.is_compiling()
+    with torch.no_grad() if eager else contextlib.nullcontext():  # eager: _SelectedScores has the gradient
+        sub_scores = _sub_key_scores(cfg, p, queries)
 
     if routing is None:
         with torch.no_grad():
@@ -363,7 +430,10 @@ def forward_tensors(cfg, training, params, state, x, mask, routing):
         indices = routing.reshape(tokens, cfg.heads, cfg.topk).to(torch.int64)
     n = cfg.n_keys
     halves = torch.stack((indices // n, indices % n))
-    scores = sub_scores.gather(-1, halves).sum(0)
+    if eager:
+        scores = _SelectedScores.apply(queries, p["keys.left"], p["keys.right"], halves, sub_scores)
+    else:
+        scores = sub_scores.gather(-1, halves).sum(0)
     weights = _score_weights(cfg.score, scores)
 
     flat = indices.reshape(tokens, cfg.heads * cfg.topk)
