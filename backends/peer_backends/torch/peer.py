@@ -215,10 +215,12 @@ def _product_key_topk(cfg, sub_scores):
         lead = top.shape[1:-1]
         return _all_pairs_topk(k, n, top.flatten(1, -2), positions.flatten(1, -2)).view(lead + (k,))
     a, b = _candidate_pairs(k, top.device)
-    sums = top[0].index_select(-1, a) + top[1].index_select(-1, b)
+    # All k*k sums are one cheap broadcast add; selecting from them beats two strided selects.
+    sums = (top[0, ..., :, None] + top[1, ..., None, :]).flatten(-2).index_select(-1, a * k + b)
     best, chosen = torch.topk(sums, min(k + 1, sums.shape[-1]), dim=-1)
     tied = (best[..., 1:] == best[..., :-1]).any(-1)
-    experts = positions[0].gather(-1, a[chosen[..., :k]]) * n + positions[1].gather(-1, b[chosen[..., :k]])
+    chosen = chosen[..., :k]
+    experts = positions[0].gather(-1, a.take(chosen)) * n + positions[1].gather(-1, b.take(chosen))
     if tied.any():
         rows = tied.nonzero(as_tuple=True)
         experts[rows] = _all_pairs_topk(k, n, top[(slice(None),) + rows], positions[(slice(None),) + rows])
