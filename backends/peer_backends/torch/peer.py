@@ -259,10 +259,9 @@ class ExpertGroups(typing.NamedTuple):
 def expert_groups(indices, n_rows):
     flat = indices.reshape(-1)
     # On CPU a 1-D integer sort takes a parallel radix-sort path that stalls for ~0.1 s when it
-    # follows other parallel work; float64 keys (exact for any index below 2**53) take the
-    # comparison sort.
-    keys = flat.to(torch.float64) if flat.device.type == "cpu" else flat
-    _, order = torch.sort(keys)
+    # follows other parallel work; sorting the same keys as one row of a 2-D tensor takes the
+    # comparison sort, faster on integers than on any float encoding of them.
+    order = torch.sort(flat[None, :], dim=-1).indices[0]
     counts = torch.bincount(flat, minlength=n_rows)
     return ExpertGroups(order, order // indices.shape[1], flat[order], counts.cumsum(0) - counts)
 
