@@ -124,8 +124,11 @@ def _sub_key_scores(cfg, params, queries):
     return out
 
 
-# Tokens per chunk of the dense (chunk, heads, n_keys) sub-key gradient: about 1 MiB, in cache.
-KEY_GRAD_ELEMENTS = 1 << 18
+# Elements of one chunk of the dense (tokens, heads, n_keys) sub-key gradient: 4 MiB in float32,
+# one buffer shared by both halves. Small enough to stay in the last-level cache and to spare the
+# page faults of a fresh large buffer, large enough to need few chunks: on a loaded machine each
+# parallel op can cost a scheduler time slice.
+KEY_GRAD_ELEMENTS = 1 << 20
 
 
 class _SelectedScores(torch.autograd.Function):
@@ -156,6 +159,8 @@ class _SelectedScores(torch.autograd.Function):
         weights = d_scores.reshape(tokens * heads, k).contiguous()
         d_queries = [] if ctx.needs_input_grad[0] else None
         d_keys = []
+        step = max(1, KEY_GRAD_ELEMENTS // (heads * n))
+        dense = d_scores.new_empty((min(step, tokens), heads, n))
         for side, keys in enumerate((keys_left, keys_right)):
             if d_queries is not None:
                 d_queries.append(F.embedding_bag(rows[side].reshape(tokens * heads, k), keys.reshape(-1, d_half),
@@ -165,8 +170,6 @@ class _SelectedScores(torch.autograd.Function):
                 continue
             half = queries[..., side * d_half:(side + 1) * d_half]  # (T, heads, d_half), strided
             d_table = keys.new_zeros(keys.shape)
-            step = max(1, KEY_GRAD_ELEMENTS // (heads * n))
-            dense = d_scores.new_empty((min(step, tokens), heads, n))
             for start in range(0, tokens, step):
                 chunk = slice(start, start + step)
                 dense_chunk = dense[: half[chunk].shape[0]].zero_()
