@@ -25,7 +25,8 @@ init(cfg, seed=0, dtype=None) -> (params, state)
 apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit=None)
     -> (y, new_state, aux). ``jit`` None = the backend's default path, True = the
     compiled path (torch.compile / jax.jit / tf.function(jit_compile=True)), False = eager.
-    aux holds "indices" (int64), "scores" and "weights", each (..., heads, topk).
+    aux holds "indices" (an integer dtype: int64, or int32 where the framework has no
+    int64 enabled), "scores" and "weights", each (..., heads, topk).
 vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, jit=None)
     -> (grads, dx), computed with the framework's own autodiff. grads has every
     trainable parameter under its canonical name.
@@ -35,6 +36,15 @@ from_numpy(tree), to_numpy(tree)
 layer(cfg, **kwargs)
     The framework's idiomatic layer (nn.Module, Flax module, Keras layer, ...), whose
     parameters and statistics carry the canonical names.
+
+Optional hooks, called by the conformance suite when present:
+
+enable_float64()
+    Switch on float64 where the framework needs asking (JAX's x64 mode); called once
+    before the tests of a backend that declares "float64".
+clear_caches()
+    Drop compiled specialisations; called between test modules so a long test process
+    does not accumulate thousands of compiled executables.
 """
 
 CAPABILITIES = frozenset({"float64", "float32", "bfloat16", "grad", "jit", "gpu"})

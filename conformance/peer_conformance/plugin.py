@@ -142,3 +142,17 @@ def pytest_collection_modifyitems(config, items):
                 if entry["test"] in (base, item.name):
                     marker = pytest.mark.skip if kind == "skip" else pytest.mark.xfail
                     item.add_marker(marker(reason=entry["reason"]))
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """At the end of each conformance module, let the backend drop its compiled specialisations."""
+    callspec = getattr(item, "callspec", None)
+    if callspec is None or "backend" not in callspec.params or not _is_conformance(item):
+        return
+    if nextitem is not None and nextitem.module is item.module:
+        return
+    import peer_backends
+
+    clear = getattr(peer_backends.get(callspec.params["backend"]), "clear_caches", None)
+    if clear is not None:
+        clear()

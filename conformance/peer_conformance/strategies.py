@@ -60,7 +60,7 @@ POOL = [
     PEERConfig(d_model=4, n_experts=16, heads=3, topk=4, d_key=4, d_out=2, shared_keys=False, activation="gelu",
                score="none", bn_momentum=0.0, expert_bias=False),
 ]
-POOL_LEADS = [(1,), (5,), (2, 3)]
+POOL_LEADS = [(5,), (2, 3)]
 
 
 def _thorough() -> bool:

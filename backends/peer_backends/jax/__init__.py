@@ -22,4 +22,12 @@ def enable_float64() -> None:
     plugin calls this, and a user who wants float64 calls it (or sets JAX_ENABLE_X64=1)."""
     jax.config.update("jax_enable_x64", True)
 
-__all__ = ["apply", "capabilities", "enable_float64", "from_numpy", "init", "layer", "name", "to_numpy", "version", "vjp"]
+
+def clear_caches() -> None:
+    """Drop every compiled specialisation. A long process that compiles thousands of them
+    (the conformance suite) calls this between test modules: each XLA CPU executable holds
+    memory mappings, and the kernel's per-process limit on them ends in a crash."""
+    jax.clear_caches()
+
+
+__all__ = ["apply", "capabilities", "clear_caches", "enable_float64", "from_numpy", "init", "layer", "name", "to_numpy", "version", "vjp"]

@@ -23,6 +23,9 @@ from peer_ref.errors import PEERInputError
 
 from .core import dtype_name, index_dtype, require_x64
 
+# float32 means float32 (SPEC §10.1): on GPUs XLA would otherwise use TF32 in matrix products.
+HIGHEST = lax.Precision.HIGHEST
+
 _DTYPES = {"float64": jnp.float64, "float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Gathered expert rows per chunk of tokens (tokens * heads * topk): bounds each
 # (chunk, heads, topk, d) gather at 32 MiB for d = 256 in float32. On CPU, 8192 rows
@@ -134,7 +137,7 @@ def _forward(cfg, training, params, state, x, mask, routing):
         # SPEC §5: padding becomes zero by selection, so NaN/Inf there reaches neither pass.
         xf = jnp.where(valid[:, None], xf, jnp.zeros((), xf.dtype))
 
-    q = xf @ p["query.kernel"]
+    q = jnp.matmul(xf, p["query.kernel"], precision=HIGHEST)
     if cfg.query_bias:
         q = q + p["query.bias"]
     q, new_state = _query_norm(cfg, p, state, q, valid, training)
@@ -192,8 +195,8 @@ def _query_norm(cfg, p, state, q, valid, training):
 def _sub_key_scores(cfg, q_half, keys):
     """(T, heads, d_half) x key sets -> (T, heads, n_keys); shared keys: every head reads set 0."""
     if cfg.shared_keys:
-        return jnp.einsum("thd,nd->thn", q_half, keys[0])
-    return jnp.einsum("thd,hnd->thn", q_half, keys)
+        return jnp.einsum("thd,nd->thn", q_half, keys[0], precision=HIGHEST)
+    return jnp.einsum("thd,hnd->thn", q_half, keys, precision=HIGHEST)
 
 
 def _top_k_lower_index(scores, k):
@@ -260,10 +263,10 @@ def _experts_forward(activation, chunk, x, indices, weights, down, up, bias):
 
     def one_chunk(args):
         x_c, idx_c, w_c = args
-        pre = jnp.einsum("td,thkd->thk", x_c, down[idx_c])
+        pre = jnp.einsum("td,thkd->thk", x_c, down[idx_c], precision=HIGHEST)
         if bias is not None:
             pre = pre + bias[idx_c]
-        return jnp.einsum("thk,thko->to", w_c * act(pre), up[idx_c])
+        return jnp.einsum("thk,thko->to", w_c * act(pre), up[idx_c], precision=HIGHEST)
 
     tokens = x.shape[0]
     if tokens <= chunk:
@@ -280,13 +283,13 @@ def _experts_backward(activation, chunk, x, indices, weights, down, up, bias, dy
         d_down, d_up, d_bias = acc
         x_c, idx_c, w_c, dy_c = args
         down_rows, up_rows = down[idx_c], up[idx_c]
-        pre = jnp.einsum("td,thkd->thk", x_c, down_rows)
+        pre = jnp.einsum("td,thkd->thk", x_c, down_rows, precision=HIGHEST)
         if bias is not None:
             pre = pre + bias[idx_c]
         hidden, act_vjp = jax.vjp(act, pre)
-        d_coef = jnp.einsum("to,thko->thk", dy_c, up_rows)
+        d_coef = jnp.einsum("to,thko->thk", dy_c, up_rows, precision=HIGHEST)
         (d_pre,) = act_vjp(d_coef * w_c)
-        dx_c = jnp.einsum("thk,thkd->td", d_pre, down_rows)
+        dx_c = jnp.einsum("thk,thkd->td", d_pre, down_rows, precision=HIGHEST)
         rows = idx_c.reshape(-1)
         # Explicit widths (not -1): a chunk may hold zero tokens.
         d_down = d_down.at[rows].add((d_pre[..., None] * x_c[:, None, None, :]).reshape(rows.shape[0], down.shape[1]))

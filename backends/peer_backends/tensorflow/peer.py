@@ -119,6 +119,12 @@ def _unpack(extras, has_mask, has_routing):
     return mask, routing, extras
 
 
+def clear_caches() -> None:
+    """Drop the compiled functions (and with them their XLA executables); see the contract."""
+    _compiled_apply.cache_clear()
+    _compiled_vjp.cache_clear()
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled_apply(cfg, training, has_mask, has_routing, dtype):
     def run(params, state, x, *extras):
