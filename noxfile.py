@@ -5,6 +5,8 @@ Each session installs the project and only what it needs into its own virtual en
 torch is pinned to 2.13.0 (the CPU build) in pyproject.toml's extras.
 """
 
+from pathlib import Path
+
 import nox
 
 nox.options.sessions = ["tests"]
@@ -22,17 +24,29 @@ def _install(session, extras: str = "", editable: bool = False) -> None:
     session.install(*(["-e"] if editable else []), target, "--group", "test")
 
 
-def _conformance(session, backend: str) -> None:
-    session.run("pytest", *PYTEST, *PROFILE, "--pyargs", "peer_conformance", "--peer-backend", backend,
-                *session.posargs)
+# One process per conformance module: compiled backends (XLA) keep every executable they
+# build, and one process holding a whole suite's worth of them runs out of memory mappings.
+MODULES = sorted(p.stem for p in Path("conformance/peer_conformance").glob("test_*.py"))
+
+
+def _conformance(session, backends: list[str]) -> None:
+    for backend in backends:
+        for module in MODULES:
+            session.run("pytest", *PYTEST, *PROFILE, "-q", "--pyargs", f"peer_conformance.{module}",
+                        "--peer-backend", backend, *session.posargs)
 
 
 @nox.session(python=PYTHON)
 def tests(session):
     """The whole suite: reference, packaging, every backend's own tests and conformance, bench smoke."""
     _install(session, "all")
-    session.run("pytest", *PYTEST, *PROFILE, "tests", *session.posargs)
-    _conformance(session, "all")
+    # Each framework's own tests in a process of its own (TensorFlow and torch loaded together
+    # must import torch first; separate processes need no such care).
+    own = [f"tests/test_{name}_backend.py" for name in ("torch", "jax", "tensorflow")]
+    session.run("pytest", *PYTEST, *PROFILE, "tests", *(f"--ignore={path}" for path in own), *session.posargs)
+    for path in own:
+        session.run("pytest", *PYTEST, *PROFILE, path, *session.posargs)
+    _conformance(session, ["numpy", "torch", "jax", "tensorflow"])
 
 
 @nox.session(python=PYTHON)
@@ -44,28 +58,28 @@ def ref(session):
                 "tests/test_ref_invariants.py", "tests/test_ref_init.py", "tests/test_ref_metrics.py",
                 "tests/test_vectors.py", "tests/test_api.py", "tests/test_conformance_meta.py",
                 "tests/test_conformance_helpers.py")
-    _conformance(session, "numpy")
+    _conformance(session, ["numpy"])
 
 
 @nox.session(python=PYTHON, name="torch")
 def torch_session(session):
     _install(session, "torch")
     session.run("pytest", *PYTEST, *PROFILE, "tests/test_torch_backend.py")
-    _conformance(session, "torch")
+    _conformance(session, ["torch"])
 
 
 @nox.session(python=PYTHON, name="jax")
 def jax_session(session):
     _install(session, "jax")
     session.run("pytest", *PYTEST, *PROFILE, "tests/test_jax_backend.py")
-    _conformance(session, "jax")
+    _conformance(session, ["jax"])
 
 
 @nox.session(python=PYTHON, name="tensorflow")
 def tensorflow_session(session):
     _install(session, "tensorflow")
     session.run("pytest", *PYTEST, *PROFILE, "tests/test_tensorflow_backend.py")
-    _conformance(session, "tensorflow")
+    _conformance(session, ["tensorflow"])
 
 
 @nox.session(python=PYTHON)

@@ -53,6 +53,17 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "peer_needs(capability): the test needs a backend capability")
     if not config.getoption("--hypothesis-profile", default=None):
         settings.load_profile("ci" if os.environ.get("CI") else "dev")
+    if _requested(config):
+        _load_torch_before_tensorflow()
+
+
+def _load_torch_before_tensorflow():
+    """The checkpoint tests load every installed backend into one process; where both torch and
+    TensorFlow are installed, torch has to be imported first or their native libraries clash."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") and importlib.util.find_spec("tensorflow"):
+        import torch  # noqa: F401
 
 
 def _requested(config) -> list[str]:
