@@ -61,25 +61,26 @@ def ref(session):
     _conformance(session, ["numpy"])
 
 
+def _one_backend(session, backend: str) -> None:
+    """One framework alone: install only its extra, run its own tests and the conformance suite."""
+    _install(session, backend)
+    session.run("pytest", *PYTEST, *PROFILE, f"tests/test_{backend}_backend.py")
+    _conformance(session, [backend])
+
+
 @nox.session(python=PYTHON, name="torch")
 def torch_session(session):
-    _install(session, "torch")
-    session.run("pytest", *PYTEST, *PROFILE, "tests/test_torch_backend.py")
-    _conformance(session, ["torch"])
+    _one_backend(session, "torch")
 
 
 @nox.session(python=PYTHON, name="jax")
 def jax_session(session):
-    _install(session, "jax")
-    session.run("pytest", *PYTEST, *PROFILE, "tests/test_jax_backend.py")
-    _conformance(session, ["jax"])
+    _one_backend(session, "jax")
 
 
 @nox.session(python=PYTHON, name="tensorflow")
 def tensorflow_session(session):
-    _install(session, "tensorflow")
-    session.run("pytest", *PYTEST, *PROFILE, "tests/test_tensorflow_backend.py")
-    _conformance(session, ["tensorflow"])
+    _one_backend(session, "tensorflow")
 
 
 @nox.session(python=PYTHON)
