@@ -97,7 +97,7 @@ def _vjp(cfg, training, mesh, axis, params, state, x, dy, mask, routing):
         return _forward(cfg, training, mesh, axis, params, state, x, mask, routing)[0]
 
     _, pullback = jax.vjp(output, params, x)
-    return pullback(dy)
+    return pullback(_reshard(dy, mesh, axis, dy.ndim - 1))  # the cotangent in y's layout
 
 
 def _forward(cfg, training, mesh, axis, params, state, x, mask, routing):
