@@ -31,19 +31,23 @@ RING = {"all_reduce": lambda p: 2 * (p - 1) / p, "all_gather": lambda p: (p - 1)
 def model(case: Case, devices: int) -> dict:
     """The analytic counts of one training step per device, d_out = d_model (README formulas).
 
-    Forward: an all-reduce of the heads*topk partial dots and an all-gather of the d_model output
-    features; backward: an all-reduce of the heads*topk coefficient gradients and an all-gather
-    of x's d_model gradient features. Tables: N * 2 * d_model / P; replicated: query.kernel,
-    the two shared sub-key halves, experts.bias, the batch-norm scale and offset.
+    b is the layer's item size, c the compute item size (4 for bfloat16, SPEC §10; else b).
+    Forward: an all-reduce of the heads*topk partial dots (c each) and an all-gather of the
+    d_model output features (b each); backward: an all-reduce of the heads*topk coefficient
+    gradients (c) and an all-gather of x's d_model gradient features (c). Tables:
+    N * 2 * d_model * b / P; replicated: query.kernel, the two shared sub-key halves,
+    experts.bias, the batch-norm scale and offset.
     """
     b = DTYPE_BYTES[case.dtype]
+    c = 4 if case.dtype == "bfloat16" else b
     hk, d, n = case.heads * case.topk, case.d_model, case.n_experts
-    table = n * 2 * d * b / devices
-    replicated = (d * case.heads * case.d_key + math.isqrt(n) * case.d_key + n + 2 * case.heads * case.d_key) * b
-    payload = {"forward": (hk + d) * b, "backward": (hk + d) * b}
-    wire = {k: (hk * RING["all_reduce"](devices) + d * RING["all_gather"](devices)) * b for k in payload}
-    return {"devices": devices, "table_bytes": table, "replicated_bytes": replicated,
-            "payload_bytes_per_token": payload, "wire_bytes_per_token": wire}
+    reduce, gather = RING["all_reduce"](devices), RING["all_gather"](devices)
+    return {"devices": devices, "table_bytes": n * 2 * d * b / devices,
+            "replicated_bytes": (d * case.heads * case.d_key + math.isqrt(n) * case.d_key + n
+                                 + 2 * case.heads * case.d_key) * b,
+            "payload_bytes_per_token": {"forward": hk * c + d * b, "backward": hk * c + d * c},
+            "wire_bytes_per_token": {"forward": hk * c * reduce + d * b * gather,
+                                     "backward": (hk * reduce + d * gather) * c}}
 
 
 def _kind(op: str) -> str | None:
@@ -144,7 +148,10 @@ _ITEMSIZE = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "s32": 4, "s64": 8, "u32":
 def _hlo_collectives(hlo: str, phase: str):
     found = []
     for match in _HLO_COLLECTIVE.finditer(hlo):
-        for dtype, dims in re.findall(r"([a-z]+\d*)\[([\d,]*)\]", match.group(1)):
+        shapes = re.findall(r"([a-z]+\d*)\[([\d,]*)\]", match.group(1))
+        if match.group(3) and match.group(2) == "all-gather":
+            shapes = shapes[-1:]  # an async all-gather's result is (operand, gathered)
+        for dtype, dims in shapes:
             elements = math.prod(int(v) for v in dims.split(",") if v)
             found.append((_kind(match.group(2)), elements, _ITEMSIZE.get(dtype, 4), phase))
     return found

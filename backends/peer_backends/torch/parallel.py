@@ -228,3 +228,46 @@ def load_params_and_state(module, params: dict, state: dict) -> None:
             target.copy_(value)
     for name, target in own_state.items():
         target.copy_(state[name].to(target.device))
+
+
+def _demo() -> None:
+    """``torchrun --nproc-per-node P -m peer_backends.torch.parallel``: one training step of a
+    sharded layer, checked against the same layer on one device (README "Sharded expert tables")."""
+    import copy
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from peer_ref.config import PEERConfig
+
+    from .layer import PEER
+
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if on_gpu else "gloo")
+    try:
+        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("tp",))
+        cfg = PEERConfig(d_model=256, n_experts=128**2, heads=8, topk=16, d_key=64)
+        reference = PEER(cfg, seed=0, device=device).train()
+        layer = parallelize_module(copy.deepcopy(reference), mesh, ExpertColumnParallel())
+        x = torch.randn(512, cfg.d_model, generator=torch.Generator().manual_seed(1)).to(device)
+        y, y_ref = layer(x), reference(x)
+        y.square().sum().backward()
+        y_ref.square().sum().backward()
+        grad_diff = max((p.grad.full_tensor() - q.grad).abs().max().item()
+                        for p, q in zip(layer.parameters(), reference.parameters()))
+        local = layer.experts.down.to_local()
+        if dist.get_rank() == 0:
+            print(f"{mesh.size()} devices ({device.type}): experts.down {tuple(layer.experts.down.shape)} held as "
+                  f"{tuple(local.shape)} per device; max |y - y_1device| = {(y - y_ref).abs().max().item():.2e}, "
+                  f"max gradient difference {grad_diff:.2e}")
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _demo()
