@@ -163,7 +163,25 @@ def _shard_output_and_checkpoint(rank, world, path):
     y_dt = as_dtensor(x, mask=mask)
     assert y_dt.placements == (Shard(2),)
 
+    # Given routing, and bfloat16 (stored in bfloat16, computed in float32: SPEC §10).
+    routing = torch.randint(0, CFG.n_experts, (2, 5, CFG.heads, CFG.topk), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(sharded.eval()(x, routing=routing),  # its local Shard(-1) output
+                               reference.eval()(x, routing=routing).tensor_split(world, dim=-1)[rank], **TOL)
+    half = PEER(CFG, seed=5, dtype="bfloat16").train()
+    half_sharded = parallelize_module(copy.deepcopy(half), mesh, ExpertColumnParallel()).train()
+    got = _step(half_sharded, x.bfloat16(), mask, dy.bfloat16())
+    expected = _step(half, x.bfloat16(), mask, dy.bfloat16())
+    for a, e in zip(got, expected):
+        for name in (e if isinstance(e, dict) else [None]):
+            actual, wanted = (a[name], e[name]) if name else (a, e)
+            assert actual.dtype == wanted.dtype, name
+            torch.testing.assert_close(actual.float(), wanted.float(), rtol=2e-2, atol=2e-2, msg=name)
+    sharded.train()
+    reference.train()
+
     # Checkpoint: gather on every rank, write on rank 0, load the whole file into a sharded layer.
+    with pytest.raises(PEERInputError, match="gather_params_and_state"):
+        peer_backends.save(path + ".refused", CFG, *sharded.params_and_state())
     params, state = gather_params_and_state(sharded)
     if rank == 0:
         peer_backends.save(path, CFG, params, state)
