@@ -60,8 +60,8 @@ def collectives(hlo):
     return found
 
 
-@pytest.mark.parametrize("training", [True, False])
-def test_functional_equals_one_device_with_tables_at_one_quarter(training):
+def test_functional_equals_one_device_with_tables_at_one_quarter():
+    training = True
     params, state, x, mask, dy = case(CFG)
     mesh = jax.make_mesh((4,), ("model",))
     sharded_params, sharded_state = parallel.shard(CFG, params, state, mesh)
@@ -106,17 +106,19 @@ def test_no_collective_moves_a_table():
                                   [("all-gather", activations), ("all-reduce", dots), ("all-reduce", dots)]), found_step
 
 
-def test_data_axis_shards_tokens_and_model_axis_shards_tables():
+# Evaluation mode is checked here, on the 2-D mesh (training above and below).
+@pytest.mark.parametrize("axis_type, training", [(AxisType.Auto, True), (AxisType.Explicit, False)])
+def test_data_axis_shards_tokens_and_model_axis_shards_tables(axis_type, training):
     params, state, x, mask, dy = case(CFG, seed=1, lead=(4, 3))
-    mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(AxisType.Auto, AxisType.Auto))
+    mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(axis_type, axis_type))
     sharded_params, sharded_state = parallel.shard(CFG, params, state, mesh)
-    x_data = jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
-    y, new_state, _ = parallel.apply(CFG, sharded_params, sharded_state, x_data, True, mask, mesh=mesh)
-    y_ref, state_ref, _ = be.apply(CFG, params, state, x, True, mask)
+    x_data, mask_data, dy_data = jax.device_put((x, mask, dy), NamedSharding(mesh, PartitionSpec("data")))
+    y, new_state, _ = parallel.apply(CFG, sharded_params, sharded_state, x_data, training, mask_data, mesh=mesh)
+    y_ref, state_ref, _ = be.apply(CFG, params, state, x, training, mask)
     np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), **TOL)
     assert_trees_close(new_state, state_ref)  # batch statistics over the whole batch
-    grads, dx = parallel.vjp(CFG, sharded_params, sharded_state, x_data, dy, True, mask, mesh=mesh)
-    grads_ref, dx_ref = be.vjp(CFG, params, state, x, dy, True, mask)
+    grads, dx = parallel.vjp(CFG, sharded_params, sharded_state, x_data, dy_data, training, mask_data, mesh=mesh)
+    grads_ref, dx_ref = be.vjp(CFG, params, state, x, dy, training, mask)
     assert_trees_close(grads, grads_ref)
     np.testing.assert_allclose(np.asarray(dx), np.asarray(dx_ref), **TOL)
 

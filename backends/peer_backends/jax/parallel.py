@@ -137,7 +137,7 @@ def _forward(cfg, training, mesh, axis, params, state, x, mask, routing):
     pre = partial_dots(_reshard(xf, mesh, axis, 1), _reshard(indices, mesh, axis),
                        tuple(_reshard(t, mesh, axis, 1) for t in dot_tables))[0]
     if cfg.expert_bias:
-        pre = pre + p["experts.bias"][indices]
+        pre = pre + _rows(p["experts.bias"], indices)
     coef = weights * _ACTIVATIONS[cfg.activation](pre)
     summed_rows = jax.shard_map(_row_sums, mesh=mesh, axis_names={axis},
                                 in_specs=(whole, whole, columns), out_specs=columns)
@@ -174,9 +174,19 @@ def _current_spec(value):
 # jax.checkpoint keeps the gathered (T, heads, topk, d/P) rows out of the residuals: the
 # backward gathers them again.
 
+def _rows(table, indices):
+    """table[indices]; on a mesh whose other axes are Explicit the rows follow the indices' layout."""
+    sharding = jax.typeof(indices).sharding
+    spec = tuple(sharding.spec)
+    if any(name is not None for name in spec):
+        rows = PartitionSpec(*spec, *(None,) * (table.ndim - 1))
+        return table.at[indices].get(out_sharding=NamedSharding(sharding.mesh, rows))
+    return table[indices]
+
+
 @jax.checkpoint
 def _dots(x_cols, indices, table):
-    return jnp.einsum("td,thkd->thk", x_cols, table[indices], precision=HIGHEST)
+    return jnp.einsum("td,thkd->thk", x_cols, _rows(table, indices), precision=HIGHEST)
 
 
 def _summed_dots(axis, x_cols, indices, tables):
@@ -186,7 +196,7 @@ def _summed_dots(axis, x_cols, indices, tables):
 
 @jax.checkpoint
 def _row_sums(coef, indices, table):
-    return jnp.einsum("thk,thko->to", coef, table[indices], precision=HIGHEST)
+    return jnp.einsum("thk,thko->to", coef, _rows(table, indices), precision=HIGHEST)
 
 
 _forward_jit = jax.jit(_forward, static_argnums=(0, 1, 2, 3))
