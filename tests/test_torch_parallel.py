@@ -232,6 +232,8 @@ def _with_fully_shard(rank, world):
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    with pytest.raises(PEERInputError, match="device_mesh has 2 dimensions, but expected a 1-D mesh"):
+        ExpertColumnParallel()._apply(PEER(CFG), mesh)
     reference = PEER(CFG, seed=7, dtype="float64").train()
     model = parallelize_module(copy.deepcopy(reference), mesh["tp"], ExpertColumnParallel())
     fully_shard(model, mesh=mesh["dp"])
