@@ -159,7 +159,6 @@ def _hlo_collectives(hlo: str, phase: str):
 
 def _jax_child(devices: int, case_dict: dict) -> dict:
     import jax
-    import jax.numpy as jnp
 
     from peer_backends.jax import parallel
     from peer_backends.jax.peer import init
@@ -181,7 +180,6 @@ def _jax_child(devices: int, case_dict: dict) -> dict:
     device0 = jax.devices()[0]
     nbytes = {name: sum(s.data.nbytes for s in v.addressable_shards if s.device == device0)
               for name, v in params.items()}
-    del jnp
     out = _summarise(fwd + both, case.tokens, devices, sum(nbytes.values()),
                      nbytes["experts.down"] + nbytes["experts.up"])
     for key in ("payload_bytes_per_token", "wire_bytes_per_token"):
