@@ -42,7 +42,9 @@ def tests(session):
     _install(session, "all")
     # Each framework's own tests in a process of its own (TensorFlow and torch loaded together
     # must import torch first; separate processes need no such care).
+    # The sharded-table tests start their own device setups (gloo processes, 4 XLA host devices).
     own = [f"tests/test_{name}_backend.py" for name in ("torch", "jax", "tensorflow")]
+    own += [f"tests/test_{name}_parallel.py" for name in ("torch", "jax")]
     session.run("pytest", *PYTEST, *PROFILE, "tests", *(f"--ignore={path}" for path in own), *session.posargs)
     for path in own:
         session.run("pytest", *PYTEST, *PROFILE, path, *session.posargs)
@@ -65,6 +67,8 @@ def _one_backend(session, backend: str) -> None:
     """One framework alone: install only its extra, run its own tests and the conformance suite."""
     _install(session, backend)
     session.run("pytest", *PYTEST, *PROFILE, f"tests/test_{backend}_backend.py")
+    if Path(f"tests/test_{backend}_parallel.py").exists():
+        session.run("pytest", *PYTEST, *PROFILE, f"tests/test_{backend}_parallel.py")
     _conformance(session, [backend])
 
 

@@ -156,3 +156,36 @@ def test_missing_device_gives_skip_rows_with_reasons(tmp_path):
     assert [r["status"] for r in rows] == ["skipped"] * 4
     assert rows[0]["reason"] == "numpy runs on the CPU only"
     assert all(r["reason"] for r in rows)
+
+
+def test_sharded_model_counts_by_hand():
+    from peer_bench import sharded
+
+    # d_model=4, N=9, heads=2, topk=2, d_key=6, float32 over P=2: tables 9*(4+4)*4/2 bytes;
+    # replicated query.kernel 4*2*6, sub-keys 3*6, bias 9, batch norm 2*2*6 elements.
+    counts = sharded.model(Case(d_model=4, n_experts=9, heads=2, topk=2, d_key=6, tokens=1), 2)
+    assert counts["table_bytes"] == 144 and counts["replicated_bytes"] == (48 + 18 + 9 + 24) * 4
+    assert counts["payload_bytes_per_token"] == {"forward": (4 + 4) * 4, "backward": (4 + 4) * 4}
+    assert counts["wire_bytes_per_token"] == {"forward": (4 * 1 + 4 * 0.5) * 4, "backward": (4 * 1 + 4 * 0.5) * 4}
+    bf16 = sharded.model(Case(d_model=4, n_experts=9, heads=2, topk=2, d_key=6, tokens=1, dtype="bfloat16"), 2)
+    assert bf16["payload_bytes_per_token"] == {"forward": 4 * 4 + 4 * 2, "backward": (4 + 4) * 4}
+
+
+def test_sharded_hlo_collectives_are_read_with_their_sizes():
+    from peer_bench import sharded
+
+    hlo = ("%a = f32[10,3,4]{2,1,0} all-reduce(%x), channel_id=1\n"
+           "%b = (f32[1,10,3,4]{3,2,1,0}, bf16[10,3]{1,0}) all-reduce(%y, %z)\n"
+           "%c = f32[10,12]{0,1} all-gather-start(%w), dimensions={1}\n%d = f32[5] add(%a, %a)\n")
+    assert sharded._hlo_collectives(hlo, "forward") == [
+        ("all_reduce", 120, 4, "forward"), ("all_reduce", 120, 4, "forward"), ("all_reduce", 30, 2, "forward"),
+        ("all_gather", 120, 4, "forward")]
+
+
+def test_devices_flag_is_checked():
+    from peer_bench.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--preset", "smoke", "--devices", "1"])
+    with pytest.raises(SystemExit):
+        main(["--preset", "smoke", "--devices", "2", "--backends", "numpy"])

@@ -40,6 +40,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", default="reduced", choices=["reduced", "experts", "tokens", "all", "none"],
                    help="reduced (default: the preset's few points), experts, tokens, all (full sweeps), none")
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    p.add_argument("--devices", type=int,
+                   help="instead of timing: per-device memory and communicated bytes per token of the expert "
+                        "tables sharded over this many devices (torch and jax of --backends; simulated on cpu)")
     p.add_argument("--threads", type=int, default=_default_threads(), help="threads for every framework")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench/out"), help="output folder (default bench/out)")
@@ -139,11 +142,27 @@ def _load() -> list[float] | None:
         return None
 
 
+def _sharded(args, p, settings) -> int:
+    from . import sharded
+
+    if args.devices < 2:
+        _fail(p, "--devices", args.devices, "an int >= 2")
+    backends = [b for b in settings.backends if b in ("torch", "jax")]
+    if not backends:
+        _fail(p, "--backends", args.backends, "torch and/or jax with --devices")
+    results = sharded.run(settings.case, args.devices, backends, settings.device, args.out)
+    print("\n".join(sharded.table(results)))
+    print(f"wrote {args.out / 'sharded.json'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = parser()
     args = p.parse_args(argv)
     settings = settings_from_args(args, p)
+    if args.devices is not None:
+        return _sharded(args, p, settings)
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

@@ -45,6 +45,8 @@ class PEER(nnx.Module):
                  use_running_average: bool = False):
         self.cfg = cfg
         self.use_running_average = use_running_average
+        # (mesh, axis) once peer_backends.jax.parallel.shard_layer has sharded the expert tables.
+        self.expert_sharding = None
         key = rngs.params() if rngs is not None else jax.random.key(seed)
         params, state = init_from_key(cfg, key, dtype)
         for group in _GROUPS:
@@ -64,7 +66,14 @@ class PEER(nnx.Module):
             use_running_average = self.use_running_average
         training = not use_running_average
         params, state = self.params_and_state()
-        y, new_state, aux = apply(self.cfg, params, state, x, training=training, mask=mask, routing=routing)
+        if self.expert_sharding is None:
+            y, new_state, aux = apply(self.cfg, params, state, x, training=training, mask=mask, routing=routing)
+        else:
+            from .parallel import apply as sharded_apply
+
+            mesh, axis = self.expert_sharding
+            y, new_state, aux = sharded_apply(self.cfg, params, state, x, training=training, mask=mask,
+                                              routing=routing, mesh=mesh, axis=axis)
         if training:
             for name, value in new_state.items():
                 self._variable(name).set_value(value)

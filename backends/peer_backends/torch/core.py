@@ -20,6 +20,13 @@ def _to_tensor(leaf):
 def _to_array(leaf):
     if not isinstance(leaf, torch.Tensor):
         return np.asarray(leaf)
+    if type(leaf).__name__ == "DTensor":
+        from peer_ref.errors import PEERInputError
+
+        raise PEERInputError(
+            f"a DTensor of shape {tuple(leaf.shape)} with placements {leaf.placements}, but expected a whole "
+            "tensor: gather a sharded layer with peer_backends.torch.parallel.gather_params_and_state "
+            "(a collective, on every rank) first")
     tensor = leaf.detach().cpu().contiguous()
     if tensor.dtype == torch.bfloat16:
         return tensor.view(torch.int16).numpy().copy().view(ml_dtypes.bfloat16)

@@ -29,6 +29,10 @@ class PEER(nn.Module):
             self._owner(name).register_buffer(name.split(".")[1], value)
         self.last_aux = None
 
+    # (cfg, training, params, state, x, mask, routing) -> (y, new_state, indices, scores, weights);
+    # peer_backends.torch.parallel.ExpertColumnParallel puts its sharded version here.
+    _forward_tensors = staticmethod(forward_tensors)
+
     def _owner(self, name):
         group = name.split(".")[0]
         if group not in self._modules:
@@ -51,7 +55,7 @@ class PEER(nn.Module):
     def forward(self, x, mask=None, routing=None):
         params, state = self.params_and_state()
         lead = validate(self.cfg, params, state, x, self.training, mask, routing)
-        y, new_state, indices, scores, weights = forward_tensors(
+        y, new_state, indices, scores, weights = self._forward_tensors(
             self.cfg, self.training, params, state, x, mask, routing)
         if self.training and new_state:
             with torch.no_grad():

@@ -1,0 +1,273 @@
+"""Expert tables sharded by columns over a DeviceMesh dimension, as DTensors.
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+    from peer_backends.torch.parallel import ExpertColumnParallel
+
+    mesh = init_device_mesh("cuda", (8,), mesh_dim_names=("tp",))
+    layer = parallelize_module(PEER(cfg), mesh, ExpertColumnParallel())
+
+The layout (README "Sharded expert tables"): every device holds all N rows of ``experts.down``
+(N, d_model) and ``experts.up`` (N, d_out) for its slice of the columns (``Shard(1)``); every other
+parameter, ``experts.bias`` included, is replicated. The routing (query, batch norm, product-key
+top-k) runs replicated on every device. Each device dots its slice of x with its slice of the
+selected down rows; the partial dots, T * heads * topk scalars, are summed over the mesh
+(an all-reduce, the DTensor ``Partial -> Replicate`` redistribution), so every device holds the
+whole pre-activation. The up projection then yields the output's own slice of features
+(``Shard(-1)``), all-gathered into a replicated output unless ``output_layouts=Shard(-1)`` is
+asked for (for a following row-parallel layer). No step moves a table row: traffic is
+O(T * (heads * topk + d_model)) per call whatever N is, and skewed expert usage loads every
+device alike.
+
+Backward, the DTensor redistributions' adjoints give: the coefficient gradient all-reduced
+(each device holds the part from its features), the x gradient of the expert part all-gathered
+from its column slices, the table gradients local (``Shard(1)``), the replicated parameters'
+gradients replicated.
+
+Checkpoints: ``gather_params_and_state`` (a collective) returns whole tensors for
+``peer_backends.save``; ``load_params_and_state`` shards whole tensors (e.g. from
+``peer_backends.load``) into a parallelized layer. ``torch.distributed.checkpoint`` saves and
+loads the DTensor ``state_dict()`` as is, each rank writing its own shards.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.distributed.tensor import DeviceMesh, DTensor, Partial, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import ParallelStyle
+
+from peer_ref import checks
+from peer_ref.errors import PEERInputError
+
+from .core import dtype_name
+from .peer import (
+    _activation,
+    _DownProjection,
+    _product_key_topk,
+    _query_norm,
+    _score_weights,
+    _SelectedScores,
+    _sub_key_scores,
+    _UpProjection,
+    expert_groups,
+)
+
+# Tables of (N, width) rows sharded by columns. The first kind is dotted with x (their partial
+# dots are summed over the mesh in one all-reduce); the second is summed into the output.
+DOT_TABLES = ("experts.down",)
+OUTPUT_TABLES = ("experts.up",)
+COLUMN_TABLES = DOT_TABLES + OUTPUT_TABLES
+
+
+class ExpertColumnParallel(ParallelStyle):
+    """Shard a PEER layer's expert tables by columns over a 1-D DeviceMesh (see the module doc).
+
+    For ``torch.distributed.tensor.parallel.parallelize_module`` on a ``peer_backends.torch``
+    ``PEER`` module. ``experts.down`` and ``experts.up`` become DTensors ``Shard(1)``; every
+    other parameter a replicated DTensor; the batch-norm buffers stay plain tensors, updated
+    alike on every rank. The input x must be replicated over the mesh: a plain tensor equal on
+    every rank, or a DTensor (redistributed to ``Replicate()`` first).
+
+    Args:
+      output_layouts: ``Replicate()`` (default) or ``Shard(-1)``: the layout of y over the mesh.
+      use_local_output: return y as the local ``torch.Tensor`` (default, as ColwiseParallel
+        does) rather than a DTensor.
+
+    Raises:
+      PEERInputError: the module is not a PEER layer, the mesh is not 1-D, a table has fewer
+        columns than the mesh has devices, or output_layouts is neither layout.
+    """
+
+    def __init__(self, *, output_layouts=None, use_local_output: bool = True):
+        super().__init__()
+        layout = Replicate() if output_layouts is None else output_layouts
+        if not (isinstance(layout, Replicate) or (isinstance(layout, Shard) and layout.dim in (-1, 1))):
+            raise PEERInputError(f"output_layouts={output_layouts!r}, but expected Replicate() or Shard(-1)")
+        self.output_layouts = (Shard(-1) if isinstance(layout, Shard) else Replicate(),)
+        self.use_local_output = use_local_output
+
+    def _apply(self, module, device_mesh: DeviceMesh):
+        cfg = getattr(module, "cfg", None)
+        if cfg is None or not hasattr(module, "params_and_state") or not hasattr(module, "_forward_tensors"):
+            raise PEERInputError(
+                f"module is {type(module).__name__}, but expected a peer_backends.torch PEER layer")
+        if device_mesh.ndim != 1:
+            raise PEERInputError(
+                f"device_mesh has {device_mesh.ndim} dimensions, but expected a 1-D mesh (e.g. mesh['tp'])")
+        size = device_mesh.size()
+        for name in COLUMN_TABLES:
+            width = cfg.param_shapes()[name][1]
+            if width < size:
+                raise PEERInputError(
+                    f"{name} has {width} columns, but expected at least one per device of the {size}-device mesh")
+        for name, param in list(module.named_parameters()):
+            placement = Shard(1) if name in COLUMN_TABLES else Replicate()
+            owner, leaf = name.split(".")
+            value = distribute_tensor(param.data, device_mesh, [placement], src_data_rank=self.src_data_rank)
+            module.get_submodule(owner).register_parameter(
+                leaf, torch.nn.Parameter(value, requires_grad=param.requires_grad))
+        module._forward_tensors = functools.partial(sharded_forward_tensors, device_mesh)
+        module.register_forward_hook(functools.partial(_prepare_output, self.output_layouts, self.use_local_output))
+        return module
+
+
+def _prepare_output(layouts, use_local_output, module, inputs, y):
+    layouts = tuple(Shard(y.ndim - 1) if p.is_shard() else p for p in layouts)
+    if tuple(y.placements) != layouts:
+        y = y.redistribute(placements=layouts)
+    return y.to_local() if use_local_output else y
+
+
+def _local(value, mesh):
+    """A tensor's replicated local value: a DTensor is redistributed to Replicate first."""
+    if isinstance(value, DTensor):
+        if any(not p.is_replicate() for p in value.placements):
+            value = value.redistribute(mesh, [Replicate()] * mesh.ndim)
+        return value.to_local()
+    return value
+
+
+def sharded_forward_tensors(mesh, cfg, training, params, state, x, mask, routing):
+    """``peer.forward_tensors`` with the expert tables sharded by columns over ``mesh``.
+
+    params: DTensors, ``experts.down`` (N, d_model) and ``experts.up`` (N, d_out) ``Shard(1)``,
+    the rest replicated. Returns (y, new_state, indices, scores, weights): y a DTensor
+    (T, d_out) ``Shard(-1)`` over ``mesh``; the rest local tensors, equal on every rank.
+    """
+    x = _local(x, mesh)
+    mask, routing = _local(mask, mesh), _local(routing, mesh)
+    compute = torch.float32 if x.dtype == torch.bfloat16 else x.dtype
+    p = {name: _local_param(value, name).to(compute) for name, value in params.items()}
+    xf = x.reshape(-1, cfg.d_model).to(compute)
+    tokens = xf.shape[0]
+    valid = None if mask is None else mask.reshape(tokens)
+    if mask is not None:
+        xf = torch.where(valid[:, None], xf, 0)  # SPEC §5
+
+    # Routing, replicated: SPEC §3.2-§3.8 as in peer.forward_tensors.
+    q = xf @ p["query.kernel"]
+    if cfg.query_bias:
+        q = q + p["query.bias"]
+    q, new_state = _query_norm(cfg, p, state, q, valid, training)
+    queries = q.reshape(tokens, cfg.heads, cfg.d_key)
+    with torch.no_grad():
+        sub_scores = _sub_key_scores(cfg, p, queries)
+        indices = (_product_key_topk(cfg, sub_scores) if routing is None
+                   else routing.reshape(tokens, cfg.heads, cfg.topk).to(torch.int64))
+    halves = torch.stack((indices // cfg.n_keys, indices % cfg.n_keys))
+    scores = _SelectedScores.apply(queries, p["keys.left"], p["keys.right"], halves, sub_scores)
+    weights = _score_weights(cfg.score, scores)
+    flat = indices.reshape(tokens, cfg.heads * cfg.topk)
+    groups = expert_groups(flat, cfg.n_experts)
+
+    # Experts, SPEC §3.9-§3.11, on this rank's columns.
+    replicate, shard = [Replicate()], [Shard(1)]
+    x_cols = DTensor.from_local(xf, mesh, replicate, run_check=False).redistribute(mesh, shard).to_local()
+    partial = torch.stack([_DownProjection.apply(x_cols, p[name], flat, groups) for name in DOT_TABLES])
+    pre = DTensor.from_local(partial, mesh, [Partial()], run_check=False).redistribute(mesh, replicate).to_local()
+    pre = pre[0]
+    if cfg.expert_bias:
+        pre = pre + p["experts.bias"][flat]
+    coef = weights.reshape(flat.shape) * _activation(cfg.activation, pre)
+    # Each rank's output columns see all of coef: its gradient is the sum over the mesh.
+    coef = DTensor.from_local(coef, mesh, replicate, run_check=False).to_local(grad_placements=[Partial()])
+    y = _UpProjection.apply(coef, p["experts.up"], flat, groups)
+    if mask is not None:
+        y = torch.where(valid[:, None], y, 0)  # SPEC §5
+    y = DTensor.from_local(y.to(x.dtype), mesh, [Shard(1)], run_check=False,
+                           shape=torch.Size((tokens, cfg.d_out)), stride=(cfg.d_out, 1))
+    return y, new_state, indices, scores, weights
+
+
+def _local_param(value, name):
+    if not isinstance(value, DTensor):
+        raise PEERInputError(
+            f"params[{name!r}] is a {type(value).__name__}, but expected a DTensor (apply ExpertColumnParallel)")
+    expected = (Shard(1),) if name in COLUMN_TABLES else (Replicate(),)
+    if tuple(value.placements) != expected:
+        raise PEERInputError(f"params[{name!r}] has placements {value.placements}, but expected {expected}")
+    return value.to_local()
+
+
+def gather_params_and_state(module) -> tuple[dict, dict]:
+    """Whole (unsharded) ``(params, state)`` of a parallelized layer, on every rank.
+
+    A collective: every rank of the mesh calls it. The result feeds ``peer_backends.save``
+    (typically on rank 0 only).
+    """
+    params, state = module.params_and_state()
+    whole = {name: (value.full_tensor() if isinstance(value, DTensor) else value).detach()
+             for name, value in params.items()}
+    return whole, {name: value.detach().clone() for name, value in state.items()}
+
+
+@torch.no_grad()
+def load_params_and_state(module, params: dict, state: dict) -> None:
+    """Load whole canonical ``(params, state)`` into a parallelized layer, each rank keeping its shard.
+
+    Every rank passes the same whole tensors (e.g. from ``peer_backends.load``); nothing is
+    communicated. Checked like a call (SPEC §9): names, shapes, one dtype, the module's dtype.
+    """
+    meta = lambda tree: {k: (tuple(v.shape), dtype_name(v)) for k, v in tree.items()}  # noqa: E731
+    for arg, value in (("params", params), ("state", state)):
+        if not isinstance(value, dict):
+            raise PEERInputError(f"{arg} is {type(value).__name__}, but expected a dict of arrays")
+    dtype = checks.check_params_state(module.cfg, meta(params), meta(state))
+    own_params, own_state = module.params_and_state()
+    own = dtype_name(own_params["experts.down"])
+    if dtype != own:
+        raise PEERInputError(f"params dtype={dtype}, but expected {own} (the module's; nothing is cast)")
+    for name, target in own_params.items():
+        value = params[name].to(target.device)
+        if isinstance(target, DTensor):
+            value = distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=None)
+            target.to_local().copy_(value.to_local())
+        else:
+            target.copy_(value)
+    for name, target in own_state.items():
+        target.copy_(state[name].to(target.device))
+
+
+def _demo() -> None:
+    """``torchrun --nproc-per-node P -m peer_backends.torch.parallel``: one training step of a
+    sharded layer, checked against the same layer on one device (README "Sharded expert tables")."""
+    import copy
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from peer_ref.config import PEERConfig
+
+    from .layer import PEER
+
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if on_gpu else "gloo")
+    try:
+        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("tp",))
+        cfg = PEERConfig(d_model=256, n_experts=128**2, heads=8, topk=16, d_key=64)
+        reference = PEER(cfg, seed=0, device=device).train()
+        layer = parallelize_module(copy.deepcopy(reference), mesh, ExpertColumnParallel())
+        x = torch.randn(512, cfg.d_model, generator=torch.Generator().manual_seed(1)).to(device)
+        y, y_ref = layer(x), reference(x)
+        y.square().sum().backward()
+        y_ref.square().sum().backward()
+        grad_diff = max((p.grad.full_tensor() - q.grad).abs().max().item()
+                        for p, q in zip(layer.parameters(), reference.parameters()))
+        local = layer.experts.down.to_local()
+        if dist.get_rank() == 0:
+            print(f"{mesh.size()} devices ({device.type}): experts.down {tuple(layer.experts.down.shape)} held as "
+                  f"{tuple(local.shape)} per device; max |y - y_1device| = {(y - y_ref).abs().max().item():.2e}, "
+                  f"max gradient difference {grad_diff:.2e}")
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _demo()

@@ -1,0 +1,183 @@
+"""Column-sharded expert tables in JAX on 4 simulated CPU devices, against one device.
+
+XLA reads --xla_force_host_platform_device_count when JAX starts, so this file sets the flag
+before importing JAX and runs in a process of its own (the noxfile does so). Collected in a
+process where JAX already started with fewer devices, its tests skip and one test reruns the
+file in a fresh process instead.
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+DEVICES = 4
+FLAG = f"--xla_force_host_platform_device_count={DEVICES}"
+if "jax" not in sys.modules:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FLAG).strip()
+jax = pytest.importorskip("jax")
+nnx = pytest.importorskip("flax.nnx")
+ENOUGH = len(jax.devices()) >= DEVICES
+needs_devices = pytest.mark.skipif(not ENOUGH, reason="JAX started with fewer devices: rerun in a fresh process")
+
+
+@pytest.mark.skipif(ENOUGH, reason="this process has the devices: the tests run here")
+def test_in_a_process_of_its_own():
+    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + FLAG).strip())
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+
+
+import jax.numpy as jnp  # noqa: E402
+from jax.sharding import AxisType, NamedSharding, PartitionSpec  # noqa: E402
+
+import peer_ref  # noqa: E402
+from peer_backends import jax as be  # noqa: E402
+from peer_backends.jax import parallel  # noqa: E402
+from peer_backends.jax.layer import PEER  # noqa: E402
+from peer_ref.errors import PEERInputError  # noqa: E402
+
+if ENOUGH:
+    jax.config.update("jax_enable_x64", True)  # this process only: float64 compares to 1e-12
+
+CFG = peer_ref.PEERConfig(d_model=12, n_experts=49, heads=3, topk=4, d_key=6, d_out=8, query_bias=True)
+TOL = dict(rtol=1e-12, atol=1e-12)
+COLLECTIVE = re.compile(r"=\s*(\(?[^=]*?\)?)\s+(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
+                        r"(-start)?\(")
+
+
+def case(cfg, seed=0, lead=(2, 5)):
+    rng = np.random.default_rng(seed)
+    params, state = be.init(cfg, seed=seed, dtype="float64")
+    x = jnp.asarray(rng.standard_normal(lead + (cfg.d_model,)))
+    mask = jnp.asarray(rng.random(lead) > 0.3)
+    dy = jnp.asarray(rng.standard_normal(lead + (cfg.d_out,)))
+    return params, state, x, mask, dy
+
+
+def assert_trees_close(actual, expected):
+    assert set(actual) == set(expected)
+    for name in expected:
+        np.testing.assert_allclose(np.asarray(actual[name]), np.asarray(expected[name]), **TOL, err_msg=name)
+
+
+def collectives(hlo):
+    """(op, elements of its largest operand) for every collective in compiled HLO text."""
+    found = []
+    for match in COLLECTIVE.finditer(hlo):
+        shapes = re.findall(r"[a-z]+\d*\[([\d,]*)\]", match.group(1))
+        found.append((match.group(2), max(int(np.prod([int(d) for d in s.split(",") if d])) for s in shapes)))
+    return found
+
+
+@needs_devices
+def test_functional_equals_one_device_with_tables_at_one_quarter():
+    training = True
+    params, state, x, mask, dy = case(CFG)
+    mesh = jax.make_mesh((4,), ("model",))
+    sharded_params, sharded_state = parallel.shard(CFG, params, state, mesh)
+    x_rep, dy_rep = jax.device_put((x, dy), NamedSharding(mesh, PartitionSpec()))
+    for name in ("experts.down", "experts.up"):
+        shard_shapes = {s.data.shape for s in sharded_params[name].addressable_shards}
+        assert shard_shapes == {(CFG.n_experts, params[name].shape[1] // 4)}, name
+    assert sharded_params["experts.bias"].sharding.spec == PartitionSpec()
+
+    y, new_state, aux = parallel.apply(CFG, sharded_params, sharded_state, x_rep, training, mask, mesh=mesh)
+    y_ref, state_ref, aux_ref = be.apply(CFG, params, state, x, training, mask)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), **TOL)
+    assert y.sharding.spec == PartitionSpec(None, None, "model")
+    assert_trees_close(new_state, state_ref)
+    np.testing.assert_array_equal(np.asarray(aux["indices"]), np.asarray(aux_ref["indices"]))
+
+    grads, dx = parallel.vjp(CFG, sharded_params, sharded_state, x_rep, dy_rep, training, mask, mesh=mesh)
+    grads_ref, dx_ref = be.vjp(CFG, params, state, x, dy, training, mask)
+    assert_trees_close(grads, grads_ref)
+    np.testing.assert_allclose(np.asarray(dx), np.asarray(dx_ref), **TOL)
+    assert grads["experts.down"].sharding.spec == PartitionSpec(None, "model")
+
+
+@needs_devices
+def test_no_collective_moves_a_table():
+    """The compiled step's collectives carry T*heads*topk dots or T*d activations, nothing of size N*d."""
+    params, state, x, mask, dy = case(CFG)
+    mesh = jax.make_mesh((4,), ("model",))
+    sharded_params, sharded_state = parallel.shard(CFG, params, state, mesh)
+    x, dy = jax.device_put((x, dy), NamedSharding(mesh, PartitionSpec()))  # replicated, as in a network
+    tokens = x.shape[0] * x.shape[1]
+    dots, activations = tokens * CFG.heads * CFG.topk, tokens * max(CFG.d_model, CFG.d_out)
+    forward = parallel._forward_jit.lower(CFG, True, mesh, "model", sharded_params, sharded_state,
+                                          x, mask, None).compile().as_text()
+    step = parallel._vjp_jit.lower(CFG, True, mesh, "model", sharded_params, sharded_state,
+                                   x, dy, mask, None).compile().as_text()
+    found_forward, found_step = collectives(forward), collectives(step)
+    # Forward: one all-reduce, of the partial dots; y stays sharded by features.
+    assert found_forward == [("all-reduce", dots)], found_forward
+    # Forward and backward: the partial dots' and the coefficient gradient's all-reduces (XLA
+    # may merge them into one), the x gradient's all-gather.
+    assert sorted(found_step) in ([("all-gather", activations), ("all-reduce", dots)],
+                                  [("all-gather", activations), ("all-reduce", dots), ("all-reduce", dots)]), found_step
+
+
+# Evaluation mode is checked here, on the 2-D mesh (training above and below).
+@needs_devices
+@pytest.mark.parametrize("axis_type, training", [(AxisType.Auto, True), (AxisType.Explicit, False)])
+def test_data_axis_shards_tokens_and_model_axis_shards_tables(axis_type, training):
+    params, state, x, mask, dy = case(CFG, seed=1, lead=(4, 3))
+    mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(axis_type, axis_type))
+    sharded_params, sharded_state = parallel.shard(CFG, params, state, mesh)
+    x_data, mask_data, dy_data = jax.device_put((x, mask, dy), NamedSharding(mesh, PartitionSpec("data")))
+    y, new_state, _ = parallel.apply(CFG, sharded_params, sharded_state, x_data, training, mask_data, mesh=mesh)
+    y_ref, state_ref, _ = be.apply(CFG, params, state, x, training, mask)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), **TOL)
+    assert_trees_close(new_state, state_ref)  # batch statistics over the whole batch
+    grads, dx = parallel.vjp(CFG, sharded_params, sharded_state, x_data, dy_data, training, mask_data, mesh=mesh)
+    grads_ref, dx_ref = be.vjp(CFG, params, state, x, dy, training, mask)
+    assert_trees_close(grads, grads_ref)
+    np.testing.assert_allclose(np.asarray(dx), np.asarray(dx_ref), **TOL)
+
+
+@needs_devices
+def test_nnx_layer_trains_under_nnx_jit_like_one_device():
+    _, _, x, mask, dy = case(CFG, seed=2)
+    mesh = jax.make_mesh((4,), ("model",))
+    reference = PEER(CFG, seed=4, dtype="float64")
+    sharded = parallel.shard_layer(PEER(CFG, seed=4, dtype="float64"), mesh)
+    assert sharded.experts.down.get_value().sharding.spec == PartitionSpec(None, "model")
+
+    @nnx.jit
+    def step(layer, x, mask, dy):
+        def loss(layer):
+            return jnp.sum(layer(x, mask=mask) * dy)
+
+        return nnx.value_and_grad(loss)(layer)
+
+    for _ in range(2):  # the running statistics move twice
+        value, grads = step(sharded, x, mask, dy)
+        value_ref, grads_ref = step(reference, x, mask, dy)
+        np.testing.assert_allclose(float(value), float(value_ref), **TOL)
+        flat = lambda g: {".".join(map(str, k)): v.get_value() for k, v in nnx.to_flat_state(g)}  # noqa: E731
+        assert_trees_close(flat(grads), flat(grads_ref))
+        assert_trees_close(sharded.params_and_state()[1], reference.params_and_state()[1])
+    sharded.eval()
+    reference.eval()
+    np.testing.assert_allclose(np.asarray(nnx.jit(lambda m, x: m(x))(sharded, x)),
+                               np.asarray(reference(x)), **TOL)
+
+
+@needs_devices
+def test_bad_mesh_and_axis_are_refused():
+    params, state, x, _, _ = case(CFG)
+    mesh = jax.make_mesh((4,), ("model",))
+    with pytest.raises(PEERInputError, match=r"axis='tp', but expected one of the mesh's axes \('model',\)"):
+        parallel.shard(CFG, params, state, mesh, axis="tp")
+    with pytest.raises(PEERInputError, match="mesh is str, but expected a jax.sharding.Mesh"):
+        parallel.apply(CFG, params, state, x, mesh="model")
+    odd = peer_ref.PEERConfig(d_model=12, n_experts=16, heads=1, topk=2, d_key=4, d_out=6)
+    with pytest.raises(PEERInputError, match="experts.up has 6 columns, but expected a multiple of the 4 devices"):
+        parallel.shard(odd, *be.init(odd), mesh)
+    with pytest.raises(PEERInputError, match="x"):
+        parallel.apply(CFG, params, state, x[..., :5], mesh=mesh)
