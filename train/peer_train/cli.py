@@ -38,7 +38,9 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--device", default="cpu", choices=DEVICES)
     common.add_argument("--backend", default="torch", choices=BACKENDS,
                         help="framework of the model (transfer always trains in torch)")
-    common.add_argument("--threads", type=int, default=2, help="CPU threads per framework (default 2)")
+    common.add_argument("--threads", type=int, default=1,
+                        help="CPU threads per framework (default 1: these models' operations are too small "
+                             "for threads to pay, and extra threads slow a shared machine down badly)")
     common.add_argument("--seed", type=int, default=None, help="seed (default 0; isoflop: its size's seeds)")
     common.add_argument("--quick", action="store_true", help="the minute-scale size of the experiment")
     common.add_argument("--precision", default="float32",

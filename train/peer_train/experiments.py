@@ -26,8 +26,8 @@ from .train import routing_metrics, run
 SIZES = {
     "default": {"model": {"d_model": 64, "n_layers": 3, "n_heads": 4, "seq": 64},
                 "train": {"batch": 16, "eval_batches": 16, "warmup": 20},
-                "budgets": (100, 300), "seeds": (0, 1), "experts": (16 ** 2, 32 ** 2, 64 ** 2),
-                "usage_steps": 150, "transfer_steps": 100},
+                "budgets": (300, 900), "seeds": (0, 1), "experts": (16 ** 2, 32 ** 2, 64 ** 2),
+                "usage_steps": 300, "transfer_steps": 300},
     "quick": {"model": {"d_model": 32, "n_layers": 3, "n_heads": 2, "seq": 32, "peer_heads": 4, "d_key": 16,
                         "ffn_width": 128, "n_experts": 16 ** 2},
               "train": {"batch": 8, "eval_batches": 4, "warmup": 5},

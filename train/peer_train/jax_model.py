@@ -67,7 +67,7 @@ class Transformer(nnx.Module):
         self.blocks = nnx.List([Block(cfg, kind, width, seed * 1000 + i, rngs)
                                 for i, (kind, width) in enumerate(cfg.block_ffns())])
         self.ln_f = nnx.LayerNorm(cfg.d_model, rngs=rngs)
-        self.head = nnx.Linear(cfg.d_model, cfg.vocab, use_bias=False, rngs=rngs)
+        self.head = nnx.Linear(cfg.d_model, cfg.vocab, use_bias=False, kernel_init=init, rngs=rngs)
 
     def __call__(self, tokens):
         x = self.embed(tokens) + self.pos(jnp.arange(tokens.shape[1]))[None]
@@ -108,23 +108,25 @@ class Engine:
     framework = "jax"
 
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, device: str = "cpu"):
-        platform = "gpu" if device == "cuda" else "cpu"
-        self.device = jax.devices(platform)[0]
-        with jax.default_device(self.device):
-            self.model = Transformer(model_cfg, train_cfg.seed)
-            table = jnp.asarray([train_cfg.lr_at(s) for s in range(train_cfg.steps)], jnp.float32)
-            schedule = lambda count: table[jnp.minimum(count, train_cfg.steps - 1)]  # noqa: E731
-            decay = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
-            parts = [optax.clip_by_global_norm(train_cfg.grad_clip)] if train_cfg.grad_clip > 0 else []
-            tx = optax.chain(*parts, optax.adamw(schedule, b1=0.9, b2=train_cfg.beta2,
-                                                 weight_decay=train_cfg.weight_decay, mask=decay))
-            self.opt = nnx.Optimizer(self.model, tx, wrt=nnx.Param)
+        # JAX places everything on its default device: the GPU when jax[cuda] sees one, else the
+        # CPU (the command line sets JAX_PLATFORMS=cpu for --device cpu before importing JAX).
+        platform = jax.default_backend()
+        if (device == "cuda") != (platform == "gpu"):
+            raise RuntimeError(f"device={device!r}, but JAX's default backend is {platform!r}")
+        self.model = Transformer(model_cfg, train_cfg.seed)
+        table = jnp.asarray([train_cfg.lr_at(s) for s in range(train_cfg.steps)], jnp.float32)
+        schedule = lambda count: table[jnp.minimum(count, train_cfg.steps - 1)]  # noqa: E731
+        decay = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+        parts = [optax.clip_by_global_norm(train_cfg.grad_clip)] if train_cfg.grad_clip > 0 else []
+        tx = optax.chain(*parts, optax.adamw(schedule, b1=0.9, b2=train_cfg.beta2,
+                                             weight_decay=train_cfg.weight_decay, mask=decay))
+        self.opt = nnx.Optimizer(self.model, tx, wrt=nnx.Param)
 
     def n_params(self) -> int:
         return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(self.model, nnx.Param)))
 
     def _tokens(self, batch: np.ndarray):
-        return jax.device_put(jnp.asarray(batch, jnp.int32), self.device)
+        return jnp.asarray(batch, jnp.int32)
 
     def step(self, batch: np.ndarray) -> float:
         self.model.train()

@@ -63,6 +63,7 @@ class Transformer(nn.Module):
                                     for i, (kind, width) in enumerate(cfg.block_ffns()))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab, bias=False)
+        nn.init.normal_(self.head.weight, std=0.02)
         self.to(device)
 
     def forward(self, tokens):
