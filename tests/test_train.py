@@ -12,7 +12,7 @@ import pytest
 from peer_bench import formulas
 from peer_train import data, experiments, report
 from peer_train.cli import main
-from peer_train.config import ConfigError, ModelConfig, TrainConfig
+from peer_train.config import ModelConfig, TrainConfig
 from peer_train.train import ResumeError, run
 
 TINY = ModelConfig(d_model=32, n_layers=2, n_heads=2, seq=32, ffn_width=64, n_experts=8 ** 2, peer_heads=2,
@@ -254,3 +254,13 @@ def test_data_flag_trains_on_a_users_text_file(tmp_path):
                  "--no-progress"]) == 0
     record = json.loads((out / "train.json").read_text())
     assert record["corpus"]["name"] == str(text) and record["corpus"]["files"] == 1
+
+
+def test_importing_the_trainer_imports_no_framework():
+    import subprocess
+    import sys
+
+    code = ("import sys, peer_train, peer_train.cli, peer_train.experiments, peer_train.report\n"
+            "print(sorted(m for m in ('torch', 'jax', 'tensorflow', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

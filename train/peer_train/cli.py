@@ -65,7 +65,8 @@ def parser() -> argparse.ArgumentParser:
                        help="write <out>/checkpoint.{pt,npz} every K steps and at the end")
     train.add_argument("--resume", action="store_true", help="continue from <out>'s checkpoint")
     for name in (*EXPERIMENTS, "all"):
-        sub.add_parser(name, parents=[common], help="all three experiments" if name == "all" else f"the {name} experiment")
+        sub.add_parser(name, parents=[common],
+                       help="all three experiments" if name == "all" else f"the {name} experiment")
     return p
 
 

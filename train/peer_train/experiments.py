@@ -19,7 +19,7 @@ from peer_ref import TOLERANCES, metrics
 
 from . import data
 from .config import ModelConfig, TrainConfig
-from .train import routing_metrics, run
+from .train import run
 
 # Model and schedule of each size. Budgets are numbers of training steps; every variant of a
 # budget trains on the same tokens, so equal FLOPs per token make equal training FLOPs.

@@ -6,7 +6,6 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 
 from peer_ref import metrics
 
