@@ -65,6 +65,14 @@ def test_directory_split_moves_no_other_file(tmp_path):
     assert second.n_val_files == first.n_val_files
 
 
+def test_a_folder_of_few_files_is_split_by_position(tmp_path):
+    (tmp_path / "a.md").write_text("alpha " * 6000)
+    (tmp_path / "b.txt").write_text("beta " * 6000)
+    corpus = data.load(tmp_path)
+    assert corpus.split == "position" and corpus.n_files == 2
+    assert corpus.val.size == int(66000 * 0.1) and bytes(corpus.val[-5:]) == b"beta "
+
+
 def test_batches_depend_only_on_seed_and_step(corpus):
     a = data.train_batch(corpus.train, 3, 7, 4, 16)
     assert a.shape == (4, 17) and a.dtype == np.int32

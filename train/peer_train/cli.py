@@ -3,8 +3,8 @@
     python -m peer_train train [--ffn peer|dense] [--steps N] [--checkpoint-every K] [--resume] ...
     python -m peer_train isoflop | usage | transfer | all [--quick] [--out DIR]
 
-Every command takes --data, --device, --backend, --threads, --seed, --out, --quick and
---no-progress. Bad flags and unreadable data exit with status 2 and one line naming the flag,
+Every command takes --data, --device, --backend, --threads, --seed, --out, --precision and
+--no-progress; the experiments also take --quick. Bad flags and unreadable data exit with status 2 and one line naming the flag,
 the value and what was expected.
 """
 
@@ -17,6 +17,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+from peer_ref.config import QUERY_NORMS
 
 from .config import FFNS, PEER_BLOCKS, ConfigError, ModelConfig, TrainConfig
 from .data import DataError
@@ -42,7 +44,6 @@ def parser() -> argparse.ArgumentParser:
                         help="CPU threads per framework (default 1: these models' operations are too small "
                              "for threads to pay, and extra threads slow a shared machine down badly)")
     common.add_argument("--seed", type=int, default=None, help="seed (default 0; isoflop: its size's seeds)")
-    common.add_argument("--quick", action="store_true", help="the minute-scale size of the experiment")
     common.add_argument("--precision", default="float32",
                         help="float32 only: bf16/fp16 need autocast support in the PEER layers, not there yet")
     common.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -51,8 +52,8 @@ def parser() -> argparse.ArgumentParser:
     for field in dataclasses.fields(ModelConfig):
         if field.name == "vocab":
             continue
-        kwargs = {"choices": FFNS} if field.name == "ffn" else {"choices": PEER_BLOCKS} \
-            if field.name == "peer_blocks" else {}
+        kwargs = {"choices": {"ffn": FFNS, "peer_blocks": PEER_BLOCKS, "query_norm": QUERY_NORMS}[field.name]} \
+            if field.name in ("ffn", "peer_blocks", "query_norm") else {}
         kind = int if isinstance(getattr(d_model, field.name), int) else str
         train.add_argument("--" + field.name.replace("_", "-"), type=kind, default=getattr(d_model, field.name),
                            **kwargs)
@@ -65,8 +66,9 @@ def parser() -> argparse.ArgumentParser:
                        help="write <out>/checkpoint.{pt,npz} every K steps and at the end")
     train.add_argument("--resume", action="store_true", help="continue from <out>'s checkpoint")
     for name in (*EXPERIMENTS, "all"):
-        sub.add_parser(name, parents=[common],
-                       help="all three experiments" if name == "all" else f"the {name} experiment")
+        experiment = sub.add_parser(name, parents=[common],
+                                    help="all three experiments" if name == "all" else f"the {name} experiment")
+        experiment.add_argument("--quick", action="store_true", help="the minute-scale size (each experiment < 2 min)")
     return p
 
 
@@ -178,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
         torch.use_deterministic_algorithms(True, warn_only=True)
     out = Path(args.out)
-    size = "quick" if args.quick else "default"
+    size = "quick" if getattr(args, "quick", False) else "default"
     names = EXPERIMENTS if args.command == "all" else (args.command,)
     try:
         with _progress(args.no_progress) as progress:

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 VOCAB = 256
+MIN_SPLIT_BYTES = 4096
 SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
 TEXT_SUFFIXES = frozenset({".py", ".txt", ".md", ".rst", ".c", ".h", ".json", ".toml", ".cfg", ".ini",
                            ".html", ".css", ".js", ".tex", ".csv", ".yaml", ".yml", ".sh", ".pyi"})
@@ -43,10 +44,12 @@ class Corpus:
     n_files: int
     n_val_files: int
     sha256: str
+    split: str = "file-name hash"
 
     def describe(self) -> dict:
         return {"name": self.name, "root": self.root, "files": self.n_files, "val_files": self.n_val_files,
-                "train_bytes": int(self.train.size), "val_bytes": int(self.val.size), "sha256": self.sha256}
+                "split": self.split, "train_bytes": int(self.train.size), "val_bytes": int(self.val.size),
+                "sha256": self.sha256}
 
 
 def stdlib_files() -> tuple[Path, list[Path]]:
@@ -72,8 +75,9 @@ def load(path: str | os.PathLike | None = None, val_fraction: float = 0.1) -> Co
     """Read a corpus: the standard library (``path`` None), a text file, or a directory.
 
     A directory contributes its text files (suffixes in ``TEXT_SUFFIXES``) and is split by
-    file-name hash like the standard library. A single file is split by position: its last
-    ``val_fraction`` of bytes is the validation set.
+    file-name hash like the standard library, unless that leaves a split under 4096 bytes (too
+    few files): then, like a single file, it is split by position, the last ``val_fraction``
+    of its bytes being the validation set.
 
     Raises:
       DataError: the path does not exist, cannot be read, holds no text files, or one split
@@ -85,7 +89,7 @@ def load(path: str | os.PathLike | None = None, val_fraction: float = 0.1) -> Co
         root, files = stdlib_files()
         name = "python-stdlib"
     else:
-        root = Path(path).expanduser()
+        root = Path(path).expanduser().resolve()
         name = str(root)
         if not root.exists():
             raise DataError(f"--data {str(path)!r}: no such file or directory")
@@ -108,7 +112,15 @@ def load(path: str | os.PathLike | None = None, val_fraction: float = 0.1) -> Co
             n_val += 1
         else:
             train.append(data)
-    return _checked(Corpus(name, str(root), _join(train), _join(val), len(files), n_val, digest.hexdigest()))
+    corpus = Corpus(name, str(root), _join(train), _join(val), len(files), n_val, digest.hexdigest())
+    if min(corpus.train.size, corpus.val.size) < MIN_SPLIT_BYTES:
+        # Too few files for a split by name (e.g. a handful of books): split the concatenation by
+        # position instead, its last val_fraction of bytes being the validation set.
+        whole = _join([_read(file) for file in files])
+        cut = whole.size - int(whole.size * val_fraction)
+        corpus = dataclasses.replace(corpus, train=whole[:cut].copy(), val=whole[cut:].copy(), n_val_files=0,
+                                     split="position")
+    return _checked(corpus)
 
 
 def _read(file: Path) -> bytes:
@@ -127,16 +139,16 @@ def _single_file(file: Path, val_fraction: float) -> Corpus:
     cut = len(data) - int(len(data) * val_fraction)
     array = np.frombuffer(data, dtype=np.uint8)
     corpus = Corpus(str(file), str(file), array[:cut].copy(), array[cut:].copy(), 1, 0,
-                    hashlib.sha256(data).hexdigest())
+                    hashlib.sha256(data).hexdigest(), split="position")
     return _checked(corpus)
 
 
 def _checked(corpus: Corpus) -> Corpus:
     for split in ("train", "val"):
         size = getattr(corpus, split).size
-        if size < 4096:
+        if size < MIN_SPLIT_BYTES:
             raise DataError(f"--data {corpus.root!r}: the {split} split has {size} bytes, "
-                            "but expected at least 4096 (give more text)")
+                            f"but expected at least {MIN_SPLIT_BYTES} (give more text)")
     return corpus
 
 
