@@ -85,9 +85,9 @@ def isoflop_plot(result: dict, path: Path) -> None:
         err = [r["val_bpb_std"] or 0.0 for r in rows]
         ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label, color=colors[variant])
         for r in result["runs"]:
-            if r["variant"] == variant and r["budget_steps"] == max(result_budgets(result)):
+            if r["variant"] == variant and r["budget_steps"] == max(_budgets(result)):
                 curves.plot([e["train_flops"] for e in r["evals"]], [e["val_bpb"] for e in r["evals"]],
-                            color=colors[variant], alpha=0.7, label=label if r["seed"] == r_first_seed(result)
+                            color=colors[variant], alpha=0.7, label=label if r["seed"] == _first_seed(result)
                             else None)
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs")
@@ -97,18 +97,18 @@ def isoflop_plot(result: dict, path: Path) -> None:
     curves.set_xscale("log")
     curves.set_xlabel("training FLOPs")
     curves.set_ylabel("validation bits per byte")
-    curves.set_title(f"during the {max(result_budgets(result))}-step runs")
+    curves.set_title(f"during the {max(_budgets(result))}-step runs")
     curves.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def result_budgets(result: dict) -> list[int]:
+def _budgets(result: dict) -> list[int]:
     return sorted({r["budget_steps"] for r in result["table"]})
 
 
-def r_first_seed(result: dict) -> int:
+def _first_seed(result: dict) -> int:
     return min(r["seed"] for r in result["runs"])
 
 
