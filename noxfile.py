@@ -1,5 +1,6 @@
 """Sessions: `nox -s tests` runs everything; `ref`, `torch`, `jax`, `tensorflow` one backend each;
-`bench` runs the benchmark harness (pass flags after `--`, e.g. `nox -s bench -- --preset paper`).
+`bench` runs the benchmark harness (pass flags after `--`, e.g. `nox -s bench -- --preset paper`);
+`train` runs the trainer (`nox -s train -- all --quick`).
 
 Each session installs the project and only what it needs into its own virtual environment.
 torch is pinned to 2.13.0 (the CPU build) in pyproject.toml's extras.
@@ -42,9 +43,10 @@ def tests(session):
     _install(session, "all")
     # Each framework's own tests in a process of its own (TensorFlow and torch loaded together
     # must import torch first; separate processes need no such care).
-    # The sharded-table tests start their own device setups (gloo processes, 4 XLA host devices).
+    # The sharded-table tests start their own device setups (gloo processes, 4 XLA host devices);
+    # the trainer's tests load torch and JAX together.
     own = [f"tests/test_{name}_backend.py" for name in ("torch", "jax", "tensorflow")]
-    own += [f"tests/test_{name}_parallel.py" for name in ("torch", "jax")]
+    own += [f"tests/test_{name}_parallel.py" for name in ("torch", "jax")] + ["tests/test_train.py"]
     session.run("pytest", *PYTEST, *PROFILE, "tests", *(f"--ignore={path}" for path in own), *session.posargs)
     for path in own:
         session.run("pytest", *PYTEST, *PROFILE, path, *session.posargs)
@@ -92,3 +94,10 @@ def bench(session):
     """The benchmark on the embedded default preset (cpu); flags after `--` override it."""
     _install(session, "all")
     session.run("python", "-m", "peer_bench", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def train(session):
+    """The trainer, `python -m peer_train` (default: all three experiments into train/results)."""
+    _install(session, "train,tensorflow")
+    session.run("python", "-m", "peer_train", *(session.posargs or ["all", "--out", "train/results"]))

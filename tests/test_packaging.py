@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ["peer_ref", "peer_spec", "peer_backends", "peer_backends.numpy", "peer_conformance", "peer_bench"]
+PACKAGES = ["peer_ref", "peer_spec", "peer_backends", "peer_backends.numpy", "peer_conformance", "peer_bench",
+            "peer_train"]
 
 
 def test_installed_packages_import():

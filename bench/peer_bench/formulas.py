@@ -81,3 +81,33 @@ def case_counts(case: Case) -> dict[str, int]:
         "expert_stage_bytes": expert_stage_bytes(case.tokens, case.heads, case.topk, case.d_model,
                                                   None, DTYPE_BYTES[case.dtype]),
     }
+
+
+def transformer_flops_per_token(d_model: int, n_layers: int, seq: int, vocab: int,
+                                ffn_flops: list[int]) -> dict[str, int]:
+    """Forward FLOPs per token of a decoder-only transformer, by term, plus their "total".
+
+    ``ffn_flops`` holds each block's feed-forward FLOPs per token (``dense_flops_per_token`` or
+    ``peer_flops_per_token(...)["total"]``), one entry per block. Terms, per the convention of
+    Kaplan et al. 2020 (arXiv 2001.08361, Table 1) with a multiply-add counted as 2:
+
+        attention_proj  2 * 4 * d_model**2 per block     q, k, v and output projections
+        attention       2 * 2 * seq * d_model per block  q.k logits and the weighted sum of v
+                                                         (the full seq x seq; causal masking
+                                                         halves the work actually needed)
+        ffn             sum(ffn_flops)
+        unembed         2 * d_model * vocab              the output logits
+
+    Embedding lookups, layer norms, softmax and residual additions are left out. Training
+    FLOPs are ``mode_factor("forward_backward") * total`` per token.
+    """
+    if len(ffn_flops) != n_layers:
+        raise ValueError(f"len(ffn_flops)={len(ffn_flops)}, but expected n_layers={n_layers}")
+    terms = {
+        "attention_proj": 8 * d_model * d_model * n_layers,
+        "attention": 4 * seq * d_model * n_layers,
+        "ffn": int(sum(ffn_flops)),
+        "unembed": 2 * d_model * vocab,
+    }
+    terms["total"] = sum(terms.values())
+    return terms

@@ -1,0 +1,274 @@
+"""peer_train: a few-step smoke test per framework, determinism, resuming, the transfer
+experiment, reports and every bad flag. Small sizes only; nothing here is timed."""
+
+import dataclasses
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from peer_bench import formulas
+from peer_train import data, experiments, report
+from peer_train.cli import main
+from peer_train.config import ModelConfig, TrainConfig
+from peer_train.train import ResumeError, run
+
+TINY = ModelConfig(d_model=32, n_layers=2, n_heads=2, seq=32, ffn_width=64, n_experts=8 ** 2, peer_heads=2,
+                   topk=4, d_key=16)
+TINY_FLAGS = ["--d-model", "32", "--n-layers", "2", "--n-heads", "2", "--seq", "32", "--ffn-width", "64",
+              "--n-experts", "64", "--peer-heads", "2", "--topk", "4", "--d-key", "16", "--batch", "8",
+              "--eval-batches", "2", "--warmup", "2"]
+
+
+def _train_cfg(steps=30, **kw):
+    return TrainConfig(**{"steps": steps, "batch": 8, "lr": 3e-3, "warmup": 5, "eval_every": 10, "eval_batches": 2,
+                          **kw})
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return data.load()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---- data ---------------------------------------------------------------------------------
+
+
+def test_stdlib_corpus_is_deterministic_and_split_by_file_name(corpus):
+    root, files = data.stdlib_files()
+    relative = [f.relative_to(root).as_posix() for f in files]
+    assert relative == sorted(relative)
+    assert not any(part in data.SKIP_DIRS for r in relative for part in r.split("/")[:-1])
+    assert 0.02 < corpus.n_val_files / corpus.n_files < 0.3
+    again = data.load()
+    assert again.sha256 == corpus.sha256 and np.array_equal(again.val, corpus.val)
+    assert corpus.train.dtype == np.uint8 and corpus.train.size > 10 * corpus.val.size / 3
+
+
+def test_directory_split_moves_no_other_file(tmp_path):
+    for i in range(40):
+        (tmp_path / f"f{i}.txt").write_text(f"file {i} " * 200)
+    first = data.load(tmp_path)
+    (tmp_path / "f0.txt").write_text("changed " * 300)
+    second = data.load(tmp_path)
+    assert second.sha256 != first.sha256
+    assert second.n_val_files == first.n_val_files
+
+
+def test_a_folder_of_few_files_is_split_by_position(tmp_path):
+    (tmp_path / "a.md").write_text("alpha " * 6000)
+    (tmp_path / "b.txt").write_text("beta " * 6000)
+    corpus = data.load(tmp_path)
+    assert corpus.split == "position" and corpus.n_files == 2
+    assert corpus.val.size == int(66000 * 0.1) and bytes(corpus.val[-5:]) == b"beta "
+
+
+def test_batches_depend_only_on_seed_and_step(corpus):
+    a = data.train_batch(corpus.train, 3, 7, 4, 16)
+    assert a.shape == (4, 17) and a.dtype == np.int32
+    assert np.array_equal(a, data.train_batch(corpus.train, 3, 7, 4, 16))
+    assert not np.array_equal(a, data.train_batch(corpus.train, 3, 8, 4, 16))
+    val = data.val_batches(corpus.val, 4, 16, 3)
+    assert len(val) == 3 and np.array_equal(val[0][0], corpus.val[:17])
+
+
+# ---- FLOPs --------------------------------------------------------------------------------
+
+
+def test_dense_and_peer_models_have_equal_flops_per_token():
+    peer, dense = TINY, dataclasses.replace(TINY, ffn="dense")
+    assert dense.block_ffns()[1] == ("dense", formulas.dense_width(peer.peer_flops(), 32))
+    f_peer, f_dense = peer.flops_per_token()["total"], dense.flops_per_token()["total"]
+    assert abs(f_peer - f_dense) <= 2 * (32 + 32) / 2  # one rounded width
+    d, layers, seq, vocab = 32, 2, 32, 256
+    expected = 8 * d * d * layers + 4 * seq * d * layers + 2 * 64 * 2 * d + peer.peer_flops() + 2 * d * vocab
+    assert f_peer == expected
+    assert peer.train_flops_per_token() == 3 * f_peer
+    every = dataclasses.replace(TINY, peer_blocks="all")
+    assert [k for k, _ in every.block_ffns()] == ["peer", "peer"]
+
+
+# ---- training, per framework -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_loss_falls_and_metrics_are_in_range(corpus, backend):
+    if backend == "jax":
+        pytest.importorskip("flax")
+    record = run(TINY, _train_cfg(), corpus, backend=backend)
+    losses = record["losses"]
+    assert len(losses) == 30 and all(math.isfinite(x) for x in losses)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5
+    assert losses[0] == pytest.approx(math.log(256), abs=0.6)
+    assert [e["step"] for e in record["evals"]] == [10, 20, 30]
+    assert record["evals"][-1]["val_bpb"] < record["evals"][0]["val_bpb"] < 8.5
+    assert record["val_bpb"] == pytest.approx(record["evals"][-1]["val_bpb"])
+    (block, m), = record["routing"].items()
+    assert block == "1"
+    assert 0 < m["usage"] <= 1 and 0 <= m["unevenness"] <= math.log(TINY.n_experts)
+    assert record["train_flops"] == 30 * 8 * 32 * TINY.train_flops_per_token()
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_same_seed_same_losses_and_resume_reproduces_them(corpus, backend, tmp_path):
+    if backend == "jax":
+        pytest.importorskip("flax")
+    cfg = _train_cfg(steps=12, eval_every=6)
+    whole = run(TINY, cfg, corpus, backend=backend)
+    stopped = run(TINY, cfg, corpus, backend=backend, out_dir=tmp_path, checkpoint_every=5, stop_after=7)
+    assert stopped["losses"] == whole["losses"][:7] and "val_bpb" not in stopped
+    resumed = run(TINY, cfg, corpus, backend=backend, out_dir=tmp_path, checkpoint_every=5, resume=True)
+    assert resumed["losses"] == whole["losses"]
+    assert resumed["evals"] == whole["evals"]
+    assert resumed["routing"] == whole["routing"]
+    if backend == "torch":  # each JAX engine compiles afresh; the rest is framework-independent
+        other = run(TINY, _train_cfg(steps=3, seed=1), corpus, backend=backend)
+        assert other["losses"][:3] != whole["losses"][:3]
+        with pytest.raises(ResumeError, match="other settings"):
+            run(TINY, _train_cfg(steps=13, eval_every=6), corpus, backend=backend, out_dir=tmp_path, resume=True)
+
+
+def test_every_block_can_be_peer(corpus):
+    record = run(dataclasses.replace(TINY, peer_blocks="all"), _train_cfg(steps=4), corpus)
+    assert sorted(record["routing"]) == ["0", "1"]
+
+
+# ---- experiments and reports ----------------------------------------------------------------
+
+
+def test_trained_torch_layer_gives_the_same_outputs_in_jax_and_tensorflow(corpus, monkeypatch):
+    pytest.importorskip("flax")
+    pytest.importorskip("tensorflow")
+    monkeypatch.setitem(experiments.SIZES, "quick", {**experiments.SIZES["quick"], "transfer_steps": 8,
+                                                     "model": {**TINY.to_dict()}, "train": {"batch": 8,
+                                                     "eval_batches": 2, "warmup": 2}})
+    result = experiments.transfer(corpus, "quick")
+    assert result["tokens_compared"] == 2 * 8 * 32
+    assert 0 < result["torch"]["usage"] <= 1
+    for name in ("jax", "tensorflow"):
+        target = result["targets"][name]
+        assert target["outputs_within_tolerance"], target
+        assert target["indices_equal"] > 0.99
+        assert target["usage_abs_diff"] <= 0.01 and target["unevenness_abs_diff"] <= 0.01
+
+
+def test_isoflop_and_usage_reports(corpus, monkeypatch, tmp_path):
+    pytest.importorskip("matplotlib")
+    tiny = {"model": TINY.to_dict(), "train": {"batch": 4, "eval_batches": 1, "warmup": 1}, "budgets": (2, 4),
+            "seeds": (0, 1), "experts": (4 ** 2, 8 ** 2), "usage_steps": 2, "transfer_steps": 2}
+    monkeypatch.setitem(experiments.SIZES, "quick", tiny)
+    env = {"command": "python -m peer_train", "date": "d", "wall_s": 1.0, "threads": 1, "cpu_model": "cpu",
+           "python": "3", "versions": {"torch": "x"}}
+    iso = experiments.isoflop(corpus, "quick") | {"environment": env, "corpus": corpus.describe()}
+    assert [(r["variant"], r["budget_steps"], r["seeds"]) for r in iso["table"]] == [
+        (v, b, 2) for b in (2, 4) for v in experiments.VARIANTS]
+    rows = {(r["variant"], r["budget_steps"]): r for r in iso["table"]}
+    assert rows["dense", 4]["train_flops"] == pytest.approx(rows["peer", 4]["train_flops"], rel=0.01)
+    assert rows["dense", 4]["usage_mean"] is None and 0 < rows["peer", 4]["usage_mean"] <= 1
+    files = report.write(tmp_path, "isoflop", iso)
+    assert [p.name for p in files] == ["isoflop.json", "isoflop.md", "isoflop.png"]
+    assert json.loads((tmp_path / "isoflop.json").read_text())["table"][0]["variant"] == "dense"
+    assert "| PEER, no query BN | 4 |" in (tmp_path / "isoflop.md").read_text()
+    use = experiments.usage(corpus, "quick") | {"environment": env, "corpus": corpus.describe()}
+    assert [(r["n_experts"], r["query_norm"]) for r in use["table"]] == [
+        (16, "batch"), (16, "none"), (64, "batch"), (64, "none")]
+    assert (tmp_path / "usage.md").name in [p.name for p in report.write(tmp_path, "usage", use)]
+    assert (tmp_path / "usage.png").stat().st_size > 0
+
+
+# ---- the command line -------------------------------------------------------------------------
+
+
+def test_cli_trains_and_writes_its_record(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY_FLAGS, "--steps", "6", "--eval-every", "3", "--out", str(out), "--no-progress",
+                 "--checkpoint-every", "3"]) == 0
+    record = json.loads((out / "train.json").read_text())
+    assert len(record["losses"]) == 6 and record["corpus"]["sha256"] == data.load().sha256
+    assert record["environment"]["python"] and "torch" in record["environment"]["versions"]
+    assert (out / "checkpoint.pt").exists()
+    assert "val bpb" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--precision", "bf16"], "--precision bf16: not supported yet"),
+    (["train", "--precision", "fp64"], "--precision 'fp64', but expected float32"),
+    (["train", "--threads", "0"], "--threads 0, but expected an int >= 1"),
+    (["train", "--seed", "-1"], "--seed -1, but expected an int >= 0"),
+    (["train", "--steps", "0"], "steps=0, but expected an int >= 1"),
+    (["train", "--lr", "nan"], "lr=nan, but expected a finite float"),
+    (["train", "--d-model", "30", "--n-heads", "4"], "d_model=30 with n_heads=4"),
+    (["train", "--topk", "100"], "PEERConfig.topk=100"),
+    (["train", "--n-experts", "1000"], "PEERConfig.n_experts=1000, but expected a perfect square"),
+    (["train", "--data", "/nonexistent/corpus"], "--data '/nonexistent/corpus': no such file or directory"),
+    (["train", "--resume"], "--resume: no checkpoint at"),
+])
+def test_bad_flags_fail_with_a_clear_message(argv, message, capsys, tmp_path):
+    argv = [*argv, "--out", str(tmp_path / "o"), "--no-progress"]
+    if argv[0] == "train" and "--resume" in argv:
+        argv += TINY_FLAGS + ["--steps", "2"]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err.replace("\n", "")
+
+
+@pytest.mark.parametrize("argv", [["train", "--device", "tpu"], ["train", "--backend", "mxnet"], ["fly"],
+                                  ["train", "--ffn", "moe"], ["train", "--steps", "many"]])
+def test_unknown_choices_are_refused_by_the_parser(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "invalid" in capsys.readouterr().err
+
+
+def test_unreadable_or_too_small_data_fails_clearly(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["train", "--data", str(empty), "--no-progress"]) == 2
+    assert "holds no text files" in capsys.readouterr().err.replace("\n", "")
+    small = tmp_path / "small.txt"
+    small.write_text("tiny")
+    assert main(["train", "--data", str(small), "--no-progress"]) == 2
+    assert "but expected at least 4096" in capsys.readouterr().err.replace("\n", "")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    os.symlink(tmp_path / "missing.txt", broken / "gone.txt")
+    assert main(["train", "--data", str(broken), "--no-progress"]) == 2
+    assert "cannot read" in capsys.readouterr().err.replace("\n", "")
+
+
+def test_cuda_without_a_gpu_fails_clearly(capsys):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert main(["train", "--device", "cuda", "--no-progress"]) == 2
+    assert "--device cuda, but torch sees no CUDA device" in capsys.readouterr().err.replace("\n", "")
+
+
+def test_data_flag_trains_on_a_users_text_file(tmp_path):
+    text = tmp_path / "book.txt"
+    text.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(2000)))
+    out = tmp_path / "o"
+    assert main(["train", "--data", str(text), *TINY_FLAGS, "--steps", "3", "--eval-every", "3", "--out", str(out),
+                 "--no-progress"]) == 0
+    record = json.loads((out / "train.json").read_text())
+    assert record["corpus"]["name"] == str(text) and record["corpus"]["files"] == 1
+
+
+def test_importing_the_trainer_imports_no_framework():
+    import subprocess
+    import sys
+
+    code = ("import sys, peer_train, peer_train.cli, peer_train.experiments, peer_train.report\n"
+            "print(sorted(m for m in ('torch', 'jax', 'tensorflow', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

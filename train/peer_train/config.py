@@ -1,0 +1,143 @@
+"""The model and training configuration: plain data, shared by every framework's model.
+
+The model is a pre-norm decoder-only transformer over bytes: token and learned position
+embeddings, ``n_layers`` blocks of (LayerNorm -> causal self-attention -> residual,
+LayerNorm -> feed-forward -> residual), a final LayerNorm and an untied output projection.
+Every block's feed-forward is a dense FFN (``gelu(x W1 + b1) W2 + b2``, width ``ffn_width``)
+except the blocks listed by ``peer_blocks`` (the middle block, as in the paper's §3
+experiments, or all blocks), whose feed-forward is:
+
+  ``ffn="peer"``   a PEER layer (``peer_backends.layer``) configured by ``peer``;
+  ``ffn="dense"``  a dense FFN of width ``dense_width(PEER's forward FLOPs per token)``, i.e.
+                   the equal-FLOP dense baseline of the benchmark (bench/peer_bench/formulas.py).
+
+So "dense" and "peer" models have the same FLOPs per token up to the rounding of one width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from peer_bench import formulas
+from peer_ref import PEERConfig
+
+from .data import VOCAB
+
+FFNS = ("dense", "peer")
+PEER_BLOCKS = ("middle", "all")
+
+
+class ConfigError(ValueError):
+    """A training or model setting out of range."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    d_model: int = 64
+    n_layers: int = 3
+    n_heads: int = 4
+    seq: int = 128
+    ffn_width: int = 256
+    ffn: str = "peer"
+    peer_blocks: str = "middle"
+    n_experts: int = 32 ** 2
+    peer_heads: int = 8
+    topk: int = 8
+    d_key: int = 32
+    query_norm: str = "batch"
+    vocab: int = VOCAB
+
+    def __post_init__(self):
+        for name in ("d_model", "n_layers", "n_heads", "seq", "ffn_width", "n_experts", "peer_heads", "topk",
+                     "d_key", "vocab"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}={value!r}, but expected an int >= 1")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"d_model={self.d_model} with n_heads={self.n_heads}, "
+                              "but expected d_model divisible by n_heads")
+        if self.ffn not in FFNS:
+            raise ConfigError(f"ffn={self.ffn!r}, but expected one of {FFNS}")
+        if self.peer_blocks not in PEER_BLOCKS:
+            raise ConfigError(f"peer_blocks={self.peer_blocks!r}, but expected one of {PEER_BLOCKS}")
+        self.peer_config()  # validates the PEER fields through PEERConfig
+
+    def peer_config(self) -> PEERConfig:
+        """The PEER layer's config (SPEC §1); its errors name PEERConfig's fields."""
+        return PEERConfig(d_model=self.d_model, n_experts=self.n_experts, heads=self.peer_heads, topk=self.topk,
+                          d_key=self.d_key, query_norm=self.query_norm)
+
+    def replaced(self) -> list[int]:
+        """Indices of the blocks whose feed-forward is PEER (or its equal-FLOP dense stand-in)."""
+        return list(range(self.n_layers)) if self.peer_blocks == "all" else [self.n_layers // 2]
+
+    def peer_flops(self) -> int:
+        return formulas.peer_flops_per_token(self.d_model, self.n_experts, self.peer_heads, self.topk,
+                                             self.d_key)["total"]
+
+    def equal_flop_width(self) -> int:
+        return formulas.dense_width(self.peer_flops(), self.d_model)
+
+    def block_ffns(self) -> list[tuple[str, int]]:
+        """Each block's feed-forward: ("dense", width) or ("peer", 0)."""
+        out = []
+        for i in range(self.n_layers):
+            if i not in self.replaced():
+                out.append(("dense", self.ffn_width))
+            elif self.ffn == "peer":
+                out.append(("peer", 0))
+            else:
+                out.append(("dense", self.equal_flop_width()))
+        return out
+
+    def flops_per_token(self) -> dict[str, int]:
+        """Forward FLOPs per token by term (formulas.transformer_flops_per_token)."""
+        ffn = [self.peer_flops() if kind == "peer" else formulas.dense_flops_per_token(width, self.d_model)
+               for kind, width in self.block_ffns()]
+        return formulas.transformer_flops_per_token(self.d_model, self.n_layers, self.seq, self.vocab, ffn)
+
+    def train_flops_per_token(self) -> int:
+        return formulas.mode_factor("forward_backward") * self.flops_per_token()["total"]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 600
+    batch: int = 16
+    lr: float = 3e-3
+    warmup: int = 50
+    weight_decay: float = 0.1
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    eval_every: int = 100
+    eval_batches: int = 8
+
+    def __post_init__(self):
+        for name in ("steps", "batch", "eval_every", "eval_batches"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}={value!r}, but expected an int >= 1")
+        if not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ConfigError(f"warmup={self.warmup!r}, but expected an int >= 0")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed={self.seed!r}, but expected an int >= 0")
+        for name, low, high in (("lr", 0.0, 1.0), ("weight_decay", 0.0, 10.0), ("beta2", 0.0, 1.0),
+                                ("grad_clip", 0.0, math.inf)):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
+                raise ConfigError(f"{name}={value!r}, but expected a finite float in [{low}, {high}]")
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up over ``warmup`` steps, then cosine decay to 10% at ``steps``."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, self.steps - self.warmup)
+        return self.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,171 @@
+"""The transformer of ``peer_train.config`` in JAX with Flax NNX, and its training engine.
+
+Standard parts only: ``nnx.Embed``, ``nnx.LayerNorm``, ``nnx.Linear``,
+``jax.nn.dot_product_attention(is_causal=True)``, ``optax.adamw`` behind
+``optax.clip_by_global_norm``, ``nnx.Optimizer``, ``nnx.jit``; the PEER feed-forward is
+``peer_backends.layer(cfg, "jax")``. Checkpoints are ``.npz`` files of the model's and the
+optimiser's arrays keyed by their pytree paths (no pickled code).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import peer_backends
+
+from .config import ModelConfig, TrainConfig
+
+
+class DenseFFN(nnx.Module):
+    def __init__(self, d_model: int, width: int, rngs: nnx.Rngs):
+        self.up = nnx.Linear(d_model, width, rngs=rngs)
+        self.down = nnx.Linear(width, d_model, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down(jax.nn.gelu(self.up(x), approximate=False))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, kind: str, width: int, seed: int, rngs: nnx.Rngs):
+        self.n_heads = cfg.n_heads
+        self.ln1 = nnx.LayerNorm(cfg.d_model, rngs=rngs)
+        self.qkv = nnx.Linear(cfg.d_model, 3 * cfg.d_model, rngs=rngs)
+        self.proj = nnx.Linear(cfg.d_model, cfg.d_model, rngs=rngs)
+        self.ln2 = nnx.LayerNorm(cfg.d_model, rngs=rngs)
+        self.is_peer = kind == "peer"
+        if self.is_peer:
+            self.ffn = peer_backends.layer(cfg.peer_config(), backend="jax", seed=seed)
+        else:
+            self.ffn = DenseFFN(cfg.d_model, width, rngs)
+
+    def __call__(self, x):
+        b, t, d = x.shape
+        q, k, v = jnp.split(self.qkv(self.ln1(x)).reshape(b, t, 3 * self.n_heads, d // self.n_heads), 3, axis=2)
+        a = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(a.reshape(b, t, d))
+        h = self.ln2(x)
+        if self.is_peer:
+            y, aux = self.ffn(h, return_aux=True)
+            return x + y, (h, y, aux["indices"], aux["weights"])
+        return x + self.ffn(h), None
+
+
+class Transformer(nnx.Module):
+    """Bytes (int32, (batch, seq)) -> logits (float32, (batch, seq, vocab)), and each PEER block's
+    (input, output, indices, weights)."""
+
+    def __init__(self, cfg: ModelConfig, seed: int):
+        rngs = nnx.Rngs(seed)
+        self.cfg = cfg
+        init = nnx.initializers.normal(0.02)
+        self.embed = nnx.Embed(cfg.vocab, cfg.d_model, embedding_init=init, rngs=rngs)
+        self.pos = nnx.Embed(cfg.seq, cfg.d_model, embedding_init=init, rngs=rngs)
+        self.blocks = nnx.List([Block(cfg, kind, width, seed * 1000 + i, rngs)
+                                for i, (kind, width) in enumerate(cfg.block_ffns())])
+        self.ln_f = nnx.LayerNorm(cfg.d_model, rngs=rngs)
+        self.head = nnx.Linear(cfg.d_model, cfg.vocab, use_bias=False, kernel_init=init, rngs=rngs)
+
+    def __call__(self, tokens):
+        x = self.embed(tokens) + self.pos(jnp.arange(tokens.shape[1]))[None]
+        routed = {}
+        for i, block in enumerate(self.blocks):
+            x, seen = block(x)
+            if seen is not None:
+                routed[i] = seen
+        return self.head(self.ln_f(x)), routed
+
+
+def _loss(model, tokens):
+    logits, routed = model(tokens[:, :-1])
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+    return losses, routed
+
+
+@nnx.jit
+def _train_step(model, optimizer, tokens):
+    def loss_fn(m):
+        losses, _ = _loss(m, tokens)
+        return losses.mean()
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss
+
+
+@nnx.jit
+def _eval_step(model, tokens):
+    losses, routed = _loss(model, tokens)
+    return losses.sum(), routed
+
+
+class Engine:
+    """One model and its optimiser: step, evaluate, routing, state for checkpoints."""
+
+    framework = "jax"
+
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, device: str = "cpu"):
+        # JAX places everything on its default device: the GPU when jax[cuda] sees one, else the
+        # CPU (the command line sets JAX_PLATFORMS=cpu for --device cpu before importing JAX).
+        platform = jax.default_backend()
+        if (device == "cuda") != (platform == "gpu"):
+            raise RuntimeError(f"device={device!r}, but JAX's default backend is {platform!r}")
+        self.model = Transformer(model_cfg, train_cfg.seed)
+        table = jnp.asarray([train_cfg.lr_at(s) for s in range(train_cfg.steps)], jnp.float32)
+        schedule = lambda count: table[jnp.minimum(count, train_cfg.steps - 1)]  # noqa: E731
+        decay = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+        parts = [optax.clip_by_global_norm(train_cfg.grad_clip)] if train_cfg.grad_clip > 0 else []
+        tx = optax.chain(*parts, optax.adamw(schedule, b1=0.9, b2=train_cfg.beta2,
+                                             weight_decay=train_cfg.weight_decay, mask=decay))
+        self.opt = nnx.Optimizer(self.model, tx, wrt=nnx.Param)
+
+    def n_params(self) -> int:
+        return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(self.model, nnx.Param)))
+
+    def _tokens(self, batch: np.ndarray):
+        return jnp.asarray(batch, jnp.int32)
+
+    def step(self, batch: np.ndarray) -> float:
+        self.model.train()
+        return float(_train_step(self.model, self.opt, self._tokens(batch)))
+
+    def evaluate(self, batches: list[np.ndarray], routing: bool = False):
+        self.model.eval()
+        total, count, aux = 0.0, 0, {}
+        for batch in batches:
+            loss, routed = _eval_step(self.model, self._tokens(batch))
+            total += float(loss)
+            count += batch[:, 1:].size
+            if routing:
+                for i, (_, _, indices, weights) in routed.items():
+                    aux.setdefault(i, []).append((np.asarray(indices), np.asarray(weights)))
+        return (total / count, aux) if routing else total / count
+
+    def _arrays(self) -> tuple[list, object]:
+        pure = {"model": nnx.to_pure_dict(nnx.state(self.model)), "opt": nnx.to_pure_dict(nnx.state(self.opt))}
+        return jax.tree_util.tree_flatten_with_path(pure)
+
+    def save(self, path, extra: dict) -> None:
+        import json
+
+        leaves, _ = self._arrays()
+        arrays = {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
+        with open(path, "wb") as f:
+            np.savez(f, __extra__=np.frombuffer(json.dumps(extra).encode(), np.uint8), **arrays)
+
+    def load(self, path) -> dict:
+        import json
+
+        leaves, treedef = self._arrays()
+        with np.load(path, allow_pickle=False) as stored:
+            values = [jnp.asarray(stored[jax.tree_util.keystr(p)], dtype=jnp.asarray(v).dtype) for p, v in leaves]
+            extra = json.loads(stored["__extra__"].tobytes().decode())
+        pure = jax.tree_util.tree_unflatten(treedef, values)
+        for obj, name in ((self.model, "model"), (self.opt, "opt")):
+            state = nnx.state(obj)
+            nnx.replace_by_pure_dict(state, pure[name])
+            nnx.update(obj, state)
+        return extra

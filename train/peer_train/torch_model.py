@@ -1,0 +1,163 @@
+"""The transformer of ``peer_train.config`` in PyTorch, and its training engine.
+
+Standard parts only: ``nn.Embedding``, ``nn.LayerNorm``, ``nn.Linear``,
+``F.scaled_dot_product_attention(is_causal=True)``, ``torch.optim.AdamW`` with a ``LambdaLR``
+schedule, ``clip_grad_norm_``; the PEER feed-forward is ``peer_backends.layer(cfg, "torch")``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import peer_backends
+
+from .config import ModelConfig, TrainConfig
+
+
+class DenseFFN(nn.Module):
+    def __init__(self, d_model: int, width: int):
+        super().__init__()
+        self.up = nn.Linear(d_model, width)
+        self.down = nn.Linear(width, d_model)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, kind: str, width: int, seed: int, device):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        if kind == "peer":
+            self.ffn = peer_backends.layer(cfg.peer_config(), backend="torch", seed=seed, device=device)
+        else:
+            self.ffn = DenseFFN(cfg.d_model, width)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.ffn(self.ln2(x))
+
+
+class Transformer(nn.Module):
+    """Bytes (int, (batch, seq)) -> logits (float32, (batch, seq, vocab))."""
+
+    def __init__(self, cfg: ModelConfig, seed: int, device="cpu"):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab, cfg.d_model)
+        self.pos = nn.Embedding(cfg.seq, cfg.d_model)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        nn.init.normal_(self.pos.weight, std=0.02)
+        self.blocks = nn.ModuleList(Block(cfg, kind, width, seed * 1000 + i, device)
+                                    for i, (kind, width) in enumerate(cfg.block_ffns()))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab, bias=False)
+        nn.init.normal_(self.head.weight, std=0.02)
+        self.to(device)
+
+    def forward(self, tokens):
+        x = self.embed(tokens) + self.pos(torch.arange(tokens.shape[1], device=tokens.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+    def peer_layers(self) -> dict[int, nn.Module]:
+        return {i: b.ffn for i, b in enumerate(self.blocks) if not isinstance(b.ffn, DenseFFN)}
+
+
+class Engine:
+    """One model and its optimiser: step, evaluate, routing, state for checkpoints."""
+
+    framework = "torch"
+
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, device: str = "cpu"):
+        self.device = torch.device(device)
+        self.model = Transformer(model_cfg, train_cfg.seed, self.device)
+        decay = [p for p in self.model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": train_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=train_cfg.lr, betas=(0.9, train_cfg.beta2))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: train_cfg.lr_at(s) / train_cfg.lr)
+        self.clip = train_cfg.grad_clip
+
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def _tensor(self, batch: np.ndarray):
+        return torch.from_numpy(batch).long().to(self.device)
+
+    def step(self, batch: np.ndarray) -> float:
+        self.model.train()
+        tokens = self._tensor(batch)
+        logits = self.model(tokens[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        self.opt.step()
+        self.sched.step()
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[np.ndarray], routing: bool = False):
+        """Mean cross-entropy (nats per byte) over ``batches`` in evaluation mode; with ``routing``
+        also, per PEER block, the list of (indices, weights) NumPy arrays of each batch."""
+        self.model.eval()
+        total, count, aux = 0.0, 0, {i: [] for i in self.model.peer_layers()}
+        for batch in batches:
+            tokens = self._tensor(batch)
+            logits = self.model(tokens[:, :-1])
+            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1),
+                                           reduction="sum"))
+            count += tokens[:, 1:].numel()
+            if routing:
+                for i, layer in self.model.peer_layers().items():
+                    aux[i].append((layer.last_aux["indices"].cpu().numpy(), layer.last_aux["weights"].cpu().numpy()))
+        return (total / count, aux) if routing else total / count
+
+    @torch.no_grad()
+    def peer_inputs(self, batches: list[np.ndarray], block: int) -> list[np.ndarray]:
+        """The inputs of block ``block``'s PEER layer on ``batches`` (evaluation mode), via a forward hook."""
+        self.model.eval()
+        seen = []
+        hook = self.model.blocks[block].ffn.register_forward_hook(lambda m, args, out: seen.append(
+            (args[0].cpu().numpy().copy(), out.cpu().numpy().copy(),
+             m.last_aux["indices"].cpu().numpy(), m.last_aux["weights"].cpu().numpy())))
+        try:
+            for batch in batches:
+                self.model(self._tensor(batch)[:, :-1])
+        finally:
+            hook.remove()
+        return seen
+
+    def peer_layer(self, block: int):
+        return self.model.blocks[block].ffn
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+
+    def save(self, path, extra: dict) -> None:
+        torch.save({"engine": self.state_dict(), "extra": extra}, path)
+
+    def load(self, path) -> dict:
+        blob = torch.load(path, map_location=self.device, weights_only=True)
+        self.load_state_dict(blob["engine"])
+        return blob["extra"]
