@@ -556,22 +556,23 @@ def _runner(cfg, training, has_mask, has_routing, jit):
         return functools.partial(forward_tensors, cfg, training)
     key = (cfg, training, has_mask, has_routing)
     if key not in _COMPILED:
-        _COMPILED[key] = _dynamic_tokens(torch.compile(functools.partial(forward_tensors, cfg, training)))
+        _COMPILED[key] = _dynamic_tokens(cfg, torch.compile(functools.partial(forward_tensors, cfg, training)))
     return _COMPILED[key]
 
 
-def _dynamic_tokens(compiled):
-    """Mark the leading (token) dimensions of x, mask and routing dynamic before each call, so
-    one graph serves every token count (dynamo still specialises dimensions of size 0 and 1)."""
+def _dynamic_tokens(cfg, compiled):
+    """Call compiled with x, mask and routing flattened to one token dimension, marked dynamic:
+    one graph serves every leading shape. Dynamo specialises a dimension of size 0 or 1, so
+    calls with 0 tokens and with 1 token compile a graph of their own."""
 
     def run(params, state, x, mask, routing):
-        marked = []
-        for value, tail in ((x, 1), (mask, 0), (routing, 2)):
+        flat = [x.reshape(-1, cfg.d_model),
+                None if mask is None else mask.reshape(-1),
+                None if routing is None else routing.reshape(-1, cfg.heads, cfg.topk)]
+        for value in flat:
             if value is not None:
-                value = value.view(value.shape)  # a new tensor object: the caller's is left unmarked
-                torch._dynamo.maybe_mark_dynamic(value, list(range(value.dim() - tail)))
-            marked.append(value)
-        return compiled(params, state, *marked)
+                torch._dynamo.maybe_mark_dynamic(value, 0)
+        return compiled(params, state, *flat)
 
     return run
 
