@@ -396,3 +396,18 @@ def test_compiled_apply_compiles_once_for_every_token_count():
         assert_close(dx, dx_ref, tol=1e-4)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     torch_peer.clear_caches()
+
+
+def test_compiled_module_without_marks_compiles_twice_for_every_token_count():
+    # Unmarked, torch's automatic dynamic shapes compile the first shape as is and, at the first
+    # new one, a dynamic graph that serves every later shape.
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    module = be.layer(COMPILED, seed=2).eval()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(module, backend=counter, fullgraph=True)
+    for lead in LEADS + [(5, 5)]:
+        x = torch.randn(lead + (COMPILED.d_model,))
+        torch.testing.assert_close(compiled(x), module(x))
+    assert counter.frame_count == 2
