@@ -353,9 +353,8 @@ def _row_dots(indices, table, rows, groups):
     return sorted_dots.new_empty(indices.numel()).index_copy_(0, groups.order, sorted_dots).view(indices.shape)
 
 
-def _row_outer(indices, groups, weights, rows, n_rows):
+def _row_outer(groups, weights, rows):
     # One bag per table row, written straight into the dense (N, d) result: empty bags sum to 0.
-    del indices, n_rows  # the groups hold both
     return F.embedding_bag(groups.tokens, rows.contiguous(), groups.offsets,
                            per_sample_weights=weights.reshape(-1)[groups.order].contiguous(), mode="sum")
 
@@ -364,7 +363,7 @@ def _row_outer(indices, groups, weights, rows, n_rows):
 def _row_outer_op(weights: torch.Tensor, rows: torch.Tensor, order: torch.Tensor, tokens: torch.Tensor,
                   experts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """(N, d) sums of weights[t, j] * rows[t] over the selections of each row (no autograd formula)."""
-    return _row_outer(None, ExpertGroups(order, tokens, experts, offsets), weights, rows, None)
+    return _row_outer(ExpertGroups(order, tokens, experts, offsets), weights, rows)
 
 
 @_row_outer_op.register_fake
