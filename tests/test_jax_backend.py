@@ -237,3 +237,25 @@ def test_float64_without_x64_is_refused_with_the_fix():
     params, state = peer_ref.init(SMALL, dtype="float64")
     with pytest.raises(PEERInputError, match=fix):
         be.apply(SMALL, params, state, np.zeros((2, SMALL.d_model)))
+
+
+def test_jit_specialises_on_the_token_count_and_padding_to_a_bucket_is_exact():
+    # jax.jit compiles once per input shape: every new token count is a new compilation.
+    # Padding to a few bucket sizes with the mask (SPEC §5: padding is inert) bounds them,
+    # and gives the unpadded tokens' outputs and batch-norm statistics.
+    params, state = be.init(SMALL, seed=1)
+    rng = np.random.default_rng(1)
+    bucket = 8
+    be.peer._forward_jit.clear_cache()
+    for tokens in (3, 5, 8):
+        x = rng.standard_normal((tokens, SMALL.d_model)).astype(np.float32)
+        y, new_state, _ = be.apply(SMALL, params, state, be.from_numpy(x), True)
+        padded = np.concatenate([x, np.full((bucket - tokens, SMALL.d_model), np.nan, np.float32)])
+        mask = np.arange(bucket) < tokens
+        y_pad, state_pad, _ = be.apply(SMALL, params, state, be.from_numpy(padded), True, be.from_numpy(mask))
+        assert_close(np.asarray(y_pad)[:tokens], y, 1e-6, f"y, {tokens} tokens")
+        assert not np.asarray(y_pad)[tokens:].any()
+        for name in new_state:
+            assert_close(state_pad[name], new_state[name], 1e-6, f"{name}, {tokens} tokens")
+    # Three unpadded token counts, three compilations; the padded calls share one.
+    assert be.peer._forward_jit._cache_size() == 3 + 1

@@ -136,23 +136,21 @@ def test_selected_scores_pass_gradcheck(monkeypatch, key_sets):
     assert torch.autograd.gradcheck(selected, (queries, *keys))
 
 
-def test_chunked_kernels_equal_the_eager_kernels(monkeypatch):
-    # The compiled path gathers and scatters in token chunks; force several chunks of 2 tokens.
-    monkeypatch.setattr(torch_peer, "CHUNK_ELEMENTS", 2 * 4 * 3)
+def test_expert_kernels_equal_gather_and_scatter():
     rows = torch.randn(7, 3, dtype=torch.float64)
     table = torch.randn(9, 3, dtype=torch.float64)
     indices = torch.randint(0, 8, (7, 4))  # table row 8 is never selected: its gradient row must be 0
     weights = torch.randn(7, 4, dtype=torch.float64)
     groups = torch_peer.expert_groups(indices, 9)
-    eager_dots = torch_peer._row_dots(indices, table, rows, groups)
-    eager_outer = torch_peer._row_outer(indices, groups, weights, rows, 9)
-    torch.testing.assert_close(torch_peer._row_dots(indices, table, rows, None), eager_dots)
-    torch.testing.assert_close(torch_peer._row_outer(indices, None, weights, rows, 9), eager_outer)
-    torch.testing.assert_close(eager_dots, torch.einsum("tjd,td->tj", table[indices], rows))
+    torch.testing.assert_close(torch_peer._DownProjection.apply(rows, table, indices, groups),
+                               torch.einsum("tjd,td->tj", table[indices], rows))
+    torch.testing.assert_close(torch_peer._UpProjection.apply(weights, table, indices),
+                               torch.einsum("tjd,tj->td", table[indices], weights))
+    outer = torch.ops.peer.row_outer(weights, rows, *groups)
     expected_outer = torch.zeros(9, 3, dtype=torch.float64).index_add_(
         0, indices.reshape(-1), (weights[..., None] * rows[:, None, :]).reshape(-1, 3))
-    torch.testing.assert_close(eager_outer, expected_outer)
-    assert not eager_outer[8].any()
+    torch.testing.assert_close(outer, expected_outer)
+    assert not outer[8].any()
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -286,3 +284,130 @@ def test_cuda_matches_cpu():
     grads_gpu, _ = be.vjp(FULL, gpu[0], gpu[1], gpu[2], gpu[3], True, gpu[4])
     for name in grads_cpu:
         np.testing.assert_allclose(be.to_numpy(grads_gpu[name]), be.to_numpy(grads_cpu[name]), rtol=1e-3, atol=1e-4)
+
+
+# ---------------------------------------------------------------- custom ops and torch.compile
+
+def _opcheck_cases():
+    g = torch.Generator().manual_seed(0)
+    indices = torch.tensor([[0, 6, 6, 2], [6, 1, 0, 3], [5, 5, 5, 5]])
+    groups = tuple(torch_peer.expert_groups(indices, 7))
+    grad = {"dtype": torch.float64, "requires_grad": True}
+    x, coef = torch.randn(3, 2, generator=g, **grad), torch.randn(3, 4, generator=g, **grad)
+    table = torch.randn(7, 2, generator=g, **grad)
+    sub = torch.randn(2, 3, 2, 5, dtype=torch.float64, generator=g)
+    sub[:, 0] = torch.tensor([1.0, 1.0, 0.0, -0.0, 1.0])  # ties
+    queries = torch.randn(3, 2, 4, generator=g, **grad)
+    keys = [torch.randn(1, 5, 2, generator=g, **grad) for _ in range(2)]
+    halves = torch.randint(0, 5, (2, 3, 2, 3), generator=g)
+    return {
+        "down_projection": (x, table, indices, *groups),
+        "up_projection": (coef, table, indices, *groups),
+        "row_outer": (coef.detach(), x.detach(), *groups),
+        "expert_groups": (indices, 7),
+        "product_key_topk": (sub, 3),
+        "checked_routing": (indices.to(torch.int32), 7),
+        "selected_scores": (queries, *keys, halves, sub),
+        "selected_scores_backward": (torch.randn(3, 2, 3, dtype=torch.float64, generator=g),
+                                     queries.detach(), *(k.detach() for k in keys), halves, True, True, False),
+    }
+
+
+@pytest.mark.parametrize("op", sorted(_opcheck_cases()))
+def test_custom_ops_pass_opcheck(op):
+    # The official check of each op's schema, fake (meta) implementation and autograd registration.
+    torch.library.opcheck(getattr(torch.ops.peer, op), _opcheck_cases()[op])
+
+
+def test_checked_routing_raises_the_reference_error():
+    with pytest.raises(PEERInputError, match=r"routing contains 7, but expected expert indices in \[0, n_experts=7\)"):
+        torch.ops.peer.checked_routing(torch.tensor([[0, 7]]), 7)
+
+
+# One small config serves every compiled test below: compiling is slow on a small machine.
+COMPILED = PEERConfig(d_model=8, n_experts=16, heads=2, topk=2, d_key=4)
+LEADS = [(3, 5), (2, 7), (4, 4), (6, 3)]
+
+
+def _marked(*tensors):
+    # How a user declares dynamic batch and sequence dimensions to torch.compile.
+    for tensor in tensors:
+        if tensor is not None:
+            torch._dynamo.mark_dynamic(tensor, [0, 1])
+    return tensors
+
+
+@pytest.mark.parametrize(("training", "dtype"), [(False, "float32"), (True, "bfloat16")])
+def test_compiled_module_has_no_graph_breaks_nor_recompiles(training, dtype):
+    # fullgraph=True fails on any graph break; the counter fails on a recompilation. aot_eager
+    # traces forward and backward through the ops' fake and autograd registrations without
+    # inductor's code generation (test_compiled_module_matches_eager and the conformance
+    # suite's compiled path cover inductor).
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()  # dynamo's recompile limit counts every graph of PEER.forward so far
+    eager = be.layer(COMPILED, seed=2, dtype=dtype).train(training)
+    module = be.layer(COMPILED, seed=2, dtype=dtype).train(training)
+    counters = {}
+    for masked in (False, True):
+        counter = counters[masked] = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(module, backend=counter, fullgraph=True)
+        for i, lead in enumerate(LEADS):
+            x = torch.randn(lead + (COMPILED.d_model,)).to(getattr(torch, dtype))
+            mask = torch.rand(lead) > 0.3 if masked else None
+            # With a mask, every other call overrides the routing (its own graph).
+            routing = torch.randint(0, COMPILED.n_experts, lead + (2, 2)) if masked and i % 2 else None
+            if routing is not None:
+                y = compiled(*_marked(x, mask, routing))
+                y_eager = eager(x, mask, routing)
+            else:
+                y = compiled(*_marked(x, mask))
+                y_eager = eager(x, mask)
+            torch.testing.assert_close(y, y_eager)
+            torch.testing.assert_close(compiled.last_aux["indices"], eager.last_aux["indices"])
+            if training:
+                y.float().square().sum().backward()
+                y_eager.float().square().sum().backward()
+        if masked:  # routing values are checked when the graph runs, with the reference's error
+            routing[0, 0, 0, 0] = COMPILED.n_experts
+            with pytest.raises(PEERInputError, match="routing contains 16"):
+                compiled(*_marked(x, mask, routing))
+    for name, value in module.state_dict().items():
+        torch.testing.assert_close(value, eager.state_dict()[name])
+    if training:
+        for (name, param), other in zip(module.named_parameters(), eager.parameters()):
+            torch.testing.assert_close(param.grad, other.grad, msg=name)
+    assert counters[False].frame_count == 1
+    assert counters[True].frame_count == 2  # with and without routing
+
+
+def test_compiled_apply_compiles_once_for_every_token_count():
+    # The functional compiled path (inductor) flattens the leading dimensions to one token
+    # dimension and marks it dynamic: one graph for every leading shape with 2 or more tokens.
+    torch_peer.clear_caches()
+    torch._dynamo.utils.counters.clear()
+    for lead in [(5,), (2, 3), (11,), (4, 4)]:
+        params, state, x, mask, dy = reference_inputs(COMPILED, seed=len(lead), lead=lead, dtype="float32")
+        grads_ref, dx_ref = peer_ref.vjp(COMPILED, params, state, x, dy, True, mask)
+        t = be.from_numpy
+        grads, dx = be.vjp(COMPILED, t(params), t(state), t(x), t(dy), True, t(mask), jit=True)
+        for name in grads_ref:
+            assert_close(grads[name], grads_ref[name], tol=1e-4)
+        assert_close(dx, dx_ref, tol=1e-4)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    torch_peer.clear_caches()
+
+
+def test_compiled_module_without_marks_compiles_twice_for_every_token_count():
+    # Unmarked, torch's automatic dynamic shapes compile the first shape as is and, at the first
+    # new one, a dynamic graph that serves every later shape.
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    module = be.layer(COMPILED, seed=2).eval()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(module, backend=counter, fullgraph=True)
+    for lead in LEADS + [(5, 5)]:
+        x = torch.randn(lead + (COMPILED.d_model,))
+        torch.testing.assert_close(compiled(x), module(x))
+    assert counter.frame_count == 2

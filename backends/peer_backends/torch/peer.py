@@ -1,4 +1,3 @@
-import contextlib
 import functools
 import typing
 
@@ -11,11 +10,6 @@ from peer_ref import checks
 from peer_ref.errors import PEERInputError
 
 from .core import dtype_name, torch_dtype
-
-# Elements of one gathered (tokens, heads*topk, d_model) chunk of expert rows on the compiled
-# path: ~4 MiB in float32, large enough that the loop over chunks costs little, small enough
-# to stay in cache.
-CHUNK_ELEMENTS = 1 << 20
 
 
 def init(cfg, seed=0, dtype=None, device=None):
@@ -45,7 +39,11 @@ def _meta(value):
 
 
 def validate(cfg, params, state, x, training, mask=None, routing=None, dy=None) -> tuple[int, ...]:
-    """Check every argument through peer_ref.checks (SPEC §9); returns the leading shape of x."""
+    """Check every argument through peer_ref.checks (SPEC §9); returns the leading shape of x.
+
+    Under torch.compile the routing values are checked where they are known, when the graph runs
+    (peer::checked_routing in forward_tensors), so that reading them does not break the graph.
+    """
     for arg, value in (("params", params), ("state", state)):
         if not isinstance(value, dict):
             raise PEERInputError(f"{arg} is {type(value).__name__}, but expected a dict of arrays")
@@ -60,7 +58,7 @@ def validate(cfg, params, state, x, training, mask=None, routing=None, dy=None) 
             raise PEERInputError(f"{arg} is {type(value).__name__}, but expected a torch.Tensor")
     meta = lambda v: None if v is None else _meta(v)  # noqa: E731
     lead = checks.check_call(cfg, dtype, _meta(x), training, meta(mask), meta(routing), meta(dy))
-    if routing is not None and routing.numel():
+    if routing is not None and routing.numel() and not torch.compiler.is_compiling():
         checks.check_routing_values(cfg, int(routing.min()), int(routing.max()))
     return lead
 
@@ -96,9 +94,6 @@ def _top_positions(values, index, bound, k):
     order, whatever torch.topk does with ties; only rows with an exact tie among them are
     redone under the full order.
     """
-    if torch.compiler.is_compiling():
-        positions = _ordered_positions(values, index, bound, k)
-        return values.gather(-1, positions), positions
     top, positions = torch.topk(values, min(k + 1, values.shape[-1]), dim=-1)
     tied = (top[..., 1:] == top[..., :-1]).any(-1)
     top, positions = top[..., :k], positions[..., :k]
@@ -109,15 +104,23 @@ def _top_positions(values, index, bound, k):
     return top, positions
 
 
+# The routing and expert kernels below are custom operators (namespace "peer"): opaque to
+# torch.compile, which calls the same kernels as eager mode, with a fake (meta) implementation
+# for tracing with symbolic token counts and a registered autograd formula. Data-dependent
+# work (tie repair, grouping by expert) stays inside them, so a compiled graph never breaks.
+
 def _sub_key_scores(cfg, params, queries):
-    """(2, T, heads, n_keys) scores of each query half (left, right) against its sub-keys."""
+    """(2, T, heads, n_keys) scores of each query half (left, right) against its sub-keys.
+
+    Called without autograd: _SelectedScores carries the gradient of the selected scores.
+    """
     halves = queries.unflatten(-1, (2, cfg.d_half))  # (T, heads, 2, d_half)
     keys = torch.stack((params["keys.left"], params["keys.right"]))  # (2, key_sets, n_keys, d_half)
     if not cfg.shared_keys:
         return torch.einsum("thsd,shnd->sthn", halves, keys)
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return torch.einsum("thsd,snd->sthn", halves, keys[:, 0])
-    # Without autograd, two plain matrix products read the strided halves in place.
+    # Eagerly without autograd, two plain matrix products read the strided halves in place.
     out = queries.new_empty((2,) + queries.shape[:-1] + (cfg.n_keys,))
     for side in range(2):
         torch.mm(halves[:, :, side].reshape(-1, cfg.d_half), keys[side, 0].T, out=out[side].view(-1, cfg.n_keys))
@@ -131,57 +134,92 @@ def _sub_key_scores(cfg, params, queries):
 KEY_GRAD_ELEMENTS = 1 << 20
 
 
-class _SelectedScores(torch.autograd.Function):
-    """scores[t, j, i] = left[t, j] . keys.left[g, a] + right[t, j] . keys.right[g, b] for each
-    selected expert i = a*n_keys + b (halves = (a, b)), read from the sub-key scores.
+@torch.library.custom_op("peer::selected_scores", mutates_args=())
+def _selected_scores_op(queries: torch.Tensor, keys_left: torch.Tensor, keys_right: torch.Tensor,
+                        halves: torch.Tensor, sub_scores: torch.Tensor) -> torch.Tensor:
+    """(T, heads, k) scores of the selected experts, read from the (2, T, heads, n_keys) sub-key scores."""
+    return sub_scores.gather(-1, halves).sum(0)
 
-    Only k of each half's n_keys scores per head carry gradient, so the backward never forms the
-    dense (T, heads, n_keys) gradient: the query halves get bags of their selected sub-key rows,
-    and the sub-keys get the dense products one cache-sized token chunk at a time.
+
+@_selected_scores_op.register_fake
+def _(queries, keys_left, keys_right, halves, sub_scores):
+    return sub_scores.new_empty(halves.shape[1:])
+
+
+@torch.library.custom_op("peer::selected_scores_backward", mutates_args=())
+def _selected_scores_backward_op(d_scores: torch.Tensor, queries: torch.Tensor, keys_left: torch.Tensor,
+                                 keys_right: torch.Tensor, halves: torch.Tensor, need_queries: bool,
+                                 need_left: bool, need_right: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (queries, keys.left, keys.right) of the selected scores; an unneeded one is empty.
+
+    Only k of each half's n_keys scores per head carry gradient, so the dense (T, heads, n_keys)
+    gradient is never formed: the query halves get bags of their selected sub-key rows, and
+    the sub-keys get the dense products one cache-sized token chunk at a time.
+    """
+    tokens, heads, k = d_scores.shape
+    key_sets, n, d_half = keys_left.shape
+    # One key set per head: the selected rows of the (heads * n_keys, d_half) table.
+    rows = halves if key_sets == 1 else halves + torch.arange(heads, device=halves.device)[:, None] * n
+    weights = d_scores.reshape(tokens * heads, k).contiguous()
+    d_queries = []
+    d_keys = []
+    step = max(1, KEY_GRAD_ELEMENTS // (heads * n))
+    dense = d_scores.new_empty((min(step, tokens), heads, n))
+    for side, (keys, needed) in enumerate(((keys_left, need_left), (keys_right, need_right))):
+        if need_queries:
+            d_queries.append(F.embedding_bag(rows[side].reshape(tokens * heads, k), keys.reshape(-1, d_half),
+                                             per_sample_weights=weights, mode="sum"))
+        if not needed:
+            d_keys.append(keys.new_empty(0))
+            continue
+        half = queries[..., side * d_half:(side + 1) * d_half]  # (T, heads, d_half), strided
+        d_table = keys.new_zeros(keys.shape)
+        for start in range(0, tokens, step):
+            chunk = slice(start, start + step)
+            dense_chunk = dense[: half[chunk].shape[0]].zero_()
+            dense_chunk.scatter_add_(-1, halves[side, chunk], d_scores[chunk])
+            if key_sets == 1:
+                d_table[0].addmm_(dense_chunk.reshape(-1, n).T, half[chunk].reshape(-1, d_half))
+            else:
+                d_table.baddbmm_(dense_chunk.permute(1, 2, 0), half[chunk].transpose(0, 1))
+        d_keys.append(d_table)
+    if need_queries:
+        d_queries = torch.stack(d_queries, dim=1).view(queries.shape)
+    else:
+        d_queries = queries.new_empty(0)
+    return d_queries, d_keys[0], d_keys[1]
+
+
+@_selected_scores_backward_op.register_fake
+def _(d_scores, queries, keys_left, keys_right, halves, need_queries, need_left, need_right):
+    like = lambda t, needed: t.new_empty(t.shape if needed else (0,))  # noqa: E731
+    return like(queries, need_queries), like(keys_left, need_left), like(keys_right, need_right)
+
+
+def _selected_scores_setup(ctx, inputs, output):
+    queries, keys_left, keys_right, halves, _ = inputs
+    ctx.save_for_backward(queries, keys_left, keys_right, halves)
+
+
+def _selected_scores_backward(ctx, d_scores):
+    queries, keys_left, keys_right, halves = ctx.saved_tensors
+    need = ctx.needs_input_grad[:3]
+    grads = torch.ops.peer.selected_scores_backward(d_scores, queries, keys_left, keys_right, halves, *need)
+    return tuple(g if n else None for g, n in zip(grads, need)) + (None, None)
+
+
+_selected_scores_op.register_autograd(_selected_scores_backward, setup_context=_selected_scores_setup)
+
+
+class _SelectedScores:
+    """scores[t, j, i] = left[t, j] . keys.left[g, a] + right[t, j] . keys.right[g, b] for each
+    selected expert i = a*n_keys + b (halves = (a, b)), read from the sub-key scores; the
+    gradient flows to queries and sub-keys (not to sub_scores). The op peer::selected_scores.
     """
 
     @staticmethod
-    def forward(queries, keys_left, keys_right, halves, sub_scores):
-        return sub_scores.gather(-1, halves).sum(0)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        queries, keys_left, keys_right, halves, _ = inputs
-        ctx.save_for_backward(queries, keys_left, keys_right, halves)
-
-    @staticmethod
-    def backward(ctx, d_scores):
-        queries, keys_left, keys_right, halves = ctx.saved_tensors
-        tokens, heads, k = d_scores.shape
-        key_sets, n, d_half = keys_left.shape
-        # One key set per head: the selected rows of the (heads * n_keys, d_half) table.
-        rows = halves if key_sets == 1 else halves + torch.arange(heads, device=halves.device)[:, None] * n
-        weights = d_scores.reshape(tokens * heads, k).contiguous()
-        d_queries = [] if ctx.needs_input_grad[0] else None
-        d_keys = []
-        step = max(1, KEY_GRAD_ELEMENTS // (heads * n))
-        dense = d_scores.new_empty((min(step, tokens), heads, n))
-        for side, keys in enumerate((keys_left, keys_right)):
-            if d_queries is not None:
-                d_queries.append(F.embedding_bag(rows[side].reshape(tokens * heads, k), keys.reshape(-1, d_half),
-                                                 per_sample_weights=weights, mode="sum"))
-            if not ctx.needs_input_grad[1 + side]:
-                d_keys.append(None)
-                continue
-            half = queries[..., side * d_half:(side + 1) * d_half]  # (T, heads, d_half), strided
-            d_table = keys.new_zeros(keys.shape)
-            for start in range(0, tokens, step):
-                chunk = slice(start, start + step)
-                dense_chunk = dense[: half[chunk].shape[0]].zero_()
-                dense_chunk.scatter_add_(-1, halves[side, chunk], d_scores[chunk])
-                if key_sets == 1:
-                    d_table[0].addmm_(dense_chunk.reshape(-1, n).T, half[chunk].reshape(-1, d_half))
-                else:
-                    d_table.baddbmm_(dense_chunk.permute(1, 2, 0), half[chunk].transpose(0, 1))
-            d_keys.append(d_table)
-        if d_queries is not None:
-            d_queries = torch.stack(d_queries, dim=1).view(queries.shape)
-        return d_queries, d_keys[0], d_keys[1], None, None
+    def apply(queries, keys_left, keys_right, halves, sub_scores):
+        return torch.ops.peer.selected_scores(queries, keys_left, keys_right, halves, sub_scores)
 
 
 @functools.cache
@@ -209,14 +247,12 @@ def _all_pairs_topk(k, n, top, positions):
     return experts.gather(-1, _ordered_positions(sums, experts, n * n, k))
 
 
-def _product_key_topk(cfg, sub_scores):
-    """Expert indices (T, heads, topk) from the (2, T, heads, n_keys) sub-key scores (SPEC §3.6-§3.8)."""
-    k, n = cfg.topk, cfg.n_keys
+@torch.library.custom_op("peer::product_key_topk", mutates_args=())
+def _product_key_topk_op(sub_scores: torch.Tensor, topk: int) -> torch.Tensor:
+    """int64 expert indices (T, heads, topk) from the (2, T, heads, n_keys) sub-key scores."""
+    k, n = topk, sub_scores.shape[-1]
     sub_index = torch.arange(n, device=sub_scores.device).expand(sub_scores.shape)
     top, positions = _top_positions(sub_scores, sub_index, n, k)  # both halves in one call
-    if torch.compiler.is_compiling():
-        lead = top.shape[1:-1]
-        return _all_pairs_topk(k, n, top.flatten(1, -2), positions.flatten(1, -2)).view(lead + (k,))
     a, b = _candidate_pairs(k, top.device)
     # All k*k sums are one cheap broadcast add; selecting from them beats two strided selects.
     sums = (top[0, ..., :, None] + top[1, ..., None, :]).flatten(-2).index_select(-1, a * k + b)
@@ -230,24 +266,46 @@ def _product_key_topk(cfg, sub_scores):
     return experts
 
 
+@_product_key_topk_op.register_fake
+def _(sub_scores, topk):
+    return sub_scores.new_empty(sub_scores.shape[1:-1] + (topk,), dtype=torch.int64)
+
+
+def _product_key_topk(cfg, sub_scores):
+    """Expert indices (T, heads, topk) from the (2, T, heads, n_keys) sub-key scores (SPEC §3.6-§3.8),
+    ties by (score descending, index ascending); the op peer::product_key_topk, without gradient."""
+    return torch.ops.peer.product_key_topk(sub_scores.detach(), cfg.topk)
+
+
+class _ExpertCount(typing.NamedTuple):
+    n_experts: int
+
+
+@torch.library.custom_op("peer::checked_routing", mutates_args=())
+def _checked_routing_op(routing: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """The routing override as int64, after checking its values (SPEC §9) where they are known."""
+    if routing.numel():
+        checks.check_routing_values(_ExpertCount(n_experts), int(routing.min()), int(routing.max()))
+    return routing.to(torch.int64, copy=True)
+
+
+@_checked_routing_op.register_fake
+def _(routing, n_experts):
+    return routing.new_empty(routing.shape, dtype=torch.int64)
+
+
 # ---------------------------------------------------------------- experts (SPEC §3.9–§3.11)
-
-def _chunks(tokens, width):
-    step = max(1, CHUNK_ELEMENTS // max(width, 1))
-    return [slice(start, start + step) for start in range(0, tokens, step)]
-
 
 # Three kernels over the selections indices (T, heads*topk) of rows of a table (N, d):
 #   row_sums:  out[t]    = sum_j weights[t, j] * table[indices[t, j]]        (T, d)
 #   row_dots:  out[t, j] = rows[t] . table[indices[t, j]]                   (T, heads*topk)
 #   row_outer: out[e]    = sum over indices[t, j] == e of weights[t, j] * rows[t]   (N, d)
 # The up projection is row_sums; the down projection is row_dots, its adjoint. Each one's
-# backward is made of the other two, so no (T, heads*topk, d) tensor is ever kept. Eagerly
-# they run on embedding_bag's kernels, which never gather: row_sums with one bag per token,
-# row_dots and row_outer with one bag per table row over the selections sorted by expert
-# (ExpertGroups), so the large table is streamed in order while the small token rows stay in
-# cache. Compiled (where the groups would break the graph) they gather and scatter one token
-# chunk at a time.
+# backward is made of the other two, so no (T, heads*topk, d) tensor is ever kept. They run on
+# embedding_bag's kernels, which never gather: row_sums with one bag per token, row_dots and
+# row_outer with one bag per table row over the selections sorted by expert (ExpertGroups), so
+# the large table is streamed in order while the small token rows stay in cache. The same
+# kernels run eagerly and compiled: peer::down_projection, peer::up_projection, peer::row_outer.
 
 class ExpertGroups(typing.NamedTuple):
     """The selections sorted by expert, computed once per call and shared by every kernel."""
@@ -258,15 +316,29 @@ class ExpertGroups(typing.NamedTuple):
     offsets: torch.Tensor  # (N,) start of each expert's run; an unselected expert's run is empty
 
 
-@torch.no_grad()
-def expert_groups(indices, n_rows):
+@torch.library.custom_op("peer::expert_groups", mutates_args=())
+def _expert_groups_op(indices: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                   torch.Tensor]:
+    """ExpertGroups (order, tokens, experts, offsets) of int64 selections (T, J) of N = n_rows rows."""
     flat = indices.reshape(-1)
     # On CPU a 1-D integer sort takes a parallel radix-sort path that stalls for ~0.1 s when it
     # follows other parallel work; sorting the same keys as one row of a 2-D tensor takes the
     # comparison sort, faster on integers than on any float encoding of them.
     order = torch.sort(flat[None, :], dim=-1).indices[0]
     counts = torch.bincount(flat, minlength=n_rows)
-    return ExpertGroups(order, order // indices.shape[1], flat[order], counts.cumsum(0) - counts)
+    return order, order // indices.shape[1], flat[order], counts.cumsum(0) - counts
+
+
+@_expert_groups_op.register_fake
+def _(indices, n_rows):
+    size = indices.numel()
+    return (indices.new_empty(size), indices.new_empty(size), indices.new_empty(size),
+            indices.new_empty(n_rows))
+
+
+def expert_groups(indices, n_rows):
+    """ExpertGroups of the int64 selections indices (T, heads*topk) of an (n_rows, d) table."""
+    return ExpertGroups(*torch.ops.peer.expert_groups(indices.detach(), n_rows))
 
 
 def _row_sums(indices, table, weights):
@@ -274,12 +346,6 @@ def _row_sums(indices, table, weights):
 
 
 def _row_dots(indices, table, rows, groups):
-    if groups is None:
-        out = rows.new_empty(indices.shape)
-        for chunk in _chunks(rows.shape[0], indices.shape[1] * rows.shape[1]):
-            gathered = F.embedding(indices[chunk], table)  # (chunk, heads*topk, d)
-            out[chunk] = (gathered * rows[chunk, None, :]).sum(-1)
-        return out
     # Read as per-sample weight gradients of row_outer's embedding_bag, these are the dots of
     # each expert's bag against its table row: table[e] . rows[t] for every selection.
     sorted_dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(
@@ -287,56 +353,87 @@ def _row_dots(indices, table, rows, groups):
     return sorted_dots.new_empty(indices.numel()).index_copy_(0, groups.order, sorted_dots).view(indices.shape)
 
 
-def _row_outer(indices, groups, weights, rows, n_rows):
-    if groups is None:
-        out = rows.new_zeros((n_rows, rows.shape[1]))
-        for chunk in _chunks(rows.shape[0], indices.shape[1] * rows.shape[1]):
-            outer = weights[chunk, :, None] * rows[chunk, None, :]
-            out.index_add_(0, indices[chunk].reshape(-1), outer.reshape(-1, rows.shape[1]))
-        return out
+def _row_outer(groups, weights, rows):
     # One bag per table row, written straight into the dense (N, d) result: empty bags sum to 0.
     return F.embedding_bag(groups.tokens, rows.contiguous(), groups.offsets,
-                           per_sample_weights=weights.reshape(-1)[groups.order], mode="sum")
+                           per_sample_weights=weights.reshape(-1)[groups.order].contiguous(), mode="sum")
 
 
-class _DownProjection(torch.autograd.Function):
-    """pre[t, j] = x[t] . down[indices[t, j]]."""
+@torch.library.custom_op("peer::row_outer", mutates_args=())
+def _row_outer_op(weights: torch.Tensor, rows: torch.Tensor, order: torch.Tensor, tokens: torch.Tensor,
+                  experts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """(N, d) sums of weights[t, j] * rows[t] over the selections of each row (no autograd formula)."""
+    return _row_outer(ExpertGroups(order, tokens, experts, offsets), weights, rows)
+
+
+@_row_outer_op.register_fake
+def _(weights, rows, order, tokens, experts, offsets):
+    return rows.new_empty((offsets.shape[0], rows.shape[1]))
+
+
+@torch.library.custom_op("peer::down_projection", mutates_args=())
+def _down_projection_op(x: torch.Tensor, down: torch.Tensor, indices: torch.Tensor, order: torch.Tensor,
+                        tokens: torch.Tensor, experts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """pre[t, j] = x[t] . down[indices[t, j]]: (T, d) and (N, d) to (T, J)."""
+    return _row_dots(indices, down, x, ExpertGroups(order, tokens, experts, offsets))
+
+
+@_down_projection_op.register_fake
+def _(x, down, indices, order, tokens, experts, offsets):
+    return x.new_empty(indices.shape)
+
+
+@torch.library.custom_op("peer::up_projection", mutates_args=())
+def _up_projection_op(coef: torch.Tensor, up: torch.Tensor, indices: torch.Tensor, order: torch.Tensor,
+                      tokens: torch.Tensor, experts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """y[t] = sum_j coef[t, j] * up[indices[t, j]]: (T, J) and (N, d) to (T, d)."""
+    del order, tokens, experts, offsets  # for the backward
+    return _row_sums(indices, up, coef)
+
+
+@_up_projection_op.register_fake
+def _(coef, up, indices, order, tokens, experts, offsets):
+    return coef.new_empty((indices.shape[0], up.shape[1]))
+
+
+def _projection_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _down_projection_backward(ctx, d_pre):
+    x, down, indices, *groups = ctx.saved_tensors
+    dx = torch.ops.peer.up_projection(d_pre, down, indices, *groups) if ctx.needs_input_grad[0] else None
+    d_down = torch.ops.peer.row_outer(d_pre, x, *groups) if ctx.needs_input_grad[1] else None
+    return (dx, d_down) + (None,) * 5
+
+
+def _up_projection_backward(ctx, dy):
+    coef, up, indices, *groups = ctx.saved_tensors
+    d_coef = torch.ops.peer.down_projection(dy, up, indices, *groups) if ctx.needs_input_grad[0] else None
+    d_up = torch.ops.peer.row_outer(coef, dy, *groups) if ctx.needs_input_grad[1] else None
+    return (d_coef, d_up) + (None,) * 5
+
+
+_down_projection_op.register_autograd(_down_projection_backward, setup_context=_projection_setup)
+_up_projection_op.register_autograd(_up_projection_backward, setup_context=_projection_setup)
+
+
+class _DownProjection:
+    """pre[t, j] = x[t] . down[indices[t, j]] (the op peer::down_projection); groups None: computed here."""
 
     @staticmethod
-    def forward(x, down, indices, groups):
-        return _row_dots(indices, down, x, groups)
+    def apply(x, down, indices, groups=None):
+        groups = expert_groups(indices, down.shape[0]) if groups is None else groups
+        return torch.ops.peer.down_projection(x, down, indices, *groups)
+
+
+class _UpProjection:
+    """y[t] = sum_j coef[t, j] * up[indices[t, j]] (the op peer::up_projection); groups None: computed here."""
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, down, indices, ctx.groups = inputs
-        ctx.save_for_backward(x, down, indices)
-
-    @staticmethod
-    def backward(ctx, d_pre):
-        x, down, indices = ctx.saved_tensors
-        dx = _row_sums(indices, down, d_pre) if ctx.needs_input_grad[0] else None
-        d_down = _row_outer(indices, ctx.groups, d_pre, x, down.shape[0]) if ctx.needs_input_grad[1] else None
-        return dx, d_down, None, None
-
-
-class _UpProjection(torch.autograd.Function):
-    """y[t] = sum_j coef[t, j] * up[indices[t, j]]."""
-
-    @staticmethod
-    def forward(coef, up, indices, groups):
-        return _row_sums(indices, up, coef)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        coef, up, indices, ctx.groups = inputs
-        ctx.save_for_backward(coef, up, indices)
-
-    @staticmethod
-    def backward(ctx, dy):
-        coef, up, indices = ctx.saved_tensors
-        d_coef = _row_dots(indices, up, dy, ctx.groups) if ctx.needs_input_grad[0] else None
-        d_up = _row_outer(indices, ctx.groups, coef, dy, up.shape[0]) if ctx.needs_input_grad[1] else None
-        return d_coef, d_up, None, None
+    def apply(coef, up, indices, groups=None):
+        groups = expert_groups(indices, up.shape[0]) if groups is None else groups
+        return torch.ops.peer.up_projection(coef, up, indices, *groups)
 
 
 def _activation(name, z):
@@ -370,15 +467,14 @@ def _query_norm(cfg, params, state, q, valid, training):
     if not training:
         return _normalise(cfg, params, q, running_mean, running_var), dict(state)
     m = cfg.bn_momentum
-    if valid is None and q.shape[0] > 1 and not torch.compiler.is_compiling():
+    if valid is None and q.shape[0] > 1:
         # Every token counts: PyTorch's fused batch norm, one pass each way, whose running update
         # (momentum, Bessel-corrected variance) is SPEC §3.3's for two or more tokens.
         new_mean, new_var = running_mean.clone(), running_var.clone()
         normed = torch.native_batch_norm(q, params["query_norm.scale"], params["query_norm.offset"],
                                          new_mean, new_var, True, m, cfg.bn_eps)[0]
         return normed, {"query_norm.mean": new_mean, "query_norm.var": new_var}
-    # Branch-free in the token count so it compiles. Masked tokens are left out of the
-    # statistics by selection.
+    # Branch-free in the token count. Masked tokens are left out of the statistics by selection.
     if valid is None:
         valid = torch.ones(q.shape[0], dtype=torch.bool, device=q.device)
     n_valid = valid.sum().to(q.dtype)
@@ -423,25 +519,19 @@ def forward_tensors(cfg, training, params, state, x, mask, routing):
         q = q + p["query.bias"]
     q, new_state = _query_norm(cfg, p, state, q, valid, training)
     queries = q.reshape(tokens, cfg.heads, cfg.d_key)
-    eager = not torch.compiler.is_compiling()
-    with torch.no_grad() if eager else contextlib.nullcontext():  # eager: _SelectedScores has the gradient
+    with torch.no_grad():  # _SelectedScores carries the gradient of the selected scores
         sub_scores = _sub_key_scores(cfg, p, queries)
-
-    if routing is None:
-        with torch.no_grad():
-            indices = _product_key_topk(cfg, sub_scores.detach())
-    else:
-        indices = routing.reshape(tokens, cfg.heads, cfg.topk).to(torch.int64)
+        if routing is None:
+            indices = _product_key_topk(cfg, sub_scores)
+        else:
+            indices = torch.ops.peer.checked_routing(routing.reshape(tokens, cfg.heads, cfg.topk), cfg.n_experts)
     n = cfg.n_keys
     halves = torch.stack((indices // n, indices % n))
-    if eager:
-        scores = _SelectedScores.apply(queries, p["keys.left"], p["keys.right"], halves, sub_scores)
-    else:
-        scores = sub_scores.gather(-1, halves).sum(0)
+    scores = _SelectedScores.apply(queries, p["keys.left"], p["keys.right"], halves, sub_scores)
     weights = _score_weights(cfg.score, scores)
 
     flat = indices.reshape(tokens, cfg.heads * cfg.topk)
-    groups = None if torch.compiler.is_compiling() else expert_groups(flat, cfg.n_experts)
+    groups = expert_groups(flat, cfg.n_experts)
     pre = _DownProjection.apply(xf, p["experts.down"], flat, groups)
     if cfg.expert_bias:
         pre = pre + p["experts.bias"][flat]
@@ -455,13 +545,35 @@ def forward_tensors(cfg, training, params, state, x, mask, routing):
 _COMPILED: dict = {}
 
 
+def clear_caches():
+    """Drop the compiled forward functions (one per config, training flag and argument set)."""
+    _COMPILED.clear()
+
+
 def _runner(cfg, training, has_mask, has_routing, jit):
     if not jit:
         return functools.partial(forward_tensors, cfg, training)
     key = (cfg, training, has_mask, has_routing)
     if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(functools.partial(forward_tensors, cfg, training))
+        _COMPILED[key] = _dynamic_tokens(cfg, torch.compile(functools.partial(forward_tensors, cfg, training)))
     return _COMPILED[key]
+
+
+def _dynamic_tokens(cfg, compiled):
+    """Call compiled with x, mask and routing flattened to one token dimension, marked dynamic:
+    one graph serves every leading shape. Dynamo specialises a dimension of size 0 or 1, so
+    calls with 0 tokens and with 1 token compile a graph of their own."""
+
+    def run(params, state, x, mask, routing):
+        flat = [x.reshape(-1, cfg.d_model),
+                None if mask is None else mask.reshape(-1),
+                None if routing is None else routing.reshape(-1, cfg.heads, cfg.topk)]
+        for value in flat:
+            if value is not None:
+                torch._dynamo.maybe_mark_dynamic(value, 0)
+        return compiled(params, state, *flat)
+
+    return run
 
 
 def _to_device(device, params, state, mask, routing):
