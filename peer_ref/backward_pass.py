@@ -29,16 +29,28 @@ def vjp(cfg: PEERConfig, params: dict, state: dict, x: np.ndarray, dy: np.ndarra
     grads = {name: np.zeros_like(value) for name, value in params.items()}
 
     # §3.11 output: y = sum_{h,k} w * a * up[idx]
-    hidden = activation(cfg.activation, tape.pre)
+    activated = activation(cfg.activation, tape.pre)
+    hidden = activated if tape.gate is None else activated * tape.gate
     up_rows = params["experts.up"][idx]  # (T, h, k, d_out)
     d_coef = np.einsum("to,thko->thk", dyf, up_rows)
     np.add.at(grads["experts.up"], idx.reshape(-1),
               ((tape.weights * hidden)[..., None] * dyf[:, None, None, :]).reshape(tokens * hk, cfg.d_out))
 
-    # §3.10 experts: a = act(x . down[idx] + bias[idx])
-    d_pre = d_coef * tape.weights * activation_grad(cfg.activation, tape.pre)
+    # §3.10 experts: a = act(x . down[idx] + bias[idx]), times the gate x . gate[idx] with expert_glu
+    d_hidden = d_coef * tape.weights
+    if tape.gate is None:
+        d_activated = d_hidden
+    else:
+        d_activated = d_hidden * tape.gate
+        d_gate = d_hidden * activated
+        dx_gate = np.einsum("thk,thkd->td", d_gate, params["experts.gate"][idx])
+        np.add.at(grads["experts.gate"], idx.reshape(-1),
+                  (d_gate[..., None] * tape.x[:, None, None, :]).reshape(tokens * hk, cfg.d_model))
+    d_pre = d_activated * activation_grad(cfg.activation, tape.pre)
     down_rows = params["experts.down"][idx]
     dx = np.einsum("thk,thkd->td", d_pre, down_rows)
+    if tape.gate is not None:
+        dx = dx + dx_gate
     np.add.at(grads["experts.down"], idx.reshape(-1),
               (d_pre[..., None] * tape.x[:, None, None, :]).reshape(tokens * hk, cfg.d_model))
     if cfg.expert_bias:

@@ -65,6 +65,7 @@ class PEERConfig:
     activation: str = "gelu"
     score: str = "softmax"
     expert_bias: bool = True
+    expert_glu: bool = False
 
     def __post_init__(self) -> None:
         _check_int("d_model", self.d_model, 1)
@@ -90,6 +91,7 @@ class PEERConfig:
         _check_choice("activation", self.activation, ACTIVATIONS)
         _check_choice("score", self.score, SCORES)
         _check_bool("expert_bias", self.expert_bias)
+        _check_bool("expert_glu", self.expert_glu)
 
     # Derived sizes (SPEC §1.2).
     @property
@@ -119,6 +121,8 @@ class PEERConfig:
         shapes["keys.left"] = (self.key_sets, self.n_keys, self.d_half)
         shapes["keys.right"] = (self.key_sets, self.n_keys, self.d_half)
         shapes["experts.down"] = (self.n_experts, self.d_model)
+        if self.expert_glu:
+            shapes["experts.gate"] = (self.n_experts, self.d_model)
         shapes["experts.up"] = (self.n_experts, self.d_out)
         if self.expert_bias:
             shapes["experts.bias"] = (self.n_experts,)

@@ -27,6 +27,7 @@ class Tape(NamedTuple):
     indices: np.ndarray  # (T, heads, topk)
     weights: np.ndarray  # (T, heads, topk)
     pre: np.ndarray  # (T, heads, topk) expert pre-activations
+    gate: np.ndarray | None  # (T, heads, topk) linear gate values g_i . x; None without expert_glu
 
 
 def validate(cfg, params, state, x, training, mask=None, routing=None, dy=None) -> tuple[int, ...]:
@@ -77,6 +78,13 @@ def query_norm(cfg: PEERConfig, params, state, q, valid, training):
     return out, new_state, (normed, inv_std, use_batch, n_valid)
 
 
+def expert_gate(cfg: PEERConfig, params, xf: np.ndarray, indices: np.ndarray) -> np.ndarray | None:
+    """§3.10 GLU experts: the linear gate g_i . x of each selected expert, or None without expert_glu."""
+    if not cfg.expert_glu:
+        return None
+    return np.einsum("td,thkd->thk", xf, params["experts.gate"][indices])
+
+
 def zero_masked(rows: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """§5: rows of masked tokens become exactly zero — a select, not a product, so NaN cannot leak."""
     return np.where(valid[:, None], rows, rows.dtype.type(0))
@@ -111,6 +119,9 @@ def _forward(cfg: PEERConfig, params, state, x, training=False, mask=None, routi
     if cfg.expert_bias:
         pre = pre + params["experts.bias"][indices]
     hidden = activation(cfg.activation, pre)
+    gate = expert_gate(cfg, params, xf, indices)
+    if gate is not None:
+        hidden = hidden * gate
     y = np.einsum("thk,thko->to", weights * hidden, params["experts.up"][indices])
     y = zero_masked(y, valid)
 
@@ -119,7 +130,7 @@ def _forward(cfg: PEERConfig, params, state, x, training=False, mask=None, routi
         "scores": scores.reshape(lead + (cfg.heads, cfg.topk)),
         "weights": weights.reshape(lead + (cfg.heads, cfg.topk)),
     }
-    tape = Tape(lead, xf, valid, normed, inv_std, batch_stats, n_valid, queries, indices, weights, pre)
+    tape = Tape(lead, xf, valid, normed, inv_std, batch_stats, n_valid, queries, indices, weights, pre, gate)
     return y.reshape(lead + (cfg.d_out,)), new_state, aux, tape
 
 

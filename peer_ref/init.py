@@ -13,13 +13,17 @@ def init_std(cfg: PEERConfig) -> dict[str, float]:
 
     Parameters absent here are constant: scales start at 1, offsets and biases at 0.
     """
-    return {
+    stds = {
         "query.kernel": cfg.d_model**-0.5,  # unit-variance queries for unit-variance x
         "keys.left": cfg.d_half**-0.5,  # unit-variance sub-key scores for unit queries
         "keys.right": cfg.d_half**-0.5,
         "experts.down": cfg.d_model**-0.5,  # unit-variance expert pre-activations
+        # A unit-variance gate independent of the pre-activation: E[(act(z) g)^2] = E[act(z)^2],
+        # so a GLU layer starts at the output scale of the plain one (SPEC §8).
+        "experts.gate": cfg.d_model**-0.5,
         "experts.up": (cfg.heads * cfg.topk) ** -0.5,  # fan-in of the h*k-wide assembled MLP
     }
+    return {name: std for name, std in stds.items() if name in cfg.param_shapes()}
 
 
 def init_constant(cfg: PEERConfig) -> dict[str, float]:

@@ -64,6 +64,11 @@ CASES: dict[str, Case] = {
     "exact_ties": Case({**BASE, "query_norm": "none", "activation": "identity", "score": "none"},
                        11, False, (6,), integer_valued=True),
     "zero_tokens_train": Case(BASE, 12, True, (0,)),
+    "glu_silu_train_mask": Case({**BASE, "expert_glu": True, "activation": "silu"}, 13, True, (2, 4), mask=True),
+    "glu_gelu_per_head_d_out_eval": Case({**BASE, "expert_glu": True, "shared_keys": False, "expert_bias": False,
+                                          "score": "sigmoid", "d_out": 5}, 14, False, (6,)),
+    "glu_float32_no_norm": Case({**BASE, "expert_glu": True, "query_norm": "none", "activation": "relu",
+                                 "query_bias": True}, 15, False, (5,), dtype="float32"),
 }
 
 
@@ -87,6 +92,15 @@ def _inputs(case: Case):
     return cfg, cast(params), cast(state), x.astype(case.dtype), dy.astype(case.dtype), mask
 
 
+def config_json(cfg) -> str:
+    """The config as JSON. ``expert_glu`` appears only when true: files written before the field
+    existed stay byte-identical, and an absent field loads as its default (False)."""
+    data = cfg.to_dict()
+    if not data["expert_glu"]:
+        del data["expert_glu"]
+    return json.dumps(data, sort_keys=True)
+
+
 def _routing_margin(cfg, params, state, x, training, mask) -> float:
     """Smallest gap between consecutive scores among the top topk+1 of all experts, over tokens and heads."""
     full = peer_ref.routing_scores(cfg, params, state, x, training, mask).astype(np.float64)
@@ -105,7 +119,7 @@ def build(case: Case) -> dict[str, np.ndarray]:
     grads, dx = peer_ref.vjp(cfg, params, state, x, dy, case.training, mask)
     arrays = {
         "format": np.array(FORMAT),
-        "config": np.array(json.dumps(cfg.to_dict(), sort_keys=True)),
+        "config": np.array(config_json(cfg)),
         "training": np.array(case.training),
         "x": x,
         "dy": dy,

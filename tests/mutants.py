@@ -97,6 +97,15 @@ def _gelu_tanh_for_gelu(name, z):
     return peer_ref.functions.activation("gelu_tanh" if name == "gelu" else name, z)
 
 
+def _activated_gate(cfg, params, xf, indices):
+    """Puts the activation on the gate branch too, act(u.x + b) * act(g.x), instead of a linear gate."""
+    gate = ORIGINAL_EXPERT_GATE(cfg, params, xf, indices)
+    return None if gate is None else peer_ref.functions.activation(cfg.activation, gate)
+
+
+ORIGINAL_EXPERT_GATE = ref_forward.expert_gate
+
+
 def _bn_stats_without_gradient(cfg, params, grads, tape, d_out):
     return ORIGINAL_QUERY_NORM_VJP(cfg, params, grads, tape._replace(batch_stats=False), d_out)
 
@@ -133,6 +142,7 @@ momentum_flipped = _mutant("momentum-flipped", [(ref_forward, "query_norm", _que
 mask_ignored_in_statistics = _mutant("mask-ignored", [(ref_forward, "query_norm", _query_norm(ignore_mask=True))])
 tie_order_reversed = _mutant("tie-order-reversed", [(ref_routing, "topk_lower_index", _tie_to_higher_index)])
 softmax_missing = _mutant("softmax-missing", [(ref_forward, "score_weights", _no_softmax)])
+gate_activated = _mutant("gate-activated", [(ref_forward, "expert_gate", _activated_gate)])
 gelu_approximated = _mutant("gelu-approximated", [(ref_forward, "activation", _gelu_tanh_for_gelu)])
 bn_gradient_detached = _mutant("bn-gradient-detached", [(ref_backward, "_query_norm_vjp", _bn_stats_without_gradient)])
 key_gradient_missing = _mutant("key-gradient-missing", [(ref_backward, "_sub_key_vjp", _keys_get_no_gradient)])

@@ -122,6 +122,32 @@ def test_load_refuses_a_checkpoint_that_does_not_fit(tmp_path, case, match):
         peer_backends.load(path)
 
 
+def test_checkpoint_from_before_expert_glu_loads_as_plain_experts(tmp_path):
+    """A config JSON written before the field existed has no expert_glu: it means False (SPEC §12)."""
+    params, state, meta = _good(tmp_path)
+    old_config = CFG.to_dict()
+    del old_config["expert_glu"]
+    meta["config"] = json.dumps(old_config)
+    path = tmp_path / "old.safetensors"
+    _write(path, {**params, **state}, meta)
+    cfg, loaded, _ = peer_backends.load(path)
+    assert cfg.expert_glu is False and cfg == CFG
+    assert set(loaded) == set(params) and "experts.gate" not in loaded
+
+
+def test_glu_checkpoint_round_trips_and_needs_its_gate(tmp_path):
+    glu = PEERConfig(d_model=4, n_experts=9, heads=2, topk=2, d_key=4, expert_glu=True)
+    params, state = peer_ref.init(glu, seed=0)
+    path = tmp_path / "glu.safetensors"
+    peer_backends.save(path, glu, params, state)
+    cfg, loaded, _ = peer_backends.load(path)
+    assert cfg == glu and loaded["experts.gate"].tobytes() == params["experts.gate"].tobytes()
+    meta = {"format": "peer", "format_version": "1", "config": json.dumps(glu.to_dict())}
+    _write(path, {k: v for k, v in {**params, **state}.items() if k != "experts.gate"}, meta)
+    with pytest.raises(PEERCheckpointError, match=r"missing=\['experts.gate'\]"):
+        peer_backends.load(path)
+
+
 def test_load_refuses_a_file_that_is_not_safetensors(tmp_path):
     path = tmp_path / "c.safetensors"
     path.write_bytes(b"\x80\x04pickle? no")

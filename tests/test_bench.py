@@ -1,5 +1,6 @@
 """The benchmark harness: its formulas, its derived numbers, and one smoke run end to end."""
 
+import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -14,7 +15,27 @@ from peer_bench.presets import PRESETS, Case, sweep_cases
 def test_peer_flops_per_term():
     # d_model=4, N=9 (n_keys=3), heads=2, topk=2, d_key=6, worked out by hand
     terms = formulas.peer_flops_per_token(d_model=4, n_experts=9, heads=2, topk=2, d_key=6)
-    assert terms == {"query": 96, "sub_keys": 72, "candidates": 8, "down": 32, "up": 32, "total": 240}
+    assert terms == {"query": 96, "sub_keys": 72, "candidates": 8, "down": 32, "gate": 0, "up": 32, "total": 240}
+
+
+def test_glu_experts_add_a_gate_term_equal_to_the_down_term():
+    plain = formulas.peer_flops_per_token(d_model=4, n_experts=9, heads=2, topk=2, d_key=6, d_out=8)
+    glu = formulas.peer_flops_per_token(d_model=4, n_experts=9, heads=2, topk=2, d_key=6, d_out=8, expert_glu=True)
+    assert glu["gate"] == glu["down"] == 2 * 2 * 2 * 4
+    assert glu["total"] == plain["total"] + glu["gate"]
+    assert {k: v for k, v in glu.items() if k not in ("gate", "total")} == \
+        {k: v for k, v in plain.items() if k not in ("gate", "total")}
+    # One more (tokens*h*k, d_model) gather of gate rows.
+    assert formulas.expert_stage_bytes(3, 2, 4, 5, 7, 4, expert_glu=True) - formulas.expert_stage_bytes(3, 2, 4, 5, 7, 4) \
+        == 3 * 2 * 4 * 5 * 4
+    glu_case = Case(d_model=8, n_experts=64, heads=1, topk=2, d_key=4, tokens=32, expert_glu=True)
+    assert formulas.case_counts(glu_case)["peer_flops_per_token"]["gate"] == 2 * 1 * 2 * 8
+
+
+def test_case_from_results_written_before_expert_glu():
+    case = Case(d_model=8, n_experts=64, heads=1, topk=2, d_key=4, tokens=32)
+    old = {k: v for k, v in case.to_dict().items() if k != "expert_glu"}
+    assert Case.from_dict(old) == case and case.config()["expert_glu"] is False
 
 
 def test_peer_flops_grow_with_sqrt_n_and_d_out():
@@ -79,6 +100,20 @@ def test_ratios_pair_like_with_like():
     assert "expert_bandwidth_fraction" not in peer_bwd and "ratio_vs_dense" not in skipped
 
 
+def test_glu_rows_are_labelled_and_timed_against_the_plain_row():
+    plain_case = Case(d_model=8, n_experts=64, heads=1, topk=2, d_key=4, tokens=32)
+    glu_case = dataclasses.replace(plain_case, expert_glu=True).to_dict()
+    rows = [_row("peer", "torch", "eager", "forward", 2.0, plain_case.to_dict()),
+            _row("peer", "torch", "eager", "forward", 3.0, glu_case),
+            _row("peer", "torch", "eager", "forward_backward", 5.0, glu_case)]
+    report.add_derived(rows, copy_bytes_per_s=1e9)
+    plain, glu_fwd, glu_bwd = rows
+    assert report.label(glu_fwd) == "PEER-GLU torch" and report.label(plain) == "PEER torch"
+    assert glu_fwd["ratio_vs_plain"] == 1.5 and "ratio_vs_plain" not in plain
+    assert "ratio_vs_plain" not in glu_bwd  # no plain fwd+bwd row to compare with
+    assert glu_fwd["expert_stage_bytes"] == formulas.expert_stage_bytes(32, 1, 2, 8, None, 4, expert_glu=True)
+
+
 def _bench(*args, timeout=120):
     return subprocess.run([sys.executable, "-m", "peer_bench", *args], capture_output=True, text=True,
                           timeout=timeout)
@@ -121,6 +156,7 @@ def test_smoke_run_writes_report_and_plots(smoke):
         assert (out / name).stat().st_size > 0, name
     summary = (out / "summary.md").read_text()
     assert "| PEER numpy | eager | fwd |" in summary and "dense FFN width" in summary
+    assert "| PEER-GLU numpy | eager | fwd |" in summary
 
 
 def test_smoke_rows_are_complete(smoke):
@@ -129,8 +165,10 @@ def test_smoke_rows_are_complete(smoke):
     assert {r["path"] for r in rows} == {"eager"}  # --paths eager
     for backend in backends:
         for mode in ("forward", "forward_backward"):
-            peer = [r for r in rows if (r["impl"], r["backend"], r["mode"]) == ("peer", backend, mode)]
-            assert len(peer) == 1, (backend, mode)
+            mine = [r for r in rows if (r["impl"], r["backend"], r["mode"]) == ("peer", backend, mode)]
+            peer = [r for r in mine if not r["case"]["expert_glu"]]
+            glu = [r for r in mine if r["case"]["expert_glu"]]
+            assert len(peer) == len(glu) == 1, (backend, mode)  # PEER-GLU is in the default run
             if peer[0]["status"] != "ok":
                 assert backend != "numpy" and peer[0]["reason"], peer[0]
                 continue
@@ -140,6 +178,11 @@ def test_smoke_rows_are_complete(smoke):
             assert row["flops"] == result["counts"]["peer_flops_forward"] * formulas.mode_factor(mode)
             assert row["peak_mem_bytes"] is not None and row["ratio_vs_dense"] > 0
             assert ("expert_bandwidth_fraction" in row) == (mode == "forward")
+            glu_row = glu[0]
+            assert glu_row["status"] == "ok" and glu_row["ratio_vs_plain"] > 0, glu_row
+            glu_case = Case.from_dict(glu_row["case"])
+            assert glu_row["flops"] == formulas.case_counts(glu_case)["peer_flops_forward"] * formulas.mode_factor(mode)
+            assert "ratio_vs_dense" not in glu_row and "PEER-GLU" in report.label(glu_row)
     baseline = [r for r in rows if r["impl"] == "peer_pytorch"]
     assert baseline == []  # not asked for
     swept = {(r["case"]["n_experts"], r["case"]["tokens"]) for r in result["sweeps"] if r["backend"] == "numpy"}
@@ -153,8 +196,8 @@ def test_missing_device_gives_skip_rows_with_reasons(tmp_path):
                   "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads((tmp_path / "results.json").read_text())["results"]
-    assert [r["status"] for r in rows] == ["skipped"] * 4
-    assert rows[0]["reason"] == "numpy runs on the CPU only"
+    assert [r["status"] for r in rows] == ["skipped"] * 6  # 4 plain cells and 2 PEER-GLU cells
+    assert rows[0]["reason"] == rows[-1]["reason"] == "numpy runs on the CPU only"
     assert all(r["reason"] for r in rows)
 
 

@@ -22,6 +22,7 @@ CAUGHT_BY = {
     "tie_order_reversed": "test_routing",
     "softmax_missing": "test_forward",
     "gelu_approximated": "test_forward",
+    "gate_activated": "test_forward",
     "bn_gradient_detached": "test_gradients",
     "key_gradient_missing": "test_gradients",
     "per_head_keys": "test_params",

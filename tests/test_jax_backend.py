@@ -18,7 +18,7 @@ from peer_ref.errors import PEERInputError  # noqa: E402
 SMALL = peer_ref.PEERConfig(d_model=12, n_experts=64, heads=3, topk=4, d_key=6, d_out=5)
 # heads * topk = 128 makes the expert chunks 256 tokens, so 300 tokens take the chunked, padded path.
 CHUNKED = peer_ref.PEERConfig(d_model=8, n_experts=256, heads=8, topk=16, d_key=4, shared_keys=False,
-                              query_bias=True, activation="silu", score="sigmoid")
+                              query_bias=True, activation="silu", score="sigmoid", expert_glu=True)
 CHUNKED_TOKENS = (3, 100)
 
 
@@ -142,6 +142,9 @@ def test_module_has_canonical_names_and_matches_functional():
     param_paths = {".".join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(module, nnx.Param))}
     stat_paths = {".".join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(module, nnx.BatchStat))}
     assert param_paths == set(SMALL.param_shapes()) and stat_paths == set(SMALL.state_shapes())
+    glu = be.layer(CHUNKED, seed=4)  # GLU experts: experts.gate joins the experts group
+    assert {".".join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(glu, nnx.Param))} == \
+        set(CHUNKED.param_shapes())
 
     params, state = be.init(SMALL, seed=4)
     module_params, module_state = module.params_and_state()

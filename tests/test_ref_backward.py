@@ -46,6 +46,7 @@ def cases(draw):
         activation=draw(st.sampled_from(peer_ref.ACTIVATIONS)),
         score=draw(st.sampled_from(peer_ref.SCORES)),
         expert_bias=draw(st.booleans()),
+        expert_glu=draw(st.booleans()),
     )
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
@@ -126,6 +127,12 @@ def test_vjp_every_activation_and_score():
     for activation in peer_ref.ACTIVATIONS:
         for score in peer_ref.SCORES:
             _check(_fixed_case(True, True, activation=activation, score=score))
+
+
+def test_vjp_glu_experts_every_activation():
+    for activation in peer_ref.ACTIVATIONS:
+        for training, bias in ((True, True), (False, False)):
+            _check(_fixed_case(training, training, activation=activation, expert_glu=True, expert_bias=bias))
 
 
 def test_vjp_every_structural_option():

@@ -113,6 +113,21 @@ def test_params_shapes(name):
     _call_both(f"params[{name!r}].shape={bad[name].shape}, but expected {PARAMS[name].shape}", params=bad)
 
 
+GLU_CFG = peer_ref.PEERConfig(d_model=4, n_experts=9, heads=2, topk=2, d_key=4, d_out=3, expert_glu=True)
+GLU_PARAMS, GLU_STATE = peer_ref.init(GLU_CFG, seed=0)
+
+
+def test_glu_gate_missing_wrong_shape_or_dtype():
+    call = dict(state=GLU_STATE, cfg=GLU_CFG)
+    missing = {k: v for k, v in GLU_PARAMS.items() if k != "experts.gate"}
+    _call_both("params has names missing=['experts.gate'] extra=[]", params=missing, **call)
+    transposed = {**GLU_PARAMS, "experts.gate": GLU_PARAMS["experts.gate"].T.copy()}
+    _call_both("params['experts.gate'].shape=(4, 9), but expected (9, 4)", params=transposed, **call)
+    single = {**GLU_PARAMS, "experts.gate": GLU_PARAMS["experts.gate"].astype(np.float32)}
+    _call_both("params['experts.gate'].dtype=float32, but expected float64 like the rest of params",
+               params=single, **call)
+
+
 def test_params_mixed_dtypes():
     mixed = {**PARAMS, "experts.up": PARAMS["experts.up"].astype(np.float32)}
     _call_both("params['experts.up'].dtype=float32, but expected float64 like the rest of params", params=mixed)

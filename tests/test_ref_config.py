@@ -47,7 +47,7 @@ def test_topk_at_most_n_keys():
     assert peer_ref.PEERConfig(**{**VALID, "topk": 4}).topk == 4
 
 
-@pytest.mark.parametrize("field", ["shared_keys", "query_bias", "expert_bias"])
+@pytest.mark.parametrize("field", ["shared_keys", "query_bias", "expert_bias", "expert_glu"])
 @pytest.mark.parametrize("value", [0, 1, "True", None, 1.0])
 def test_bool_fields(field, value):
     _raises(field, value, r"a bool", **{field: value})
@@ -94,6 +94,17 @@ def test_defaults_and_derived_sizes():
     assert (cfg.query_norm, cfg.activation, cfg.score) == ("batch", "gelu", "softmax")
     assert (cfg.bn_momentum, cfg.bn_eps, cfg.query_bias, cfg.expert_bias) == (0.1, 1e-5, False, True)
     assert peer_ref.PEERConfig(**VALID).key_sets == 1
+    assert peer_ref.PEERConfig(**VALID).expert_glu is False
+    assert "experts.gate" not in peer_ref.PEERConfig(**VALID).param_shapes()
+    glu = peer_ref.PEERConfig(**VALID, expert_glu=True, d_out=5)
+    assert glu.param_shapes()["experts.gate"] == (16, 8), "experts.gate reads x: (n_experts, d_model)"
+
+
+def test_from_dict_without_expert_glu_defaults_to_false():
+    """Configs saved before expert_glu existed (checkpoints, vectors) load as plain experts."""
+    data = peer_ref.PEERConfig(**VALID).to_dict()
+    del data["expert_glu"]
+    assert peer_ref.PEERConfig.from_dict(data).expert_glu is False
 
 
 def test_config_is_frozen():
@@ -123,6 +134,7 @@ def configs(draw):
         bn_momentum=draw(st.floats(0, 1)), bn_eps=draw(st.floats(1e-12, 1.0)),
         query_bias=draw(st.booleans()), activation=draw(st.sampled_from(peer_ref.ACTIVATIONS)),
         score=draw(st.sampled_from(peer_ref.SCORES)), expert_bias=draw(st.booleans()),
+        expert_glu=draw(st.booleans()),
     )
 
 
@@ -131,6 +143,7 @@ def configs(draw):
 def test_to_dict_from_dict_round_trip(cfg):
     data = cfg.to_dict()
     assert set(data) == {"d_model", "n_experts", "heads", "topk", "d_key", "d_out", "shared_keys", "query_norm",
-                         "bn_momentum", "bn_eps", "query_bias", "activation", "score", "expert_bias"}
+                         "bn_momentum", "bn_eps", "query_bias", "activation", "score", "expert_bias",
+                         "expert_glu"}
     assert data["d_out"] is not None, "to_dict should store the resolved d_out"
     assert peer_ref.PEERConfig.from_dict(data) == cfg

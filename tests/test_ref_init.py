@@ -10,7 +10,7 @@ import peer_ref
 # Every normal parameter has at least 2048 entries here, so the sample std is within
 # ~1.6% (one standard error) of the target; 6 standard errors makes a false failure negligible.
 LARGE = peer_ref.PEERConfig(d_model=64, n_experts=1024, heads=4, topk=8, d_key=32, d_out=48, shared_keys=False,
-                            query_bias=True, expert_bias=True)
+                            query_bias=True, expert_bias=True, expert_glu=True)
 SIGMAS = 6.0
 
 
@@ -33,7 +33,7 @@ def test_init_std_values():
     stds = peer_ref.init_std(LARGE)
     assert stds == pytest.approx({
         "query.kernel": 64**-0.5, "keys.left": 16**-0.5, "keys.right": 16**-0.5,
-        "experts.down": 64**-0.5, "experts.up": 32**-0.5,
+        "experts.down": 64**-0.5, "experts.gate": 64**-0.5, "experts.up": 32**-0.5,
     })
 
 
@@ -49,7 +49,7 @@ def test_constant_parameters_and_state_match_init_constant():
 
 
 def test_every_parameter_is_covered_exactly_once():
-    for options in ({}, {"query_norm": "none", "query_bias": True, "expert_bias": False}):
+    for options in ({}, {"query_norm": "none", "query_bias": True, "expert_bias": False, "expert_glu": True}):
         cfg = peer_ref.PEERConfig(d_model=4, n_experts=9, heads=2, topk=2, d_key=4, **options)
         stds, constants = peer_ref.init_std(cfg), peer_ref.init_constant(cfg)
         names = set(cfg.param_shapes()) | set(cfg.state_shapes())

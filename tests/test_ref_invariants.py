@@ -28,6 +28,7 @@ def layers(draw, **fixed):
         activation=draw(st.sampled_from(peer_ref.ACTIVATIONS)),
         score=draw(st.sampled_from(peer_ref.SCORES)),
         expert_bias=draw(st.booleans()),
+        expert_glu=draw(st.booleans()),
     )
     options.update(fixed)
     cfg = peer_ref.PEERConfig(**options)
@@ -79,11 +80,12 @@ def test_output_is_the_sum_of_per_head_outputs(layer, training, tokens):
     np.testing.assert_allclose(y, total, rtol=1e-12, atol=1e-12)
 
 
-def test_one_head_one_expert_by_hand():
+@pytest.mark.parametrize("glu", [False, True])
+def test_one_head_one_expert_by_hand(glu):
     for activation in ("relu", "identity", "gelu", "silu", "gelu_tanh"):
         for score in peer_ref.SCORES:
             cfg = peer_ref.PEERConfig(d_model=3, n_experts=9, heads=1, topk=1, d_key=2, d_out=2, query_norm="none",
-                                      activation=activation, score=score)
+                                      activation=activation, score=score, expert_glu=glu)
             params, state = peer_ref.init(cfg, seed=11)
             params["experts.bias"] = np.linspace(-0.5, 0.5, 9)
             x = np.array([0.3, -1.2, 0.8])
@@ -103,6 +105,8 @@ def test_one_head_one_expert_by_hand():
                 "silu": pre / (1 + math.exp(-pre)),
                 "gelu_tanh": 0.5 * pre * (1 + math.tanh(math.sqrt(2 / math.pi) * (pre + 0.044715 * pre**3))),
             }[activation]
+            if glu:  # SPEC §3.10: the activated branch times the linear gate g_i . x, no bias on the gate
+                hidden *= x @ params["experts.gate"][best]
             np.testing.assert_array_equal(aux["indices"], [[best]])
             np.testing.assert_allclose(aux["scores"], [[score_value]], rtol=1e-14)
             np.testing.assert_allclose(aux["weights"], [[weight]], rtol=1e-14)

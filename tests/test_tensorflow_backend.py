@@ -44,7 +44,7 @@ def test_conversion_keeps_dtypes_and_bfloat16_maps_to_ml_dtypes():
 
 
 def test_init_follows_reference_distributions_and_is_seeded():
-    cfg = PEERConfig(d_model=64, n_experts=1024, heads=2, topk=4, d_key=16, query_bias=True)
+    cfg = PEERConfig(d_model=64, n_experts=1024, heads=2, topk=4, d_key=16, query_bias=True, expert_glu=True)
     params, state = be.init(cfg, seed=5)
     again, _ = be.init(cfg, seed=5)
     other, _ = be.init(cfg, seed=6)
@@ -66,10 +66,14 @@ def test_keras_weights_carry_canonical_names():
     params, state = layer.params_and_state()
     assert {k: tuple(v.shape) for k, v in params.items()} == CFG.param_shapes()
     assert {k: tuple(v.shape) for k, v in state.items()} == CFG.state_shapes()
+    glu = PEERConfig(**{**CFG.to_dict(), "expert_glu": True})
+    glu_layer = be.layer(glu, name="glu_block")
+    assert {w.name: w.path for w in glu_layer.trainable_weights} == {n: f"glu_block/{n}" for n in glu.param_shapes()}
 
 
 def test_layer_equals_functional_equals_reference_float64():
-    cfg = PEERConfig(d_model=8, n_experts=25, heads=3, topk=2, d_key=6, shared_keys=False, query_bias=True)
+    cfg = PEERConfig(d_model=8, n_experts=25, heads=3, topk=2, d_key=6, shared_keys=False, query_bias=True,
+                     expert_glu=True)
     layer = be.layer(cfg, seed=3, dtype="float64")
     params, state = layer.params_and_state()
     rng = np.random.default_rng(0)
@@ -113,7 +117,7 @@ def test_compiled_equals_eager_forward_and_vjp():
 def test_token_chunks_with_padding_match_the_reference(monkeypatch, jit):
     # Tiny chunks (3 tokens, the last one padded) so the chunked experts and their
     # recomputing custom gradient really loop; a config no other test compiles.
-    cfg = PEERConfig(d_model=6, n_experts=16, heads=2, topk=2, d_key=4, d_out=5, activation="relu")
+    cfg = PEERConfig(d_model=6, n_experts=16, heads=2, topk=2, d_key=4, d_out=5, activation="relu", expert_glu=True)
     monkeypatch.setattr(tf_peer, "CHUNK_ELEMENTS", 3 * cfg.heads * cfg.topk * cfg.d_model)
     params, state = be.init(cfg, seed=8, dtype="float64")
     rng = np.random.default_rng(8)

@@ -15,7 +15,7 @@ be = peer_backends.get("torch")
 
 FULL = PEERConfig(d_model=12, n_experts=49, heads=3, topk=4, d_key=6, d_out=5, query_bias=True)
 PER_HEAD = PEERConfig(d_model=8, n_experts=36, heads=2, topk=3, d_key=4, shared_keys=False,
-                      query_norm="none", activation="silu", score="sigmoid")
+                      query_norm="none", activation="silu", score="sigmoid", expert_glu=True)
 
 
 def reference_inputs(cfg, seed=0, lead=(2, 5), dtype="float64"):

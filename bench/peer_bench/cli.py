@@ -39,6 +39,9 @@ def parser() -> argparse.ArgumentParser:
                    help="comma-separated subset of eager,compiled (compiled needs the 'jit' capability)")
     p.add_argument("--sweep", default="reduced", choices=["reduced", "experts", "tokens", "all", "none"],
                    help="reduced (default: the preset's few points), experts, tokens, all (full sweeps), none")
+    p.add_argument("--glu", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time PEER-GLU (GLU experts, expert_glu=True) on the first of --paths, "
+                        "next to the plain rows (default: on; --no-glu leaves it out)")
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     p.add_argument("--devices", type=int,
                    help="instead of timing: per-device memory and communicated bytes per token of the expert "
@@ -92,7 +95,7 @@ def settings_from_args(args, p):
     return Settings(preset=args.preset, case=case, timing=timing, device=args.device, threads=args.threads,
                     backends=backends, paths=paths, sweep=args.sweep, sweep_axes=axes,
                     sweep_timing=preset.sweep_timing, job_timeout_s=preset.job_timeout_s,
-                    bandwidth_bytes=preset.bandwidth_bytes, seed=args.seed)
+                    bandwidth_bytes=preset.bandwidth_bytes, seed=args.seed, glu=args.glu)
 
 
 def _valid_sweep(axes, case: Case):
@@ -117,12 +120,14 @@ def build_report(runner, argv, load_before) -> dict:
         "settings": {"preset": s.preset, "device": s.device, "threads": s.threads, "backends": list(s.backends),
                      "paths": list(s.paths), "timing": dataclasses.asdict(s.timing),
                      "sweep_timing": dataclasses.asdict(s.sweep_timing), "sweep": s.sweep,
-                     "sweep_axes": {k: list(v) for k, v in s.sweep_axes.items()}, "seed": s.seed},
+                     "sweep_axes": {k: list(v) for k, v in s.sweep_axes.items()}, "seed": s.seed,
+                     "glu": s.glu},
         "case": s.case.to_dict(),
         "counts": formulas.case_counts(s.case),
         "formulas": {"flops": formulas.__doc__, "memory": "see peer_bench.worker.measure and peer_bench.memory",
                      "expert_bandwidth": "expert_stage_bytes / full-layer forward median time; "
-                                         "expert_stage_bytes = T*h*k*(d_model+d_out)*itemsize + T*(d_model+d_out)*itemsize"},
+                                         "expert_stage_bytes = T*h*k*(d_model+d_out)*itemsize + T*(d_model+d_out)*itemsize"
+                                         " (GLU experts: T*h*k*(2*d_model+d_out)*itemsize for the rows)"},
         "peer_pytorch_mapping": {"arguments": peer_pytorch.mapping(s.case),
                                  "differences": list(peer_pytorch.DIFFERENCES)},
         "bandwidth": runner.bandwidth,

@@ -6,7 +6,11 @@ FLOPs count a multiply-add as 2. Per token, forward, for the layer of SPEC §3 (
     sub_keys    2 * heads * n_keys * d_key         each head's two half-queries against n_keys sub-keys
     candidates  heads * topk**2                    the k*k candidate sums of stage 2
     down        2 * heads * topk * d_model         x . experts.down[i] for the h*k selected experts
+    gate        2 * heads * topk * d_model         x . experts.gate[i], GLU experts only (0 otherwise)
     up          2 * heads * topk * d_out           the weighted sum of the selected experts.up rows
+
+So a GLU expert (SPEC §3.10) costs 2 * (2 * d_model + d_out) FLOPs per selection, against
+2 * (d_model + d_out) for the paper's single-neuron expert: 1.5x the expert stage at d_out = d_model.
 
 Batch norm, biases, activation, softmax and top-k selection are O(heads * (d_key + topk)) per token
 and left out. forward+backward is counted as 3 x forward (the usual convention: the backward of a
@@ -23,11 +27,11 @@ import math
 
 from .presets import DTYPE_BYTES, Case
 
-FLOP_TERMS = ("query", "sub_keys", "candidates", "down", "up")
+FLOP_TERMS = ("query", "sub_keys", "candidates", "down", "gate", "up")
 
 
 def peer_flops_per_token(d_model: int, n_experts: int, heads: int, topk: int, d_key: int,
-                         d_out: int | None = None) -> dict[str, int]:
+                         d_out: int | None = None, expert_glu: bool = False) -> dict[str, int]:
     """Forward FLOPs per token, by term (see the module docstring), plus their "total"."""
     d_out = d_model if d_out is None else d_out
     n_keys = math.isqrt(n_experts)
@@ -36,6 +40,7 @@ def peer_flops_per_token(d_model: int, n_experts: int, heads: int, topk: int, d_
         "sub_keys": 2 * heads * n_keys * d_key,
         "candidates": heads * topk * topk,
         "down": 2 * heads * topk * d_model,
+        "gate": 2 * heads * topk * d_model if expert_glu else 0,
         "up": 2 * heads * topk * d_out,
     }
     terms["total"] = sum(terms[t] for t in FLOP_TERMS)
@@ -62,16 +67,19 @@ def dense_flops_per_token(width: int, d_model: int, d_out: int | None = None) ->
 
 
 def expert_stage_bytes(tokens: int, heads: int, topk: int, d_model: int, d_out: int | None,
-                       itemsize: int) -> int:
+                       itemsize: int, expert_glu: bool = False) -> int:
     """Bytes the expert stage must move if no row is reused from cache: the gathered rows of
-    experts.down and experts.up (tokens*heads*topk of each), plus reading x and writing y."""
+    experts.down, experts.gate (GLU experts) and experts.up (tokens*heads*topk of each), plus
+    reading x and writing y."""
     d_out = d_model if d_out is None else d_out
-    return (tokens * heads * topk * (d_model + d_out) + tokens * (d_model + d_out)) * itemsize
+    row = d_model * (2 if expert_glu else 1) + d_out
+    return (tokens * heads * topk * row + tokens * (d_model + d_out)) * itemsize
 
 
 def case_counts(case: Case) -> dict[str, int]:
     """Every derived count of a case, for the JSON report."""
-    per_token = peer_flops_per_token(case.d_model, case.n_experts, case.heads, case.topk, case.d_key)
+    per_token = peer_flops_per_token(case.d_model, case.n_experts, case.heads, case.topk, case.d_key,
+                                     expert_glu=case.expert_glu)
     width = dense_width(per_token["total"], case.d_model)
     return {
         "peer_flops_per_token": per_token,
@@ -79,7 +87,7 @@ def case_counts(case: Case) -> dict[str, int]:
         "dense_width": width,
         "dense_flops_forward": dense_flops_per_token(width, case.d_model) * case.tokens,
         "expert_stage_bytes": expert_stage_bytes(case.tokens, case.heads, case.topk, case.d_model,
-                                                  None, DTYPE_BYTES[case.dtype]),
+                                                  None, DTYPE_BYTES[case.dtype], case.expert_glu),
     }
 
 

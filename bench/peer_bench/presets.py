@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-CASE_FIELDS = ("d_model", "n_experts", "heads", "topk", "d_key", "tokens", "dtype")
+CASE_FIELDS = ("d_model", "n_experts", "heads", "topk", "d_key", "tokens", "dtype", "expert_glu")
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2}
 SWEEP_AXES = {"experts": "n_experts", "tokens": "tokens"}
 
@@ -13,7 +13,8 @@ SWEEP_AXES = {"experts": "n_experts", "tokens": "tokens"}
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One layer shape to time. Every other PEERConfig field keeps its default (the paper's layer:
-    shared keys, query batch norm, GELU experts with a bias, softmax scores)."""
+    shared keys, query batch norm, GELU experts with a bias, softmax scores); ``expert_glu`` turns
+    the experts into GEGLU experts (SPEC §3.10)."""
 
     d_model: int
     n_experts: int
@@ -22,17 +23,19 @@ class Case:
     d_key: int
     tokens: int
     dtype: str = "float32"
+    expert_glu: bool = False
 
     def config(self) -> dict[str, Any]:
         """The PEERConfig fields of this case."""
-        return {k: getattr(self, k) for k in ("d_model", "n_experts", "heads", "topk", "d_key")}
+        return {k: getattr(self, k) for k in ("d_model", "n_experts", "heads", "topk", "d_key", "expert_glu")}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Case":
-        return cls(**{k: data[k] for k in CASE_FIELDS})
+        # Results written before a field existed lack it: it takes its default.
+        return cls(**{k: data[k] for k in CASE_FIELDS if k in data})
 
 
 @dataclasses.dataclass(frozen=True)

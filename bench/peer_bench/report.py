@@ -18,6 +18,8 @@ MODES = {"forward": "fwd", "forward_backward": "fwd+bwd"}
 def label(row: dict) -> str:
     if row["impl"] == "peer_pytorch":
         return "PEER-pytorch"
+    if row["impl"] == "peer" and row.get("case", {}).get("expert_glu"):
+        return f"PEER-GLU {row['backend']}"
     return f"{'PEER' if row['impl'] == 'peer' else 'dense'} {row['backend']}"
 
 
@@ -26,13 +28,19 @@ def _key(row):
 
 
 def add_derived(rows: list[dict], copy_bytes_per_s: float | None, reference_rows: list[dict] = ()) -> None:
-    """Fill ratio_vs_peer_pytorch, ratio_vs_dense (time ratios: below 1 = faster) and, for forward
-    rows of a PEER layer, the expert stage's achieved bandwidth over the full-layer time."""
+    """Fill ratio_vs_peer_pytorch, ratio_vs_dense, ratio_vs_plain (PEER-GLU over the plain PEER row
+    of the same backend, path and mode; time ratios: below 1 = faster) and, for forward rows of a
+    PEER layer, the expert stage's achieved bandwidth over the full-layer time."""
     ok = {_key(r): r for r in list(rows) + list(reference_rows) if r.get("status") == "ok"}
     for row in rows:
         if row.get("status") != "ok" or row["impl"] == "dense":
             continue
         case_key = json.dumps(row["case"], sort_keys=True)
+        if row["case"].get("expert_glu"):
+            plain_key = json.dumps({**row["case"], "expert_glu": False}, sort_keys=True)
+            plain = ok.get((row["impl"], row["backend"], row["path"], row["mode"], plain_key))
+            if plain is not None:
+                row["ratio_vs_plain"] = row["median_s"] / plain["median_s"]
         baseline = ok.get(("peer_pytorch", "torch", "eager", row["mode"], case_key))
         if baseline is not None and row["impl"] != "peer_pytorch":
             row["ratio_vs_peer_pytorch"] = row["median_s"] / baseline["median_s"]
@@ -43,7 +51,7 @@ def add_derived(rows: list[dict], copy_bytes_per_s: float | None, reference_rows
         if row["mode"] == "forward":
             c = row["case"]
             moved = expert_stage_bytes(c["tokens"], c["heads"], c["topk"], c["d_model"], None,
-                                       DTYPE_BYTES[c["dtype"]])
+                                       DTYPE_BYTES[c["dtype"]], c.get("expert_glu", False))
             row["expert_stage_bytes"] = moved
             row["expert_bytes_per_s"] = moved / row["median_s"]
             if copy_bytes_per_s:
@@ -59,26 +67,26 @@ def _fmt(value, spec, scale=1.0):
 def _cells(row: dict) -> list[str]:
     head = [label(row), row["path"], MODES[row["mode"]]]
     if row.get("status") != "ok":
-        return head + ["–"] * 8 + [f"{row.get('status')}: {row.get('reason')}"]
+        return head + ["–"] * 9 + [f"{row.get('status')}: {row.get('reason')}"]
     iqr = row["q3_s"] - row["q1_s"]
     return head + [
         _fmt(row["median_s"], ".4g", 1e3), _fmt(iqr, ".3g", 1e3), _fmt(row["tokens_per_s"], ",.0f"),
         _fmt(row["gflops_per_s"], ".3g"),
         f"{_fmt(row.get('peak_mem_bytes'), '.0f', 2**-20)} / {_fmt(row.get('peak_mem_steady_bytes'), '.0f', 2**-20)}",
         _fmt(row.get("ratio_vs_peer_pytorch"), ".3g"), _fmt(row.get("ratio_vs_dense"), ".3g"),
-        _fmt(row.get("expert_bandwidth_fraction"), ".1%", 1.0),
+        _fmt(row.get("ratio_vs_plain"), ".3g"), _fmt(row.get("expert_bandwidth_fraction"), ".1%", 1.0),
         f"{row['repeats']} runs, 1st {row['first_call_s']:.2f} s",
     ]
 
 
 COLUMNS = ["implementation", "path", "mode", "median ms", "IQR ms", "tokens/s", "GFLOP/s", "peak MiB all / timed",
-           "t / t(PEER-pytorch)", "t / t(dense)", "expert BW / copy BW", "note"]
+           "t / t(PEER-pytorch)", "t / t(dense)", "t / t(PEER)", "expert BW / copy BW", "note"]
 
 
 def terminal_table(rows: list[dict], title: str) -> Table:
     table = Table(title=title, header_style="bold")
     for i, name in enumerate(COLUMNS):
-        table.add_column(name, justify="right" if 3 <= i <= 10 else "left", overflow="fold")
+        table.add_column(name, justify="right" if 3 <= i <= len(COLUMNS) - 2 else "left", overflow="fold")
     for row in rows:
         style = None if row.get("status") == "ok" else "dim"
         table.add_row(*_cells(row), style=style)
@@ -122,7 +130,8 @@ def summary_markdown(report: dict) -> str:
         f"query batch norm. Forward FLOPs/token {counts['peer_flops_per_token']['total']:,}; "
         f"dense FFN width {counts['dense_width']}.",
         "FLOPs/token = 2·d_model·h·d_key (query) + 2·h·√N·d_key (sub-keys) + h·k² (candidates) "
-        "+ 2·h·k·(d_model + d_out) (experts); fwd+bwd counted as 3× fwd. "
+        "+ 2·h·k·(d_model + d_out) (experts; GLU experts add 2·h·k·d_model for the gate); "
+        "fwd+bwd counted as 3× fwd. "
         "Dense FFN: gelu(x·W1 + b1)·W2 + b2 with width = round(FLOPs/token / (2·(d_model + d_out))).",
         f"PEER-pytorch {env['versions'].get('PEER-pytorch', '?')} as PEER({_kwargs(report['peer_pytorch_mapping'])}).",
         f"Machine: {env['cpu_model']}, {report['settings']['threads']} threads; "
@@ -135,7 +144,9 @@ def summary_markdown(report: dict) -> str:
               "Expert BW = expert-stage bytes / full-layer forward time, over the copy bandwidth. "
               "Peak MiB = resident-memory high-water mark above the level before the first call, over "
               "warm-up (compilation) and timed calls / over the timed calls alone. "
-              "PEER-pytorch differs: per-head keys, no batch norm, no expert bias."]
+              "PEER-pytorch differs: per-head keys, no batch norm, no expert bias. "
+              "PEER-GLU = the same layer with GLU (GEGLU) experts, expert_glu=True (SPEC §3.10); "
+              "t / t(PEER) is its time over the plain PEER row of the same backend, path and mode."]
     for axis in ("experts", "tokens"):
         table = sweep_table(report["sweeps"], axis)
         if table:

@@ -43,6 +43,7 @@ class Settings:
     job_timeout_s: float
     bandwidth_bytes: int
     seed: int = 0
+    glu: bool = True  # also time PEER-GLU (expert_glu=True) on the first path, both modes
 
 
 def child_env(threads: int, device: str) -> dict[str, str]:
@@ -111,6 +112,7 @@ class Runner:
         self.frameworks: dict[str, dict] = {}  # per backend: framework info, version, capabilities
         self.bandwidth: dict | None = None
         self.job_walls: list[dict] = []  # wall time of every worker process, import and compile included
+        self.blocked: dict[str, str] = {}  # backend -> why none of its jobs can run here
 
     def _job(self, kind, impl, backend, path, mode, cases, **extra) -> dict:
         s = self.settings
@@ -147,7 +149,8 @@ class Runner:
         baseline = PEER_PYTORCH in self.settings.backends
         sweeps = (len(ours) + baseline) if self.settings.sweep_axes else 0
         paths = len(self.settings.paths)
-        return 1 + 2 * paths * len(ours) + 2 * baseline * ("eager" in self.settings.paths) + sweeps
+        glu = 2 * len(ours) if self.settings.glu else 0
+        return 1 + 2 * paths * len(ours) + glu + 2 * baseline * ("eager" in self.settings.paths) + sweeps
 
     def run(self):
         if self.progress is not None:
@@ -156,6 +159,10 @@ class Runner:
         for name in self.settings.backends:
             if name != PEER_PYTORCH:
                 self._backend_cells(name)
+        if self.settings.glu:
+            for name in self.settings.backends:
+                if name != PEER_PYTORCH:
+                    self._glu_cells(name)
         if PEER_PYTORCH in self.settings.backends:
             self._baseline_cells()
         for name in self.settings.backends:
@@ -167,7 +174,7 @@ class Runner:
         self.bandwidth = result.get("bandwidth") or {"error": result.get("error", "no result")}
         self._advance()
 
-    def _record(self, name, result, impl, path, mode) -> str | None:
+    def _record(self, name, result, impl, path, mode, case=None) -> str | None:
         """Store a worker's rows; returns the reason when no job of this backend can run here."""
         if "framework" in result:
             info = self.frameworks.setdefault(name, {})
@@ -177,7 +184,7 @@ class Runner:
             return None
         status = "skipped" if "skipped" in result else "error"
         self.rows.append({"impl": impl, "backend": name, "path": path, "mode": mode,
-                          "case": self.settings.case.to_dict(), "status": status, "reason": result[status]})
+                          "case": (case or self.settings.case).to_dict(), "status": status, "reason": result[status]})
         return result["skipped"] if result.get("blocks_backend") else None
 
     def _backend_cells(self, name):
@@ -194,6 +201,29 @@ class Runner:
             else:
                 job = self._job("cell", "peer", name, path, mode, [self.settings.case], dense=True)
                 blocked = self._record(name, self._run(job), "peer", path, mode)
+            self._advance()
+        if blocked is not None:
+            self.blocked[name] = blocked
+
+    def _glu_cells(self, name):
+        """PEER-GLU: the same case with GLU experts, on the first path only and without a dense
+        twin; report.add_derived sets its time ratio to the plain PEER row of the same cell."""
+        case = dataclasses.replace(self.settings.case, expert_glu=True)
+        path = self.settings.paths[0]
+        blocked = self.blocked.get(name) or _unavailable(name)
+        for mode in ("forward", "forward_backward"):
+            self._show(f"PEER-GLU {name} {path} {mode}")
+            caps = self.frameworks.get(name, {}).get("capabilities")
+            if blocked is None and path == "compiled" and caps is not None and "jit" not in caps:
+                reason = f"backend {name!r} lacks the 'jit' capability"
+            else:
+                reason = blocked
+            if reason is not None:
+                self.rows.append({"impl": "peer", "backend": name, "path": path, "mode": mode,
+                                  "case": case.to_dict(), "status": "skipped", "reason": reason})
+            else:
+                job = self._job("cell", "peer", name, path, mode, [case])
+                blocked = self._record(name, self._run(job), "peer", path, mode, case)
             self._advance()
 
     def _baseline_cells(self):

@@ -45,14 +45,16 @@ _OPTIONS = {
     "activation": st.sampled_from(peer_ref.ACTIVATIONS),
     "score": st.sampled_from(peer_ref.SCORES),
     "expert_bias": st.booleans(),
+    "expert_glu": st.booleans(),
 }
 
 
 POOL = [
     PEERConfig(d_model=8, n_experts=16, heads=2, topk=3, d_key=4),  # every default
     PEERConfig(d_model=5, n_experts=25, heads=3, topk=2, d_key=6, d_out=4, shared_keys=False, query_bias=True,
-               activation="silu", score="sigmoid", expert_bias=False, bn_momentum=0.5, bn_eps=1e-3),
-    PEERConfig(d_model=6, n_experts=9, heads=1, topk=3, d_key=2, query_norm="none", activation="relu", score="none"),
+               activation="silu", score="sigmoid", expert_bias=False, bn_momentum=0.5, bn_eps=1e-3, expert_glu=True),
+    PEERConfig(d_model=6, n_experts=9, heads=1, topk=3, d_key=2, query_norm="none", activation="relu", score="none",
+               expert_glu=True),
     PEERConfig(d_model=3, n_experts=36, heads=2, topk=1, d_key=8, d_out=7, activation="gelu_tanh",
                bn_momentum=1.0, bn_eps=0.1),
     PEERConfig(d_model=7, n_experts=1, heads=2, topk=1, d_key=2, shared_keys=False, query_norm="none",

@@ -11,7 +11,7 @@ from peer_ref import PEERConfig
 
 from .helpers import needs, prepare
 
-CFG = PEERConfig(d_model=6, n_experts=16, heads=2, topk=3, d_key=4, d_out=5, query_bias=True)
+CFG = PEERConfig(d_model=6, n_experts=16, heads=2, topk=3, d_key=4, d_out=5, query_bias=True, expert_glu=True)
 
 
 @pytest.mark.parametrize("target", peer_backends.available())

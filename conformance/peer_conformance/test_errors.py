@@ -10,16 +10,26 @@ from .helpers import np_dtype
 from .strategies import perturbed_params
 
 CFG = PEERConfig(d_model=6, n_experts=9, heads=2, topk=2, d_key=4)
+GLU_CFG = PEERConfig(d_model=6, n_experts=9, heads=2, topk=2, d_key=4, expert_glu=True)
 
 
-def _valid():
-    params = {k: v.astype(np.float32) for k, v in perturbed_params(CFG, 0).items()}
-    _, state = peer_ref.init(CFG, seed=0, dtype="float32")
+def _valid(cfg=CFG):
+    params = {k: v.astype(np.float32) for k, v in perturbed_params(cfg, 0).items()}
+    _, state = peer_ref.init(cfg, seed=0, dtype="float32")
     rng = np.random.default_rng(0)
     return {
-        "params": params, "state": state, "x": rng.standard_normal((2, 3, 6)).astype(np.float32),
+        "cfg": cfg, "params": params, "state": state, "x": rng.standard_normal((2, 3, 6)).astype(np.float32),
         "training": True, "mask": None, "routing": None, "dy": rng.standard_normal((2, 3, 6)).astype(np.float32),
     }
+
+
+def _with_gate(args, gate):
+    return {**args, "params": {**args["params"], "experts.gate": gate}}
+
+
+def _glu(change):
+    """A scenario on a layer with GLU experts (the argument built for CFG is ignored)."""
+    return lambda _: change(_valid(GLU_CFG))
 
 
 def _drop(tree, name):
@@ -41,6 +51,9 @@ SCENARIOS = {
     "params_extra_name": lambda a: {**a, "params": {**a["params"], "experts.gate": a["params"]["experts.up"]}},
     "params_wrong_shape": lambda a: {**a, "params": {**a["params"], "experts.down": np.zeros((9, 7), np.float32)}},
     "params_mixed_dtypes": lambda a: {**a, "params": {**a["params"], "keys.left": a["params"]["keys.left"].astype(np.float64)}},
+    "glu_gate_missing": _glu(lambda a: {**a, "params": _drop(a["params"], "experts.gate")}),
+    "glu_gate_wrong_shape": _glu(lambda a: _with_gate(a, np.zeros((9, 5), np.float32))),
+    "glu_gate_wrong_dtype": _glu(lambda a: _with_gate(a, a["params"]["experts.gate"].astype(np.float64))),
     "state_missing_name": lambda a: {**a, "state": _drop(a["state"], "query_norm.var")},
     "training_not_bool": lambda a: {**a, "training": 1},
     "dy_wrong_shape": lambda a: {**a, "dy": np.zeros((2, 3, 7), np.float32)},
@@ -48,11 +61,11 @@ SCENARIOS = {
 
 
 def _call(fn, convert, args, with_dy):
-    c = convert
+    c, cfg = convert, args["cfg"]
     common = dict(training=args["training"], mask=c(args["mask"]), routing=c(args["routing"]))
     if with_dy:
-        return fn(CFG, c(args["params"]), c(args["state"]), c(args["x"]), c(args["dy"]), **common)
-    return fn(CFG, c(args["params"]), c(args["state"]), c(args["x"]), **common)
+        return fn(cfg, c(args["params"]), c(args["state"]), c(args["x"]), c(args["dy"]), **common)
+    return fn(cfg, c(args["params"]), c(args["state"]), c(args["x"]), **common)
 
 
 CALLS = [(scenario, entry) for scenario in sorted(SCENARIOS) for entry in ("apply", "vjp")

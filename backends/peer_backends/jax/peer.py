@@ -155,8 +155,9 @@ def _forward(cfg, training, params, state, x, mask, routing):
     weights = _SCORE_WEIGHTS[cfg.score](scores)
 
     bias = p["experts.bias"] if cfg.expert_bias else None
+    gate = p["experts.gate"] if cfg.expert_glu else None
     chunk = max(1, _ROWS_PER_CHUNK // (cfg.heads * cfg.topk))
-    y = _experts(cfg.activation, chunk, xf, indices, weights, p["experts.down"], p["experts.up"], bias)
+    y = _experts(cfg.activation, chunk, xf, indices, weights, p["experts.down"], p["experts.up"], bias, gate)
     y = jnp.where(valid[:, None], y, jnp.zeros((), y.dtype))  # SPEC §5: a select, so NaN never leaks
 
     routed = lead + (cfg.heads, cfg.topk)
@@ -226,25 +227,26 @@ def _product_key_topk(cfg, s_left, s_right):
 # ---------------------------------------------------------------------------- experts
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _experts(activation, chunk, x, indices, weights, down, up, bias):
-    """y[t] = sum_{h,k} weights * act(x[t] . down[i] + bias[i]) * up[i], i = indices[t, h, k].
+def _experts(activation, chunk, x, indices, weights, down, up, bias, gate):
+    """y[t] = sum_{h,k} weights * act(x[t] . down[i] + bias[i]) * up[i], i = indices[t, h, k],
+    with act(...) times the linear gate x[t] . gate[i] when ``gate`` is given (SPEC §3.10).
 
     Tokens are processed in chunks so gathered rows never exceed (chunk, heads, topk, d);
     the custom backward recomputes each chunk's gathers instead of letting autodiff keep
     every chunk's, and scatter-adds the row gradients into (n_experts, d) accumulators.
     """
-    return _experts_forward(activation, chunk, x, indices, weights, down, up, bias)
+    return _experts_forward(activation, chunk, x, indices, weights, down, up, bias, gate)
 
 
-def _experts_saving_inputs(activation, chunk, x, indices, weights, down, up, bias):
+def _experts_saving_inputs(activation, chunk, x, indices, weights, down, up, bias, gate):
     # Residuals are the inputs themselves: no gathered rows are kept for the backward.
-    y = _experts_forward(activation, chunk, x, indices, weights, down, up, bias)
-    return y, (x, indices, weights, down, up, bias)
+    y = _experts_forward(activation, chunk, x, indices, weights, down, up, bias, gate)
+    return y, (x, indices, weights, down, up, bias, gate)
 
 
 def _experts_recomputing(activation, chunk, residuals, dy):
-    dx, d_weights, d_down, d_up, d_bias = _experts_backward(activation, chunk, *residuals, dy)
-    return dx, None, d_weights, d_down, d_up, d_bias
+    dx, d_weights, d_down, d_up, d_bias, d_gate = _experts_backward(activation, chunk, *residuals, dy)
+    return dx, None, d_weights, d_down, d_up, d_bias, d_gate
 
 
 _experts.defvjp(_experts_saving_inputs, _experts_recomputing)
@@ -258,7 +260,7 @@ def _chunked(chunk, arrays):
             for a in arrays]
 
 
-def _experts_forward(activation, chunk, x, indices, weights, down, up, bias):
+def _experts_forward(activation, chunk, x, indices, weights, down, up, bias, gate):
     act = _ACTIVATIONS[activation]
 
     def one_chunk(args):
@@ -266,7 +268,10 @@ def _experts_forward(activation, chunk, x, indices, weights, down, up, bias):
         pre = jnp.einsum("td,thkd->thk", x_c, down[idx_c], precision=HIGHEST)
         if bias is not None:
             pre = pre + bias[idx_c]
-        return jnp.einsum("thk,thko->to", w_c * act(pre), up[idx_c], precision=HIGHEST)
+        hidden = act(pre)
+        if gate is not None:
+            hidden = hidden * jnp.einsum("td,thkd->thk", x_c, gate[idx_c], precision=HIGHEST)
+        return jnp.einsum("thk,thko->to", w_c * hidden, up[idx_c], precision=HIGHEST)
 
     tokens = x.shape[0]
     if tokens <= chunk:
@@ -276,37 +281,52 @@ def _experts_forward(activation, chunk, x, indices, weights, down, up, bias):
     return y.reshape(-1, up.shape[1])[:tokens]
 
 
-def _experts_backward(activation, chunk, x, indices, weights, down, up, bias, dy):
+def _experts_backward(activation, chunk, x, indices, weights, down, up, bias, gate, dy):
     act = _ACTIVATIONS[activation]
 
     def one_chunk(acc, args):
-        d_down, d_up, d_bias = acc
+        d_down, d_up, d_bias, d_gate = acc
         x_c, idx_c, w_c, dy_c = args
         down_rows, up_rows = down[idx_c], up[idx_c]
         pre = jnp.einsum("td,thkd->thk", x_c, down_rows, precision=HIGHEST)
         if bias is not None:
             pre = pre + bias[idx_c]
-        hidden, act_vjp = jax.vjp(act, pre)
+        activated, act_vjp = jax.vjp(act, pre)
         d_coef = jnp.einsum("to,thko->thk", dy_c, up_rows, precision=HIGHEST)
-        (d_pre,) = act_vjp(d_coef * w_c)
-        dx_c = jnp.einsum("thk,thkd->td", d_pre, down_rows, precision=HIGHEST)
+        d_hidden = d_coef * w_c
         rows = idx_c.reshape(-1)
+        if gate is None:
+            hidden = activated
+            (d_pre,) = act_vjp(d_hidden)
+            dx_c = jnp.einsum("thk,thkd->td", d_pre, down_rows, precision=HIGHEST)
+        else:
+            gate_rows = gate[idx_c]
+            gate_values = jnp.einsum("td,thkd->thk", x_c, gate_rows, precision=HIGHEST)
+            hidden = activated * gate_values
+            (d_pre,) = act_vjp(d_hidden * gate_values)
+            d_gate_values = d_hidden * activated
+            dx_c = (jnp.einsum("thk,thkd->td", d_pre, down_rows, precision=HIGHEST)
+                    + jnp.einsum("thk,thkd->td", d_gate_values, gate_rows, precision=HIGHEST))
+            d_gate = d_gate.at[rows].add(
+                (d_gate_values[..., None] * x_c[:, None, None, :]).reshape(rows.shape[0], gate.shape[1]))
         # Explicit widths (not -1): a chunk may hold zero tokens.
         d_down = d_down.at[rows].add((d_pre[..., None] * x_c[:, None, None, :]).reshape(rows.shape[0], down.shape[1]))
         d_up = d_up.at[rows].add(((w_c * hidden)[..., None] * dy_c[:, None, None, :]).reshape(rows.shape[0], up.shape[1]))
         if bias is not None:
             d_bias = d_bias.at[rows].add(d_pre.reshape(-1))
-        return (d_down, d_up, d_bias), (dx_c, d_coef * hidden)
+        return (d_down, d_up, d_bias, d_gate), (dx_c, d_coef * hidden)
 
-    acc = (jnp.zeros_like(down), jnp.zeros_like(up), None if bias is None else jnp.zeros_like(bias))
+    zeros = lambda a: None if a is None else jnp.zeros_like(a)  # noqa: E731
+    acc = (jnp.zeros_like(down), jnp.zeros_like(up), zeros(bias), zeros(gate))
     tokens = x.shape[0]
     if tokens <= chunk:
-        (d_down, d_up, d_bias), (dx, d_weights) = one_chunk(acc, (x, indices, weights, dy))
+        (d_down, d_up, d_bias, d_gate), (dx, d_weights) = one_chunk(acc, (x, indices, weights, dy))
     else:
-        (d_down, d_up, d_bias), (dx, d_weights) = lax.scan(one_chunk, acc, tuple(_chunked(chunk, [x, indices, weights, dy])))
+        (d_down, d_up, d_bias, d_gate), (dx, d_weights) = lax.scan(
+            one_chunk, acc, tuple(_chunked(chunk, [x, indices, weights, dy])))
         dx = dx.reshape(-1, x.shape[1])[:tokens]
         d_weights = d_weights.reshape((-1,) + weights.shape[1:])[:tokens]
-    return dx, d_weights, d_down, d_up, d_bias
+    return dx, d_weights, d_down, d_up, d_bias, d_gate
 
 
 _forward_jit = jax.jit(_forward, static_argnums=(0, 1))

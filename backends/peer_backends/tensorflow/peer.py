@@ -176,7 +176,8 @@ def forward(cfg, params, state, x, training=False, mask=None, routing=None):
               + tf.gather(s_right, indices % cfg.n_keys, batch_dims=2))
     weights = _score_weights(cfg.score, scores)
 
-    y = _experts(cfg, x, weights, indices, p["experts.down"], p["experts.up"], p.get("experts.bias"))
+    y = _experts(cfg, x, weights, indices, p["experts.down"], p["experts.up"], p.get("experts.bias"),
+                 p.get("experts.gate"))
     if mask is not None:
         y = _zero_masked(y, mask)
     aux = {"indices": indices, "scores": scores, "weights": weights}
@@ -272,15 +273,18 @@ def _activation(name, z):
     return z
 
 
-def _expert_chunk(cfg, x, weights, down_rows, up_rows, bias_rows):
-    """y = sum_{h,k} weights * act(x . down + bias) * up for one chunk of tokens."""
+def _expert_chunk(cfg, x, weights, down_rows, up_rows, bias_rows=None, gate_rows=None):
+    """y = sum_{h,k} weights * act(x . down + bias) [* (x . gate)] * up for one chunk of tokens."""
     pre = tf.einsum("td,thkd->thk", x, down_rows)
     if bias_rows is not None:
         pre = pre + bias_rows
-    return tf.einsum("thk,thko->to", weights * _activation(cfg.activation, pre), up_rows)
+    hidden = _activation(cfg.activation, pre)
+    if gate_rows is not None:  # GLU experts (SPEC §3.10): times the linear gate
+        hidden = hidden * tf.einsum("td,thkd->thk", x, gate_rows)
+    return tf.einsum("thk,thko->to", weights * hidden, up_rows)
 
 
-def _experts(cfg, x, weights, indices, down, up, bias):
+def _experts(cfg, x, weights, indices, down, up, bias, gate):
     """The expert MLP over token chunks, so gathered rows never exceed CHUNK_ELEMENTS.
 
     The custom gradient recomputes each chunk's gathers instead of letting autodiff
@@ -295,18 +299,21 @@ def _experts(cfg, x, weights, indices, down, up, bias):
     chunked = lambda t: tf.reshape(  # noqa: E731
         tf.pad(t, [[0, pad]] + [[0, 0]] * (t.shape.rank - 1)), tf.concat([[n_chunks, chunk], tf.shape(t)[1:]], 0))
     idx = chunked(indices)  # padding tokens read expert 0 with weight 0
-    has_bias = bias is not None
+    # The optional tables present, by name: experts.bias and experts.gate.
+    optional_names = [name for name, table in (("bias", bias), ("gate", gate)) if table is not None]
 
     @tf.custom_gradient
-    def run(xs, ws, down, up, *maybe_bias):
-        bias = maybe_bias[0] if has_bias else None
-
+    def run(xs, ws, down, up, *optional):
         def rows(i):
-            return (tf.gather(down, idx[i]), tf.gather(up, idx[i]),
-                    tf.gather(bias, idx[i]) if has_bias else None)
+            """The chunk's gathered rows of [down, up, *optional]."""
+            return [tf.gather(table, idx[i]) for table in (down, up, *optional)]
+
+        def chunk_output(x_c, w_c, gathered):
+            named = {f"{name}_rows": value for name, value in zip(optional_names, gathered[2:])}
+            return _expert_chunk(cfg, x_c, w_c, gathered[0], gathered[1], **named)
 
         def forward_body(i, ys):
-            y = _expert_chunk(cfg, xs[i], ws[i], *rows(i))
+            y = chunk_output(xs[i], ws[i], rows(i))
             return i + 1, tf.tensor_scatter_nd_update(ys, [[i]], y[None])
 
         # Preallocated outputs rather than a TensorArray: zero chunks must work too.
@@ -314,27 +321,26 @@ def _experts(cfg, x, weights, indices, down, up, bias):
         _, ys = tf.while_loop(lambda i, _: i < n_chunks, forward_body, (0, ys))
 
         def grad(dys):
-            def backward_body(i, dxs, dws, d_down, d_up, d_bias):
-                inputs = [xs[i], ws[i], *rows(i)][: 5 if has_bias else 4]
+            def backward_body(i, dxs, dws, d_tables):
+                inputs = [xs[i], ws[i], *rows(i)]
                 with tf.GradientTape() as tape:
                     tape.watch(inputs)
-                    y = _expert_chunk(cfg, *inputs, *([] if has_bias else [None]))
+                    y = chunk_output(inputs[0], inputs[1], inputs[2:])
                 g = tape.gradient(y, inputs, output_gradients=dys[i])
                 flat = tf.reshape(idx[i], (-1, 1))
-                d_down = tf.tensor_scatter_nd_add(d_down, flat, tf.reshape(g[2], (-1, cfg.d_model)))
-                d_up = tf.tensor_scatter_nd_add(d_up, flat, tf.reshape(g[3], (-1, cfg.d_out)))
-                if has_bias:
-                    d_bias = tf.tensor_scatter_nd_add(d_bias, flat, tf.reshape(g[4], (-1,)))
+                # Each table's row gradients, scatter-added into its dense (n_experts, ...) gradient.
+                d_tables = [tf.tensor_scatter_nd_add(d, flat, tf.reshape(g_rows, (-1,) + tuple(d.shape[1:])))
+                            for d, g_rows in zip(d_tables, g[2:])]
                 dxs = tf.tensor_scatter_nd_update(dxs, [[i]], g[0][None])
                 dws = tf.tensor_scatter_nd_update(dws, [[i]], g[1][None])
-                return i + 1, dxs, dws, d_down, d_up, d_bias
+                return i + 1, dxs, dws, d_tables
 
-            state = (0, tf.zeros_like(xs), tf.zeros_like(ws), tf.zeros_like(down), tf.zeros_like(up),
-                     tf.zeros_like(bias) if has_bias else tf.zeros(()))
-            _, dxs, dws, d_down, d_up, d_bias = tf.while_loop(lambda i, *_: i < n_chunks, backward_body, state)
-            return (dxs, dws, d_down, d_up) + ((d_bias,) if has_bias else ())
+            state = (0, tf.zeros_like(xs), tf.zeros_like(ws), [tf.zeros_like(t) for t in (down, up, *optional)])
+            _, dxs, dws, d_tables = tf.while_loop(lambda i, *_: i < n_chunks, backward_body, state)
+            return (dxs, dws, *d_tables)
 
         return ys, grad
 
-    ys = run(chunked(x), chunked(weights), down, up, *([bias] if has_bias else []))
+    tables = [table for table in (bias, gate) if table is not None]
+    ys = run(chunked(x), chunked(weights), down, up, *tables)
     return tf.reshape(ys, (-1, cfg.d_out))[:tokens]

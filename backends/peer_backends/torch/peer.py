@@ -535,7 +535,10 @@ def forward_tensors(cfg, training, params, state, x, mask, routing):
     pre = _DownProjection.apply(xf, p["experts.down"], flat, groups)
     if cfg.expert_bias:
         pre = pre + p["experts.bias"][flat]
-    coef = weights.reshape(flat.shape) * _activation(cfg.activation, pre)
+    hidden = _activation(cfg.activation, pre)
+    if cfg.expert_glu:  # SPEC §3.10: a linear gate read like the down projection
+        hidden = hidden * _DownProjection.apply(xf, p["experts.gate"], flat, groups)
+    coef = weights.reshape(flat.shape) * hidden
     y = _UpProjection.apply(coef, p["experts.up"], flat, groups)
     if mask is not None:
         y = torch.where(valid[:, None], y, 0)  # §5: masked tokens output exactly zero
