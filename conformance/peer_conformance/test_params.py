@@ -11,7 +11,7 @@ from peer_ref.checks import state_dtype
 from .helpers import assert_dtype, needs
 from .strategies import configs, seeds
 
-BIG = PEERConfig(d_model=64, n_experts=32**2, heads=4, topk=8, d_key=32, query_bias=True)
+BIG = PEERConfig(d_model=64, n_experts=32**2, heads=4, topk=8, d_key=32, query_bias=True, expert_glu=True)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
