@@ -71,9 +71,15 @@ def isoflop(corpus: data.Corpus, size: str = "default", backend: str = "torch", 
                 record = run(model_cfg, train_cfg, corpus, backend=backend, device=device, progress=progress,
                              label=f"{variant} {steps} steps seed {seed}")
                 runs.append({"variant": variant, "budget_steps": steps, "seed": seed, **_summary(record)})
+    return {"experiment": "isoflop", "size": size, "backend": backend, "table": isoflop_table(runs), "runs": runs}
+
+
+def isoflop_table(runs: list[dict]) -> list[dict]:
+    """One row per (budget, variant) of ``runs``: mean and sample std of the validation bpb over
+    seeds, FLOPs, parameters, the PEER layer's top-k and routing metrics."""
     table = []
-    for steps in spec["budgets"]:
-        for variant in VARIANTS:
+    for steps in sorted({r["budget_steps"] for r in runs}):
+        for variant in [v for v in VARIANTS if any(r["variant"] == v for r in runs)]:
             group = [r for r in runs if r["variant"] == variant and r["budget_steps"] == steps]
             bpb = np.array([r["val_bpb"] for r in group])
             usage = [r["routing"][b]["usage"] for r in group for b in r["routing"]]
@@ -86,7 +92,7 @@ def isoflop(corpus: data.Corpus, size: str = "default", backend: str = "torch", 
                           else None, "val_bpb": bpb.tolist(),
                           "usage_mean": float(np.mean(usage)) if usage else None,
                           "unevenness_mean": float(np.mean(unev)) if unev else None})
-    return {"experiment": "isoflop", "size": size, "backend": backend, "table": table, "runs": runs}
+    return table
 
 
 def _built_topk(record: dict) -> int | None:
