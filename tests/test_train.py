@@ -190,7 +190,8 @@ def test_isoflop_and_usage_reports(corpus, monkeypatch, tmp_path):
     assert rows["dense", 4]["train_flops"] == pytest.approx(rows["peer", 4]["train_flops"], rel=0.01)
     assert rows["dense", 4]["usage_mean"] is None and 0 < rows["peer", 4]["usage_mean"] <= 1
     assert rows["peer_glu", 4]["train_flops"] == pytest.approx(rows["peer", 4]["train_flops"], rel=0.01)
-    assert (rows["peer", 4]["peer_topk"], rows["peer_glu", 4]["peer_topk"], rows["dense", 4]["peer_topk"]) == (4, 3, None)
+    topks = (rows["peer", 4]["peer_topk"], rows["peer_glu", 4]["peer_topk"], rows["dense", 4]["peer_topk"])
+    assert topks == (4, 3, None)
     assert 0 < rows["peer_glu", 4]["usage_mean"] <= 1
     assert rows["peer_glu", 4]["n_params"] - rows["peer", 4]["n_params"] == 64 * 32  # experts.gate
     files = report.write(tmp_path, "isoflop", iso)

@@ -255,7 +255,8 @@ def table(results: dict) -> list[str]:
         rows.update({name + suffix: r for name, r in part["measured"].items()})
     for name, r in rows.items():
         pay, wire = r["payload_bytes_per_token"], r["wire_bytes_per_token"]
-        lines.append(f"{name:9} {r['table_bytes_per_device'] / 2**20:>14.3f} {r['param_bytes_per_device'] / 2**20:>15.3f}"
+        lines.append(f"{name:9} {r['table_bytes_per_device'] / 2**20:>14.3f}"
+                     f" {r['param_bytes_per_device'] / 2**20:>15.3f}"
                      f" {pay.get('forward', 0):>12.1f} {pay.get('backward', 0):>12.1f}"
                      f" {wire.get('forward', 0):>15.1f} {wire.get('backward', 0):>15.1f}")
     return lines

@@ -14,11 +14,11 @@ replicated. The routing (query, batch norm, product-key top-k) runs replicated o
 Each device dots its slice of x with its slice of the selected down rows (and gate rows); the
 partial dots, T * heads * topk scalars per table, stacked, are summed over the mesh in one
 all-reduce (the DTensor ``Partial -> Replicate`` redistribution), so every device holds the
-whole pre-activation (and gate value). The up projection then yields the output's own slice of features
-(``Shard(-1)``), all-gathered into a replicated output unless ``output_layouts=Shard(-1)`` is
-asked for (for a following row-parallel layer). No step moves a table row: traffic is
-O(T * (heads * topk + d_model)) per call whatever N is (2 * heads * topk dots with GLU experts), and skewed expert usage loads every
-device alike.
+whole pre-activation (and gate value). The up projection then yields the output's own slice
+of features (``Shard(-1)``), all-gathered into a replicated output unless
+``output_layouts=Shard(-1)`` is asked for (for a following row-parallel layer). No step moves
+a table row: traffic is O(T * (heads * topk + d_model)) per call whatever N is (2 * heads *
+topk dots with GLU experts), and skewed expert usage loads every device alike.
 
 Backward, the DTensor redistributions' adjoints give: the coefficient gradient all-reduced
 (each device holds the part from its features), the x gradient of the expert part all-gathered
@@ -75,9 +75,8 @@ class ExpertColumnParallel(ParallelStyle):
 
     For ``torch.distributed.tensor.parallel.parallelize_module`` on a ``peer_backends.torch``
     ``PEER`` module. ``experts.down``, ``experts.gate`` (GLU experts) and ``experts.up`` become
-    DTensors ``Shard(1)``; every
-    other parameter a replicated DTensor; the batch-norm buffers stay plain tensors, updated
-    alike on every rank. The input x must be replicated over the mesh: a plain tensor equal on
+    DTensors ``Shard(1)``; every other parameter a replicated DTensor; the batch-norm buffers
+    stay plain tensors, updated alike on every rank. The input x must be replicated over the mesh: a plain tensor equal on
     every rank, or a DTensor (redistributed to ``Replicate()`` first).
 
     Args:
@@ -143,8 +142,9 @@ def sharded_forward_tensors(mesh, cfg, training, params, state, x, mask, routing
     """``peer.forward_tensors`` with the expert tables sharded by columns over ``mesh``.
 
     params: DTensors, ``experts.down`` (N, d_model), ``experts.gate`` (N, d_model; GLU experts) and
-    ``experts.up`` (N, d_out) ``Shard(1)``, the rest replicated. Returns (y, new_state, indices, scores, weights): y a DTensor
-    (T, d_out) ``Shard(-1)`` over ``mesh``; the rest local tensors, equal on every rank.
+    ``experts.up`` (N, d_out) ``Shard(1)``, the rest replicated. Returns (y, new_state, indices,
+    scores, weights): y a DTensor (T, d_out) ``Shard(-1)`` over ``mesh``; the rest local tensors,
+    equal on every rank.
     """
     x = _local(x, mesh)
     mask, routing = _local(mask, mesh), _local(routing, mesh)
