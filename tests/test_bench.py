@@ -212,6 +212,18 @@ def test_sharded_model_counts_by_hand():
     assert counts["wire_bytes_per_token"] == {"forward": (4 * 1 + 4 * 0.5) * 4, "backward": (4 * 1 + 4 * 0.5) * 4}
     bf16 = sharded.model(Case(d_model=4, n_experts=9, heads=2, topk=2, d_key=6, tokens=1, dtype="bfloat16"), 2)
     assert bf16["payload_bytes_per_token"] == {"forward": 4 * 4 + 4 * 2, "backward": (4 + 4) * 4}
+    # GLU experts: experts.gate is a third table of 9*4, its 4 partial dots ride the forward
+    # all-reduce with down's (2*h*k); backward is unchanged (one h*k coefficient gradient).
+    glu = sharded.model(Case(d_model=4, n_experts=9, heads=2, topk=2, d_key=6, tokens=1, expert_glu=True), 2)
+    assert glu["table_bytes"] == 9 * (4 + 4 + 4) * 4 / 2 and glu["replicated_bytes"] == counts["replicated_bytes"]
+    assert glu["payload_bytes_per_token"] == {"forward": (8 + 4) * 4, "backward": (4 + 4) * 4}
+    assert glu["wire_bytes_per_token"] == {"forward": (8 * 1 + 4 * 0.5) * 4, "backward": (4 * 1 + 4 * 0.5) * 4}
+    lines = sharded.table({"case": Case(4, 9, 2, 2, 6, 1).to_dict(), "device": "cpu", "devices": 2,
+                           "model": counts, "measured": {},
+                           "glu": {"case": Case(4, 9, 2, 2, 6, 1, expert_glu=True).to_dict(), "model": glu,
+                                   "measured": {}}})
+    assert [line[:9].strip() for line in lines[2:]] == ["model", "model GLU"]
+    assert [float(line.split()[-6]) for line in lines[2:]] == [round(144 / 2**20, 3), round(216 / 2**20, 3)]
 
 
 def test_sharded_hlo_collectives_are_read_with_their_sizes():

@@ -6,6 +6,7 @@ process where JAX already started with fewer devices, its tests skip and one tes
 file in a fresh process instead.
 """
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -45,6 +46,8 @@ if ENOUGH:
     jax.config.update("jax_enable_x64", True)  # this process only: float64 compares to 1e-12
 
 CFG = peer_ref.PEERConfig(d_model=12, n_experts=49, heads=3, topk=4, d_key=6, d_out=8, query_bias=True)
+# GLU experts (SPEC §3.10): experts.gate is sharded like experts.down, its dots psum'd with them.
+GLU = dataclasses.replace(CFG, expert_glu=True, activation="silu")
 TOL = dict(rtol=1e-12, atol=1e-12)
 COLLECTIVE = re.compile(r"=\s*(\(?[^=]*?\)?)\s+(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
                         r"(-start)?\(")
@@ -75,51 +78,59 @@ def collectives(hlo):
 
 
 @needs_devices
-def test_functional_equals_one_device_with_tables_at_one_quarter():
+@pytest.mark.parametrize("cfg", [CFG, GLU], ids=["single-neuron", "glu"])
+def test_functional_equals_one_device_with_tables_at_one_quarter(cfg):
     training = True
-    params, state, x, mask, dy = case(CFG)
+    params, state, x, mask, dy = case(cfg)
     mesh = jax.make_mesh((4,), ("model",))
-    sharded_params, sharded_state = parallel.shard(CFG, params, state, mesh)
+    sharded_params, sharded_state = parallel.shard(cfg, params, state, mesh)
     x_rep, dy_rep = jax.device_put((x, dy), NamedSharding(mesh, PartitionSpec()))
-    for name in ("experts.down", "experts.up"):
+    tables = ("experts.down", "experts.gate", "experts.up") if cfg.expert_glu else ("experts.down", "experts.up")
+    assert {n for n, v in sharded_params.items() if v.sharding.spec == PartitionSpec(None, "model")} == set(tables)
+    for name in tables:
         shard_shapes = {s.data.shape for s in sharded_params[name].addressable_shards}
-        assert shard_shapes == {(CFG.n_experts, params[name].shape[1] // 4)}, name
+        assert shard_shapes == {(cfg.n_experts, params[name].shape[1] // 4)}, name
     assert sharded_params["experts.bias"].sharding.spec == PartitionSpec()
 
-    y, new_state, aux = parallel.apply(CFG, sharded_params, sharded_state, x_rep, training, mask, mesh=mesh)
-    y_ref, state_ref, aux_ref = be.apply(CFG, params, state, x, training, mask)
+    y, new_state, aux = parallel.apply(cfg, sharded_params, sharded_state, x_rep, training, mask, mesh=mesh)
+    y_ref, state_ref, aux_ref = be.apply(cfg, params, state, x, training, mask)
     np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), **TOL)
     assert y.sharding.spec == PartitionSpec(None, None, "model")
     assert_trees_close(new_state, state_ref)
     np.testing.assert_array_equal(np.asarray(aux["indices"]), np.asarray(aux_ref["indices"]))
 
-    grads, dx = parallel.vjp(CFG, sharded_params, sharded_state, x_rep, dy_rep, training, mask, mesh=mesh)
-    grads_ref, dx_ref = be.vjp(CFG, params, state, x, dy, training, mask)
+    grads, dx = parallel.vjp(cfg, sharded_params, sharded_state, x_rep, dy_rep, training, mask, mesh=mesh)
+    grads_ref, dx_ref = be.vjp(cfg, params, state, x, dy, training, mask)
     assert_trees_close(grads, grads_ref)
     np.testing.assert_allclose(np.asarray(dx), np.asarray(dx_ref), **TOL)
-    assert grads["experts.down"].sharding.spec == PartitionSpec(None, "model")
+    for name in tables:
+        assert grads[name].sharding.spec == PartitionSpec(None, "model"), name
 
 
 @needs_devices
-def test_no_collective_moves_a_table():
-    """The compiled step's collectives carry T*heads*topk dots or T*d activations, nothing of size N*d."""
-    params, state, x, mask, dy = case(CFG)
+@pytest.mark.parametrize("cfg", [CFG, GLU], ids=["single-neuron", "glu"])
+def test_no_collective_moves_a_table(cfg):
+    """The compiled step's collectives carry T*heads*topk dots (2*T*heads*topk stacked with the
+    gate's for GLU experts) or T*d activations, nothing of size N*d."""
+    params, state, x, mask, dy = case(cfg)
     mesh = jax.make_mesh((4,), ("model",))
-    sharded_params, sharded_state = parallel.shard(CFG, params, state, mesh)
+    sharded_params, sharded_state = parallel.shard(cfg, params, state, mesh)
     x, dy = jax.device_put((x, dy), NamedSharding(mesh, PartitionSpec()))  # replicated, as in a network
     tokens = x.shape[0] * x.shape[1]
-    dots, activations = tokens * CFG.heads * CFG.topk, tokens * max(CFG.d_model, CFG.d_out)
-    forward = parallel._forward_jit.lower(CFG, True, mesh, "model", sharded_params, sharded_state,
+    dots, activations = tokens * cfg.heads * cfg.topk, tokens * max(cfg.d_model, cfg.d_out)
+    forward_dots = (2 if cfg.expert_glu else 1) * dots
+    forward = parallel._forward_jit.lower(cfg, True, mesh, "model", sharded_params, sharded_state,
                                           x, mask, None).compile().as_text()
-    step = parallel._vjp_jit.lower(CFG, True, mesh, "model", sharded_params, sharded_state,
+    step = parallel._vjp_jit.lower(cfg, True, mesh, "model", sharded_params, sharded_state,
                                    x, dy, mask, None).compile().as_text()
     found_forward, found_step = collectives(forward), collectives(step)
-    # Forward: one all-reduce, of the partial dots; y stays sharded by features.
-    assert found_forward == [("all-reduce", dots)], found_forward
+    # Forward: one all-reduce, of the stacked partial dots; y stays sharded by features.
+    assert found_forward == [("all-reduce", forward_dots)], found_forward
     # Forward and backward: the partial dots' and the coefficient gradient's all-reduces (XLA
     # may merge them into one), the x gradient's all-gather.
-    assert sorted(found_step) in ([("all-gather", activations), ("all-reduce", dots)],
-                                  [("all-gather", activations), ("all-reduce", dots), ("all-reduce", dots)]), found_step
+    assert sorted(found_step) in ([("all-gather", activations), ("all-reduce", forward_dots)],
+                                  sorted([("all-gather", activations), ("all-reduce", forward_dots),
+                                          ("all-reduce", dots)])), found_step
 
 
 # Evaluation mode is checked here, on the 2-D mesh (training above and below).

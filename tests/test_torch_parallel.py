@@ -6,6 +6,7 @@ Each test spawns its processes (torch.multiprocessing, spawn start) with a free 
 
 import contextlib
 import copy
+import dataclasses
 import os
 import socket
 
@@ -37,6 +38,9 @@ from peer_backends.torch.parallel import (  # noqa: E402
 CFG = PEERConfig(d_model=12, n_experts=49, heads=3, topk=4, d_key=6, d_out=8, query_bias=True)
 UNEVEN = PEERConfig(d_model=10, n_experts=36, heads=2, topk=3, d_key=4, shared_keys=False,
                     activation="silu", score="sigmoid")
+# GLU experts (SPEC §3.10): experts.gate is sharded like experts.down, its dots reduced with them.
+GLU = dataclasses.replace(CFG, expert_glu=True)
+UNEVEN_GLU = dataclasses.replace(UNEVEN, expert_glu=True)
 TOL = dict(rtol=1e-10, atol=1e-10)
 
 
@@ -123,7 +127,9 @@ def _equal_to_one_device(rank, world, cfg):
     reference = PEER(cfg, seed=3, dtype="float64")
     sharded = parallelize_module(copy.deepcopy(reference), mesh, ExpertColumnParallel())
     # Per-device table memory is 1/P: each rank holds its chunk of columns, all N rows.
-    for name in ("experts.down", "experts.up"):
+    tables = ("experts.down", "experts.gate", "experts.up") if cfg.expert_glu else ("experts.down", "experts.up")
+    assert {n for n, p in sharded.named_parameters() if p.placements == (Shard(1),)} == set(tables)
+    for name in tables:
         local = sharded.get_parameter(name).to_local()
         width = reference.get_parameter(name).shape[1]
         assert local.shape == (cfg.n_experts, _chunk(width, world, rank)), name
@@ -139,12 +145,16 @@ def _equal_to_one_device(rank, world, cfg):
         _assert_step_equal(got, _step(reference, x, mask, dy))
         # Collectives carry T*heads*topk dots or T*d activations, never an (N, d) table.
         tokens = x.shape[0] * x.shape[1]
-        largest = max(tokens * cfg.heads * cfg.topk, tokens * max(cfg.d_model, cfg.d_out))
-        assert comm.sizes and all(0 < n <= largest for _, n in comm.sizes), comm.sizes
+        dots = tokens * cfg.heads * cfg.topk
         counts = {str(op).lstrip("_"): n for op, n in comm.get_comm_counts().items()}
-        # forward: the partial dots' all-reduce, the output's all-gather; backward: the
-        # coefficient gradient's all-reduce, the x gradient's all-gather.
+        # forward: the partial dots' all-reduce (down and, stacked with them, gate: 2*T*h*k),
+        # the output's all-gather; backward: the coefficient gradient's all-reduce, the x
+        # gradient's all-gather.
         assert counts == {"c10d_functional.all_reduce": 2, "c10d_functional.all_gather_into_tensor": 2}, counts
+        reduced = [n for op, n in comm.sizes if "all_reduce" in op]
+        assert reduced == [(2 if cfg.expert_glu else 1) * dots, dots], comm.sizes
+        gathered = [n for op, n in comm.sizes if "all_gather" in op]
+        assert len(gathered) == 2 and all(0 < n <= tokens * max(cfg.d_model, cfg.d_out) for n in gathered), comm.sizes
 
 
 def _shard_output_and_checkpoint(rank, world, path):
@@ -220,7 +230,8 @@ def _shard_output_and_checkpoint(rank, world, path):
 
 
 def _two_devices(rank, world, path):
-    _equal_to_one_device(rank, world, CFG)
+    for cfg in (CFG, GLU):
+        _equal_to_one_device(rank, world, cfg)
     _shard_output_and_checkpoint(rank, world, path)
 
 
@@ -263,7 +274,8 @@ def _with_fully_shard(rank, world):
 
 
 def _four_devices(rank, world):
-    _equal_to_one_device(rank, world, UNEVEN)
+    for cfg in (UNEVEN, UNEVEN_GLU):
+        _equal_to_one_device(rank, world, cfg)
     _with_fully_shard(rank, world)
 
 

@@ -98,6 +98,20 @@ def test_dense_and_peer_models_have_equal_flops_per_token():
     assert [k for k, _ in every.block_ffns()] == ["peer", "peer"]
 
 
+def test_peer_glu_model_selects_the_top_k_of_equal_flops():
+    glu = dataclasses.replace(TINY, ffn="peer_glu")
+    built = glu.peer_config()
+    assert built.expert_glu and (built.n_experts, built.heads, built.d_key) == (64, 2, 16)
+    assert not TINY.peer_config().expert_glu and TINY.peer_config().topk == 4
+    # h=2, d=32, d_key=16, n_keys=8: 2*32*2*16 + 2*2*8*16 + 2*k*k + 2*2*k*(2*32 + 32)
+    by_k = {k: 2048 + 512 + 2 * k * k + 384 * k for k in range(1, 9)}
+    assert TINY.peer_flops() == 2048 + 512 + 32 + 1024
+    assert built.topk == min(by_k, key=lambda k: abs(by_k[k] - TINY.peer_flops())) == 3
+    assert glu.built_peer_flops() == by_k[3]
+    assert glu.flops_per_token()["ffn"] - TINY.flops_per_token()["ffn"] == by_k[3] - TINY.peer_flops()
+    assert glu.block_ffns() == TINY.block_ffns()
+
+
 # ---- training, per framework -------------------------------------------------------------------
 
 
@@ -175,10 +189,16 @@ def test_isoflop_and_usage_reports(corpus, monkeypatch, tmp_path):
     rows = {(r["variant"], r["budget_steps"]): r for r in iso["table"]}
     assert rows["dense", 4]["train_flops"] == pytest.approx(rows["peer", 4]["train_flops"], rel=0.01)
     assert rows["dense", 4]["usage_mean"] is None and 0 < rows["peer", 4]["usage_mean"] <= 1
+    assert rows["peer_glu", 4]["train_flops"] == pytest.approx(rows["peer", 4]["train_flops"], rel=0.01)
+    topks = (rows["peer", 4]["peer_topk"], rows["peer_glu", 4]["peer_topk"], rows["dense", 4]["peer_topk"])
+    assert topks == (4, 3, None)
+    assert 0 < rows["peer_glu", 4]["usage_mean"] <= 1
+    assert rows["peer_glu", 4]["n_params"] - rows["peer", 4]["n_params"] == 64 * 32  # experts.gate
     files = report.write(tmp_path, "isoflop", iso)
     assert [p.name for p in files] == ["isoflop.json", "isoflop.md", "isoflop.png"]
     assert json.loads((tmp_path / "isoflop.json").read_text())["table"][0]["variant"] == "dense"
-    assert "| PEER, no query BN | 4 |" in (tmp_path / "isoflop.md").read_text()
+    assert "| PEER, no query BN | 4 | 4 |" in (tmp_path / "isoflop.md").read_text()
+    assert "| PEER-GLU (equal FLOPs) | 3 | 4 |" in (tmp_path / "isoflop.md").read_text()
     use = experiments.usage(corpus, "quick") | {"environment": env, "corpus": corpus.describe()}
     assert [(r["n_experts"], r["query_norm"]) for r in use["table"]] == [
         (16, "batch"), (16, "none"), (64, "batch"), (64, "none")]

@@ -41,7 +41,8 @@ def parser() -> argparse.ArgumentParser:
                    help="reduced (default: the preset's few points), experts, tokens, all (full sweeps), none")
     p.add_argument("--glu", action=argparse.BooleanOptionalAction, default=True,
                    help="also time PEER-GLU (GLU experts, expert_glu=True) on the first of --paths, "
-                        "next to the plain rows (default: on; --no-glu leaves it out)")
+                        "next to the plain rows; with --devices, also measure it sharded "
+                        "(default: on; --no-glu leaves it out)")
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     p.add_argument("--devices", type=int,
                    help="instead of timing: per-device memory and communicated bytes per token of the expert "
@@ -155,7 +156,7 @@ def _sharded(args, p, settings) -> int:
     backends = [b for b in settings.backends if b in ("torch", "jax")]
     if not backends:
         _fail(p, "--backends", args.backends, "torch and/or jax with --devices")
-    results = sharded.run(settings.case, args.devices, backends, settings.device, args.out)
+    results = sharded.run(settings.case, args.devices, backends, settings.device, args.out, glu=settings.glu)
     print("\n".join(sharded.table(results)))
     print(f"wrote {args.out / 'sharded.json'}")
     return 0

@@ -14,6 +14,7 @@ an all-reduce, (P-1)/P of it for an all-gather.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -31,22 +32,25 @@ RING = {"all_reduce": lambda p: 2 * (p - 1) / p, "all_gather": lambda p: (p - 1)
 def model(case: Case, devices: int) -> dict:
     """The analytic counts of one training step per device, d_out = d_model (README formulas).
 
-    b is the layer's item size, c the compute item size (4 for bfloat16, SPEC §10; else b).
-    Forward: an all-reduce of the heads*topk partial dots (c each) and an all-gather of the
+    b is the layer's item size, c the compute item size (4 for bfloat16, SPEC §10; else b),
+    g = 2 for GLU experts (SPEC §3.10: experts.gate is sharded like experts.down and its partial
+    dots are all-reduced stacked with down's), else 1.
+    Forward: an all-reduce of the g*heads*topk partial dots (c each) and an all-gather of the
     d_model output features (b each); backward: an all-reduce of the heads*topk coefficient
     gradients (c) and an all-gather of x's d_model gradient features (c). Tables:
-    N * 2 * d_model * b / P; replicated: query.kernel, the two shared sub-key halves,
+    N * (g + 1) * d_model * b / P; replicated: query.kernel, the two shared sub-key halves,
     experts.bias, the batch-norm scale and offset.
     """
     b = DTYPE_BYTES[case.dtype]
     c = 4 if case.dtype == "bfloat16" else b
+    g = 2 if case.expert_glu else 1
     hk, d, n = case.heads * case.topk, case.d_model, case.n_experts
     reduce, gather = RING["all_reduce"](devices), RING["all_gather"](devices)
-    return {"devices": devices, "table_bytes": n * 2 * d * b / devices,
+    return {"devices": devices, "table_bytes": n * (g + 1) * d * b / devices,
             "replicated_bytes": (d * case.heads * case.d_key + math.isqrt(n) * case.d_key + n
                                  + 2 * case.heads * case.d_key) * b,
-            "payload_bytes_per_token": {"forward": hk * c + d * b, "backward": hk * c + d * c},
-            "wire_bytes_per_token": {"forward": hk * c * reduce + d * b * gather,
+            "payload_bytes_per_token": {"forward": g * hk * c + d * b, "backward": hk * c + d * c},
+            "wire_bytes_per_token": {"forward": g * hk * c * reduce + d * b * gather,
                                      "backward": (hk * reduce + d * gather) * c}}
 
 
@@ -81,7 +85,7 @@ def _torch_rank(rank, devices, case_dict, device, port, result_path):
     from torch.distributed.tensor.parallel import parallelize_module
 
     from peer_backends.torch.layer import PEER
-    from peer_backends.torch.parallel import ExpertColumnParallel
+    from peer_backends.torch.parallel import ExpertColumnParallel, column_tables
     from peer_ref.config import PEERConfig
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -118,7 +122,7 @@ def _torch_rank(rank, devices, case_dict, device, port, result_path):
             y.float().square().sum().backward()
         local = {n: (p.to_local() if isinstance(p, DTensor) else p) for n, p in layer.named_parameters()}
         param_bytes = sum(t.numel() * t.element_size() for t in local.values())
-        table_bytes = sum(local[n].numel() * local[n].element_size() for n in ("experts.down", "experts.up"))
+        table_bytes = sum(local[n].numel() * local[n].element_size() for n in column_tables(layer.cfg))
         if rank == 0:
             with open(result_path, "w") as f:
                 json.dump(_summarise(phases, case.tokens, devices, param_bytes, table_bytes), f)
@@ -181,7 +185,7 @@ def _jax_child(devices: int, case_dict: dict) -> dict:
     nbytes = {name: sum(s.data.nbytes for s in v.addressable_shards if s.device == device0)
               for name, v in params.items()}
     out = _summarise(fwd + both, case.tokens, devices, sum(nbytes.values()),
-                     nbytes["experts.down"] + nbytes["experts.up"])
+                     sum(nbytes[name] for name in parallel.column_tables(cfg)))
     for key in ("payload_bytes_per_token", "wire_bytes_per_token"):
         out[key]["backward"] = out[key].pop("step", 0) - out[key].get("forward", 0)
     return out
@@ -200,19 +204,31 @@ def measure_jax(case: Case, devices: int, device: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run(case: Case, devices: int, backends, device: str, out_dir) -> dict:
-    """Measure each backend of ``backends`` (torch, jax) on ``devices`` devices; writes sharded.json."""
+def run(case: Case, devices: int, backends, device: str, out_dir, glu: bool = False) -> dict:
+    """Measure each backend of ``backends`` (torch, jax) on ``devices`` devices; writes sharded.json.
+
+    ``glu``: also the same case with GLU experts (``expert_glu=True``), under ``results["glu"]``
+    (skipped when ``case`` has GLU experts already).
+    """
     import tempfile
     from pathlib import Path
 
-    results = {"case": case.to_dict(), "device": device, "devices": devices, "model": model(case, devices),
-               "measured": {}}
-    with tempfile.TemporaryDirectory() as tmp:
+    def measured(one: Case, tmp: str) -> dict:
+        out = {}
         for name in backends:
             if name == "torch":
-                results["measured"]["torch"] = measure_torch(case, devices, device, tmp)
+                out["torch"] = measure_torch(one, devices, device, tmp)
             elif name == "jax":
-                results["measured"]["jax"] = measure_jax(case, devices, device)
+                out["jax"] = measure_jax(one, devices, device)
+        return out
+
+    results = {"case": case.to_dict(), "device": device, "devices": devices, "model": model(case, devices)}
+    with tempfile.TemporaryDirectory() as tmp:
+        results["measured"] = measured(case, tmp)
+        if glu and not case.expert_glu:
+            glu_case = dataclasses.replace(case, expert_glu=True)
+            results["glu"] = {"case": glu_case.to_dict(), "model": model(glu_case, devices),
+                              "measured": measured(glu_case, tmp)}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sharded.json").write_text(json.dumps(results, indent=1))
@@ -222,18 +238,25 @@ def run(case: Case, devices: int, backends, device: str, out_dir) -> dict:
 def table(results: dict) -> list[str]:
     """Plain-text lines of the report."""
     c, p = results["case"], results["devices"]
+    glu = " GLU experts" if c.get("expert_glu") else ""
     lines = [f"sharded expert tables: P={p} devices ({results['device']}), d_model={c['d_model']} "
-             f"N={c['n_experts']} heads={c['heads']} topk={c['topk']} tokens={c['tokens']} {c['dtype']}",
-             f"{'':8} {'table MiB/dev':>14} {'params MiB/dev':>15} {'fwd B/token':>12} {'bwd B/token':>12}"
+             f"N={c['n_experts']} heads={c['heads']} topk={c['topk']} tokens={c['tokens']} {c['dtype']}{glu}",
+             f"{'':9} {'table MiB/dev':>14} {'params MiB/dev':>15} {'fwd B/token':>12} {'bwd B/token':>12}"
              f" {'fwd wire B/tok':>15} {'bwd wire B/tok':>15}"]
-    rows = {"model": {"table_bytes_per_device": results["model"]["table_bytes"],
-                      "param_bytes_per_device": results["model"]["table_bytes"] + results["model"]["replicated_bytes"],
-                      "payload_bytes_per_token": results["model"]["payload_bytes_per_token"],
-                      "wire_bytes_per_token": results["model"]["wire_bytes_per_token"]},
-            **results["measured"]}
+    rows = {}
+    for suffix, part in (("", results), (" GLU", results.get("glu"))):
+        if part is None:
+            continue
+        counts = part["model"]
+        rows["model" + suffix] = {"table_bytes_per_device": counts["table_bytes"],
+                                  "param_bytes_per_device": counts["table_bytes"] + counts["replicated_bytes"],
+                                  "payload_bytes_per_token": counts["payload_bytes_per_token"],
+                                  "wire_bytes_per_token": counts["wire_bytes_per_token"]}
+        rows.update({name + suffix: r for name, r in part["measured"].items()})
     for name, r in rows.items():
         pay, wire = r["payload_bytes_per_token"], r["wire_bytes_per_token"]
-        lines.append(f"{name:8} {r['table_bytes_per_device'] / 2**20:>14.3f} {r['param_bytes_per_device'] / 2**20:>15.3f}"
+        lines.append(f"{name:9} {r['table_bytes_per_device'] / 2**20:>14.3f}"
+                     f" {r['param_bytes_per_device'] / 2**20:>15.3f}"
                      f" {pay.get('forward', 0):>12.1f} {pay.get('backward', 0):>12.1f}"
                      f" {wire.get('forward', 0):>15.1f} {wire.get('backward', 0):>15.1f}")
     return lines

@@ -9,9 +9,14 @@ experiments, or all blocks), whose feed-forward is:
 
   ``ffn="peer"``   a PEER layer (``peer_backends.layer``) configured by ``peer``;
   ``ffn="dense"``  a dense FFN of width ``dense_width(PEER's forward FLOPs per token)``, i.e.
-                   the equal-FLOP dense baseline of the benchmark (bench/peer_bench/formulas.py).
+                   the equal-FLOP dense baseline of the benchmark (bench/peer_bench/formulas.py);
+  ``ffn="peer_glu"`` a PEER layer with GLU experts (SPEC §3.10, ``expert_glu=True``) and the
+                   configured ``n_experts``, ``peer_heads`` and ``d_key``, whose ``topk`` is the
+                   one giving the forward FLOPs per token nearest to the configured PEER layer's
+                   (a GLU expert costs 1.5x a single-neuron one, so fewer experts are selected).
 
-So "dense" and "peer" models have the same FLOPs per token up to the rounding of one width.
+So "dense", "peer" and "peer_glu" models have the same FLOPs per token up to the rounding of one
+width (dense) or of one top-k step (peer_glu); ``flops_per_token`` counts what is actually built.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from peer_ref import PEERConfig
 
 from .data import VOCAB
 
-FFNS = ("dense", "peer")
+FFNS = ("dense", "peer", "peer_glu")
 PEER_BLOCKS = ("middle", "all")
 
 
@@ -63,29 +68,54 @@ class ModelConfig:
             raise ConfigError(f"peer_blocks={self.peer_blocks!r}, but expected one of {PEER_BLOCKS}")
         self.peer_config()  # validates the PEER fields through PEERConfig
 
-    def peer_config(self) -> PEERConfig:
-        """The PEER layer's config (SPEC §1); its errors name PEERConfig's fields."""
+    def reference_peer_config(self) -> PEERConfig:
+        """The configured PEER layer (SPEC §1), the FLOP reference of the "dense" and "peer_glu"
+        stand-ins; its errors name PEERConfig's fields."""
         return PEERConfig(d_model=self.d_model, n_experts=self.n_experts, heads=self.peer_heads, topk=self.topk,
                           d_key=self.d_key, query_norm=self.query_norm)
+
+    def peer_config(self) -> PEERConfig:
+        """The PEER layer the model builds: the reference one, or for ``ffn="peer_glu"`` its GLU
+        stand-in with ``topk = equal_flop_glu_topk()``."""
+        cfg = self.reference_peer_config()
+        if self.ffn != "peer_glu":
+            return cfg
+        return dataclasses.replace(cfg, expert_glu=True, topk=self.equal_flop_glu_topk())
+
+    def equal_flop_glu_topk(self) -> int:
+        """The top-k (1..isqrt(n_experts)) whose GLU layer's forward FLOPs per token are nearest to
+        ``peer_flops()`` (the smaller one on a tie)."""
+        target = self.peer_flops()
+        return min(range(1, math.isqrt(self.n_experts) + 1),
+                   key=lambda k: (abs(self._flops(k, True) - target), k))
+
+    def _flops(self, topk: int, expert_glu: bool) -> int:
+        return formulas.peer_flops_per_token(self.d_model, self.n_experts, self.peer_heads, topk, self.d_key,
+                                             expert_glu=expert_glu)["total"]
 
     def replaced(self) -> list[int]:
         """Indices of the blocks whose feed-forward is PEER (or its equal-FLOP dense stand-in)."""
         return list(range(self.n_layers)) if self.peer_blocks == "all" else [self.n_layers // 2]
 
     def peer_flops(self) -> int:
-        return formulas.peer_flops_per_token(self.d_model, self.n_experts, self.peer_heads, self.topk,
-                                             self.d_key)["total"]
+        """Forward FLOPs per token of the configured (reference) PEER layer."""
+        return self._flops(self.topk, False)
+
+    def built_peer_flops(self) -> int:
+        """Forward FLOPs per token of the PEER layer the model builds (``peer_config()``)."""
+        cfg = self.peer_config()
+        return self._flops(cfg.topk, cfg.expert_glu)
 
     def equal_flop_width(self) -> int:
         return formulas.dense_width(self.peer_flops(), self.d_model)
 
     def block_ffns(self) -> list[tuple[str, int]]:
-        """Each block's feed-forward: ("dense", width) or ("peer", 0)."""
+        """Each block's feed-forward: ("dense", width) or ("peer", 0) (``peer_config()``'s layer)."""
         out = []
         for i in range(self.n_layers):
             if i not in self.replaced():
                 out.append(("dense", self.ffn_width))
-            elif self.ffn == "peer":
+            elif self.ffn in ("peer", "peer_glu"):
                 out.append(("peer", 0))
             else:
                 out.append(("dense", self.equal_flop_width()))
@@ -93,7 +123,7 @@ class ModelConfig:
 
     def flops_per_token(self) -> dict[str, int]:
         """Forward FLOPs per token by term (formulas.transformer_flops_per_token)."""
-        ffn = [self.peer_flops() if kind == "peer" else formulas.dense_flops_per_token(width, self.d_model)
+        ffn = [self.built_peer_flops() if kind == "peer" else formulas.dense_flops_per_token(width, self.d_model)
                for kind, width in self.block_ffns()]
         return formulas.transformer_flops_per_token(self.d_model, self.n_layers, self.seq, self.vocab, ffn)
 

@@ -36,7 +36,8 @@ SIZES = {
 }
 
 VARIANTS = {"dense": {"ffn": "dense"}, "peer": {"ffn": "peer", "query_norm": "batch"},
-            "peer_no_bn": {"ffn": "peer", "query_norm": "none"}}
+            "peer_no_bn": {"ffn": "peer", "query_norm": "none"},
+            "peer_glu": {"ffn": "peer_glu", "query_norm": "batch"}}
 
 
 def _configs(size: str, steps: int, seed: int, overrides: dict, **model) -> tuple[ModelConfig, TrainConfig]:
@@ -58,7 +59,8 @@ def _summary(record: dict) -> dict:
 
 def isoflop(corpus: data.Corpus, size: str = "default", backend: str = "torch", device: str = "cpu",
             seeds=None, overrides: dict | None = None, progress=None) -> dict:
-    """Dense FFN vs PEER vs PEER without query batch norm at equal FLOPs per token, at each budget."""
+    """Dense FFN vs PEER vs PEER without query batch norm vs PEER with GLU experts, at equal FLOPs
+    per token (``ModelConfig``'s "dense" and "peer_glu" stand-ins), at each budget."""
     spec, overrides = SIZES[size], overrides or {}
     seeds = spec["seeds"] if seeds is None else seeds
     runs = []
@@ -69,9 +71,15 @@ def isoflop(corpus: data.Corpus, size: str = "default", backend: str = "torch", 
                 record = run(model_cfg, train_cfg, corpus, backend=backend, device=device, progress=progress,
                              label=f"{variant} {steps} steps seed {seed}")
                 runs.append({"variant": variant, "budget_steps": steps, "seed": seed, **_summary(record)})
+    return {"experiment": "isoflop", "size": size, "backend": backend, "table": isoflop_table(runs), "runs": runs}
+
+
+def isoflop_table(runs: list[dict]) -> list[dict]:
+    """One row per (budget, variant) of ``runs``: mean and sample std of the validation bpb over
+    seeds, FLOPs, parameters, the PEER layer's top-k and routing metrics."""
     table = []
-    for steps in spec["budgets"]:
-        for variant in VARIANTS:
+    for steps in sorted({r["budget_steps"] for r in runs}):
+        for variant in [v for v in VARIANTS if any(r["variant"] == v for r in runs)]:
             group = [r for r in runs if r["variant"] == variant and r["budget_steps"] == steps]
             bpb = np.array([r["val_bpb"] for r in group])
             usage = [r["routing"][b]["usage"] for r in group for b in r["routing"]]
@@ -79,11 +87,18 @@ def isoflop(corpus: data.Corpus, size: str = "default", backend: str = "torch", 
             table.append({"variant": variant, "budget_steps": steps, "train_flops": group[0]["train_flops"],
                           "train_flops_per_token": group[0]["train_flops_per_token"],
                           "n_params": group[0]["n_params"], "seeds": len(group),
+                          "peer_topk": _built_topk(group[0]),
                           "val_bpb_mean": float(bpb.mean()), "val_bpb_std": float(bpb.std(ddof=1)) if len(bpb) > 1
                           else None, "val_bpb": bpb.tolist(),
                           "usage_mean": float(np.mean(usage)) if usage else None,
                           "unevenness_mean": float(np.mean(unev)) if unev else None})
-    return {"experiment": "isoflop", "size": size, "backend": backend, "table": table, "runs": runs}
+    return table
+
+
+def _built_topk(record: dict) -> int | None:
+    """The top-k of the PEER layer a run built (None for the dense variant)."""
+    cfg = ModelConfig(**record["model"])
+    return cfg.peer_config().topk if cfg.ffn != "dense" else None
 
 
 def usage(corpus: data.Corpus, size: str = "default", backend: str = "torch", device: str = "cpu",

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-LABELS = {"dense": "dense FFN (equal FLOPs)", "peer": "PEER", "peer_no_bn": "PEER, no query BN"}
+LABELS = {"dense": "dense FFN (equal FLOPs)", "peer": "PEER", "peer_no_bn": "PEER, no query BN",
+          "peer_glu": "PEER-GLU (equal FLOPs)"}
 
 
 def _num(x, digits=3):
@@ -29,12 +30,15 @@ def isoflop_markdown(result: dict) -> list[str]:
     lines = ["## isoFLOP in miniature", "",
              "Validation bits per byte after training at each compute budget (mean ± sample std over seeds); "
              "every variant of a budget has the same training FLOPs per token (3 × forward, "
-             "bench/peer_bench/formulas.py). Usage/unevenness: the PEER block on validation data.", "",
-             "| model | budget (steps) | training FLOPs | params | val bpb | seeds | usage | unevenness |",
-             "|---|---|---|---|---|---|---|---|"]
+             "bench/peer_bench/formulas.py; PEER-GLU: GLU experts, SPEC §3.10, with the top-k that "
+             "brings its FLOPs nearest to PEER's). Usage/unevenness: the PEER block on validation data.", "",
+             "| model | top-k | budget (steps) | training FLOPs | params | val bpb | seeds | usage | unevenness |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in result["table"]:
         std = f" ± {row['val_bpb_std']:.3f}" if row["val_bpb_std"] is not None else ""
-        lines.append(f"| {LABELS[row['variant']]} | {row['budget_steps']} | {row['train_flops']:.3g} | "
+        topk = row.get("peer_topk")
+        lines.append(f"| {LABELS[row['variant']]} | {'–' if topk is None else topk} | {row['budget_steps']} | "
+                     f"{row['train_flops']:.3g} | "
                      f"{row['n_params']:,} | {row['val_bpb_mean']:.3f}{std} | {row['seeds']} | "
                      f"{_num(row['usage_mean'])} | {_num(row['unevenness_mean'])} |")
     return lines + [""]
@@ -77,7 +81,7 @@ def isoflop_plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax, curves) = plt.subplots(1, 2, figsize=(11, 4.2))
-    colors = {"dense": "tab:gray", "peer": "tab:blue", "peer_no_bn": "tab:orange"}
+    colors = {"dense": "tab:gray", "peer": "tab:blue", "peer_no_bn": "tab:orange", "peer_glu": "tab:green"}
     for variant, label in LABELS.items():
         rows = [r for r in result["table"] if r["variant"] == variant]
         x = [r["train_flops"] for r in rows]

@@ -5,12 +5,13 @@
     y, new_state, aux = parallel.apply(cfg, params, state, x, mesh=mesh)
 
 The layout mirrors ``peer_backends.torch.parallel`` (README "Sharded expert tables"): every
-device holds all N rows of ``experts.down`` (N, d_model) and ``experts.up`` (N, d_out) for its
-slice of the columns, ``NamedSharding(mesh, PartitionSpec(None, axis))``; every other
-parameter and the state are replicated over ``axis``. The routing (query, batch norm,
-product-key top-k) is computed replicated, as ``peer._forward`` does. In a ``shard_map`` over
-``axis`` each device dots its columns of x with its columns of the selected down rows and an
-explicit ``lax.psum`` sums the partial dots (T * heads * topk scalars); a second ``shard_map``
+device holds all N rows of ``experts.down`` (N, d_model), ``experts.gate`` (N, d_model; GLU
+experts, SPEC §3.10) and ``experts.up`` (N, d_out) for its slice of the columns,
+``NamedSharding(mesh, PartitionSpec(None, axis))``; every other parameter and the state are
+replicated over ``axis``. The routing (query, batch norm, product-key top-k) is computed
+replicated, as ``peer._forward`` does. In a ``shard_map`` over ``axis`` each device dots its
+columns of x with its columns of the selected down rows (and gate rows) and one explicit
+``lax.psum`` sums the stacked partial dots (T * heads * topk scalars per table); a second ``shard_map``
 sums the selected up rows' columns into the output's columns, ``PartitionSpec(None, axis)``.
 No table row crosses devices, forward or backward: the transposes JAX derives are an
 all-reduce of the coefficient gradient and an all-gather of x's gradient columns. Other mesh
@@ -37,9 +38,17 @@ from .core import index_dtype
 
 # Tables of (N, width) rows sharded by columns. The first kind is dotted with x (their partial
 # dots are summed over the axis in one psum); the second is summed into the output.
-DOT_TABLES = ("experts.down",)
 OUTPUT_TABLES = ("experts.up",)
-COLUMN_TABLES = DOT_TABLES + OUTPUT_TABLES
+
+
+def dot_tables(cfg) -> tuple[str, ...]:
+    """The tables dotted with x: ``experts.down``, and ``experts.gate`` for GLU experts (SPEC §3.10)."""
+    return ("experts.down", "experts.gate") if cfg.expert_glu else ("experts.down",)
+
+
+def column_tables(cfg) -> tuple[str, ...]:
+    """Every table sharded by columns, ``PartitionSpec(None, axis)``, for ``cfg``."""
+    return dot_tables(cfg) + OUTPUT_TABLES
 DEFAULT_AXIS = "model"
 
 
@@ -49,7 +58,7 @@ def _check_mesh(cfg, mesh, axis):
     if axis not in mesh.axis_names:
         raise PEERInputError(f"axis={axis!r}, but expected one of the mesh's axes {mesh.axis_names}")
     size = mesh.shape[axis]
-    for name in COLUMN_TABLES:
+    for name in column_tables(cfg):
         width = cfg.param_shapes()[name][1]
         if width % size:
             raise PEERInputError(
@@ -59,7 +68,7 @@ def _check_mesh(cfg, mesh, axis):
 def shardings(cfg, mesh, axis: str = DEFAULT_AXIS) -> tuple[dict, dict]:
     """``(params, state)`` dicts of ``NamedSharding``: tables ``P(None, axis)``, the rest ``P()``."""
     _check_mesh(cfg, mesh, axis)
-    spec = lambda name: PartitionSpec(None, axis) if name in COLUMN_TABLES else PartitionSpec()  # noqa: E731
+    spec = lambda name: PartitionSpec(None, axis) if name in column_tables(cfg) else PartitionSpec()  # noqa: E731
     return ({name: NamedSharding(mesh, spec(name)) for name in cfg.param_shapes()},
             {name: NamedSharding(mesh, PartitionSpec()) for name in cfg.state_shapes()})
 
@@ -67,7 +76,8 @@ def shardings(cfg, mesh, axis: str = DEFAULT_AXIS) -> tuple[dict, dict]:
 def shard(cfg, params: dict, state: dict, mesh, axis: str = DEFAULT_AXIS) -> tuple[dict, dict]:
     """Place whole ``(params, state)`` (JAX or NumPy arrays) in the column layout on ``mesh``.
 
-    Per device: N * d_model / P + N * d_out / P table elements, the rest replicated.
+    Per device: N * d_model / P (twice with GLU experts) + N * d_out / P table elements, the rest
+    replicated.
     Raises PEERInputError for a mesh without ``axis`` or a table width not divisible by its size.
     """
     param_shardings, state_shardings = shardings(cfg, mesh, axis)
@@ -130,15 +140,19 @@ def _forward(cfg, training, mesh, axis, params, state, x, mask, routing):
     weights = _SCORE_WEIGHTS[cfg.score](scores)
 
     columns, whole = PartitionSpec(None, axis), PartitionSpec()
-    dot_tables = tuple(p[name] for name in DOT_TABLES)
+    tables = tuple(p[name] for name in dot_tables(cfg))
     partial_dots = jax.shard_map(
         functools.partial(_summed_dots, axis), mesh=mesh, axis_names={axis},
-        in_specs=(columns, whole, (columns,) * len(dot_tables)), out_specs=whole)
-    pre = partial_dots(_reshard(xf, mesh, axis, 1), _reshard(indices, mesh, axis),
-                       tuple(_reshard(t, mesh, axis, 1) for t in dot_tables))[0]
+        in_specs=(columns, whole, (columns,) * len(tables)), out_specs=whole)
+    dots = partial_dots(_reshard(xf, mesh, axis, 1), _reshard(indices, mesh, axis),
+                        tuple(_reshard(t, mesh, axis, 1) for t in tables))
+    pre = dots[0]
     if cfg.expert_bias:
         pre = pre + _rows(p["experts.bias"], indices)
-    coef = weights * _ACTIVATIONS[cfg.activation](pre)
+    hidden = _ACTIVATIONS[cfg.activation](pre)
+    if cfg.expert_glu:  # SPEC §3.10: times the linear gate x . experts.gate[i]
+        hidden = hidden * dots[1]
+    coef = weights * hidden
     summed_rows = jax.shard_map(_row_sums, mesh=mesh, axis_names={axis},
                                 in_specs=(whole, whole, columns), out_specs=columns)
     y = summed_rows(_reshard(coef, mesh, axis), _reshard(indices, mesh, axis),

@@ -8,16 +8,17 @@
     layer = parallelize_module(PEER(cfg), mesh, ExpertColumnParallel())
 
 The layout (README "Sharded expert tables"): every device holds all N rows of ``experts.down``
-(N, d_model) and ``experts.up`` (N, d_out) for its slice of the columns (``Shard(1)``); every other
-parameter, ``experts.bias`` included, is replicated. The routing (query, batch norm, product-key
-top-k) runs replicated on every device. Each device dots its slice of x with its slice of the
-selected down rows; the partial dots, T * heads * topk scalars, are summed over the mesh
-(an all-reduce, the DTensor ``Partial -> Replicate`` redistribution), so every device holds the
-whole pre-activation. The up projection then yields the output's own slice of features
-(``Shard(-1)``), all-gathered into a replicated output unless ``output_layouts=Shard(-1)`` is
-asked for (for a following row-parallel layer). No step moves a table row: traffic is
-O(T * (heads * topk + d_model)) per call whatever N is, and skewed expert usage loads every
-device alike.
+(N, d_model), ``experts.gate`` (N, d_model; GLU experts, SPEC §3.10) and ``experts.up`` (N, d_out)
+for its slice of the columns (``Shard(1)``); every other parameter, ``experts.bias`` included, is
+replicated. The routing (query, batch norm, product-key top-k) runs replicated on every device.
+Each device dots its slice of x with its slice of the selected down rows (and gate rows); the
+partial dots, T * heads * topk scalars per table, stacked, are summed over the mesh in one
+all-reduce (the DTensor ``Partial -> Replicate`` redistribution), so every device holds the
+whole pre-activation (and gate value). The up projection then yields the output's own slice
+of features (``Shard(-1)``), all-gathered into a replicated output unless
+``output_layouts=Shard(-1)`` is asked for (for a following row-parallel layer). No step moves
+a table row: traffic is O(T * (heads * topk + d_model)) per call whatever N is (2 * heads *
+topk dots with GLU experts), and skewed expert usage loads every device alike.
 
 Backward, the DTensor redistributions' adjoints give: the coefficient gradient all-reduced
 (each device holds the part from its features), the x gradient of the expert part all-gathered
@@ -56,18 +57,26 @@ from .peer import (
 
 # Tables of (N, width) rows sharded by columns. The first kind is dotted with x (their partial
 # dots are summed over the mesh in one all-reduce); the second is summed into the output.
-DOT_TABLES = ("experts.down",)
 OUTPUT_TABLES = ("experts.up",)
-COLUMN_TABLES = DOT_TABLES + OUTPUT_TABLES
+
+
+def dot_tables(cfg) -> tuple[str, ...]:
+    """The tables dotted with x: ``experts.down``, and ``experts.gate`` for GLU experts (SPEC §3.10)."""
+    return ("experts.down", "experts.gate") if cfg.expert_glu else ("experts.down",)
+
+
+def column_tables(cfg) -> tuple[str, ...]:
+    """Every table sharded by columns (``Shard(1)``) for ``cfg``."""
+    return dot_tables(cfg) + OUTPUT_TABLES
 
 
 class ExpertColumnParallel(ParallelStyle):
     """Shard a PEER layer's expert tables by columns over a 1-D DeviceMesh (see the module doc).
 
     For ``torch.distributed.tensor.parallel.parallelize_module`` on a ``peer_backends.torch``
-    ``PEER`` module. ``experts.down`` and ``experts.up`` become DTensors ``Shard(1)``; every
-    other parameter a replicated DTensor; the batch-norm buffers stay plain tensors, updated
-    alike on every rank. The input x must be replicated over the mesh: a plain tensor equal on
+    ``PEER`` module. ``experts.down``, ``experts.gate`` (GLU experts) and ``experts.up`` become
+    DTensors ``Shard(1)``; every other parameter a replicated DTensor; the batch-norm buffers
+    stay plain tensors, updated alike on every rank. The input x must be replicated over the mesh: a plain tensor equal on
     every rank, or a DTensor (redistributed to ``Replicate()`` first).
 
     Args:
@@ -97,13 +106,13 @@ class ExpertColumnParallel(ParallelStyle):
             raise PEERInputError(
                 f"device_mesh has {device_mesh.ndim} dimensions, but expected a 1-D mesh (e.g. mesh['tp'])")
         size = device_mesh.size()
-        for name in COLUMN_TABLES:
+        for name in column_tables(cfg):
             width = cfg.param_shapes()[name][1]
             if width < size:
                 raise PEERInputError(
                     f"{name} has {width} columns, but expected at least one per device of the {size}-device mesh")
         for name, param in list(module.named_parameters()):
-            placement = Shard(1) if name in COLUMN_TABLES else Replicate()
+            placement = Shard(1) if name in column_tables(cfg) else Replicate()
             owner, leaf = name.split(".")
             value = distribute_tensor(param.data, device_mesh, [placement], src_data_rank=self.src_data_rank)
             module.get_submodule(owner).register_parameter(
@@ -132,14 +141,15 @@ def _local(value, mesh):
 def sharded_forward_tensors(mesh, cfg, training, params, state, x, mask, routing):
     """``peer.forward_tensors`` with the expert tables sharded by columns over ``mesh``.
 
-    params: DTensors, ``experts.down`` (N, d_model) and ``experts.up`` (N, d_out) ``Shard(1)``,
-    the rest replicated. Returns (y, new_state, indices, scores, weights): y a DTensor
-    (T, d_out) ``Shard(-1)`` over ``mesh``; the rest local tensors, equal on every rank.
+    params: DTensors, ``experts.down`` (N, d_model), ``experts.gate`` (N, d_model; GLU experts) and
+    ``experts.up`` (N, d_out) ``Shard(1)``, the rest replicated. Returns (y, new_state, indices,
+    scores, weights): y a DTensor (T, d_out) ``Shard(-1)`` over ``mesh``; the rest local tensors,
+    equal on every rank.
     """
     x = _local(x, mesh)
     mask, routing = _local(mask, mesh), _local(routing, mesh)
     compute = torch.float32 if x.dtype == torch.bfloat16 else x.dtype
-    p = {name: _local_param(value, name).to(compute) for name, value in params.items()}
+    p = {name: _local_param(cfg, value, name).to(compute) for name, value in params.items()}
     xf = x.reshape(-1, cfg.d_model).to(compute)
     tokens = xf.shape[0]
     valid = None if mask is None else mask.reshape(tokens)
@@ -165,12 +175,16 @@ def sharded_forward_tensors(mesh, cfg, training, params, state, x, mask, routing
     # Experts, SPEC §3.9-§3.11, on this rank's columns.
     replicate, shard = [Replicate()], [Shard(1)]
     x_cols = DTensor.from_local(xf, mesh, replicate, run_check=False).redistribute(mesh, shard).to_local()
-    partial = torch.stack([_DownProjection.apply(x_cols, p[name], flat, groups) for name in DOT_TABLES])
-    pre = DTensor.from_local(partial, mesh, [Partial()], run_check=False).redistribute(mesh, replicate).to_local()
-    pre = pre[0]
+    # One all-reduce for every dot table: (1 or 2, T, heads * topk) partial dots, stacked.
+    partial = torch.stack([_DownProjection.apply(x_cols, p[name], flat, groups) for name in dot_tables(cfg)])
+    dots = DTensor.from_local(partial, mesh, [Partial()], run_check=False).redistribute(mesh, replicate).to_local()
+    pre = dots[0]
     if cfg.expert_bias:
         pre = pre + p["experts.bias"][flat]
-    coef = weights.reshape(flat.shape) * _activation(cfg.activation, pre)
+    hidden = _activation(cfg.activation, pre)
+    if cfg.expert_glu:  # SPEC §3.10: times the linear gate x . experts.gate[i]
+        hidden = hidden * dots[1]
+    coef = weights.reshape(flat.shape) * hidden
     # Each rank's output columns see all of coef: its gradient is the sum over the mesh.
     coef = DTensor.from_local(coef, mesh, replicate, run_check=False).to_local(grad_placements=[Partial()])
     y = _UpProjection.apply(coef, p["experts.up"], flat, groups)
@@ -181,11 +195,11 @@ def sharded_forward_tensors(mesh, cfg, training, params, state, x, mask, routing
     return y, new_state, indices, scores, weights
 
 
-def _local_param(value, name):
+def _local_param(cfg, value, name):
     if not isinstance(value, DTensor):
         raise PEERInputError(
             f"params[{name!r}] is a {type(value).__name__}, but expected a DTensor (apply ExpertColumnParallel)")
-    expected = (Shard(1),) if name in COLUMN_TABLES else (Replicate(),)
+    expected = (Shard(1),) if name in column_tables(cfg) else (Replicate(),)
     if tuple(value.placements) != expected:
         raise PEERInputError(f"params[{name!r}] has placements {value.placements}, but expected {expected}")
     return value.to_local()
