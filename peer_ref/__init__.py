@@ -6,7 +6,7 @@ backward, and the oracles the conformance suite checks every backend against.
 
 from . import checks, metrics
 from .backward_pass import vjp
-from .config import ACTIVATIONS, DTYPES, QUERY_NORMS, SCORES, PEERConfig
+from .config import ACTIVATIONS, DTYPES, MAX_N_KEYS, QUERY_NORMS, SCORES, PEERConfig
 from .errors import PEERCheckpointError, PEERConfigError, PEERInputError
 from .forward_pass import forward, routing_scores
 from .init import init, init_constant, init_std
@@ -16,7 +16,7 @@ from .tolerances import TOLERANCES, Tolerance
 __version__ = "0.1.0"
 
 __all__ = [
-    "ACTIVATIONS", "DTYPES", "QUERY_NORMS", "SCORES", "PEERConfig", "PEERCheckpointError",
+    "ACTIVATIONS", "DTYPES", "MAX_N_KEYS", "QUERY_NORMS", "SCORES", "PEERConfig", "PEERCheckpointError",
     "PEERConfigError", "PEERInputError", "TOLERANCES", "Tolerance", "brute_force_topk",
     "checks", "forward", "init", "init_constant", "init_std", "metrics", "product_key_topk", "routing_scores",
     "sub_key_scores", "vjp",

@@ -12,6 +12,10 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "identity")
 SCORES = ("softmax", "sigmoid", "none")
 QUERY_NORMS = ("batch", "none")
 DTYPES = ("float64", "float32", "bfloat16")
+# The most sub-keys per side (SPEC §1): n_experts <= MAX_N_KEYS**2 = 2_147_395_600 < 2**31 - 1, so
+# every expert index fits a signed 32-bit integer, the index dtype of JAX without x64 and of
+# TensorFlow's top-k, and the low half of the torch backend's 64-bit order keys.
+MAX_N_KEYS = 46340
 
 
 def _fail(field: str, value: Any, expected: str) -> PEERConfigError:
@@ -76,6 +80,9 @@ class PEERConfig:
         root = math.isqrt(self.n_experts)
         if root * root != self.n_experts:
             raise _fail("n_experts", self.n_experts, "a perfect square (n_keys**2)")
+        if root > MAX_N_KEYS:
+            raise _fail("n_experts", self.n_experts,
+                        f"<= {MAX_N_KEYS}**2 = {MAX_N_KEYS**2} (expert indices must fit int32)")
         _check_int("heads", self.heads, 1)
         _check_int("topk", self.topk, 1)
         if self.topk > root:

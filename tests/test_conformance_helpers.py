@@ -26,6 +26,17 @@ def test_assert_close_checks_shape_and_nan_positions():
     helpers.assert_close(np.array([np.nan, 0.0]), np.array([np.nan, 0.0]), rtol=0, atol=0, what="y")
 
 
+def test_assert_close_matches_infinities_exactly():
+    inf = np.inf
+    helpers.assert_close(np.array([inf, -inf, 1.0]), np.array([inf, -inf, 1.0]), rtol=1e-6, atol=1e-6, what="y")
+    with pytest.raises(Failed, match=r"y\[0\]=-inf, but should be inf"):
+        helpers.assert_close(np.array([-inf, 0.0]), np.array([inf, 0.0]), rtol=1, atol=1, what="y")
+    with pytest.raises(Failed, match=r"y\[0\]=1e\+300, but should be inf"):
+        helpers.assert_close(np.array([1e300, 0.0]), np.array([inf, 0.0]), rtol=1, atol=1, what="y")
+    with pytest.raises(Failed, match=r"y\[0\]=inf, but should be 1.0"):
+        helpers.assert_close(np.array([inf, 0.0]), np.array([1.0, 0.0]), rtol=1, atol=1, what="y")
+
+
 def _case(**cfg_fields):
     cfg = peer_ref.PEERConfig(d_model=4, n_experts=16, heads=1, topk=2, d_key=2, query_norm="none", **cfg_fields)
     params, state = peer_ref.init(cfg, seed=0)

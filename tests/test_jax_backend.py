@@ -262,3 +262,15 @@ def test_jit_specialises_on_the_token_count_and_padding_to_a_bucket_is_exact():
             assert_close(state_pad[name], new_state[name], 1e-6, f"{name}, {tokens} tokens")
     # Three unpadded token counts, three compilations; the padded calls share one.
     assert be.peer._forward_jit._cache_size() == 3 + 1
+
+
+def test_largest_expert_count_routes_to_positive_int32_indices():
+    """SPEC §1: N <= 46340**2 keeps every expert index inside int32, the index dtype without x64.
+    The best sub-keys last on both sides give the largest indices; the runner-up is an exact tie,
+    which goes to the lower expert index (SPEC §4.1)."""
+    cfg = peer_ref.PEERConfig(d_model=2, n_experts=peer_ref.MAX_N_KEYS**2, heads=1, topk=2, d_key=2)
+    scores = np.arange(cfg.n_keys, dtype=np.float32).reshape(1, 1, -1)
+    expected = peer_ref.product_key_topk(cfg, scores.astype(np.float64), scores.astype(np.float64))
+    assert expected.tolist() == [[[46339 * 46340 + 46339, 46338 * 46340 + 46339]]]
+    got = jax.jit(lambda s: be.peer._product_key_topk(cfg, s, s))(jnp.asarray(scores))
+    assert got.dtype == jnp.int32 and np.asarray(got).tolist() == expected.tolist(), f"got {got}"

@@ -42,6 +42,16 @@ def test_n_experts_is_a_perfect_square(value):
     _raises("n_experts", value, r"a perfect square", n_experts=value, topk=1)
 
 
+def test_n_experts_at_most_the_int32_index_range():
+    # SPEC §1: the largest N whose expert indices fit int32; n_keys = 46341 is the case that wrapped
+    # to a negative index in JAX without x64.
+    largest = peer_ref.MAX_N_KEYS**2
+    assert largest == 46340**2 == 2_147_395_600 < 2**31 - 1
+    assert peer_ref.PEERConfig(**{**VALID, "n_experts": largest}).n_keys == 46340
+    _raises("n_experts", 46341**2, r"<= 46340\*\*2 = 2147395600 \(expert indices must fit int32\)",
+            n_experts=46341**2)
+
+
 def test_topk_at_most_n_keys():
     _raises("topk", 5, r"<= n_keys = isqrt\(n_experts\) = 4", topk=5)
     assert peer_ref.PEERConfig(**{**VALID, "topk": 4}).topk == 4

@@ -253,3 +253,17 @@ def test_bad_inputs_raise_the_reference_error(case):
     with pytest.raises(PEERInputError) as got:
         be.apply(CFG, be.from_numpy(params), be.from_numpy(state), be.from_numpy(x), **arrays)
     assert str(got.value) == str(want.value)
+
+
+def test_largest_expert_count_routes_to_exact_indices():
+    """SPEC §1: N <= 46340**2 keeps every expert index inside int32, tf.math.top_k's index dtype.
+    The best sub-keys last on both sides give the largest indices; the runner-up is an exact tie,
+    which goes to the lower expert index (SPEC §4.1)."""
+    cfg = PEERConfig(d_model=2, n_experts=peer_ref.MAX_N_KEYS**2, heads=1, topk=2, d_key=2)
+    scores = np.arange(cfg.n_keys, dtype=np.float64).reshape(1, 1, -1)
+    expected = peer_ref.product_key_topk(cfg, scores, scores)
+    assert expected.tolist() == [[[46339 * 46340 + 46339, 46338 * 46340 + 46339]]]
+    for dtype in (tf.float32, tf.float64):
+        s = tf.constant(scores, dtype=dtype)
+        got = tf.function(lambda a: tf_peer._product_key_topk(cfg, a, a), jit_compile=True)(s)
+        assert got.numpy().tolist() == expected.tolist(), f"{dtype}: got {got.numpy().tolist()}"

@@ -411,3 +411,17 @@ def test_compiled_module_without_marks_compiles_twice_for_every_token_count():
         x = torch.randn(lead + (COMPILED.d_model,))
         torch.testing.assert_close(compiled(x), module(x))
     assert counter.frame_count == 2
+
+
+def test_largest_expert_count_routes_to_exact_indices():
+    """SPEC §1: N <= 46340**2 keeps the index inside the low 32 bits of the order keys. The best
+    sub-keys last on both sides give the largest indices; the runner-up is an exact tie, which goes
+    to the lower expert index (SPEC §4.1), through the full-order path."""
+    cfg = PEERConfig(d_model=2, n_experts=peer_ref.MAX_N_KEYS**2, heads=1, topk=2, d_key=2)
+    scores = np.arange(cfg.n_keys, dtype=np.float64).reshape(1, 1, -1)
+    expected = peer_ref.product_key_topk(cfg, scores, scores)
+    assert expected.tolist() == [[[46339 * 46340 + 46339, 46338 * 46340 + 46339]]]
+    for dtype in (torch.float32, torch.float64):
+        sub_scores = torch.tensor(np.stack([scores, scores]), dtype=dtype)
+        got = torch_peer._product_key_topk(cfg, sub_scores)
+        assert got.tolist() == expected.tolist(), f"{dtype}: got {got.tolist()}"

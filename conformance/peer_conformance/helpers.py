@@ -104,7 +104,8 @@ def _scale(expected: np.ndarray) -> float:
 
 
 def assert_close(actual, expected, *, rtol: float, atol: float, what: str, context: str = "") -> None:
-    """|actual - expected| <= atol * max(1, max|expected|) + rtol * |expected|, NaNs in the same places."""
+    """|actual - expected| <= atol * max(1, max|expected|) + rtol * |expected|, NaNs in the same places,
+    infinities equal (same places, same signs)."""
     __tracebackhide__ = True
     a = as_f64(actual)
     e = as_f64(expected)
@@ -117,8 +118,9 @@ def assert_close(actual, expected, *, rtol: float, atol: float, what: str, conte
             f"{'does not' if nan_a.any() else 'does'}{_ctx(context)}", pytrace=False,
         )
     a, e = np.where(nan_a, 0.0, a), np.where(nan_e, 0.0, e)
-    bound = atol * _scale(e) + rtol * np.abs(e)
-    err = np.abs(a - e)
+    # An infinity matches only itself (same sign): no tolerance reaches it, and inf - inf is NaN.
+    bound = np.where(np.isinf(e), 0.0, atol * _scale(e) + rtol * np.abs(e))
+    err = np.where(a == e, 0.0, np.abs(a - e))
     if not np.all(err <= bound):
         i = np.unravel_index(np.argmax(err - bound), err.shape)
         pytest.fail(

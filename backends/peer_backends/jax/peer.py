@@ -200,11 +200,24 @@ def _sub_key_scores(cfg, q_half, keys):
     return jnp.einsum("thd,hnd->thn", q_half, keys, precision=HIGHEST)
 
 
+def _rank_keys(scores):
+    """Integer keys in the order of SPEC §4.1: value descending, +0 equal to -0, NaN below -inf.
+
+    lax.top_k orders floats totally (-0.0 below +0.0, NaN above everything); the bits of a
+    float, with the magnitude bits of negatives flipped, compare as integers like the floats do,
+    and NaN takes the lowest key. top_k puts the lower position first among equal keys.
+    """
+    ints = jnp.int64 if scores.dtype == jnp.float64 else jnp.int32
+    scores = scores.astype(jnp.float32) if ints == jnp.int32 else scores
+    bits = lax.bitcast_convert_type(jnp.where(scores == 0, jnp.zeros((), scores.dtype), scores), ints)
+    keys = jnp.where(bits < 0, bits ^ jnp.iinfo(ints).max, bits)
+    return jnp.where(jnp.isnan(scores), jnp.iinfo(ints).min, keys)
+
+
 def _top_k_lower_index(scores, k):
-    # lax.top_k puts the lower index first among equal values, but ranks -0.0 below 0.0;
-    # the spec's ties are numeric, so signed zeros are made one value first.
-    scores = jnp.where(scores == 0, jnp.zeros((), scores.dtype), scores)
-    return lax.top_k(scores, k)
+    """(values, positions) of the top k under SPEC §4.1's order."""
+    _, positions = lax.top_k(_rank_keys(scores), k)
+    return jnp.take_along_axis(scores, positions, axis=-1), positions
 
 
 def _product_key_topk(cfg, s_left, s_right):
@@ -220,7 +233,7 @@ def _product_key_topk(cfg, s_left, s_right):
     lead = s_left.shape[:-1]
     sums = (top_left[..., :, None] + top_right[..., None, :]).reshape(lead + (k * k,))
     experts = (pos_left.astype(index_dtype())[..., :, None] * n + pos_right[..., None, :]).reshape(lead + (k * k,))
-    _, best = lax.top_k(sums, k)
+    _, best = lax.top_k(_rank_keys(sums), k)
     return jnp.take_along_axis(experts, best, axis=-1)
 
 

@@ -226,11 +226,17 @@ def _sub_key_scores(cfg, p, queries):
 
 
 def _orderable(scores):
-    """Scores whose order under XLA equals the reference's: XLA's top_k uses a total
-    order (+0 above -0, NaN above everything), the reference an IEEE one (+0 == -0,
-    NaN last)."""
-    no_nan = tf.where(tf.math.is_nan(scores), tf.constant(-math.inf, scores.dtype), scores)
-    return tf.where(no_nan == 0, tf.zeros_like(no_nan), no_nan)
+    """Integer keys in the order of SPEC §4.1: value descending, +0 equal to -0, NaN below -inf.
+
+    XLA's top_k orders floats totally (+0 above -0, NaN above everything); the bits of a float,
+    with the magnitude bits of negatives flipped, compare as integers like the floats do, and
+    NaN takes the lowest key.
+    """
+    ints = tf.int64 if scores.dtype == tf.float64 else tf.int32
+    scores = scores if ints == tf.int64 else tf.cast(scores, tf.float32)
+    bits = tf.bitcast(tf.where(scores == 0, tf.zeros_like(scores), scores), ints)
+    keys = tf.where(bits < 0, tf.bitwise.bitwise_xor(bits, ints.max), bits)
+    return tf.where(tf.math.is_nan(scores), tf.fill(tf.shape(keys), ints.min), keys)
 
 
 def _product_key_topk(cfg, s_left, s_right):
@@ -243,8 +249,8 @@ def _product_key_topk(cfg, s_left, s_right):
     """
     k, n = cfg.topk, cfg.n_keys
     sides = []
-    for scores in (_orderable(s_left), _orderable(s_right)):
-        sub_keys = tf.sort(tf.math.top_k(scores, k).indices, axis=-1)
+    for scores in (s_left, s_right):
+        sub_keys = tf.sort(tf.math.top_k(_orderable(scores), k).indices, axis=-1)
         sides.append((tf.cast(sub_keys, tf.int64), tf.gather(scores, sub_keys, batch_dims=2)))
     (left, left_scores), (right, right_scores) = sides
     sums = tf.reshape(left_scores[..., :, None] + right_scores[..., None, :], (-1, cfg.heads, k * k))

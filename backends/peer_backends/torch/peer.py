@@ -69,22 +69,34 @@ def _order_key(values, index, bound):
     """int64 keys whose descending order is (value descending, index ascending), with no ties.
 
     A float32's bits, with the magnitude bits of negatives flipped, compare as integers like the
-    floats do; bound - 1 - index (index < bound < 2**31) fills the low 32 bits. Adding 0.0 turns
-    -0.0 into +0.0 so the two tie, as they do as floats.
+    floats do; NaN takes the lowest key, below -inf (SPEC §4.1); bound - 1 - index (index < bound
+    <= 46340**2 < 2**31, SPEC §1) fills the low 32 bits. Adding 0.0 turns -0.0 into +0.0 so the
+    two tie, as they do as floats.
     """
     bits = (values + 0.0).view(torch.int32)
-    monotone = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+    monotone = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    monotone = torch.where(values.isnan(), torch.iinfo(torch.int32).min, monotone).to(torch.int64)
     return monotone * (1 << 32) + (bound - 1 - index)
+
+
+def _nan_last(values):
+    """The values with NaN as -inf: torch.topk ranks NaN first, SPEC §4.1 last. A NaN then ties
+    with a real -inf, which the callers' tie detection sends to the full order."""
+    return torch.where(values.isnan(), -torch.inf, values)
 
 
 def _ordered_positions(values, index, bound, k):
     """Positions along the last axis of the top k by (value descending, index ascending)."""
     if values.dtype == torch.float32:
         return torch.topk(_order_key(values, index, bound), k, dim=-1).indices
-    # float64 has no spare bits for a composite key: order by index, then a stable sort by value.
-    by_index = torch.argsort(index, dim=-1)
-    ranked = torch.sort(values.gather(-1, by_index), dim=-1, descending=True, stable=True).indices
-    return by_index.gather(-1, ranked[..., :k])
+    # float64 has no spare bits for a composite key: stable sorts from the least significant key,
+    # by index, then by value descending, then NaN after every number.
+    order = torch.argsort(index, dim=-1)
+    order = order.gather(-1, torch.sort(_nan_last(values.gather(-1, order)), dim=-1, descending=True,
+                                        stable=True).indices)
+    order = order.gather(-1, torch.sort(values.gather(-1, order).isnan().to(torch.uint8), dim=-1,
+                                        stable=True).indices)
+    return order[..., :k]
 
 
 def _top_positions(values, index, bound, k):
@@ -94,9 +106,10 @@ def _top_positions(values, index, bound, k):
     order, whatever torch.topk does with ties; only rows with an exact tie among them are
     redone under the full order.
     """
-    top, positions = torch.topk(values, min(k + 1, values.shape[-1]), dim=-1)
-    tied = (top[..., 1:] == top[..., :-1]).any(-1)
-    top, positions = top[..., :k], positions[..., :k]
+    ranked, positions = torch.topk(_nan_last(values), min(k + 1, values.shape[-1]), dim=-1)
+    tied = (ranked[..., 1:] == ranked[..., :-1]).any(-1)
+    positions = positions[..., :k]
+    top = values.gather(-1, positions)
     if tied.any():
         rows = tied.nonzero(as_tuple=True)
         positions[rows] = _ordered_positions(values[rows], index[rows], bound, k)
@@ -256,8 +269,10 @@ def _product_key_topk_op(sub_scores: torch.Tensor, topk: int) -> torch.Tensor:
     a, b = _candidate_pairs(k, top.device)
     # All k*k sums are one cheap broadcast add; selecting from them beats two strided selects.
     sums = (top[0, ..., :, None] + top[1, ..., None, :]).flatten(-2).index_select(-1, a * k + b)
-    best, chosen = torch.topk(sums, min(k + 1, sums.shape[-1]), dim=-1)
-    tied = (best[..., 1:] == best[..., :-1]).any(-1)
+    best, chosen = torch.topk(_nan_last(sums), min(k + 1, sums.shape[-1]), dim=-1)
+    # The pruning needs monotone sums: rows with a non-finite score (where inf - inf is NaN) are
+    # redone over all pairs, like rows with a tie.
+    tied = (best[..., 1:] == best[..., :-1]).any(-1) | ~top.isfinite().all(-1).all(0)
     chosen = chosen[..., :k]
     experts = positions[0].gather(-1, a.take(chosen)) * n + positions[1].gather(-1, b.take(chosen))
     if tied.any():
@@ -546,6 +561,9 @@ def forward_tensors(cfg, training, params, state, x, mask, routing):
 
 
 _COMPILED: dict = {}
+# Compiled (config, training, mask?, routing?, dtype) combinations one process may hold before
+# dynamo falls back to eager for further ones (see _dynamic_tokens).
+RECOMPILE_LIMIT = 256
 
 
 def clear_caches():
@@ -574,7 +592,13 @@ def _dynamic_tokens(cfg, compiled):
         for value in flat:
             if value is not None:
                 torch._dynamo.maybe_mark_dynamic(value, 0)
-        return compiled(params, state, *flat)
+        # Every compiled config shares one code object, hence one dynamo cache: left to automatic
+        # dynamic shapes, a second config would turn the config's ints (topk, n_experts) symbolic
+        # and break the graph; and past dynamo's default of 8 entries a code object falls back to
+        # eager. Only the token dimension marked above is dynamic; each config, mode and dtype is
+        # one entry, up to RECOMPILE_LIMIT.
+        with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=RECOMPILE_LIMIT):
+            return compiled(params, state, *flat)
 
     return run
 
