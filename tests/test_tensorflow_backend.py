@@ -253,3 +253,52 @@ def test_bad_inputs_raise_the_reference_error(case):
     with pytest.raises(PEERInputError) as got:
         be.apply(CFG, be.from_numpy(params), be.from_numpy(state), be.from_numpy(x), **arrays)
     assert str(got.value) == str(want.value)
+
+
+def _state(layer):
+    return {name: value.numpy() for name, value in layer.params_and_state()[1].items()}
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_frozen_layer_runs_in_inference_mode_like_batch_normalization(masked):
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((2, 5, CFG.d_model)).astype(np.float32)
+    mask = rng.random((2, 5)) < 0.7 if masked else None
+    layer = be.layer(CFG, seed=2)
+    layer(x, training=True, mask=mask)  # running statistics away from their initial values
+    layer.trainable = False
+    before = _state(layer)
+    y_frozen = layer(x, training=True, mask=mask)
+    assert all(np.array_equal(before[name], value) for name, value in _state(layer).items())
+    assert np.array_equal(y_frozen.numpy(), layer(x, training=False, mask=mask).numpy())
+    # fit() on a model holding the frozen layer: statistics and weights stay put.
+    inputs = keras.Input((5, CFG.d_model))
+    model = keras.Model(inputs, layer(inputs))
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
+    weights = [w.numpy() for w in layer.weights]
+    model.fit(x, np.tanh(x), batch_size=2, epochs=1, verbose=0)
+    assert all(np.array_equal(a, w.numpy()) for a, w in zip(weights, layer.weights))
+    layer.trainable = True
+    layer(x, training=True, mask=mask)
+    assert not np.array_equal(before["query_norm.mean"], _state(layer)["query_norm.mean"])
+
+
+@pytest.mark.parametrize("trainable", [True, False])
+def test_keras_file_round_trip_is_bit_exact(tmp_path, trainable):
+    cfg = PEERConfig(d_model=8, n_experts=16, heads=2, topk=3, d_key=4, expert_glu=True, query_bias=True)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 5, cfg.d_model)).astype(np.float32)
+    inputs = keras.Input((5, cfg.d_model))
+    layer = be.layer(cfg, seed=1, name="peer_block")
+    model = keras.Model(inputs, keras.layers.Dense(3)(layer(inputs)))
+    model(x, training=True)  # moves the statistics, so they must be saved to match
+    layer.trainable = trainable
+    path = tmp_path / "m.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    again = loaded.get_layer("peer_block")
+    assert type(again) is type(layer) and again.cfg == cfg and again.trainable == trainable
+    assert [w.path for w in loaded.weights] == [w.path for w in model.weights]
+    assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(model.weights, loaded.weights))
+    assert np.array_equal(loaded(x, training=False).numpy(), model(x, training=False).numpy())
+    assert keras.saving.get_registered_name(type(layer)) == "peer>PEER"

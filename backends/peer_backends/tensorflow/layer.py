@@ -7,6 +7,7 @@ from .core import dtype_name, from_numpy
 from .peer import forward, init
 
 
+@keras.saving.register_keras_serializable(package="peer")
 class PEER(keras.layers.Layer):
     """PEER as a Keras 3 layer (TensorFlow backend): ``PEER(cfg)(x, training=..., mask=...)``.
 
@@ -24,6 +25,15 @@ class PEER(keras.layers.Layer):
     ``dtype`` is one of "float32" (default), "float64", "bfloat16" and sets the
     weights' dtype; as in any Keras layer, float inputs are cast to it on call.
     Initial values equal ``peer_backends.get("tensorflow").init(cfg, seed, dtype)``.
+
+    Freezing follows ``keras.layers.BatchNormalization``: with ``layer.trainable = False`` a
+    call with ``training=True`` (what ``fit()`` makes) runs in inference mode, normalising
+    with the running statistics and leaving them unchanged.
+
+    Saving: the class is registered as "peer>PEER"; ``get_config()`` carries the PEERConfig
+    (``cfg.to_dict()``), the seed and the dtype, so a model holding the layer round-trips
+    through ``model.save("m.keras")`` / ``keras.models.load_model`` with its weights and
+    statistics bit-exact.
     """
 
     def __init__(self, cfg: PEERConfig, seed: int = 0, dtype: str | None = None, **kwargs):
@@ -43,7 +53,9 @@ class PEER(keras.layers.Layer):
                                initializer=lambda shape, dtype: value)
 
     def call(self, x, training=None, mask=None, routing=None):
-        cfg, training = self.cfg, bool(training)  # None: no Keras training context, so inference
+        # None: no Keras training context, so inference. A frozen layer runs in inference mode,
+        # as keras.layers.BatchNormalization does ("training and self.trainable").
+        cfg, training = self.cfg, bool(training) and self.trainable
         meta = lambda v: None if v is None else (tuple(v.shape), dtype_name(v))  # noqa: E731
         checks.check_call(cfg, self.param_dtype, meta(x), training, meta(mask), meta(routing))
         flat = lambda t, tail: None if t is None else tf.reshape(t, (-1,) + tail)  # noqa: E731
