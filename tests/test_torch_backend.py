@@ -411,3 +411,37 @@ def test_compiled_module_without_marks_compiles_twice_for_every_token_count():
         x = torch.randn(lead + (COMPILED.d_model,))
         torch.testing.assert_close(compiled(x), module(x))
     assert counter.frame_count == 2
+
+
+CAST_CASES = [(True, False, False), (True, True, True), (False, False, True), (False, True, False)]
+
+
+@pytest.mark.parametrize("training, masked, compiled", CAST_CASES)
+@pytest.mark.parametrize("cast", ["to", "bfloat16"])
+def test_module_cast_to_bfloat16_trains_and_keeps_buffers_like_batchnorm1d(cast, training, masked, compiled):
+    # (training, unmasked) with several tokens is the fused batch-norm path.
+    module = be.layer(COMPILED, seed=3)
+    module = module.to(torch.bfloat16) if cast == "to" else module.bfloat16()
+    module.train(training)
+    bn = torch.nn.BatchNorm1d(4).to(torch.bfloat16)
+    assert module.query_norm.mean.dtype == bn.running_mean.dtype == torch.bfloat16
+    assert {v.dtype for v in module.state_dict().values()} == {torch.bfloat16}
+    params, state = module.params_and_state()
+    assert state["query_norm.var"].dtype == torch.float32  # the functional API's state dtype
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 6, COMPILED.d_model, generator=gen).to(torch.bfloat16)
+    mask = torch.rand(3, 6, generator=gen) < 0.7 if masked else None
+    run = torch.compile(module, backend="aot_eager", fullgraph=True) if compiled else module
+    y = run(x, mask)
+    want, new_state, _ = be.apply(COMPILED, {k: v.detach() for k, v in params.items()}, state, x, training, mask)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+    for name, value in module.named_buffers():
+        assert value.dtype == torch.bfloat16
+        torch.testing.assert_close(value, new_state[name].to(torch.bfloat16), rtol=0, atol=0)
+    dy = torch.randn(y.shape, generator=gen).to(torch.bfloat16)
+    (y.float() * dy.float()).sum().backward()
+    grads, _ = be.vjp(COMPILED, {k: v.detach() for k, v in params.items()}, state, x, dy, training, mask)
+    for name, param in module.named_parameters():
+        assert param.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(param.grad, grads[name], rtol=2e-2, atol=2e-2, msg=name)
