@@ -302,3 +302,19 @@ def test_keras_file_round_trip_is_bit_exact(tmp_path, trainable):
     assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(model.weights, loaded.weights))
     assert np.array_equal(loaded(x, training=False).numpy(), model(x, training=False).numpy())
     assert keras.saving.get_registered_name(type(layer)) == "peer>PEER"
+
+
+def test_dtype_is_a_keras_dtype_policy_and_none_means_the_global_one():
+    x = np.random.default_rng(8).standard_normal((6, CFG.d_model)).astype(np.float32)
+    layer = be.layer(CFG, seed=5, dtype=keras.DTypePolicy("bfloat16"))
+    assert {w.dtype for w in layer.trainable_weights} == {"bfloat16"}
+    y = layer(x)  # Keras casts float inputs to the compute dtype
+    params, state = layer.params_and_state()
+    want, _, _ = be.apply(CFG, params, state, tf.cast(x, tf.bfloat16))
+    assert y.dtype == tf.bfloat16 and np.array_equal(y.numpy(), want.numpy())
+    before = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float64")
+    try:
+        assert {w.dtype for w in be.layer(CFG).weights} == {"float64"}
+    finally:
+        keras.config.set_dtype_policy(before)
