@@ -323,3 +323,15 @@ def test_dtype_arguments_take_jax_dtypes(kwargs, message):
 def test_integer_activations_are_refused():
     with pytest.raises(PEERInputError, match=re.escape("x.dtype=int32, but expected a floating array")):
         be.layer(SMALL)(jnp.zeros((2, SMALL.d_model), jnp.int32))
+
+
+def test_readme_example_runs(tmp_path, monkeypatch):
+    # The README's "Flax NNX" example under "The layers in training setups", run as written.
+    import pathlib
+    import re as regex
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## The layers in training setups", 1)[1].split("\n#### Flax NNX\n", 1)[1]
+    code = regex.search(r"```python\n(.*?)```", section, regex.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md (Flax NNX example)", "exec"), {})

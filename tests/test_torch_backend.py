@@ -445,3 +445,24 @@ def test_module_cast_to_bfloat16_trains_and_keeps_buffers_like_batchnorm1d(cast,
     for name, param in module.named_parameters():
         assert param.grad.dtype == torch.bfloat16
         torch.testing.assert_close(param.grad, grads[name], rtol=2e-2, atol=2e-2, msg=name)
+
+
+def test_readme_example_runs(tmp_path, monkeypatch):
+    # The README's "torch" example under "The layers in training setups", run as written.
+    import pathlib
+    import re as regex
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## The layers in training setups", 1)[1].split("\n#### torch\n", 1)[1]
+    code = regex.search(r"```python\n(.*?)```", section, regex.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md (torch example)", "exec"), {})
+
+
+def test_outside_autocast_a_mismatched_x_is_refused_like_nn_linear():
+    module = be.layer(COMPILED, seed=1)
+    x = torch.randn(3, COMPILED.d_model, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError):
+        torch.nn.Linear(COMPILED.d_model, 2)(x)  # nn.Linear refuses it too
+    with pytest.raises(PEERInputError, match="x.dtype=bfloat16"):
+        module(x)
