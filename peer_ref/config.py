@@ -11,7 +11,9 @@ from .errors import PEERConfigError
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "identity")
 SCORES = ("softmax", "sigmoid", "none")
 QUERY_NORMS = ("batch", "none")
-DTYPES = ("float64", "float32", "bfloat16")
+DTYPES = ("float64", "float32", "bfloat16", "float16")
+# Activation dtypes of the mixed mode: float32 parameters, these x and y (SPEC §10.3).
+LOW_DTYPES = ("bfloat16", "float16")
 
 
 def _fail(field: str, value: Any, expected: str) -> PEERConfigError:
