@@ -330,3 +330,24 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     code = regex.search(r"```python\n(.*?)```", section, regex.S).group(1)
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md (Keras example)", "exec"), {})
+
+
+@pytest.mark.parametrize("training, masked", [(True, False), (True, True), (False, False), (False, True)])
+def test_mixed_bfloat16_policy_runs_the_mixed_mode(training, masked):
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((2, 5, CFG.d_model)).astype(np.float32)
+    mask = rng.random((2, 5)) < 0.7 if masked else None
+    layer = be.layer(CFG, seed=6, dtype="mixed_bfloat16")
+    assert {w.dtype for w in layer.weights} == {"float32"} and layer.compute_dtype == "bfloat16"
+    params, state = layer.params_and_state()
+    y = layer(x, training=training, mask=mask)
+    t = lambda v: None if v is None else tf.convert_to_tensor(v)  # noqa: E731
+    want, new_state, _ = be.apply(CFG, params, state, tf.cast(x, tf.bfloat16), training, t(mask),
+                                  compute_dtype="bfloat16")
+    assert y.dtype == tf.bfloat16 and np.array_equal(y.numpy(), want.numpy())
+    for k, v in new_state.items():  # the functional call may run compiled (XLA): float32 summation order
+        np.testing.assert_allclose(_state(layer)[k], v.numpy(), rtol=1e-6, atol=1e-7)
+    with tf.GradientTape() as tape:
+        out = tf.reduce_sum(tf.cast(layer(x, training=training, mask=mask), tf.float32))
+    grads = tape.gradient(out, layer.trainable_weights)
+    assert all(g.dtype == tf.float32 and np.all(np.isfinite(g.numpy())) for g in grads)

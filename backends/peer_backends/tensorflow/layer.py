@@ -46,8 +46,8 @@ class PEER(keras.layers.Layer):
         self.cfg, self.seed = cfg, seed
         self.param_dtype = checks.check_dtype_name(self.dtype_policy.variable_dtype)
         compute = self.dtype_policy.compute_dtype
-        # The layer passes the compute dtype to the functional API, which checks the combination.
-        self.mixed_dtype = None if compute == self.param_dtype else checks.check_dtype_name(compute)
+        # float32 variables with a bfloat16/float16 compute dtype: the mixed mode (SPEC §10.3).
+        self.mixed_dtype = checks.check_compute_dtype(self.param_dtype, compute)
         self.supports_masking = True
         self.build((None, cfg.d_model))
 
@@ -66,10 +66,11 @@ class PEER(keras.layers.Layer):
         # as keras.layers.BatchNormalization does ("training and self.trainable").
         cfg, training = self.cfg, bool(training) and self.trainable
         meta = lambda v: None if v is None else (tuple(v.shape), dtype_name(v))  # noqa: E731
-        checks.check_call(cfg, self.param_dtype, meta(x), training, meta(mask), meta(routing))
+        low = self.mixed_dtype
+        checks.check_call(cfg, self.param_dtype, meta(x), training, meta(mask), meta(routing), compute_dtype=low)
         flat = lambda t, tail: None if t is None else tf.reshape(t, (-1,) + tail)  # noqa: E731
         y, new_state, _ = forward(cfg, self._params, self._state, flat(x, (cfg.d_model,)), training,
-                                  flat(mask, ()), flat(routing, (cfg.heads, cfg.topk)))
+                                  flat(mask, ()), flat(routing, (cfg.heads, cfg.topk)), low=low)
         if training:
             for name, variable in self._state.items():
                 variable.assign(new_state[name])
