@@ -335,3 +335,23 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     code = regex.search(r"```python\n(.*?)```", section, regex.S).group(1)
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md (Flax NNX example)", "exec"), {})
+
+
+@pytest.mark.parametrize("training, masked, jit", [(True, False, True), (True, True, False), (False, False, False),
+                                                    (False, True, True)])
+def test_bfloat16_dtype_with_float32_params_is_the_mixed_mode(training, masked, jit):
+    rng = np.random.default_rng(11)
+    x = jnp.asarray(rng.standard_normal((3, 5, SMALL.d_model)), jnp.float32)
+    mask = jnp.asarray(rng.random((3, 5)) < 0.7) if masked else None
+    module = be.layer(SMALL, seed=7, dtype=jnp.bfloat16, use_running_average=not training)
+    params, state = module.params_and_state()
+    call = nnx.jit(lambda m, x, mask: m(x, mask)) if jit else (lambda m, x, mask: m(x, mask))
+    y = call(module, x, mask)  # x is cast to the computation dtype, as nnx.Linear casts it
+    want, new_state, _ = be.apply(SMALL, params, state, x.astype(jnp.bfloat16), training=training, mask=mask,
+                                  compute_dtype="bfloat16")
+    assert y.dtype == jnp.bfloat16 and module.experts.down.get_value().dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(want, np.float32))
+    for name, value in new_state.items():
+        np.testing.assert_array_equal(_state_of(module)[name], np.asarray(value))
+    grads = nnx.grad(lambda m: m(x, mask).astype(jnp.float32).sum())(module)
+    assert grads["keys"]["left"].get_value().dtype == jnp.float32

@@ -100,6 +100,9 @@ class PEER(nnx.Module):
             kwargs["compute_dtype"] = mixed
         if self.expert_sharding is None:
             y, new_state, aux = apply(self.cfg, params, state, x, **kwargs)
+        elif mixed is not None:
+            raise PEERInputError(f"dtype={mixed} with float32 parameters and sharded expert tables, but expected "
+                                 "the parameters' dtype: the sharded apply has no mixed mode")
         else:
             from .parallel import apply as sharded_apply
 
