@@ -432,6 +432,8 @@ def test_module_cast_to_16_bits_trains_and_keeps_buffers_like_batchnorm1d(cast, 
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(3, 6, COMPILED.d_model, generator=gen).to(low)
     mask = torch.rand(3, 6, generator=gen) < 0.7 if masked else None
+    if compiled:
+        torch._dynamo.reset()  # dynamo's recompile limit counts every graph of PEER.forward so far
     run = torch.compile(module, backend="aot_eager", fullgraph=True) if compiled else module
     y = run(x, mask)
     want, new_state, _ = be.apply(COMPILED, {k: v.detach() for k, v in params.items()}, state, x, training, mask)
@@ -483,6 +485,8 @@ def test_autocast_runs_the_mixed_mode(amp, x_dtype, training, masked, compiled):
     x = torch.randn(3, 6, COMPILED.d_model, generator=gen).to(x_dtype)
     mask = torch.rand(3, 6, generator=gen) < 0.7 if masked else None
     dy = torch.randn(3, 6, COMPILED.d_out, generator=gen).to(amp)
+    if compiled:
+        torch._dynamo.reset()  # dynamo's recompile limit counts every graph of PEER.forward so far
     run = torch.compile(module, backend="aot_eager", fullgraph=True) if compiled else module
     with torch.autocast("cpu", dtype=amp):
         y = run(x, mask)
@@ -514,3 +518,12 @@ def test_autocast_fed_by_linear_trains_with_one_token_and_many():
         assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
         y.float().sum().backward()
     assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_autocast_casts_x_for_a_module_already_in_the_autocast_dtype():
+    module, twin = (be.layer(COMPILED, seed=6).bfloat16() for _ in range(2))
+    x = torch.randn(5, COMPILED.d_model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = module(x)  # float32 x meets bfloat16 parameters: autocast casts x, as for nn.Linear
+    torch.testing.assert_close(y, twin(x.bfloat16()), rtol=0, atol=0)
+    torch.testing.assert_close(module.query_norm.var, twin.query_norm.var, rtol=0, atol=0)
