@@ -41,8 +41,8 @@ def validate(cfg, params, state, x, training, mask=None, routing=None, dy=None,
         if not isinstance(value, dict):
             raise PEERInputError(f"{arg} is {type(value).__name__}, but expected a dict of arrays")
     dtype = checks.check_params_state(cfg, meta(params), meta(state))
-    checks.check_dtype_name(dtype, ("float64", "float32"))
     low = checks.check_compute_dtype(dtype, compute_dtype)
+    checks.check_dtype_name(dtype, ("float64", "float32"))
     arr = lambda v: None if v is None else (np.shape(v), _dtype_name(v))  # noqa: E731
     if not isinstance(x, np.ndarray):
         raise PEERInputError(f"x is {type(x).__name__}, but expected a numpy.ndarray")

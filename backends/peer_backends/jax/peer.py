@@ -96,12 +96,11 @@ def vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, j
 
 def compute_dtype_name(compute_dtype):
     """``compute_dtype`` as a dtype name: a JAX/NumPy dtype converts, a string or None is checked as given."""
-    if compute_dtype is None or isinstance(compute_dtype, str):
-        return compute_dtype
-    try:
+    if isinstance(compute_dtype, np.dtype) or (isinstance(compute_dtype, type) and issubclass(compute_dtype, np.generic)):
         return np.dtype(compute_dtype).name
-    except TypeError:
-        return compute_dtype
+    if isinstance(compute_dtype, type(jnp.float32)):
+        return compute_dtype.dtype.name  # a jnp scalar type such as jnp.bfloat16
+    return compute_dtype
 
 
 def low_dtype(params, compute_dtype):

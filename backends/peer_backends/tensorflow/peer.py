@@ -49,7 +49,7 @@ def init(cfg, seed=0, dtype=None):
 def apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None):
     lead, dtype, training, args, low = _prepare(cfg, params, state, x, training, mask, routing,
                                                 compute_dtype=compute_dtype)
-    fn = _compiled_apply(cfg, training, mask is not None, routing is not None, dtype, low)
+    fn = _compiled_apply(cfg, training, mask is not None, routing is not None, dtype, **_mixed(low))
     y, new_state, aux = (fn.python_function if jit is False else fn)(*args)
     aux = {key: tf.reshape(value, lead + (cfg.heads, cfg.topk)) for key, value in aux.items()}
     return tf.reshape(y, lead + (cfg.d_out,)), new_state, aux
@@ -58,9 +58,14 @@ def apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit
 def vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None):
     lead, dtype, training, args, low = _prepare(cfg, params, state, x, training, mask, routing, dy,
                                                 compute_dtype=compute_dtype)
-    fn = _compiled_vjp(cfg, training, mask is not None, routing is not None, dtype, low)
+    fn = _compiled_vjp(cfg, training, mask is not None, routing is not None, dtype, **_mixed(low))
     grads, dx = (fn.python_function if jit is False else fn)(*args)
     return grads, tf.reshape(dx, lead + (cfg.d_model,))
+
+
+def _mixed(low):
+    # Passed only when set, so a default-mode call keys the compiled-function cache as before.
+    return {} if low is None else {"low": low}
 
 
 def _as_tensor(arg, value):
@@ -72,12 +77,11 @@ def _as_tensor(arg, value):
 def compute_dtype_name(compute_dtype):
     """``compute_dtype`` as a dtype name: a tf.DType (or NumPy dtype) converts, a string or None is
     checked as given."""
-    if compute_dtype is None or isinstance(compute_dtype, str):
-        return compute_dtype
-    try:
-        return tf.as_dtype(compute_dtype).name
-    except TypeError:
-        return compute_dtype
+    if isinstance(compute_dtype, tf.DType):
+        return compute_dtype.name
+    if isinstance(compute_dtype, np.dtype) or (isinstance(compute_dtype, type) and issubclass(compute_dtype, np.generic)):
+        return np.dtype(compute_dtype).name
+    return compute_dtype
 
 
 def _prepare(cfg, params, state, x, training, mask, routing, dy=None, compute_dtype=None):
@@ -142,7 +146,7 @@ def clear_caches() -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_apply(cfg, training, has_mask, has_routing, dtype, low=None):
+def _compiled_apply(cfg, training, has_mask, has_routing, dtype, *, low=None):
     def run(params, state, x, *extras):
         mask, routing, _ = _unpack(extras, has_mask, has_routing)
         return forward(cfg, params, state, x, training, mask, routing, low=low)
@@ -152,7 +156,7 @@ def _compiled_apply(cfg, training, has_mask, has_routing, dtype, low=None):
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_vjp(cfg, training, has_mask, has_routing, dtype, low=None):
+def _compiled_vjp(cfg, training, has_mask, has_routing, dtype, *, low=None):
     def run(params, state, x, *extras):
         mask, routing, (dy,) = _unpack(extras, has_mask, has_routing)
         with tf.GradientTape() as tape:
