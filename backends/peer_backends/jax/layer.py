@@ -162,8 +162,9 @@ class PEER(nnx.Module):
 
 def _jax_dtype(arg: str, value) -> np.dtype:
     if isinstance(value, str):
+        example = value if value.isidentifier() else "float32"
         raise PEERInputError(
-            f"{arg}={value!r} is a string, but expected a JAX dtype such as jnp.{value if value.isidentifier() else 'float32'} "
+            f"{arg}={value!r} is a string, but expected a JAX dtype such as jnp.{example} "
             "(as in nnx.Linear: dtype is the computation dtype, param_dtype the parameters' storage dtype)")
     try:
         dtype = jnp.dtype(value)
