@@ -11,17 +11,23 @@ from __future__ import annotations
 import numpy as np
 
 from .config import PEERConfig
-from .forward_pass import _forward
+from .forward_pass import _forward, low_numpy_dtype
 from .functions import activation, activation_grad, score_weights_vjp
 
 
 def vjp(cfg: PEERConfig, params: dict, state: dict, x: np.ndarray, dy: np.ndarray,
-        training: bool = False, mask: np.ndarray | None = None, routing: np.ndarray | None = None):
+        training: bool = False, mask: np.ndarray | None = None, routing: np.ndarray | None = None, *,
+        compute_dtype: str | None = None):
     """Cotangents ``(grads, dx)`` of ``sum(forward(...)[0] * dy)``.
 
     ``grads`` holds every trainable parameter under its canonical name; ``dx`` has x's shape.
+    In the mixed mode (``compute_dtype``, SPEC §10.3) dy has x's low dtype, every rounding of the
+    forward counts as the identity, grads are float32 and dx is rounded once to the low dtype.
     """
-    _, _, _, tape = _forward(cfg, params, state, x, training, mask, routing, dy=dy)
+    _, _, _, tape = _forward(cfg, params, state, x, training, mask, routing, dy=dy, compute_dtype=compute_dtype)
+    read = tape.params  # the values the forward used: rounded ones in the mixed mode
+    if tape.low is not None:
+        dy = dy.astype(tape.x.dtype)
     tokens = tape.x.shape[0]
     n, hk = cfg.n_keys, cfg.heads * cfg.topk
     idx = tape.indices
@@ -31,7 +37,7 @@ def vjp(cfg: PEERConfig, params: dict, state: dict, x: np.ndarray, dy: np.ndarra
     # §3.11 output: y = sum_{h,k} w * a * up[idx]
     activated = activation(cfg.activation, tape.pre)
     hidden = activated if tape.gate is None else activated * tape.gate
-    up_rows = params["experts.up"][idx]  # (T, h, k, d_out)
+    up_rows = read["experts.up"][idx]  # (T, h, k, d_out)
     d_coef = np.einsum("to,thko->thk", dyf, up_rows)
     np.add.at(grads["experts.up"], idx.reshape(-1),
               ((tape.weights * hidden)[..., None] * dyf[:, None, None, :]).reshape(tokens * hk, cfg.d_out))
@@ -43,11 +49,11 @@ def vjp(cfg: PEERConfig, params: dict, state: dict, x: np.ndarray, dy: np.ndarra
     else:
         d_activated = d_hidden * tape.gate
         d_gate = d_hidden * activated
-        dx_gate = np.einsum("thk,thkd->td", d_gate, params["experts.gate"][idx])
+        dx_gate = np.einsum("thk,thkd->td", d_gate, read["experts.gate"][idx])
         np.add.at(grads["experts.gate"], idx.reshape(-1),
                   (d_gate[..., None] * tape.x[:, None, None, :]).reshape(tokens * hk, cfg.d_model))
     d_pre = d_activated * activation_grad(cfg.activation, tape.pre)
-    down_rows = params["experts.down"][idx]
+    down_rows = read["experts.down"][idx]
     dx = np.einsum("thk,thkd->td", d_pre, down_rows)
     if tape.gate is not None:
         dx = dx + dx_gate
@@ -72,7 +78,9 @@ def vjp(cfg: PEERConfig, params: dict, state: dict, x: np.ndarray, dy: np.ndarra
     grads["query.kernel"] = tape.x.T @ d_q
     if cfg.query_bias:
         grads["query.bias"] = d_q.sum(axis=0)
-    dx = dx + d_q @ params["query.kernel"].T
+    dx = dx + d_q @ read["query.kernel"].T
+    if tape.low is not None:
+        dx = dx.astype(low_numpy_dtype(tape.low))  # §10.3: dx is rounded once, at the end
     return grads, dx.reshape(tape.lead + (cfg.d_model,))
 
 

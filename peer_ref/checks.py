@@ -11,15 +11,36 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .config import DTYPES, PEERConfig
+from .config import DTYPES, LOW_DTYPES, PEERConfig
 from .errors import PEERInputError
 
 Meta = tuple[tuple[int, ...], str]  # (shape, dtype name)
 
 
 def state_dtype(param_dtype: str) -> str:
-    """Batch-norm statistics are kept in float32 when parameters are bfloat16 (SPEC §10)."""
-    return "float32" if param_dtype == "bfloat16" else param_dtype
+    """Batch-norm statistics are kept in float32 when parameters are bfloat16 or float16 (SPEC §10.1)."""
+    return "float32" if param_dtype in LOW_DTYPES else param_dtype
+
+
+def check_compute_dtype(param_dtype: str, compute_dtype: object) -> str | None:
+    """Validate ``compute_dtype=`` against the parameters' dtype (SPEC §10.3).
+
+    Returns the low dtype name of the mixed mode ("bfloat16" or "float16" with float32
+    parameters), or None for the default mode (``compute_dtype`` None or the parameters' dtype).
+    """
+    if compute_dtype is None:
+        return None
+    if not isinstance(compute_dtype, str) or compute_dtype not in DTYPES:
+        raise PEERInputError(f"compute_dtype={compute_dtype!r}, but expected None or one of {DTYPES}")
+    if compute_dtype == param_dtype:
+        return None
+    if param_dtype == "float32" and compute_dtype in LOW_DTYPES:
+        return compute_dtype
+    raise PEERInputError(
+        f"compute_dtype={compute_dtype!r} with {param_dtype} parameters, but expected None, "
+        f"{param_dtype!r} (the parameters' dtype), or one of {LOW_DTYPES} with float32 parameters "
+        "(mixed precision)"
+    )
 
 
 def check_tree(cfg: PEERConfig, kind: str, tree: Mapping[str, Meta], dtype: str | None = None) -> str:
@@ -73,8 +94,13 @@ def check_call(
     mask: Meta | None = None,
     routing: Meta | None = None,
     dy: Meta | None = None,
+    compute_dtype: str | None = None,
 ) -> tuple[int, ...]:
-    """Validate the arguments of forward/vjp; returns the leading (token) shape of x."""
+    """Validate the arguments of forward/vjp; returns the leading (token) shape of x.
+
+    ``compute_dtype`` is the low dtype returned by :func:`check_compute_dtype` (or None): in the
+    mixed mode x and dy must have it instead of the parameters' dtype.
+    """
     if not isinstance(training, (bool, np.bool_)):
         raise PEERInputError(f"training={training!r}, but expected a bool")
     x_shape, x_dtype = tuple(x[0]), x[1]
@@ -84,10 +110,15 @@ def check_call(
         raise PEERInputError(
             f"x.shape={x_shape}, but expected a last dimension of d_model={cfg.d_model}"
         )
-    if x_dtype != param_dtype:
+    if compute_dtype is None and x_dtype != param_dtype:
         raise PEERInputError(
             f"x.dtype={x_dtype}, but expected {param_dtype} (the parameters' dtype; "
-            "nothing is cast implicitly)"
+            "nothing is cast implicitly; pass compute_dtype= for mixed precision)"
+        )
+    if compute_dtype is not None and x_dtype != compute_dtype:
+        raise PEERInputError(
+            f"x.dtype={x_dtype}, but expected {compute_dtype} (compute_dtype={compute_dtype!r} with "
+            f"{param_dtype} parameters; nothing is cast implicitly)"
         )
     lead = x_shape[:-1]
     if mask is not None:
@@ -110,8 +141,9 @@ def check_call(
         want = lead + (cfg.d_out,)
         if d_shape != want:
             raise PEERInputError(f"dy.shape={d_shape}, but expected x.shape[:-1] + (d_out,)={want}")
-        if d_dtype != param_dtype:
-            raise PEERInputError(f"dy.dtype={d_dtype}, but expected {param_dtype}")
+        want_dtype = compute_dtype or param_dtype
+        if d_dtype != want_dtype:
+            raise PEERInputError(f"dy.dtype={d_dtype}, but expected {want_dtype} (like x)")
     return lead
 
 

@@ -11,7 +11,9 @@ from .errors import PEERConfigError
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "identity")
 SCORES = ("softmax", "sigmoid", "none")
 QUERY_NORMS = ("batch", "none")
-DTYPES = ("float64", "float32", "bfloat16")
+DTYPES = ("float64", "float32", "bfloat16", "float16")
+# Activation dtypes of the mixed mode: float32 parameters, these x and y (SPEC §10.3).
+LOW_DTYPES = ("bfloat16", "float16")
 # The most sub-keys per side (SPEC §1): n_experts <= MAX_N_KEYS**2 = 2_147_395_600 < 2**31 - 1, so
 # every expert index fits a signed 32-bit integer, the index dtype of JAX without x64 and of
 # TensorFlow's top-k, and the low half of the torch backend's 64-bit order keys.

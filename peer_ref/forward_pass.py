@@ -28,23 +28,53 @@ class Tape(NamedTuple):
     weights: np.ndarray  # (T, heads, topk)
     pre: np.ndarray  # (T, heads, topk) expert pre-activations
     gate: np.ndarray | None  # (T, heads, topk) linear gate values g_i . x; None without expert_glu
+    params: dict  # the parameter values read (rounded ones in the mixed mode, SPEC §10.3)
+    low: str | None  # the mixed mode's low dtype, or None
 
 
-def validate(cfg, params, state, x, training, mask=None, routing=None, dy=None) -> tuple[int, ...]:
-    """Check every argument (SPEC §9); returns the leading shape of x."""
+def validate(cfg, params, state, x, training, mask=None, routing=None, dy=None,
+             compute_dtype=None) -> tuple[tuple[int, ...], str | None]:
+    """Check every argument (SPEC §9); returns the leading shape of x and the mixed mode's
+    low dtype (None outside the mixed mode, SPEC §10.3)."""
     meta = lambda tree: {k: (np.shape(v), _dtype_name(v)) for k, v in tree.items()}  # noqa: E731
     for arg, value in (("params", params), ("state", state)):
         if not isinstance(value, dict):
             raise PEERInputError(f"{arg} is {type(value).__name__}, but expected a dict of arrays")
     dtype = checks.check_params_state(cfg, meta(params), meta(state))
+    low = checks.check_compute_dtype(dtype, compute_dtype)
     checks.check_dtype_name(dtype, ("float64", "float32"))
     arr = lambda v: None if v is None else (np.shape(v), _dtype_name(v))  # noqa: E731
     if not isinstance(x, np.ndarray):
         raise PEERInputError(f"x is {type(x).__name__}, but expected a numpy.ndarray")
-    lead = checks.check_call(cfg, dtype, arr(x), training, arr(mask), arr(routing), arr(dy))
+    lead = checks.check_call(cfg, dtype, arr(x), training, arr(mask), arr(routing), arr(dy), compute_dtype=low)
     if routing is not None and np.size(routing):
         checks.check_routing_values(cfg, int(np.min(routing)), int(np.max(routing)))
-    return lead
+    return lead, low
+
+
+def low_numpy_dtype(name: str) -> np.dtype:
+    """NumPy dtype of a low dtype name; bfloat16 is ml_dtypes' (imported only when asked)."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+# Parameters read in the low dtype in the mixed mode (SPEC §10.3): the query projection and the
+# expert rows. Everything else (biases, batch-norm affine, sub-keys) is read in float32.
+ROUNDED_PARAMS = ("query.kernel", "experts.down", "experts.gate", "experts.up")
+
+
+def read_params(params: dict, low: str | None) -> dict:
+    """The parameter values the computation reads: in the mixed mode the ROUNDED_PARAMS rounded
+    to nearest-even in the low dtype and widened back (exact), the rest unchanged (SPEC §10.3).
+    Rounding a whole table equals rounding each row as it is gathered."""
+    if low is None:
+        return params
+    dt = low_numpy_dtype(low)
+    return {name: value.astype(dt).astype(value.dtype) if name in ROUNDED_PARAMS else value
+            for name, value in params.items()}
 
 
 def _dtype_name(value) -> str:
@@ -90,8 +120,13 @@ def zero_masked(rows: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return np.where(valid[:, None], rows, rows.dtype.type(0))
 
 
-def _forward(cfg: PEERConfig, params, state, x, training=False, mask=None, routing=None, dy=None):
-    lead = validate(cfg, params, state, x, training, mask, routing, dy)
+def _forward(cfg: PEERConfig, params, state, x, training=False, mask=None, routing=None, dy=None,
+             compute_dtype=None):
+    lead, low = validate(cfg, params, state, x, training, mask, routing, dy, compute_dtype)
+    if low is not None:
+        # §10.3 mixed mode: x (exact in the low dtype) widens exactly to the parameters' float32.
+        x = x.astype(params["query.kernel"].dtype)
+        params = read_params(params, low)
     tokens = int(np.prod(lead, dtype=np.int64))
     xf = x.reshape(tokens, cfg.d_model)
     valid = np.ones(tokens, bool) if mask is None else mask.reshape(tokens)
@@ -130,25 +165,35 @@ def _forward(cfg: PEERConfig, params, state, x, training=False, mask=None, routi
         "scores": scores.reshape(lead + (cfg.heads, cfg.topk)),
         "weights": weights.reshape(lead + (cfg.heads, cfg.topk)),
     }
-    tape = Tape(lead, xf, valid, normed, inv_std, batch_stats, n_valid, queries, indices, weights, pre, gate)
+    tape = Tape(lead, xf, valid, normed, inv_std, batch_stats, n_valid, queries, indices, weights, pre, gate,
+                params, low)
+    if low is not None:
+        y = y.astype(low_numpy_dtype(low))  # §10.3: y is rounded once, at the end
     return y.reshape(lead + (cfg.d_out,)), new_state, aux, tape
 
 
 def forward(cfg: PEERConfig, params: dict, state: dict, x: np.ndarray, training: bool = False,
-            mask: np.ndarray | None = None, routing: np.ndarray | None = None):
-    """Apply the layer. Returns ``(y, new_state, aux)``; see SPEC §3 and §6."""
-    y, new_state, aux, _ = _forward(cfg, params, state, x, training, mask, routing)
+            mask: np.ndarray | None = None, routing: np.ndarray | None = None, *,
+            compute_dtype: str | None = None):
+    """Apply the layer. Returns ``(y, new_state, aux)``; see SPEC §3 and §6.
+
+    ``compute_dtype`` None (or the parameters' dtype) computes in the parameters' dtype, which x
+    must have. "bfloat16" or "float16" with float32 parameters is the mixed mode of SPEC §10.3:
+    x in that dtype, y in that dtype, state and aux scores/weights float32.
+    Raises PEERInputError for any other combination.
+    """
+    y, new_state, aux, _ = _forward(cfg, params, state, x, training, mask, routing, compute_dtype=compute_dtype)
     return y, new_state, aux
 
 
 def routing_scores(cfg: PEERConfig, params: dict, state: dict, x: np.ndarray, training: bool = False,
-                   mask: np.ndarray | None = None) -> np.ndarray:
+                   mask: np.ndarray | None = None, *, compute_dtype: str | None = None) -> np.ndarray:
     """Routing oracle: the raw score of EVERY expert, shape (..., heads, n_experts).
 
     Expert i = left * n_keys + right scores s_left[left] + s_right[right] (SPEC §3.7).
     Conformance uses it to judge near ties against the reference's float64 scores.
     """
-    _, _, _, tape = _forward(cfg, params, state, x, training, mask)
-    s_left, s_right = sub_key_scores(cfg, params, tape.queries)
+    _, _, _, tape = _forward(cfg, params, state, x, training, mask, compute_dtype=compute_dtype)
+    s_left, s_right = sub_key_scores(cfg, tape.params, tape.queries)
     full = s_left[..., :, None] + s_right[..., None, :]
     return full.reshape(tape.lead + (cfg.heads, cfg.n_experts))

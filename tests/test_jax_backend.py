@@ -274,3 +274,94 @@ def test_largest_expert_count_routes_to_positive_int32_indices():
     assert expected.tolist() == [[[46339 * 46340 + 46339, 46338 * 46340 + 46339]]]
     got = jax.jit(lambda s: be.peer._product_key_topk(cfg, s, s))(jnp.asarray(scores))
     assert got.dtype == jnp.int32 and np.asarray(got).tolist() == expected.tolist(), f"got {got}"
+def _state_of(module):
+    return {name: np.asarray(value) for name, value in module.params_and_state()[1].items()}
+
+
+@pytest.mark.parametrize("training, masked, jit", [(True, False, False), (True, True, True), (False, False, True),
+                                                    (False, True, False)])
+def test_float32_module_promotes_bfloat16_activations_like_nnx_linear(training, masked, jit):
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((3, 7, SMALL.d_model)), jnp.bfloat16)
+    mask = jnp.asarray(rng.random((3, 7)) < 0.7) if masked else None
+    module, twin = (be.layer(SMALL, seed=2, use_running_average=not training) for _ in range(2))
+    call = nnx.jit(lambda m, x, mask: m(x, mask)) if jit else (lambda m, x, mask: m(x, mask))
+    y = call(module, x, mask)
+    linear = nnx.Linear(SMALL.d_model, 2, rngs=nnx.Rngs(0))
+    assert y.dtype == linear(x).dtype == jnp.float32  # the promotion rule nnx.Linear follows
+    want = call(twin, x.astype(jnp.float32), mask)  # promotion is exactly an upcast of x
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(want))
+    assert all(np.array_equal(a, b) for a, b in zip(_state_of(module).values(), _state_of(twin).values()))
+    grads = nnx.grad(lambda m: m(x, mask).sum())(module)
+    assert grads["experts"]["down"].get_value().dtype == jnp.float32
+
+
+def test_dtype_is_the_computation_dtype_and_param_dtype_the_storage():
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.standard_normal((9, SMALL.d_model)), jnp.bfloat16)
+    module = be.layer(SMALL, seed=3, param_dtype=jnp.bfloat16, dtype=jnp.float32)
+    params, state = module.params_and_state()
+    assert params["experts.down"].dtype == jnp.bfloat16 and state["query_norm.mean"].dtype == jnp.float32
+    y = module(x)
+    # Computing in float32 reads the bfloat16 parameters upcast, as nnx.Linear's promote_dtype does.
+    up = {name: value.astype(jnp.float32) for name, value in params.items()}
+    want, new_state, _ = be.apply(SMALL, up, state, x.astype(jnp.float32), training=True)
+    assert y.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(want))
+    np.testing.assert_array_equal(_state_of(module)["query_norm.var"], np.asarray(new_state["query_norm.var"]))
+    grads = nnx.grad(lambda m: m(x).sum())(module)
+    assert grads["experts"]["up"].get_value().dtype == jnp.bfloat16  # gradients in the storage dtype
+    # dtype=None with bfloat16 storage and bfloat16 x: bfloat16 all the way (SPEC §10's bfloat16 row).
+    native = be.layer(SMALL, seed=3, param_dtype=jnp.bfloat16)
+    y16 = native(x)
+    want16, _, _ = be.apply(SMALL, native.params_and_state()[0], state, x, training=True)
+    assert y16.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(y16), np.asarray(want16))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"dtype": "float32"}, "dtype='float32' is a string, but expected a JAX dtype such as jnp.float32"),
+    ({"param_dtype": "bfloat16"}, "param_dtype='bfloat16' is a string, but expected a JAX dtype"),
+    ({"param_dtype": jnp.int32}, "param_dtype=int32, but expected one of"),
+    ({"dtype": jnp.complex64}, "dtype=complex64, but expected one of"),
+])
+def test_dtype_arguments_take_jax_dtypes(kwargs, message):
+    with pytest.raises(PEERInputError, match=re.escape(message)):
+        be.layer(SMALL, **kwargs)
+
+
+def test_integer_activations_are_refused():
+    with pytest.raises(PEERInputError, match=re.escape("x.dtype=int32, but expected a floating array")):
+        be.layer(SMALL)(jnp.zeros((2, SMALL.d_model), jnp.int32))
+
+
+def test_readme_example_runs(tmp_path, monkeypatch):
+    # The README's "Flax NNX" example under "The layers in training setups", run as written.
+    import pathlib
+    import re as regex
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## The layers in training setups", 1)[1].split("\n#### Flax NNX\n", 1)[1]
+    code = regex.search(r"```python\n(.*?)```", section, regex.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md (Flax NNX example)", "exec"), {})
+
+
+@pytest.mark.parametrize("training, masked, jit", [(True, False, True), (True, True, False), (False, False, False),
+                                                    (False, True, True)])
+def test_bfloat16_dtype_with_float32_params_is_the_mixed_mode(training, masked, jit):
+    rng = np.random.default_rng(11)
+    x = jnp.asarray(rng.standard_normal((3, 5, SMALL.d_model)), jnp.float32)
+    mask = jnp.asarray(rng.random((3, 5)) < 0.7) if masked else None
+    module = be.layer(SMALL, seed=7, dtype=jnp.bfloat16, use_running_average=not training)
+    params, state = module.params_and_state()
+    call = nnx.jit(lambda m, x, mask: m(x, mask)) if jit else (lambda m, x, mask: m(x, mask))
+    y = call(module, x, mask)  # x is cast to the computation dtype, as nnx.Linear casts it
+    want, new_state, _ = be.apply(SMALL, params, state, x.astype(jnp.bfloat16), training=training, mask=mask,
+                                  compute_dtype="bfloat16")
+    assert y.dtype == jnp.bfloat16 and module.experts.down.get_value().dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(want, np.float32))
+    for name, value in new_state.items():
+        np.testing.assert_array_equal(_state_of(module)[name], np.asarray(value))
+    grads = nnx.grad(lambda m: m(x, mask).astype(jnp.float32).sum())(module)
+    assert grads["keys"]["left"].get_value().dtype == jnp.float32

@@ -155,8 +155,8 @@ def test_data_axis_shards_tokens_and_model_axis_shards_tables(axis_type, trainin
 def test_nnx_layer_trains_under_nnx_jit_like_one_device():
     _, _, x, mask, dy = case(CFG, seed=2)
     mesh = jax.make_mesh((4,), ("model",))
-    reference = PEER(CFG, seed=4, dtype="float64")
-    sharded = parallel.shard_layer(PEER(CFG, seed=4, dtype="float64"), mesh)
+    reference = PEER(CFG, seed=4, param_dtype=jnp.float64)
+    sharded = parallel.shard_layer(PEER(CFG, seed=4, param_dtype=jnp.float64), mesh)
     assert sharded.experts.down.get_value().sharding.spec == PartitionSpec(None, "model")
 
     @nnx.jit

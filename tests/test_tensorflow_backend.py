@@ -267,3 +267,99 @@ def test_largest_expert_count_routes_to_exact_indices():
         s = tf.constant(scores, dtype=dtype)
         got = tf.function(lambda a: tf_peer._product_key_topk(cfg, a, a), jit_compile=True)(s)
         assert got.numpy().tolist() == expected.tolist(), f"{dtype}: got {got.numpy().tolist()}"
+def _state(layer):
+    return {name: value.numpy() for name, value in layer.params_and_state()[1].items()}
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_frozen_layer_runs_in_inference_mode_like_batch_normalization(masked):
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((2, 5, CFG.d_model)).astype(np.float32)
+    mask = rng.random((2, 5)) < 0.7 if masked else None
+    layer = be.layer(CFG, seed=2)
+    layer(x, training=True, mask=mask)  # running statistics away from their initial values
+    layer.trainable = False
+    before = _state(layer)
+    y_frozen = layer(x, training=True, mask=mask)
+    assert all(np.array_equal(before[name], value) for name, value in _state(layer).items())
+    assert np.array_equal(y_frozen.numpy(), layer(x, training=False, mask=mask).numpy())
+    # fit() on a model holding the frozen layer: statistics and weights stay put.
+    inputs = keras.Input((5, CFG.d_model))
+    model = keras.Model(inputs, layer(inputs))
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
+    weights = [w.numpy() for w in layer.weights]
+    model.fit(x, np.tanh(x), batch_size=2, epochs=1, verbose=0)
+    assert all(np.array_equal(a, w.numpy()) for a, w in zip(weights, layer.weights))
+    layer.trainable = True
+    layer(x, training=True, mask=mask)
+    assert not np.array_equal(before["query_norm.mean"], _state(layer)["query_norm.mean"])
+
+
+@pytest.mark.parametrize("trainable", [True, False])
+def test_keras_file_round_trip_is_bit_exact(tmp_path, trainable):
+    cfg = PEERConfig(d_model=8, n_experts=16, heads=2, topk=3, d_key=4, expert_glu=True, query_bias=True)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 5, cfg.d_model)).astype(np.float32)
+    inputs = keras.Input((5, cfg.d_model))
+    layer = be.layer(cfg, seed=1, name="peer_block")
+    model = keras.Model(inputs, keras.layers.Dense(3)(layer(inputs)))
+    model(x, training=True)  # moves the statistics, so they must be saved to match
+    layer.trainable = trainable
+    path = tmp_path / "m.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    again = loaded.get_layer("peer_block")
+    assert type(again) is type(layer) and again.cfg == cfg and again.trainable == trainable
+    assert [w.path for w in loaded.weights] == [w.path for w in model.weights]
+    assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(model.weights, loaded.weights))
+    assert np.array_equal(loaded(x, training=False).numpy(), model(x, training=False).numpy())
+    assert keras.saving.get_registered_name(type(layer)) == "peer>PEER"
+
+
+def test_dtype_is_a_keras_dtype_policy_and_none_means_the_global_one():
+    x = np.random.default_rng(8).standard_normal((6, CFG.d_model)).astype(np.float32)
+    layer = be.layer(CFG, seed=5, dtype=keras.DTypePolicy("bfloat16"))
+    assert {w.dtype for w in layer.trainable_weights} == {"bfloat16"}
+    y = layer(x)  # Keras casts float inputs to the compute dtype
+    params, state = layer.params_and_state()
+    want, _, _ = be.apply(CFG, params, state, tf.cast(x, tf.bfloat16))
+    assert y.dtype == tf.bfloat16 and np.array_equal(y.numpy(), want.numpy())
+    before = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float64")
+    try:
+        assert {w.dtype for w in be.layer(CFG).weights} == {"float64"}
+    finally:
+        keras.config.set_dtype_policy(before)
+
+
+def test_readme_example_runs(tmp_path, monkeypatch):
+    # The README's "Keras" example under "The layers in training setups", run as written.
+    import pathlib
+    import re as regex
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## The layers in training setups", 1)[1].split("\n#### Keras\n", 1)[1]
+    code = regex.search(r"```python\n(.*?)```", section, regex.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md (Keras example)", "exec"), {})
+
+
+@pytest.mark.parametrize("training, masked", [(True, False), (True, True), (False, False), (False, True)])
+def test_mixed_bfloat16_policy_runs_the_mixed_mode(training, masked):
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((2, 5, CFG.d_model)).astype(np.float32)
+    mask = rng.random((2, 5)) < 0.7 if masked else None
+    layer = be.layer(CFG, seed=6, dtype="mixed_bfloat16")
+    assert {w.dtype for w in layer.weights} == {"float32"} and layer.compute_dtype == "bfloat16"
+    params, state = layer.params_and_state()
+    y = layer(x, training=training, mask=mask)
+    t = lambda v: None if v is None else tf.convert_to_tensor(v)  # noqa: E731
+    want, new_state, _ = be.apply(CFG, params, state, tf.cast(x, tf.bfloat16), training, t(mask),
+                                  compute_dtype="bfloat16")
+    assert y.dtype == tf.bfloat16 and np.array_equal(y.numpy(), want.numpy())
+    for k, v in new_state.items():  # the functional call may run compiled (XLA): float32 summation order
+        np.testing.assert_allclose(_state(layer)[k], v.numpy(), rtol=1e-6, atol=1e-7)
+    with tf.GradientTape() as tape:
+        out = tf.reduce_sum(tf.cast(layer(x, training=training, mask=mask), tf.float32))
+    grads = tape.gradient(out, layer.trainable_weights)
+    assert all(g.dtype == tf.float32 and np.all(np.isfinite(g.numpy())) for g in grads)

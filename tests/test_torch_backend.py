@@ -425,3 +425,117 @@ def test_largest_expert_count_routes_to_exact_indices():
         sub_scores = torch.tensor(np.stack([scores, scores]), dtype=dtype)
         got = torch_peer._product_key_topk(cfg, sub_scores)
         assert got.tolist() == expected.tolist(), f"{dtype}: got {got.tolist()}"
+CAST_CASES = [(True, False, False), (True, True, True), (False, False, True), (False, True, False)]
+
+
+@pytest.mark.parametrize("training, masked, compiled", CAST_CASES)
+@pytest.mark.parametrize("cast", ["to", "bfloat16", "half"])
+def test_module_cast_to_16_bits_trains_and_keeps_buffers_like_batchnorm1d(cast, training, masked, compiled):
+    # (training, unmasked) with several tokens is the fused batch-norm path.
+    module = be.layer(COMPILED, seed=3)
+    module = module.to(torch.bfloat16) if cast == "to" else getattr(module, cast)()
+    low = torch.float16 if cast == "half" else torch.bfloat16
+    module.train(training)
+    bn = torch.nn.BatchNorm1d(4).to(low)
+    assert module.query_norm.mean.dtype == bn.running_mean.dtype == low
+    assert {v.dtype for v in module.state_dict().values()} == {low}
+    params, state = module.params_and_state()
+    assert state["query_norm.var"].dtype == torch.float32  # the functional API's state dtype
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 6, COMPILED.d_model, generator=gen).to(low)
+    mask = torch.rand(3, 6, generator=gen) < 0.7 if masked else None
+    if compiled:
+        torch._dynamo.reset()  # dynamo's recompile limit counts every graph of PEER.forward so far
+    run = torch.compile(module, backend="aot_eager", fullgraph=True) if compiled else module
+    y = run(x, mask)
+    want, new_state, _ = be.apply(COMPILED, {k: v.detach() for k, v in params.items()}, state, x, training, mask)
+    assert y.dtype == low
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+    for name, value in module.named_buffers():
+        assert value.dtype == low
+        torch.testing.assert_close(value, new_state[name].to(low), rtol=0, atol=0)
+    dy = torch.randn(y.shape, generator=gen).to(low)
+    (y.float() * dy.float()).sum().backward()
+    grads, _ = be.vjp(COMPILED, {k: v.detach() for k, v in params.items()}, state, x, dy, training, mask)
+    for name, param in module.named_parameters():
+        assert param.grad.dtype == low
+        torch.testing.assert_close(param.grad, grads[name], rtol=2e-2, atol=2e-2, msg=name)
+
+
+def test_readme_example_runs(tmp_path, monkeypatch):
+    # The README's "torch" example under "The layers in training setups", run as written.
+    import pathlib
+    import re as regex
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## The layers in training setups", 1)[1].split("\n#### torch\n", 1)[1]
+    code = regex.search(r"```python\n(.*?)```", section, regex.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md (torch example)", "exec"), {})
+
+
+def test_outside_autocast_a_mismatched_x_is_refused_like_nn_linear():
+    module = be.layer(COMPILED, seed=1)
+    x = torch.randn(3, COMPILED.d_model, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError):
+        torch.nn.Linear(COMPILED.d_model, 2)(x)  # nn.Linear refuses it too
+    with pytest.raises(PEERInputError, match="x.dtype=bfloat16"):
+        module(x)
+
+
+@pytest.mark.parametrize("training, masked, compiled", CAST_CASES)
+@pytest.mark.parametrize("amp, x_dtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                          (torch.float16, torch.float32)])
+def test_autocast_runs_the_mixed_mode(amp, x_dtype, training, masked, compiled):
+    # A float32 module inside torch.autocast equals apply(..., compute_dtype=amp) on x cast to amp,
+    # on every path: fused batch norm (training, unmasked), masked, eval, torch.compile.
+    module = be.layer(COMPILED, seed=4).train(training)
+    params, state = module.params_and_state()
+    params = {k: v.detach().clone() for k, v in params.items()}
+    state = {k: v.clone() for k, v in state.items()}  # the module's buffers move in training
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 6, COMPILED.d_model, generator=gen).to(x_dtype)
+    mask = torch.rand(3, 6, generator=gen) < 0.7 if masked else None
+    dy = torch.randn(3, 6, COMPILED.d_out, generator=gen).to(amp)
+    if compiled:
+        torch._dynamo.reset()  # dynamo's recompile limit counts every graph of PEER.forward so far
+    run = torch.compile(module, backend="aot_eager", fullgraph=True) if compiled else module
+    with torch.autocast("cpu", dtype=amp):
+        y = run(x, mask)
+        if masked:  # backward inside the autocast region, which torch advises against
+            (y.float() * dy.float()).sum().backward()
+    if not masked:
+        (y.float() * dy.float()).sum().backward()
+    want, new_state, _ = be.apply(COMPILED, params, state, x.to(amp), training, mask, compute_dtype=amp)
+    assert y.dtype == amp
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+    for name, value in module.named_buffers():
+        torch.testing.assert_close(value, new_state[name], rtol=0, atol=0)
+    grads, _ = be.vjp(COMPILED, params, state, x.to(amp), dy, training, mask, compute_dtype="bfloat16"
+                      if amp == torch.bfloat16 else "float16")
+    for name, param in module.named_parameters():
+        assert param.grad.dtype == torch.float32
+        # torch autocasts the backward's matmuls inside the region and in compiled graphs: the
+        # gradients then carry products rounded to amp. Eager, backward outside: exact.
+        tol = 3e-2 if compiled or masked else 0
+        torch.testing.assert_close(param.grad, grads[name], rtol=tol, atol=tol, msg=name)
+
+
+def test_autocast_fed_by_linear_trains_with_one_token_and_many():
+    # The setup of the report: nn.Linear under autocast hands the layer bfloat16 activations.
+    model = torch.nn.Sequential(torch.nn.Linear(COMPILED.d_model, COMPILED.d_model), be.layer(COMPILED, seed=5))
+    for lead in [(1,), (7,), (2, 3)]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(torch.randn(lead + (COMPILED.d_model,)))
+        assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+        y.float().sum().backward()
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_autocast_casts_x_for_a_module_already_in_the_autocast_dtype():
+    module, twin = (be.layer(COMPILED, seed=6).bfloat16() for _ in range(2))
+    x = torch.randn(5, COMPILED.d_model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = module(x)  # float32 x meets bfloat16 parameters: autocast casts x, as for nn.Linear
+    torch.testing.assert_close(y, twin(x.bfloat16()), rtol=0, atol=0)
+    torch.testing.assert_close(module.query_norm.var, twin.query_norm.var, rtol=0, atol=0)

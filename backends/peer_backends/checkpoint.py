@@ -23,7 +23,7 @@ from ._registry import get
 FORMAT = "peer"
 FORMAT_VERSION = "1"
 # safetensors dtype codes -> the dtype names of SPEC §10
-_NAMES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16"}
+_NAMES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 _FRAMEWORK_BACKEND = {"torch": "torch", "jax": "jax", "jaxlib": "jax", "tensorflow": "tensorflow", "keras": "tensorflow"}
 
 

@@ -17,17 +17,20 @@ name : str
 version : str
     Version of the framework underneath.
 capabilities : frozenset[str]
-    Subset of {"float64", "float32", "bfloat16", "grad", "jit", "gpu"}. Conformance
-    tests needing a capability the backend lacks are skipped with that reason.
+    Subset of {"float64", "float32", "bfloat16", "float16", "mixed", "grad", "jit", "gpu"}.
+    "mixed" means apply/vjp take ``compute_dtype="bfloat16"|"float16"`` with float32
+    parameters (SPEC §10.3). Conformance tests needing a capability the backend lacks are
+    skipped with that reason.
 init(cfg, seed=0, dtype=None) -> (params, state)
     Native arrays keyed by canonical names, drawn from the distributions of SPEC §8.
     ``dtype`` None means the backend's default ("float32"; "float64" for numpy).
-apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit=None)
-    -> (y, new_state, aux). ``jit`` None = the backend's default path, True = the
+apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None)
+    -> (y, new_state, aux). ``compute_dtype`` None (or the parameters' dtype) is the default
+    mode; a low dtype name with float32 parameters is the mixed mode (SPEC §10.3). ``jit`` None = the backend's default path, True = the
     compiled path (torch.compile / jax.jit / tf.function(jit_compile=True)), False = eager.
     aux holds "indices" (an integer dtype: int64, or int32 where the framework has no
     int64 enabled), "scores" and "weights", each (..., heads, topk).
-vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, jit=None)
+vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None)
     -> (grads, dx), computed with the framework's own autodiff. grads has every
     trainable parameter under its canonical name.
 from_numpy(tree), to_numpy(tree)
@@ -47,5 +50,5 @@ clear_caches()
     does not accumulate thousands of compiled executables.
 """
 
-CAPABILITIES = frozenset({"float64", "float32", "bfloat16", "grad", "jit", "gpu"})
+CAPABILITIES = frozenset({"float64", "float32", "bfloat16", "float16", "mixed", "grad", "jit", "gpu"})
 ATTRIBUTES = ("name", "version", "capabilities", "init", "apply", "vjp", "from_numpy", "to_numpy", "layer")

@@ -26,6 +26,26 @@ def np_dtype(name: str) -> np.dtype:
     return np.dtype(name)
 
 
+# The mixed modes of SPEC §10.3: (parameter dtype, compute_dtype).
+MIXED = [("float32", "bfloat16"), ("float32", "float16")]
+
+
+def needs_mode(backend, dtype: str, compute_dtype: str | None) -> None:
+    """Skip unless the backend declares what the (dtype, compute_dtype) mode needs."""
+    needs(backend, dtype)
+    if compute_dtype is not None:
+        needs(backend, "mixed")
+
+
+def tolerance(dtype: str, compute_dtype: str | None = None):
+    """The §10.2 row of a mode: the mixed modes use their compute dtype's row."""
+    return TOLERANCES[compute_dtype or dtype]
+
+
+def _mode(dtype: str, compute_dtype: str | None) -> str:
+    return f"dtype={dtype}" + ("" if compute_dtype is None else f", compute_dtype={compute_dtype}")
+
+
 def cast_tree(tree: dict, dtype: str) -> dict:
     return {k: np.asarray(v).astype(np_dtype(dtype)) for k, v in tree.items()}
 
@@ -55,37 +75,55 @@ def needs(backend, capability: str) -> None:
         pytest.skip(f"backend {backend.name!r} does not declare capability {capability!r}")
 
 
-def run_backend(backend, case, dtype: str, *, routing=None, jit=None, dy=None):
+def run_backend(backend, case, dtype: str, *, routing=None, jit=None, dy=None, compute_dtype=None):
     """Run the backend on ``case`` rounded to ``dtype``; returns NumPy results.
 
     ``jit`` None runs the backend's default path (what its users get); test_paths checks
-    the eager and the compiled path explicitly.
+    the eager and the compiled path explicitly. ``compute_dtype`` (a mixed mode, SPEC §10.3)
+    rounds x and dy to it and passes it on; None passes nothing, as a caller that never
+    heard of it would.
 
     Returns ``(y, new_state, aux)`` or, when ``dy`` is given, ``(grads, dx)``.
     """
     params = backend.from_numpy(cast_tree(case.params, dtype))
     state = backend.from_numpy(cast_tree(case.state, state_dtype(dtype)))
-    x = backend.from_numpy(case.x.astype(np_dtype(dtype)))
+    x = backend.from_numpy(case.x.astype(np_dtype(compute_dtype or dtype)))
     mask = None if case.mask is None else backend.from_numpy(case.mask)
     route = None if routing is None else backend.from_numpy(np.asarray(routing))
+    extra = {} if compute_dtype is None else {"compute_dtype": compute_dtype}
     if dy is None:
-        out = backend.apply(case.cfg, params, state, x, training=case.training, mask=mask, routing=route, jit=jit)
+        out = backend.apply(case.cfg, params, state, x, training=case.training, mask=mask, routing=route, jit=jit,
+                            **extra)
     else:
-        d = backend.from_numpy(dy.astype(np_dtype(dtype)))
-        out = backend.vjp(case.cfg, params, state, x, d, training=case.training, mask=mask, routing=route, jit=jit)
+        d = backend.from_numpy(dy.astype(np_dtype(compute_dtype or dtype)))
+        out = backend.vjp(case.cfg, params, state, x, d, training=case.training, mask=mask, routing=route, jit=jit,
+                          **extra)
     return backend.to_numpy(out)
 
 
-def reference_inputs(case, dtype: str):
-    """The case's inputs rounded to ``dtype`` then widened to float64: what the backend saw, exactly."""
+def reference_inputs(case, dtype: str, compute_dtype: str | None = None):
+    """The case's inputs rounded to ``dtype`` then widened to float64: what the backend saw, exactly.
+
+    In a mixed mode (``compute_dtype``, SPEC §10.3) the reference itself does the rounding it
+    prescribes: params stay float32 and x is rounded to the compute dtype, both as the backend got them.
+    """
+    if compute_dtype is not None:
+        return (cast_tree(case.params, dtype), cast_tree(case.state, state_dtype(dtype)),
+                case.x.astype(np_dtype(compute_dtype)))
     params = as_f64(cast_tree(case.params, dtype))
     state = as_f64(cast_tree(case.state, state_dtype(dtype)))
     x = as_f64(case.x.astype(np_dtype(dtype)))
     return params, state, x
 
 
-def run_reference(case, dtype: str, *, routing=None, dy=None):
-    params, state, x = reference_inputs(case, dtype)
+def run_reference(case, dtype: str, *, routing=None, dy=None, compute_dtype=None):
+    params, state, x = reference_inputs(case, dtype, compute_dtype)
+    if compute_dtype is not None:
+        if dy is None:
+            return peer_ref.forward(case.cfg, params, state, x, case.training, case.mask, routing,
+                                    compute_dtype=compute_dtype)
+        return peer_ref.vjp(case.cfg, params, state, x, dy.astype(np_dtype(compute_dtype)), case.training, case.mask,
+                            routing, compute_dtype=compute_dtype)
     if dy is None:
         return peer_ref.forward(case.cfg, params, state, x, case.training, case.mask, routing)
     dy64 = as_f64(dy.astype(np_dtype(dtype)))
@@ -152,7 +190,8 @@ def assert_tree_close(actual: dict, expected: dict, *, rtol, atol, what: str, co
         assert_close(actual[name], expected[name], rtol=rtol, atol=atol, what=f"{what}[{name!r}]", context=context)
 
 
-def assert_valid_routing(case, dtype: str, indices: np.ndarray, context: str = "") -> None:
+def assert_valid_routing(case, dtype: str, indices: np.ndarray, context: str = "",
+                         compute_dtype: str | None = None) -> None:
     """Near-tie-aware routing check against the reference's float64 scores (SPEC §4.3).
 
     (a) the backend's experts are distinct and a valid top-k within the routing tolerance,
@@ -162,8 +201,9 @@ def assert_valid_routing(case, dtype: str, indices: np.ndarray, context: str = "
     """
     __tracebackhide__ = True
     cfg = case.cfg
-    params, state, x = reference_inputs(case, dtype)
-    table = peer_ref.routing_scores(cfg, params, state, x, case.training, case.mask)
+    params, state, x = reference_inputs(case, dtype, compute_dtype)
+    table = peer_ref.routing_scores(cfg, params, state, x, case.training, case.mask, compute_dtype=compute_dtype)
+    table = np.asarray(table, dtype=np.float64)
     lead = table.shape[:-1]
     table = table.reshape(-1, cfg.n_experts)
     got = np.asarray(indices).astype(np.int64).reshape(-1, cfg.topk)
@@ -172,7 +212,7 @@ def assert_valid_routing(case, dtype: str, indices: np.ndarray, context: str = "
                     pytrace=False)
     if got.size and (got.min() < 0 or got.max() >= cfg.n_experts):
         pytest.fail(f"aux['indices'] has values outside [0, {cfg.n_experts}){_ctx(context)}", pytrace=False)
-    tol = TOLERANCES[dtype].route * _scale(table)
+    tol = tolerance(dtype, compute_dtype).route * _scale(table)
     expected = np.lexsort((np.broadcast_to(np.arange(cfg.n_experts), table.shape), -table), axis=-1)
     best = np.take_along_axis(table, expected, axis=-1)
     chosen = np.take_along_axis(table, got, axis=-1)
@@ -199,29 +239,29 @@ def assert_valid_routing(case, dtype: str, indices: np.ndarray, context: str = "
 
 # --- whole-call checks used by several modules ---------------------------------------------
 
-def check_forward(backend, case, dtype: str, *, jit=None) -> None:
+def check_forward(backend, case, dtype: str, *, jit=None, compute_dtype=None) -> None:
     """Forward of the backend equals the reference run with the backend's own routing (SPEC §3, §4.3)."""
     __tracebackhide__ = True
-    tol = TOLERANCES[dtype]
-    context = f"dtype={dtype}, jit={jit}, {case.describe()}"
-    y, new_state, aux = run_backend(backend, case, dtype, jit=jit)
-    assert_valid_routing(case, dtype, aux["indices"], context)
+    tol = tolerance(dtype, compute_dtype)
+    context = f"{_mode(dtype, compute_dtype)}, jit={jit}, {case.describe()}"
+    y, new_state, aux = run_backend(backend, case, dtype, jit=jit, compute_dtype=compute_dtype)
+    assert_valid_routing(case, dtype, aux["indices"], context, compute_dtype=compute_dtype)
     routing = np.asarray(aux["indices"]).astype(np.int64)
-    y_ref, state_ref, aux_ref = run_reference(case, dtype, routing=routing)
+    y_ref, state_ref, aux_ref = run_reference(case, dtype, routing=routing, compute_dtype=compute_dtype)
     assert_close(y, y_ref, rtol=tol.rtol, atol=tol.atol, what="y", context=context)
     assert_tree_close(new_state, state_ref, rtol=tol.rtol, atol=tol.atol, what="new_state", context=context)
     for key in ("scores", "weights"):
         assert_close(aux[key], aux_ref[key], rtol=tol.rtol, atol=tol.atol, what=f"aux[{key!r}]", context=context)
 
 
-def check_gradients(backend, case, dtype: str, *, jit=None) -> None:
+def check_gradients(backend, case, dtype: str, *, jit=None, compute_dtype=None) -> None:
     """vjp of the backend equals the reference's analytic vjp under the backend's routing (SPEC §7)."""
     __tracebackhide__ = True
-    tol = TOLERANCES[dtype]
-    context = f"dtype={dtype}, jit={jit}, {case.describe()}"
-    _, _, aux = run_backend(backend, case, dtype, jit=jit)
+    tol = tolerance(dtype, compute_dtype)
+    context = f"{_mode(dtype, compute_dtype)}, jit={jit}, {case.describe()}"
+    _, _, aux = run_backend(backend, case, dtype, jit=jit, compute_dtype=compute_dtype)
     routing = np.asarray(aux["indices"]).astype(np.int64)
-    grads, dx = run_backend(backend, case, dtype, jit=jit, dy=case.dy)
-    grads_ref, dx_ref = run_reference(case, dtype, routing=routing, dy=case.dy)
+    grads, dx = run_backend(backend, case, dtype, jit=jit, dy=case.dy, compute_dtype=compute_dtype)
+    grads_ref, dx_ref = run_reference(case, dtype, routing=routing, dy=case.dy, compute_dtype=compute_dtype)
     assert_tree_close(grads, grads_ref, rtol=tol.grad_rtol, atol=tol.grad_atol, what="grads", context=context)
     assert_close(dx, dx_ref, rtol=tol.grad_rtol, atol=tol.grad_atol, what="dx", context=context)

@@ -57,29 +57,66 @@ SCENARIOS = {
     "state_missing_name": lambda a: {**a, "state": _drop(a["state"], "query_norm.var")},
     "training_not_bool": lambda a: {**a, "training": 1},
     "dy_wrong_shape": lambda a: {**a, "dy": np.zeros((2, 3, 7), np.float32)},
+    # SPEC §10.3 compute_dtype
+    "compute_dtype_unknown": lambda a: {**a, "compute_dtype": "int8"},
+    "compute_dtype_not_a_name": lambda a: {**a, "compute_dtype": 16},
+    "compute_dtype_float64_with_float32_params": lambda a: {**a, "compute_dtype": "float64"},
+    "compute_dtype_float16_with_float64_params": lambda a: {
+        **a, "compute_dtype": "float16", "params": _cast(a["params"], "float64"), "state": _cast(a["state"], "float64"),
+        "x": a["x"].astype(np.float16), "dy": a["dy"].astype(np.float16)},
+    "compute_dtype_float32_with_bfloat16_params": lambda a: {
+        **a, "compute_dtype": "float32", "params": _cast(a["params"], "bfloat16")},
+    "compute_dtype_x_float32": lambda a: {**a, "compute_dtype": "bfloat16", "dy": _low(a["dy"], "bfloat16")},
+    "compute_dtype_x_other_low_dtype": lambda a: {**a, "compute_dtype": "bfloat16", "x": _low(a["x"], "float16"),
+                                                  "dy": _low(a["dy"], "bfloat16")},
+    "compute_dtype_dy_float32": lambda a: {**a, "compute_dtype": "float16", "x": _low(a["x"], "float16")},
+}
+
+
+def _cast(tree, dtype):
+    return {k: v.astype(np_dtype(dtype)) for k, v in tree.items()}
+
+
+def _low(array, dtype):
+    return array.astype(np_dtype(dtype))
+
+
+# Capabilities a scenario's (valid) parts need besides the call itself.
+NEEDS = {
+    "x_dtype_mismatch": ("float64",),
+    "x_bfloat16_with_float32_params": ("bfloat16",),
+    "compute_dtype_unknown": ("mixed",),
+    "compute_dtype_not_a_name": ("mixed",),
+    "compute_dtype_float64_with_float32_params": ("mixed",),
+    "compute_dtype_float16_with_float64_params": ("mixed", "float64"),
+    "compute_dtype_float32_with_bfloat16_params": ("mixed", "bfloat16"),
+    "compute_dtype_x_float32": ("mixed",),
+    "compute_dtype_x_other_low_dtype": ("mixed",),
+    "compute_dtype_dy_float32": ("mixed",),
 }
 
 
 def _call(fn, convert, args, with_dy):
     c, cfg = convert, args["cfg"]
     common = dict(training=args["training"], mask=c(args["mask"]), routing=c(args["routing"]))
+    if args.get("compute_dtype") is not None:
+        common["compute_dtype"] = args["compute_dtype"]
     if with_dy:
         return fn(cfg, c(args["params"]), c(args["state"]), c(args["x"]), c(args["dy"]), **common)
     return fn(cfg, c(args["params"]), c(args["state"]), c(args["x"]), **common)
 
 
 CALLS = [(scenario, entry) for scenario in sorted(SCENARIOS) for entry in ("apply", "vjp")
-         if not (entry == "apply" and scenario.startswith("dy_"))]
+         if not (entry == "apply" and (scenario.startswith("dy_") or scenario.endswith("_dy_float32")))]
 
 
 @pytest.mark.parametrize(("scenario", "entry"), CALLS)
 def test_bad_input_raises_like_the_reference(backend, scenario, entry):
     if entry == "vjp" and "grad" not in backend.capabilities:
         pytest.skip(f"backend {backend.name!r} does not declare capability 'grad'")
-    if scenario == "x_dtype_mismatch" and "float64" not in backend.capabilities:
-        pytest.skip(f"backend {backend.name!r} does not declare capability 'float64'")
-    if scenario == "x_bfloat16_with_float32_params" and "bfloat16" not in backend.capabilities:
-        pytest.skip(f"backend {backend.name!r} does not declare capability 'bfloat16'")
+    for capability in NEEDS.get(scenario, ()):
+        if capability not in backend.capabilities:
+            pytest.skip(f"backend {backend.name!r} does not declare capability {capability!r}")
     args = SCENARIOS[scenario](_valid())
     with_dy = entry == "vjp"
     ref_fn = peer_ref.forward if entry == "apply" else peer_ref.vjp

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 
-from .helpers import check_forward, needs, run_backend
+from .helpers import MIXED, check_forward, needs, needs_mode, run_backend
 from .strategies import SECONDARY, cases
 
 
@@ -13,6 +13,15 @@ from .strategies import SECONDARY, cases
 def test_forward_matches_reference(backend, dtype, case):
     needs(backend, dtype)
     check_forward(backend, case, dtype)
+
+
+@pytest.mark.parametrize(("dtype", "compute_dtype"), [("float16", None)] + MIXED)
+@SECONDARY
+@given(case=cases())
+def test_forward_matches_reference_low_precision(backend, dtype, compute_dtype, case):
+    """float16 parameters (SPEC §10.1) and the mixed modes (SPEC §10.3)."""
+    needs_mode(backend, dtype, compute_dtype)
+    check_forward(backend, case, dtype, compute_dtype=compute_dtype)
 
 
 @SECONDARY

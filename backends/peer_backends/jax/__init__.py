@@ -12,7 +12,7 @@ from .peer import apply, init, vjp
 
 name = "jax"
 capabilities = frozenset(
-    {"float64", "float32", "bfloat16", "grad", "jit"} | ({"gpu"} if jax.default_backend() == "gpu" else set())
+    {"float64", "float32", "bfloat16", "float16", "mixed", "grad", "jit"} | ({"gpu"} if jax.default_backend() == "gpu" else set())
 )
 layer = _layer_module.layer
 

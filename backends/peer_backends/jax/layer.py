@@ -9,15 +9,23 @@ and ``params_and_state()`` / ``load_params_and_state()`` move flat canonical dic
 
 Training vs evaluation follows nnx.BatchNorm: the ``use_running_average`` attribute,
 flipped by ``module.train()`` / ``module.eval()`` or overridden per call.
+
+Dtypes follow nnx.Linear: ``param_dtype`` is the storage dtype of the parameters and
+``dtype`` the computation dtype; ``dtype=None`` promotes the input with the parameters
+(``flax.nnx.nn.dtypes.promote_dtype``), so bfloat16 activations meet float32 parameters in
+float32. See ``PEER`` for how each combination maps onto the functional API.
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.nnx.nn import dtypes as nnx_dtypes
 
 from peer_ref import checks
+from peer_ref.config import DTYPES
 from peer_ref.errors import PEERInputError
 
 from .core import dtype_name, from_numpy
@@ -37,18 +45,38 @@ class PEER(nnx.Module):
       cfg: the PEERConfig.
       rngs: nnx.Rngs whose ``params`` stream draws the initial parameters; without it,
         ``seed`` does, giving the same parameters as ``peer_backends.jax.init(cfg, seed)``.
-      dtype: "float32" (default), "bfloat16", or "float64" (needs jax_enable_x64).
+      dtype: the computation dtype, a JAX dtype (e.g. ``jnp.bfloat16``), or None (default)
+        to promote the input with the parameters as ``nnx.Linear`` does
+        (``jnp.promote_types(x.dtype, param_dtype)``: bfloat16 x with float32 parameters
+        computes in float32).
+      param_dtype: the storage dtype of the parameters, a JAX dtype: ``jnp.float32``
+        (default), ``jnp.bfloat16``, ``jnp.float16`` or ``jnp.float64`` (needs
+        jax_enable_x64). The batch-norm statistics are stored in float32 for the 16-bit
+        dtypes (SPEC §10).
       use_running_average: start in evaluation mode (running batch-norm statistics).
+
+    A call casts x (a floating array) to the computation dtype c, as ``nnx.Linear`` does, then:
+    c equal to ``param_dtype`` calls the functional API as is; c a 16-bit dtype with
+    float32 parameters uses its mixed mode (``compute_dtype=c``: float32 parameters,
+    statistics and routing, rows read in c, y in c; SPEC mixed precision); any other c casts
+    the parameters and statistics to c for the call (differentiably) and writes the updated
+    statistics back in their storage dtype. y has dtype c.
+
+    Raises:
+      PEERInputError: ``dtype`` or ``param_dtype`` given as a string or as an unsupported
+        dtype; x not a floating array.
     """
 
-    def __init__(self, cfg, *, rngs: nnx.Rngs | None = None, seed: int = 0, dtype: str | None = None,
-                 use_running_average: bool = False):
+    def __init__(self, cfg, *, rngs: nnx.Rngs | None = None, seed: int = 0, dtype=None,
+                 param_dtype=jnp.float32, use_running_average: bool = False):
         self.cfg = cfg
+        self.dtype = None if dtype is None else _jax_dtype("dtype", dtype)
+        self.param_dtype = _jax_dtype("param_dtype", param_dtype)
         self.use_running_average = use_running_average
         # (mesh, axis) once peer_backends.jax.parallel.shard_layer has sharded the expert tables.
         self.expert_sharding = None
         key = rngs.params() if rngs is not None else jax.random.key(seed)
-        params, state = init_from_key(cfg, key, dtype)
+        params, state = init_from_key(cfg, key, self.param_dtype.name)
         for group in _GROUPS:
             setattr(self, group, _Group())
         for name, value in params.items():
@@ -66,18 +94,43 @@ class PEER(nnx.Module):
             use_running_average = self.use_running_average
         training = not use_running_average
         params, state = self.params_and_state()
+        x, params, state, mixed = self._promote(x, params, state)
+        kwargs = {"training": training, "mask": mask, "routing": routing}
+        if mixed is not None:
+            kwargs["compute_dtype"] = mixed
         if self.expert_sharding is None:
-            y, new_state, aux = apply(self.cfg, params, state, x, training=training, mask=mask, routing=routing)
+            y, new_state, aux = apply(self.cfg, params, state, x, **kwargs)
+        elif mixed is not None:
+            raise PEERInputError(f"dtype={mixed} with float32 parameters and sharded expert tables, but expected "
+                                 "the parameters' dtype: the sharded apply has no mixed mode")
         else:
             from .parallel import apply as sharded_apply
 
             mesh, axis = self.expert_sharding
-            y, new_state, aux = sharded_apply(self.cfg, params, state, x, training=training, mask=mask,
-                                              routing=routing, mesh=mesh, axis=axis)
+            y, new_state, aux = sharded_apply(self.cfg, params, state, x, mesh=mesh, axis=axis, **kwargs)
         if training:
             for name, value in new_state.items():
-                self._variable(name).set_value(value)
+                variable = self._variable(name)
+                variable.set_value(value.astype(variable.get_value().dtype))
         return (y, aux) if return_aux else y
+
+    def _promote(self, x, params, state):
+        """(x, params, state, compute_dtype keyword or None) for the computation dtype."""
+        x_dtype = getattr(x, "dtype", None)
+        if x_dtype is None or not jnp.issubdtype(x_dtype, jnp.floating):
+            raise PEERInputError(f"x.dtype={x_dtype}, but expected a floating array (it is promoted with "
+                                 f"param_dtype={self.param_dtype.name} as nnx.Linear does)")
+        stored = self.param_dtype
+        compute = jnp.dtype(nnx_dtypes.canonicalize_dtype(x, jnp.zeros((), stored), dtype=self.dtype))
+        x = x.astype(compute)
+        if compute == stored:
+            return x, params, state, None
+        if stored == jnp.float32 and compute.name in ("bfloat16", "float16"):
+            return x, params, state, compute.name
+        name = checks.check_dtype_name(compute.name)
+        params = {k: v.astype(compute) for k, v in params.items()}
+        state = {k: v.astype(checks.state_dtype(name)) for k, v in state.items()}
+        return x, params, state, None
 
     def params_and_state(self) -> tuple[dict, dict]:
         """Flat ``(params, state)`` dicts keyed by canonical names (the arrays themselves)."""
@@ -105,6 +158,21 @@ class PEER(nnx.Module):
     def _variable(self, name: str) -> nnx.Variable:
         group, leaf = name.split(".")
         return getattr(getattr(self, group), leaf)
+
+
+def _jax_dtype(arg: str, value) -> np.dtype:
+    if isinstance(value, str):
+        example = value if value.isidentifier() else "float32"
+        raise PEERInputError(
+            f"{arg}={value!r} is a string, but expected a JAX dtype such as jnp.{example} "
+            "(as in nnx.Linear: dtype is the computation dtype, param_dtype the parameters' storage dtype)")
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError:
+        raise PEERInputError(f"{arg}={value!r}, but expected a JAX floating dtype such as jnp.float32") from None
+    if dtype.name not in DTYPES:
+        raise PEERInputError(f"{arg}={dtype.name}, but expected one of {tuple(DTYPES)} (as JAX dtypes)")
+    return dtype
 
 
 def layer(cfg, **kwargs) -> PEER:

@@ -26,7 +26,7 @@ from .core import dtype_name, index_dtype, require_x64
 # float32 means float32 (SPEC §10.1): on GPUs XLA would otherwise use TF32 in matrix products.
 HIGHEST = lax.Precision.HIGHEST
 
-_DTYPES = {"float64": jnp.float64, "float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_DTYPES = {"float64": jnp.float64, "float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Gathered expert rows per chunk of tokens (tokens * heads * topk): bounds each
 # (chunk, heads, topk, d) gather at 32 MiB for d = 256 in float32. On CPU, 8192 rows
 # ran about 1.7x slower per step and 65536 no faster (d_model=256, h=8, k=16, 2048 tokens).
@@ -64,7 +64,7 @@ def init_from_key(cfg, key, dtype=None):
 def _draw(cfg, dtype, key):
     # One compiled program per (config, dtype) instead of one compile per parameter draw.
     stds, constants = peer_ref.init_std(cfg), peer_ref.init_constant(cfg)
-    # bfloat16 parameters are float32 draws rounded once, so they share float32's distribution.
+    # bfloat16 and float16 parameters are float32 draws rounded once, so they share float32's distribution.
     draw_dtype = jnp.float64 if dtype == "float64" else jnp.float32
     params = {}
     for name, shape in cfg.param_shapes().items():
@@ -82,19 +82,33 @@ def _draw(cfg, dtype, key):
 
 # ---------------------------------------------------------------------------- public calls
 
-def apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit=None):
-    _validate(cfg, params, state, x, training, mask, routing)
+def apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None):
+    _validate(cfg, params, state, x, training, mask, routing, compute_dtype=compute_dtype)
     run = _forward if jit is False else _forward_jit
-    return run(cfg, bool(training), params, state, x, mask, routing)
+    return run(cfg, bool(training), params, state, x, mask, routing, low=low_dtype(params, compute_dtype))
 
 
-def vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, jit=None):
-    _validate(cfg, params, state, x, training, mask, routing, dy)
+def vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None):
+    _validate(cfg, params, state, x, training, mask, routing, dy, compute_dtype=compute_dtype)
     run = _vjp if jit is False else _vjp_jit
-    return run(cfg, bool(training), params, state, x, dy, mask, routing)
+    return run(cfg, bool(training), params, state, x, dy, mask, routing, low=low_dtype(params, compute_dtype))
 
 
-def _validate(cfg, params, state, x, training, mask, routing, dy=None):
+def compute_dtype_name(compute_dtype):
+    """``compute_dtype`` as a dtype name: a JAX/NumPy dtype converts, a string or None is checked as given."""
+    if isinstance(compute_dtype, np.dtype) or (isinstance(compute_dtype, type) and issubclass(compute_dtype, np.generic)):
+        return np.dtype(compute_dtype).name
+    if isinstance(compute_dtype, type(jnp.float32)):
+        return compute_dtype.dtype.name  # a jnp scalar type such as jnp.bfloat16
+    return compute_dtype
+
+
+def low_dtype(params, compute_dtype):
+    """The mixed mode's low dtype name for validated params, or None (SPEC §10.3)."""
+    return checks.check_compute_dtype(dtype_name(params["query.kernel"]), compute_dtype_name(compute_dtype))
+
+
+def _validate(cfg, params, state, x, training, mask, routing, dy=None, compute_dtype=None):
     for arg, value in (("params", params), ("state", state)):
         if not isinstance(value, dict):
             raise PEERInputError(f"{arg} is {type(value).__name__}, but expected a dict of arrays")
@@ -105,16 +119,17 @@ def _validate(cfg, params, state, x, training, mask, routing, dy=None):
     dtype = checks.check_params_state(cfg, meta(params), meta(state))
     if dtype == "float64":
         require_x64("params")
+    low = checks.check_compute_dtype(dtype, compute_dtype_name(compute_dtype))
     arr = lambda v: None if v is None else (np.shape(v), dtype_name(v))  # noqa: E731
-    checks.check_call(cfg, dtype, arr(x), training, arr(mask), arr(routing), arr(dy))
+    checks.check_call(cfg, dtype, arr(x), training, arr(mask), arr(routing), arr(dy), compute_dtype=low)
     # Under an outer jax transform routing is abstract and its values cannot be read here.
     if routing is not None and np.size(routing) and not isinstance(routing, jax.core.Tracer):
         checks.check_routing_values(cfg, int(routing.min()), int(routing.max()))
 
 
-def _vjp(cfg, training, params, state, x, dy, mask, routing):
+def _vjp(cfg, training, params, state, x, dy, mask, routing, low=None):
     def output(params, x):
-        return _forward(cfg, training, params, state, x, mask, routing)[0]
+        return _forward(cfg, training, params, state, x, mask, routing, low)[0]
 
     _, pullback = jax.vjp(output, params, x)
     grads, dx = pullback(dy)
@@ -123,12 +138,29 @@ def _vjp(cfg, training, params, state, x, dy, mask, routing):
 
 # ---------------------------------------------------------------------------- forward
 
-def _forward(cfg, training, params, state, x, mask, routing):
-    """``peer_ref.forward`` in JAX; cfg and training are static."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _round_through(value, low):
+    """value rounded to nearest-even in the dtype named ``low`` and widened back (exact); the
+    gradient passes unchanged (straight-through, SPEC §10.3)."""
+    return value.astype(_DTYPES[low]).astype(value.dtype)
+
+
+_round_through.defvjp(lambda value, low: (_round_through(value, low), None), lambda low, _, grad: (grad,))
+
+
+def _read(rows, low):
+    """Rows as the computation reads them: rounded to ``low`` in the mixed mode (SPEC §10.3)."""
+    return rows if low is None else rows.astype(_DTYPES[low]).astype(rows.dtype)
+
+
+def _forward(cfg, training, params, state, x, mask, routing, low=None):
+    """``peer_ref.forward`` in JAX; cfg, training and low (the mixed mode's dtype name) are static."""
     out_dtype = x.dtype
-    # bfloat16 policy (SPEC §10): upcast once, compute in float32, round the outputs once.
-    compute = jnp.float32 if out_dtype == jnp.bfloat16 else out_dtype
+    # bfloat16/float16 policy (SPEC §10.1, §10.3): upcast once, compute in float32, round the outputs once.
+    compute = jnp.float32 if out_dtype in (jnp.bfloat16, jnp.float16) else out_dtype
     p = {name: value.astype(compute) for name, value in params.items()}
+    if low is not None:
+        p["query.kernel"] = _round_through(p["query.kernel"], low)
     lead = x.shape[:-1]
     tokens = math.prod(lead)
     xf = x.reshape(tokens, cfg.d_model).astype(compute)
@@ -157,7 +189,7 @@ def _forward(cfg, training, params, state, x, mask, routing):
     bias = p["experts.bias"] if cfg.expert_bias else None
     gate = p["experts.gate"] if cfg.expert_glu else None
     chunk = max(1, _ROWS_PER_CHUNK // (cfg.heads * cfg.topk))
-    y = _experts(cfg.activation, chunk, xf, indices, weights, p["experts.down"], p["experts.up"], bias, gate)
+    y = _experts(cfg.activation, chunk, low, xf, indices, weights, p["experts.down"], p["experts.up"], bias, gate)
     y = jnp.where(valid[:, None], y, jnp.zeros((), y.dtype))  # SPEC §5: a select, so NaN never leaks
 
     routed = lead + (cfg.heads, cfg.topk)
@@ -239,26 +271,28 @@ def _product_key_topk(cfg, s_left, s_right):
 
 # ---------------------------------------------------------------------------- experts
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _experts(activation, chunk, x, indices, weights, down, up, bias, gate):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _experts(activation, chunk, low, x, indices, weights, down, up, bias, gate):
     """y[t] = sum_{h,k} weights * act(x[t] . down[i] + bias[i]) * up[i], i = indices[t, h, k],
     with act(...) times the linear gate x[t] . gate[i] when ``gate`` is given (SPEC §3.10).
 
     Tokens are processed in chunks so gathered rows never exceed (chunk, heads, topk, d);
     the custom backward recomputes each chunk's gathers instead of letting autodiff keep
     every chunk's, and scatter-adds the row gradients into (n_experts, d) accumulators.
+    With ``low`` (the mixed mode's dtype name) the gathered rows of down, gate and up are
+    rounded to it as they are read; their gradients treat the rounding as the identity (SPEC §10.3).
     """
-    return _experts_forward(activation, chunk, x, indices, weights, down, up, bias, gate)
+    return _experts_forward(activation, chunk, low, x, indices, weights, down, up, bias, gate)
 
 
-def _experts_saving_inputs(activation, chunk, x, indices, weights, down, up, bias, gate):
+def _experts_saving_inputs(activation, chunk, low, x, indices, weights, down, up, bias, gate):
     # Residuals are the inputs themselves: no gathered rows are kept for the backward.
-    y = _experts_forward(activation, chunk, x, indices, weights, down, up, bias, gate)
+    y = _experts_forward(activation, chunk, low, x, indices, weights, down, up, bias, gate)
     return y, (x, indices, weights, down, up, bias, gate)
 
 
-def _experts_recomputing(activation, chunk, residuals, dy):
-    dx, d_weights, d_down, d_up, d_bias, d_gate = _experts_backward(activation, chunk, *residuals, dy)
+def _experts_recomputing(activation, chunk, low, residuals, dy):
+    dx, d_weights, d_down, d_up, d_bias, d_gate = _experts_backward(activation, chunk, low, *residuals, dy)
     return dx, None, d_weights, d_down, d_up, d_bias, d_gate
 
 
@@ -273,18 +307,18 @@ def _chunked(chunk, arrays):
             for a in arrays]
 
 
-def _experts_forward(activation, chunk, x, indices, weights, down, up, bias, gate):
+def _experts_forward(activation, chunk, low, x, indices, weights, down, up, bias, gate):
     act = _ACTIVATIONS[activation]
 
     def one_chunk(args):
         x_c, idx_c, w_c = args
-        pre = jnp.einsum("td,thkd->thk", x_c, down[idx_c], precision=HIGHEST)
+        pre = jnp.einsum("td,thkd->thk", x_c, _read(down[idx_c], low), precision=HIGHEST)
         if bias is not None:
             pre = pre + bias[idx_c]
         hidden = act(pre)
         if gate is not None:
-            hidden = hidden * jnp.einsum("td,thkd->thk", x_c, gate[idx_c], precision=HIGHEST)
-        return jnp.einsum("thk,thko->to", w_c * hidden, up[idx_c], precision=HIGHEST)
+            hidden = hidden * jnp.einsum("td,thkd->thk", x_c, _read(gate[idx_c], low), precision=HIGHEST)
+        return jnp.einsum("thk,thko->to", w_c * hidden, _read(up[idx_c], low), precision=HIGHEST)
 
     tokens = x.shape[0]
     if tokens <= chunk:
@@ -294,13 +328,13 @@ def _experts_forward(activation, chunk, x, indices, weights, down, up, bias, gat
     return y.reshape(-1, up.shape[1])[:tokens]
 
 
-def _experts_backward(activation, chunk, x, indices, weights, down, up, bias, gate, dy):
+def _experts_backward(activation, chunk, low, x, indices, weights, down, up, bias, gate, dy):
     act = _ACTIVATIONS[activation]
 
     def one_chunk(acc, args):
         d_down, d_up, d_bias, d_gate = acc
         x_c, idx_c, w_c, dy_c = args
-        down_rows, up_rows = down[idx_c], up[idx_c]
+        down_rows, up_rows = _read(down[idx_c], low), _read(up[idx_c], low)
         pre = jnp.einsum("td,thkd->thk", x_c, down_rows, precision=HIGHEST)
         if bias is not None:
             pre = pre + bias[idx_c]
@@ -313,7 +347,7 @@ def _experts_backward(activation, chunk, x, indices, weights, down, up, bias, ga
             (d_pre,) = act_vjp(d_hidden)
             dx_c = jnp.einsum("thk,thkd->td", d_pre, down_rows, precision=HIGHEST)
         else:
-            gate_rows = gate[idx_c]
+            gate_rows = _read(gate[idx_c], low)
             gate_values = jnp.einsum("td,thkd->thk", x_c, gate_rows, precision=HIGHEST)
             hidden = activated * gate_values
             (d_pre,) = act_vjp(d_hidden * gate_values)
@@ -342,5 +376,5 @@ def _experts_backward(activation, chunk, x, indices, weights, down, up, bias, ga
     return dx, d_weights, d_down, d_up, d_bias, d_gate
 
 
-_forward_jit = jax.jit(_forward, static_argnums=(0, 1))
-_vjp_jit = jax.jit(_vjp, static_argnums=(0, 1))
+_forward_jit = jax.jit(_forward, static_argnums=(0, 1), static_argnames=("low",))
+_vjp_jit = jax.jit(_vjp, static_argnums=(0, 1), static_argnames=("low",))

@@ -5,7 +5,7 @@ from .core import from_numpy, to_numpy, version
 from .peer import apply, init, vjp
 
 name = "numpy"
-capabilities = frozenset({"float64", "float32", "grad"})
+capabilities = frozenset({"float64", "float32", "grad", "mixed"})
 layer = _layer_module.PEERLayer
 
 __all__ = ["apply", "capabilities", "from_numpy", "init", "layer", "name", "to_numpy", "version", "vjp"]

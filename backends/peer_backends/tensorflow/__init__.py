@@ -8,7 +8,7 @@ from .peer import apply, clear_caches, init, vjp
 
 name = "tensorflow"
 capabilities = frozenset(
-    {"float64", "float32", "bfloat16", "grad", "jit"} | ({"gpu"} if tf.config.list_physical_devices("GPU") else set())
+    {"float64", "float32", "bfloat16", "float16", "mixed", "grad", "jit"} | ({"gpu"} if tf.config.list_physical_devices("GPU") else set())
 )
 layer = _layer_module.PEER
 

@@ -7,6 +7,7 @@ from .core import dtype_name, from_numpy
 from .peer import forward, init
 
 
+@keras.saving.register_keras_serializable(package="peer")
 class PEER(keras.layers.Layer):
     """PEER as a Keras 3 layer (TensorFlow backend): ``PEER(cfg)(x, training=..., mask=...)``.
 
@@ -21,15 +22,32 @@ class PEER(keras.layers.Layer):
     ``Embedding(mask_zero=True)``) excludes those tokens from the statistics and
     zeroes their output, and the layer passes it on unchanged.
 
-    ``dtype`` is one of "float32" (default), "float64", "bfloat16" and sets the
-    weights' dtype; as in any Keras layer, float inputs are cast to it on call.
-    Initial values equal ``peer_backends.get("tensorflow").init(cfg, seed, dtype)``.
+    ``dtype`` is a Keras dtype policy, as for any Keras layer: a policy name ("float32",
+    "float64", "bfloat16", "mixed_bfloat16", ...), a ``keras.DTypePolicy``, or None for the
+    global policy (``keras.config.set_dtype_policy``). Weights are created in the policy's
+    variable dtype; Keras casts float inputs to its compute dtype, and the output has the
+    compute dtype. A mixed policy (float32 variables, bfloat16 compute) runs the functional
+    API's mixed mode (``compute_dtype=``): float32 weights and statistics, expert rows read in
+    bfloat16, y in bfloat16 (SPEC mixed precision). Initial values equal
+    ``peer_backends.get("tensorflow").init(cfg, seed, variable_dtype)``.
+
+    Freezing follows ``keras.layers.BatchNormalization``: with ``layer.trainable = False`` a
+    call with ``training=True`` (what ``fit()`` makes) runs in inference mode, normalising
+    with the running statistics and leaving them unchanged.
+
+    Saving: the class is registered as "peer>PEER"; ``get_config()`` carries the PEERConfig
+    (``cfg.to_dict()``), the seed and the dtype, so a model holding the layer round-trips
+    through ``model.save("m.keras")`` / ``keras.models.load_model`` with its weights and
+    statistics bit-exact.
     """
 
-    def __init__(self, cfg: PEERConfig, seed: int = 0, dtype: str | None = None, **kwargs):
-        dtype = checks.check_dtype_name(dtype or "float32")
+    def __init__(self, cfg: PEERConfig, seed: int = 0, dtype=None, **kwargs):
         super().__init__(dtype=dtype, **kwargs)
-        self.cfg, self.seed, self.param_dtype = cfg, seed, dtype
+        self.cfg, self.seed = cfg, seed
+        self.param_dtype = checks.check_dtype_name(self.dtype_policy.variable_dtype)
+        compute = self.dtype_policy.compute_dtype
+        # float32 variables with a bfloat16/float16 compute dtype: the mixed mode (SPEC §10.3).
+        self.mixed_dtype = checks.check_compute_dtype(self.param_dtype, compute)
         self.supports_masking = True
         self.build((None, cfg.d_model))
 
@@ -39,16 +57,20 @@ class PEER(keras.layers.Layer):
         self._state = {name: self._add(name, value, trainable=False) for name, value in state.items()}
 
     def _add(self, name, value, trainable):
+        # autocast=False: the weights are read in their own dtype; the mixed mode rounds what it reads.
         return self.add_weight(shape=value.shape, dtype=value.dtype.name, trainable=trainable, name=name,
-                               initializer=lambda shape, dtype: value)
+                               initializer=lambda shape, dtype: value, autocast=False)
 
     def call(self, x, training=None, mask=None, routing=None):
-        cfg, training = self.cfg, bool(training)  # None: no Keras training context, so inference
+        # None: no Keras training context, so inference. A frozen layer runs in inference mode,
+        # as keras.layers.BatchNormalization does ("training and self.trainable").
+        cfg, training = self.cfg, bool(training) and self.trainable
         meta = lambda v: None if v is None else (tuple(v.shape), dtype_name(v))  # noqa: E731
-        checks.check_call(cfg, self.param_dtype, meta(x), training, meta(mask), meta(routing))
+        low = self.mixed_dtype
+        checks.check_call(cfg, self.param_dtype, meta(x), training, meta(mask), meta(routing), compute_dtype=low)
         flat = lambda t, tail: None if t is None else tf.reshape(t, (-1,) + tail)  # noqa: E731
         y, new_state, _ = forward(cfg, self._params, self._state, flat(x, (cfg.d_model,)), training,
-                                  flat(mask, ()), flat(routing, (cfg.heads, cfg.topk)))
+                                  flat(mask, ()), flat(routing, (cfg.heads, cfg.topk)), low=low)
         if training:
             for name, variable in self._state.items():
                 variable.assign(new_state[name])
@@ -76,9 +98,8 @@ class PEER(keras.layers.Layer):
                 variable.assign(values[name])
 
     def get_config(self):
-        config = super().get_config()
-        config.pop("dtype", None)
-        return {**config, "cfg": self.cfg.to_dict(), "seed": self.seed, "dtype": self.param_dtype}
+        # super()'s config carries the dtype policy, serialised as Keras does for its own layers.
+        return {**super().get_config(), "cfg": self.cfg.to_dict(), "seed": self.seed}
 
     @classmethod
     def from_config(cls, config):

@@ -21,7 +21,7 @@ from peer_ref.errors import PEERInputError
 
 from .core import dtype_name
 
-TF_DTYPES = {"float64": tf.float64, "float32": tf.float32, "bfloat16": tf.bfloat16}
+TF_DTYPES = {"float64": tf.float64, "float32": tf.float32, "bfloat16": tf.bfloat16, "float16": tf.float16}
 
 # A gathered chunk of expert rows (tokens, heads, topk, d) holds at most this many elements.
 CHUNK_ELEMENTS = 2**22
@@ -46,19 +46,26 @@ def init(cfg, seed=0, dtype=None):
     return params, state
 
 
-def apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit=None):
-    lead, dtype, training, args = _prepare(cfg, params, state, x, training, mask, routing)
-    fn = _compiled_apply(cfg, training, mask is not None, routing is not None, dtype)
+def apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None):
+    lead, dtype, training, args, low = _prepare(cfg, params, state, x, training, mask, routing,
+                                                compute_dtype=compute_dtype)
+    fn = _compiled_apply(cfg, training, mask is not None, routing is not None, dtype, **_mixed(low))
     y, new_state, aux = (fn.python_function if jit is False else fn)(*args)
     aux = {key: tf.reshape(value, lead + (cfg.heads, cfg.topk)) for key, value in aux.items()}
     return tf.reshape(y, lead + (cfg.d_out,)), new_state, aux
 
 
-def vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, jit=None):
-    lead, dtype, training, args = _prepare(cfg, params, state, x, training, mask, routing, dy)
-    fn = _compiled_vjp(cfg, training, mask is not None, routing is not None, dtype)
+def vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None):
+    lead, dtype, training, args, low = _prepare(cfg, params, state, x, training, mask, routing, dy,
+                                                compute_dtype=compute_dtype)
+    fn = _compiled_vjp(cfg, training, mask is not None, routing is not None, dtype, **_mixed(low))
     grads, dx = (fn.python_function if jit is False else fn)(*args)
     return grads, tf.reshape(dx, lead + (cfg.d_model,))
+
+
+def _mixed(low):
+    # Passed only when set, so a default-mode call keys the compiled-function cache as before.
+    return {} if low is None else {"low": low}
 
 
 def _as_tensor(arg, value):
@@ -67,8 +74,19 @@ def _as_tensor(arg, value):
     raise PEERInputError(f"{arg} is {type(value).__name__}, but expected a tf.Tensor")
 
 
-def _prepare(cfg, params, state, x, training, mask, routing, dy=None):
-    """Validate like the reference; return (leading shape, dtype name, training, flat arguments)."""
+def compute_dtype_name(compute_dtype):
+    """``compute_dtype`` as a dtype name: a tf.DType (or NumPy dtype) converts, a string or None is
+    checked as given."""
+    if isinstance(compute_dtype, tf.DType):
+        return compute_dtype.name
+    if isinstance(compute_dtype, np.dtype) or (isinstance(compute_dtype, type) and issubclass(compute_dtype, np.generic)):
+        return np.dtype(compute_dtype).name
+    return compute_dtype
+
+
+def _prepare(cfg, params, state, x, training, mask, routing, dy=None, compute_dtype=None):
+    """Validate like the reference; return (leading shape, dtype name, training, flat arguments,
+    the mixed mode's low dtype name or None)."""
     for arg, tree in (("params", params), ("state", state)):
         if not isinstance(tree, dict):
             raise PEERInputError(f"{arg} is {type(tree).__name__}, but expected a dict of arrays")
@@ -76,12 +94,13 @@ def _prepare(cfg, params, state, x, training, mask, routing, dy=None):
     state = {name: _as_tensor(f"state[{name!r}]", value) for name, value in state.items()}
     meta = lambda tree: {k: (tuple(v.shape), dtype_name(v)) for k, v in tree.items()}  # noqa: E731
     dtype = checks.check_params_state(cfg, meta(params), meta(state))
+    low = checks.check_compute_dtype(dtype, compute_dtype_name(compute_dtype))
     x = _as_tensor("x", x)
     mask = None if mask is None else _as_tensor("mask", mask)
     routing = None if routing is None else _as_tensor("routing", routing)
     dy = None if dy is None else _as_tensor("dy", dy)
     arr = lambda v: None if v is None else (tuple(v.shape), dtype_name(v))  # noqa: E731
-    lead = checks.check_call(cfg, dtype, arr(x), training, arr(mask), arr(routing), arr(dy))
+    lead = checks.check_call(cfg, dtype, arr(x), training, arr(mask), arr(routing), arr(dy), compute_dtype=low)
     training = bool(training)  # a NumPy bool is accepted too
     if routing is not None and routing.shape.num_elements():
         checks.check_routing_values(cfg, int(tf.reduce_min(routing)), int(tf.reduce_max(routing)))
@@ -92,23 +111,24 @@ def _prepare(cfg, params, state, x, training, mask, routing, dy=None):
         args.append(tf.reshape(tf.cast(routing, tf.int64), (-1, cfg.heads, cfg.topk)))
     if dy is not None:
         args.append(tf.reshape(dy, (-1, cfg.d_out)))
-    return lead, dtype, training, args
+    return lead, dtype, training, args, low
 
 
-def _signature(cfg, dtype, has_mask, has_routing, has_dy):
+def _signature(cfg, dtype, has_mask, has_routing, has_dy, low=None):
     """Shapes with a free token axis, so one trace serves every token count."""
     p_dtype, s_dtype = TF_DTYPES[dtype], TF_DTYPES[checks.state_dtype(dtype)]
+    x_dtype = p_dtype if low is None else TF_DTYPES[low]
     signature = [
         {name: tf.TensorSpec(shape, p_dtype) for name, shape in cfg.param_shapes().items()},
         {name: tf.TensorSpec(shape, s_dtype) for name, shape in cfg.state_shapes().items()},
-        tf.TensorSpec((None, cfg.d_model), p_dtype),
+        tf.TensorSpec((None, cfg.d_model), x_dtype),
     ]
     if has_mask:
         signature.append(tf.TensorSpec((None,), tf.bool))
     if has_routing:
         signature.append(tf.TensorSpec((None, cfg.heads, cfg.topk), tf.int64))
     if has_dy:
-        signature.append(tf.TensorSpec((None, cfg.d_out), p_dtype))
+        signature.append(tf.TensorSpec((None, cfg.d_out), x_dtype))
     return signature
 
 
@@ -126,40 +146,60 @@ def clear_caches() -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_apply(cfg, training, has_mask, has_routing, dtype):
+def _compiled_apply(cfg, training, has_mask, has_routing, dtype, *, low=None):
     def run(params, state, x, *extras):
         mask, routing, _ = _unpack(extras, has_mask, has_routing)
-        return forward(cfg, params, state, x, training, mask, routing)
+        return forward(cfg, params, state, x, training, mask, routing, low=low)
 
-    signature = _signature(cfg, dtype, has_mask, has_routing, has_dy=False)
+    signature = _signature(cfg, dtype, has_mask, has_routing, has_dy=False, low=low)
     return tf.function(run, input_signature=signature, jit_compile=True)
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_vjp(cfg, training, has_mask, has_routing, dtype):
+def _compiled_vjp(cfg, training, has_mask, has_routing, dtype, *, low=None):
     def run(params, state, x, *extras):
         mask, routing, (dy,) = _unpack(extras, has_mask, has_routing)
         with tf.GradientTape() as tape:
             tape.watch((params, x))
-            y, _, _ = forward(cfg, params, state, x, training, mask, routing)
+            y, _, _ = forward(cfg, params, state, x, training, mask, routing, low=low)
         grads, dx = tape.gradient(y, (params, x), output_gradients=dy,
                                   unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return {name: tf.convert_to_tensor(g) for name, g in grads.items()}, dx
 
-    signature = _signature(cfg, dtype, has_mask, has_routing, has_dy=True)
+    signature = _signature(cfg, dtype, has_mask, has_routing, has_dy=True, low=low)
     return tf.function(run, input_signature=signature, jit_compile=True)
 
 
-def forward(cfg, params, state, x, training=False, mask=None, routing=None):
+def _round_through(value, low):
+    """value rounded to nearest-even in the dtype named ``low`` and widened back (exact); the
+    gradient passes unchanged (straight-through, SPEC §10.3)."""
+
+    @tf.custom_gradient
+    def run(v):
+        return tf.cast(tf.cast(v, TF_DTYPES[low]), v.dtype), lambda grad: grad
+
+    return run(value)
+
+
+def _read(rows, low):
+    """Gathered rows as the computation reads them: rounded to ``low`` in the mixed mode (SPEC §10.3)."""
+    return rows if low is None else tf.cast(tf.cast(rows, TF_DTYPES[low]), rows.dtype)
+
+
+def forward(cfg, params, state, x, training=False, mask=None, routing=None, low=None):
     """The layer on flat tokens: x (T, d_model), mask (T,), routing (T, heads, topk).
 
     Traceable and differentiable; no validation (callers validate). Parameters may be
-    tensors or variables. Returns (y (T, d_out), new_state, aux with (T, heads, topk)).
+    tensors or variables. ``low`` ("bfloat16", "float16" or None) is the mixed mode of
+    SPEC §10.3 (float32 parameters, x in ``low``). Returns (y (T, d_out), new_state, aux
+    with (T, heads, topk)).
     """
     out_dtype = x.dtype
-    # bfloat16: all arithmetic in float32, rounded once at the end (SPEC §10).
-    compute = tf.float32 if out_dtype == tf.bfloat16 else out_dtype
+    # bfloat16 and float16: all arithmetic in float32, rounded once at the end (SPEC §10.1, §10.3).
+    compute = tf.float32 if out_dtype in (tf.bfloat16, tf.float16) else out_dtype
     p = {name: tf.cast(value, compute) for name, value in params.items()}
+    if low is not None:
+        p["query.kernel"] = _round_through(p["query.kernel"], low)
     x = tf.cast(x, compute)
     if mask is not None:
         x = _zero_masked(x, mask)  # padding is inert, even NaN padding, in both passes (SPEC §5)
@@ -177,7 +217,7 @@ def forward(cfg, params, state, x, training=False, mask=None, routing=None):
     weights = _score_weights(cfg.score, scores)
 
     y = _experts(cfg, x, weights, indices, p["experts.down"], p["experts.up"], p.get("experts.bias"),
-                 p.get("experts.gate"))
+                 p.get("experts.gate"), low)
     if mask is not None:
         y = _zero_masked(y, mask)
     aux = {"indices": indices, "scores": scores, "weights": weights}
@@ -290,11 +330,13 @@ def _expert_chunk(cfg, x, weights, down_rows, up_rows, bias_rows=None, gate_rows
     return tf.einsum("thk,thko->to", weights * hidden, up_rows)
 
 
-def _experts(cfg, x, weights, indices, down, up, bias, gate):
+def _experts(cfg, x, weights, indices, down, up, bias, gate, low=None):
     """The expert MLP over token chunks, so gathered rows never exceed CHUNK_ELEMENTS.
 
     The custom gradient recomputes each chunk's gathers instead of letting autodiff
-    keep all of them, and scatter-adds the row gradients into dense tables.
+    keep all of them, and scatter-adds the row gradients into dense tables. With ``low``
+    the gathered rows of down, up and gate (not bias) are rounded to it as they are read;
+    their gradients treat the rounding as the identity (SPEC §10.3).
     """
     width = cfg.heads * cfg.topk * max(cfg.d_model, cfg.d_out)
     tokens = tf.shape(x)[0]
@@ -310,9 +352,12 @@ def _experts(cfg, x, weights, indices, down, up, bias, gate):
 
     @tf.custom_gradient
     def run(xs, ws, down, up, *optional):
+        names = ["down", "up", *optional_names]
+
         def rows(i):
-            """The chunk's gathered rows of [down, up, *optional]."""
-            return [tf.gather(table, idx[i]) for table in (down, up, *optional)]
+            """The chunk's gathered rows of [down, up, *optional], as the computation reads them."""
+            return [tf.gather(table, idx[i]) if name == "bias" else _read(tf.gather(table, idx[i]), low)
+                    for name, table in zip(names, (down, up, *optional))]
 
         def chunk_output(x_c, w_c, gathered):
             named = {f"{name}_rows": value for name, value in zip(optional_names, gathered[2:])}

@@ -8,7 +8,7 @@ from .peer import apply, clear_caches, init, vjp
 
 name = "torch"
 capabilities = frozenset(
-    {"float64", "float32", "bfloat16", "grad", "jit"} | ({"gpu"} if _torch.cuda.is_available() else set())
+    {"float64", "float32", "bfloat16", "float16", "mixed", "grad", "jit"} | ({"gpu"} if _torch.cuda.is_available() else set())
 )
 layer = _layer_module.PEER
 

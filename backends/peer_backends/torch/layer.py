@@ -4,7 +4,7 @@ from torch import nn
 from peer_ref import checks
 from peer_ref.errors import PEERInputError
 
-from .core import dtype_name
+from .core import dtype_name, torch_dtype
 from .peer import _aux, forward_tensors, init, validate
 
 
@@ -17,6 +17,24 @@ class PEER(nn.Module):
     ``forward`` returns y only; the routing of the last call is kept on ``self.last_aux``
     ({"indices", "scores", "weights"}, detached). In training mode the batch-norm buffers
     are updated in place.
+
+    Casting (``.to(dtype)``, ``.half()``, ``.bfloat16()``, ``.double()``) casts parameters and
+    batch-norm buffers together, as ``nn.BatchNorm1d`` does with its running statistics: they
+    live in the module's dtype and ``state_dict()`` holds them so. The functional API keeps the
+    statistics of 16-bit parameters in float32 (SPEC §10), so a call reads the buffers upcast
+    to float32, computes the statistics as SPEC §3.3 prescribes, and stores the update rounded
+    once to the buffers' dtype. (BatchNorm1d's bfloat16 CPU kernel also rounds intermediate
+    products, so its stored values can differ from these by one unit in the last place.) A
+    module built with ``dtype="bfloat16"`` keeps float32 buffers and rounds nothing.
+
+    Under ``torch.autocast(device_type, dtype=d)`` (d bfloat16 or float16) a float32 module
+    casts x to d and runs the functional API's mixed mode (``compute_dtype=d``, SPEC §10.3):
+    expert rows and x read in d, batch-norm statistics, routing and accumulation in float32,
+    y and dx in d, parameter gradients float32; the same in training and eval, on the fused
+    batch-norm path and under ``torch.compile``. The gradients are the functional API's when
+    backward runs outside the autocast region (torch's advice); inside it, and in compiled
+    graphs, torch autocasts the backward's matmuls as well. Outside autocast an x whose dtype differs
+    from the parameters' raises PEERInputError (``nn.Linear`` refuses it too).
     """
 
     def __init__(self, cfg, seed=0, dtype=None, device=None):
@@ -40,8 +58,15 @@ class PEER(nn.Module):
         return self._modules[group]
 
     def params_and_state(self):
-        """The functional ``(params, state)`` dicts: the module's own tensors, not copies."""
-        return dict(self.named_parameters()), dict(self.named_buffers())
+        """The functional ``(params, state)`` dicts.
+
+        Parameters are the module's own tensors. The state is the module's own buffers when
+        their dtype is the functional one (``peer_ref.checks.state_dtype`` of the parameters'),
+        else float32 copies (a module cast to bfloat16/float16 after construction).
+        """
+        params = dict(self.named_parameters())
+        want = torch_dtype(checks.state_dtype(dtype_name(self.experts.down)))
+        return params, {name: value.to(want) for name, value in self.named_buffers()}
 
     def load_params_and_state(self, params, state):
         """Load functional dicts (canonical names) after checking names, shapes and dtypes."""
@@ -54,15 +79,41 @@ class PEER(nn.Module):
 
     def forward(self, x, mask=None, routing=None):
         params, state = self.params_and_state()
-        lead = validate(self.cfg, params, state, x, self.training, mask, routing)
-        y, new_state, indices, scores, weights = self._forward_tensors(
-            self.cfg, self.training, params, state, x, mask, routing)
+        device_type = x.device.type if isinstance(x, torch.Tensor) else "cpu"
+        x, low = self._autocast(device_type, x, params["experts.down"].dtype)
+        if low is not None and "_forward_tensors" in self.__dict__:
+            raise PEERInputError(f"torch.autocast(dtype={low}) with sharded expert tables, but expected no "
+                                 "autocast: the sharded forward computes in the parameters' dtype only")
+        extra = {} if low is None else {"low": low}
+        # PEER prescribes its own precision per step; autocast must not re-cast its matmuls and batch norm.
+        with torch.autocast(device_type, enabled=False):
+            lead = validate(self.cfg, params, state, x, self.training, mask, routing, compute_dtype=low)
+            y, new_state, indices, scores, weights = self._forward_tensors(
+                self.cfg, self.training, params, state, x, mask, routing, **extra)
         if self.training and new_state:
             with torch.no_grad():
                 for name, value in new_state.items():
-                    self.get_buffer(name).copy_(value)
+                    self.get_buffer(name).copy_(value)  # rounds to the buffer's dtype (see class doc)
         self.last_aux = _aux(self.cfg, lead, indices, scores, weights)
         return y.reshape(lead + (self.cfg.d_out,))
+
+    @staticmethod
+    def _autocast(device_type, x, param_dtype):
+        """(x, low): x as autocast casts a matmul input, and the mixed mode's low dtype or None.
+
+        Inside ``torch.autocast(device_type, dtype=d)`` float32 parameters with d bfloat16 or
+        float16 run the functional API's mixed mode (``compute_dtype=d``, SPEC §10.3); parameters
+        already in d run as they are. Like autocast, floating x other than float64 is cast to d.
+        Outside autocast nothing is cast.
+        """
+        if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(device_type):
+            return x, None
+        amp = torch.get_autocast_dtype(device_type)
+        if param_dtype not in (torch.float32, amp):
+            return x, None
+        if x.is_floating_point() and x.dtype != torch.float64:
+            x = x.to(amp)
+        return x, (amp if param_dtype == torch.float32 and amp != torch.float32 else None)
 
     def extra_repr(self):
         return repr(self.cfg)

@@ -15,7 +15,7 @@ from .core import dtype_name, torch_dtype
 def init(cfg, seed=0, dtype=None, device=None):
     dtype = checks.check_dtype_name(dtype or "float32")
     generator = torch.Generator().manual_seed(seed)
-    # bfloat16 parameters are drawn in float32 and rounded once.
+    # bfloat16 and float16 parameters are drawn in float32 and rounded once.
     draw = torch.float64 if dtype == "float64" else torch.float32
     stds, constants = peer_ref.init_std(cfg), peer_ref.init_constant(cfg)
     params = {}
@@ -38,7 +38,18 @@ def _meta(value):
     return array.shape, array.dtype.name
 
 
-def validate(cfg, params, state, x, training, mask=None, routing=None, dy=None) -> tuple[int, ...]:
+def compute_dtype_name(compute_dtype):
+    """``compute_dtype`` as a dtype name: a torch.dtype converts, anything else is checked as given."""
+    return str(compute_dtype).removeprefix("torch.") if isinstance(compute_dtype, torch.dtype) else compute_dtype
+
+
+def low_dtype(params, compute_dtype):
+    """The mixed mode's low dtype name for validated params, or None (SPEC §10.3)."""
+    return checks.check_compute_dtype(dtype_name(params["query.kernel"]), compute_dtype_name(compute_dtype))
+
+
+def validate(cfg, params, state, x, training, mask=None, routing=None, dy=None,
+             compute_dtype=None) -> tuple[int, ...]:
     """Check every argument through peer_ref.checks (SPEC §9); returns the leading shape of x.
 
     Under torch.compile the routing values are checked where they are known, when the graph runs
@@ -56,8 +67,9 @@ def validate(cfg, params, state, x, training, mask=None, routing=None, dy=None) 
     for arg, value in (("x", x), ("mask", mask), ("routing", routing), ("dy", dy)):
         if value is not None and not isinstance(value, torch.Tensor):
             raise PEERInputError(f"{arg} is {type(value).__name__}, but expected a torch.Tensor")
+    low = checks.check_compute_dtype(dtype, compute_dtype_name(compute_dtype))
     meta = lambda v: None if v is None else _meta(v)  # noqa: E731
-    lead = checks.check_call(cfg, dtype, _meta(x), training, meta(mask), meta(routing), meta(dy))
+    lead = checks.check_call(cfg, dtype, _meta(x), training, meta(mask), meta(routing), meta(dy), compute_dtype=low)
     if routing is not None and routing.numel() and not torch.compiler.is_compiling():
         checks.check_routing_values(cfg, int(routing.min()), int(routing.max()))
     return lead
@@ -515,14 +527,53 @@ def _normalise(cfg, params, q, mean, var):
     return normed * params["query_norm.scale"] + params["query_norm.offset"]
 
 
-def forward_tensors(cfg, training, params, state, x, mask, routing):
+@torch.library.custom_op("peer::round_through", mutates_args=())
+def _round_through_op(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """value rounded to nearest-even in ``dtype`` and widened back to value's dtype (exact).
+
+    An opaque operator so that torch.compile cannot fold the two casts away (SPEC §10.3 needs
+    the rounding); its gradient passes unchanged (straight-through).
+    """
+    return value.to(dtype).to(value.dtype)
+
+
+@_round_through_op.register_fake
+def _(value, dtype):
+    return torch.empty_like(value)
+
+
+_round_through_op.register_autograd(lambda ctx, grad: (grad, None), setup_context=lambda ctx, inputs, output: None)
+
+
+class _RoundThrough:
+    """Round to a low dtype and widen back; the gradient passes unchanged (SPEC §10.3)."""
+
+    @staticmethod
+    def apply(value, dtype):
+        return torch.ops.peer.round_through(value, dtype)
+
+
+def _read_rows(table, flat, low):
+    """Rows table[flat] (T, J, d), rounded to ``low`` as they are read (SPEC §10.3).
+
+    The mixed mode gathers, rounds and contracts here instead of calling the peer:: expert ops,
+    whose embedding-bag kernels need the table and the token rows in one dtype; a fused kernel
+    would read the rows in the low dtype straight from a low-dtype copy of the table.
+    """
+    return _RoundThrough.apply(F.embedding(flat, table), low)
+
+
+def forward_tensors(cfg, training, params, state, x, mask, routing, low=None):
     """The forward pass on validated tensors (all on x's device).
 
     Returns (y, new_state, indices, scores, weights) with x flattened to (T, d_model) and the
-    routing tensors (T, heads, topk). Arithmetic is float32 for bfloat16 inputs (SPEC §10).
+    routing tensors (T, heads, topk). Arithmetic is float32 for bfloat16 and float16 inputs
+    (SPEC §10.1); ``low`` (a torch dtype or None) is the mixed mode's (SPEC §10.3).
     """
-    compute = torch.float32 if x.dtype == torch.bfloat16 else x.dtype
+    compute = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
     p = {name: value.to(compute) for name, value in params.items()}
+    if low is not None:
+        p["query.kernel"] = _RoundThrough.apply(p["query.kernel"], low)
     xf = x.reshape(-1, cfg.d_model).to(compute)
     tokens = xf.shape[0]
     valid = None if mask is None else mask.reshape(tokens)
@@ -546,15 +597,22 @@ def forward_tensors(cfg, training, params, state, x, mask, routing):
     weights = _score_weights(cfg.score, scores)
 
     flat = indices.reshape(tokens, cfg.heads * cfg.topk)
-    groups = expert_groups(flat, cfg.n_experts)
-    pre = _DownProjection.apply(xf, p["experts.down"], flat, groups)
+    if low is None:
+        groups = expert_groups(flat, cfg.n_experts)
+        down = lambda name: _DownProjection.apply(xf, p[name], flat, groups)  # noqa: E731
+    else:
+        down = lambda name: torch.einsum("td,tjd->tj", xf, _read_rows(p[name], flat, low))  # noqa: E731
+    pre = down("experts.down")
     if cfg.expert_bias:
         pre = pre + p["experts.bias"][flat]
     hidden = _activation(cfg.activation, pre)
     if cfg.expert_glu:  # SPEC §3.10: a linear gate read like the down projection
-        hidden = hidden * _DownProjection.apply(xf, p["experts.gate"], flat, groups)
+        hidden = hidden * down("experts.gate")
     coef = weights.reshape(flat.shape) * hidden
-    y = _UpProjection.apply(coef, p["experts.up"], flat, groups)
+    if low is None:
+        y = _UpProjection.apply(coef, p["experts.up"], flat, groups)
+    else:
+        y = torch.einsum("tj,tjo->to", coef, _read_rows(p["experts.up"], flat, low))
     if mask is not None:
         y = torch.where(valid[:, None], y, 0)  # §5: masked tokens output exactly zero
     return y.to(x.dtype), new_state, indices, scores, weights
@@ -571,12 +629,13 @@ def clear_caches():
     _COMPILED.clear()
 
 
-def _runner(cfg, training, has_mask, has_routing, jit):
+def _runner(cfg, training, has_mask, has_routing, jit, low=None):
+    low = None if low is None else torch_dtype(low)
     if not jit:
-        return functools.partial(forward_tensors, cfg, training)
-    key = (cfg, training, has_mask, has_routing)
+        return functools.partial(forward_tensors, cfg, training, low=low)
+    key = (cfg, training, has_mask, has_routing, low)
     if key not in _COMPILED:
-        _COMPILED[key] = _dynamic_tokens(cfg, torch.compile(functools.partial(forward_tensors, cfg, training)))
+        _COMPILED[key] = _dynamic_tokens(cfg, torch.compile(functools.partial(forward_tensors, cfg, training, low=low)))
     return _COMPILED[key]
 
 
@@ -615,21 +674,23 @@ def _aux(cfg, lead, indices, scores, weights):
             "weights": weights.detach().reshape(shape)}
 
 
-def apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit=None):
-    lead = validate(cfg, params, state, x, training, mask, routing)
+def apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None):
+    lead = validate(cfg, params, state, x, training, mask, routing, compute_dtype=compute_dtype)
+    low = low_dtype(params, compute_dtype)
     params, state, mask, routing = _to_device(x.device, params, state, mask, routing)
-    run = _runner(cfg, bool(training), mask is not None, routing is not None, jit)
+    run = _runner(cfg, bool(training), mask is not None, routing is not None, jit, low)
     y, new_state, indices, scores, weights = run(params, state, x, mask, routing)
     new_state = {name: value.detach() for name, value in new_state.items()}
     return y.reshape(lead + (cfg.d_out,)), new_state, _aux(cfg, lead, indices, scores, weights)
 
 
-def vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, jit=None):
-    lead = validate(cfg, params, state, x, training, mask, routing, dy)
+def vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None):
+    lead = validate(cfg, params, state, x, training, mask, routing, dy, compute_dtype=compute_dtype)
+    low = low_dtype(params, compute_dtype)
     params, state, mask, routing = _to_device(x.device, params, state, mask, routing)
     leaves = {name: value.detach().requires_grad_(True) for name, value in params.items()}
     x_leaf = x.detach().requires_grad_(True)
-    run = _runner(cfg, bool(training), mask is not None, routing is not None, jit)
+    run = _runner(cfg, bool(training), mask is not None, routing is not None, jit, low)
     with torch.enable_grad():
         y = run(leaves, state, x_leaf, mask, routing)[0]
         # The cotangent of sum(y * dy) with respect to y is dy itself.
