@@ -168,7 +168,8 @@ def _forward(cfg: PEERConfig, params, state, x, training=False, mask=None, routi
     tape = Tape(lead, xf, valid, normed, inv_std, batch_stats, n_valid, queries, indices, weights, pre, gate,
                 params, low)
     if low is not None:
-        y = y.astype(low_numpy_dtype(low))  # §10.3: y is rounded once, at the end
+        with np.errstate(over="ignore"):  # §10.1: beyond the low dtype's range is ±inf, as specified
+            y = y.astype(low_numpy_dtype(low))  # §10.3: y is rounded once, at the end
     return y.reshape(lead + (cfg.d_out,)), new_state, aux, tape
 
 
