@@ -73,8 +73,9 @@ def read_params(params: dict, low: str | None) -> dict:
     if low is None:
         return params
     dt = low_numpy_dtype(low)
-    return {name: value.astype(dt).astype(value.dtype) if name in ROUNDED_PARAMS else value
-            for name, value in params.items()}
+    with np.errstate(over="ignore"):  # a float32 value beyond float16's range reads as ±inf
+        return {name: value.astype(dt).astype(value.dtype) if name in ROUNDED_PARAMS else value
+                for name, value in params.items()}
 
 
 def _dtype_name(value) -> str:
