@@ -14,7 +14,7 @@ from .strategies import configs, seeds
 BIG = PEERConfig(d_model=64, n_experts=32**2, heads=4, topk=8, d_key=32, query_bias=True)
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16", "float16"])
 @settings(max_examples=min(20, settings.default.max_examples))
 @given(cfg=configs(), seed=seeds)
 def test_init_names_shapes_dtypes(backend, dtype, cfg, seed):
