@@ -59,5 +59,5 @@ def test_init_is_deterministic_per_seed(backend):
 
 
 def test_init_rejects_unknown_dtype(backend):
-    with pytest.raises(peer_ref.PEERInputError, match="dtype='float16'"):
-        backend.init(BIG, seed=0, dtype="float16")
+    with pytest.raises(peer_ref.PEERInputError, match="dtype='float8_e4m3fn'"):
+        backend.init(BIG, seed=0, dtype="float8_e4m3fn")
