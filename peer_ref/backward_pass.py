@@ -80,7 +80,8 @@ def vjp(cfg: PEERConfig, params: dict, state: dict, x: np.ndarray, dy: np.ndarra
         grads["query.bias"] = d_q.sum(axis=0)
     dx = dx + d_q @ read["query.kernel"].T
     if tape.low is not None:
-        dx = dx.astype(low_numpy_dtype(tape.low))  # §10.3: dx is rounded once, at the end
+        with np.errstate(over="ignore"):  # §10.1: beyond the low dtype's range is ±inf, as specified
+            dx = dx.astype(low_numpy_dtype(tape.low))  # §10.3: dx is rounded once, at the end
     return grads, dx.reshape(tape.lead + (cfg.d_model,))
 
 

@@ -73,8 +73,9 @@ def read_params(params: dict, low: str | None) -> dict:
     if low is None:
         return params
     dt = low_numpy_dtype(low)
-    return {name: value.astype(dt).astype(value.dtype) if name in ROUNDED_PARAMS else value
-            for name, value in params.items()}
+    with np.errstate(over="ignore"):  # a float32 value beyond float16's range reads as ±inf
+        return {name: value.astype(dt).astype(value.dtype) if name in ROUNDED_PARAMS else value
+                for name, value in params.items()}
 
 
 def _dtype_name(value) -> str:
@@ -168,7 +169,8 @@ def _forward(cfg: PEERConfig, params, state, x, training=False, mask=None, routi
     tape = Tape(lead, xf, valid, normed, inv_std, batch_stats, n_valid, queries, indices, weights, pre, gate,
                 params, low)
     if low is not None:
-        y = y.astype(low_numpy_dtype(low))  # §10.3: y is rounded once, at the end
+        with np.errstate(over="ignore"):  # §10.1: beyond the low dtype's range is ±inf, as specified
+            y = y.astype(low_numpy_dtype(low))  # §10.3: y is rounded once, at the end
     return y.reshape(lead + (cfg.d_out,)), new_state, aux, tape
 
 

@@ -114,6 +114,25 @@ def test_glu_rows_are_labelled_and_timed_against_the_plain_row():
     assert glu_fwd["expert_stage_bytes"] == formulas.expert_stage_bytes(32, 1, 2, 8, None, 4, expert_glu=True)
 
 
+def test_mixed_rows_are_labelled_and_timed_against_float32_and_peer_pytorch_bfloat16():
+    plain_case = Case(d_model=8, n_experts=64, heads=1, topk=2, d_key=4, tokens=32)
+    mixed_case = dataclasses.replace(plain_case, compute_dtype="bfloat16").to_dict()
+    baseline_case = dataclasses.replace(plain_case, dtype="bfloat16").to_dict()
+    rows = [_row("peer", "torch", "eager", "forward", 2.0, plain_case.to_dict()),
+            _row("peer", "torch", "eager", "forward", 1.5, mixed_case),
+            _row("peer_pytorch", "torch", "eager", "forward", 3.0, baseline_case),
+            _row("peer_pytorch", "torch", "eager", "forward", 6.0, plain_case.to_dict())]
+    report.add_derived(rows, copy_bytes_per_s=1e9)
+    plain, mixed, baseline_bf16, baseline = rows
+    assert report.label(mixed) == "PEER mixed-bfloat16 torch" and report.label(plain) == "PEER torch"
+    assert report.label(baseline_bf16) == "PEER-pytorch bfloat16" and report.label(baseline) == "PEER-pytorch"
+    assert mixed["ratio_vs_plain"] == 0.75 and mixed["ratio_vs_peer_pytorch"] == 0.5
+    assert plain["ratio_vs_peer_pytorch"] == 2.0 / 6.0
+    # the mixed mode's expert rows are counted at bfloat16's 2 bytes
+    assert mixed["expert_stage_bytes"] == formulas.expert_stage_bytes(32, 1, 2, 8, None, 2)
+    assert Case.from_dict(mixed_case).activation_dtype == "bfloat16" and plain_case.activation_dtype == "float32"
+
+
 def _bench(*args, timeout=120):
     return subprocess.run([sys.executable, "-m", "peer_bench", *args], capture_output=True, text=True,
                           timeout=timeout)
@@ -139,7 +158,7 @@ def smoke(tmp_path_factory):
         importlib.util.find_spec("peer_backends.torch") is not None
     backends = "numpy,torch" if torch_backend else "numpy"
     proc = _bench("--preset", "smoke", "--backends", backends, "--paths", "eager", "--threads", "1",
-                  "--repeats", "2", "--sweep", "all", "--out", str(out))
+                  "--repeats", "2", "--sweep", "all", "--out", str(out), timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return out, json.loads((out / "results.json").read_text()), backends.split(",")
 
@@ -157,6 +176,7 @@ def test_smoke_run_writes_report_and_plots(smoke):
     summary = (out / "summary.md").read_text()
     assert "| PEER numpy | eager | fwd |" in summary and "dense FFN width" in summary
     assert "| PEER-GLU numpy | eager | fwd |" in summary
+    assert "| PEER mixed-bfloat16 numpy | eager | fwd |" in summary
 
 
 def test_smoke_rows_are_complete(smoke):
@@ -166,9 +186,11 @@ def test_smoke_rows_are_complete(smoke):
     for backend in backends:
         for mode in ("forward", "forward_backward"):
             mine = [r for r in rows if (r["impl"], r["backend"], r["mode"]) == ("peer", backend, mode)]
-            peer = [r for r in mine if not r["case"]["expert_glu"]]
+            peer = [r for r in mine if not r["case"]["expert_glu"] and not r["case"]["compute_dtype"]]
             glu = [r for r in mine if r["case"]["expert_glu"]]
-            assert len(peer) == len(glu) == 1, (backend, mode)  # PEER-GLU is in the default run
+            mixed = [r for r in mine if r["case"]["compute_dtype"]]
+            # PEER-GLU and the mixed mode are in the default run
+            assert len(peer) == len(glu) == len(mixed) == 1, (backend, mode)
             if peer[0]["status"] != "ok":
                 assert backend != "numpy" and peer[0]["reason"], peer[0]
                 continue
@@ -183,6 +205,10 @@ def test_smoke_rows_are_complete(smoke):
             glu_case = Case.from_dict(glu_row["case"])
             assert glu_row["flops"] == formulas.case_counts(glu_case)["peer_flops_forward"] * formulas.mode_factor(mode)
             assert "ratio_vs_dense" not in glu_row and "PEER-GLU" in report.label(glu_row)
+            mixed_row = mixed[0]
+            assert mixed_row["status"] == "ok" and mixed_row["ratio_vs_plain"] > 0, mixed_row
+            assert mixed_row["case"]["dtype"] == "float32" and mixed_row["case"]["compute_dtype"] == "bfloat16"
+            assert "ratio_vs_dense" not in mixed_row and "mixed-bfloat16" in report.label(mixed_row)
     baseline = [r for r in rows if r["impl"] == "peer_pytorch"]
     assert baseline == []  # not asked for
     swept = {(r["case"]["n_experts"], r["case"]["tokens"]) for r in result["sweeps"] if r["backend"] == "numpy"}
@@ -196,7 +222,7 @@ def test_missing_device_gives_skip_rows_with_reasons(tmp_path):
                   "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads((tmp_path / "results.json").read_text())["results"]
-    assert [r["status"] for r in rows] == ["skipped"] * 6  # 4 plain cells and 2 PEER-GLU cells
+    assert [r["status"] for r in rows] == ["skipped"] * 8  # 4 plain cells, 2 PEER-GLU and 2 mixed cells
     assert rows[0]["reason"] == rows[-1]["reason"] == "numpy runs on the CPU only"
     assert all(r["reason"] for r in rows)
 

@@ -43,6 +43,10 @@ def parser() -> argparse.ArgumentParser:
                    help="also time PEER-GLU (GLU experts, expert_glu=True) on the first of --paths, "
                         "next to the plain rows; with --devices, also measure it sharded "
                         "(default: on; --no-glu leaves it out)")
+    p.add_argument("--mixed", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the mixed mode (float32 parameters, bfloat16 x/y, compute_dtype='bfloat16', "
+                        "SPEC §10.3) on the first of --paths, and PEER-pytorch cast to bfloat16 "
+                        "(default: on; --no-mixed leaves them out)")
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     p.add_argument("--devices", type=int,
                    help="instead of timing: per-device memory and communicated bytes per token of the expert "
@@ -96,7 +100,8 @@ def settings_from_args(args, p):
     return Settings(preset=args.preset, case=case, timing=timing, device=args.device, threads=args.threads,
                     backends=backends, paths=paths, sweep=args.sweep, sweep_axes=axes,
                     sweep_timing=preset.sweep_timing, job_timeout_s=preset.job_timeout_s,
-                    bandwidth_bytes=preset.bandwidth_bytes, seed=args.seed, glu=args.glu)
+                    bandwidth_bytes=preset.bandwidth_bytes, seed=args.seed, glu=args.glu,
+                    mixed=args.mixed)
 
 
 def _valid_sweep(axes, case: Case):
@@ -122,7 +127,7 @@ def build_report(runner, argv, load_before) -> dict:
                      "paths": list(s.paths), "timing": dataclasses.asdict(s.timing),
                      "sweep_timing": dataclasses.asdict(s.sweep_timing), "sweep": s.sweep,
                      "sweep_axes": {k: list(v) for k, v in s.sweep_axes.items()}, "seed": s.seed,
-                     "glu": s.glu},
+                     "glu": s.glu, "mixed": s.mixed},
         "case": s.case.to_dict(),
         "counts": formulas.case_counts(s.case),
         "formulas": {"flops": formulas.__doc__, "memory": "see peer_bench.worker.measure and peer_bench.memory",

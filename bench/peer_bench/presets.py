@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-CASE_FIELDS = ("d_model", "n_experts", "heads", "topk", "d_key", "tokens", "dtype", "expert_glu")
-DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2}
+CASE_FIELDS = ("d_model", "n_experts", "heads", "topk", "d_key", "tokens", "dtype", "expert_glu", "compute_dtype")
+DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 SWEEP_AXES = {"experts": "n_experts", "tokens": "tokens"}
 
 
@@ -14,7 +14,8 @@ SWEEP_AXES = {"experts": "n_experts", "tokens": "tokens"}
 class Case:
     """One layer shape to time. Every other PEERConfig field keeps its default (the paper's layer:
     shared keys, query batch norm, GELU experts with a bias, softmax scores); ``expert_glu`` turns
-    the experts into GEGLU experts (SPEC §3.10)."""
+    the experts into GEGLU experts (SPEC §3.10). ``compute_dtype`` ("bfloat16" or "float16", with
+    dtype "float32") times the mixed mode of SPEC §10.3: float32 parameters, x and y in compute_dtype."""
 
     d_model: int
     n_experts: int
@@ -24,6 +25,12 @@ class Case:
     tokens: int
     dtype: str = "float32"
     expert_glu: bool = False
+    compute_dtype: str | None = None
+
+    @property
+    def activation_dtype(self) -> str:
+        """The dtype of x, dy and y: compute_dtype in the mixed mode, else the parameters' dtype."""
+        return self.compute_dtype or self.dtype
 
     def config(self) -> dict[str, Any]:
         """The PEERConfig fields of this case."""

@@ -16,10 +16,13 @@ MODES = {"forward": "fwd", "forward_backward": "fwd+bwd"}
 
 
 def label(row: dict) -> str:
+    case = row.get("case", {})
     if row["impl"] == "peer_pytorch":
-        return "PEER-pytorch"
-    if row["impl"] == "peer" and row.get("case", {}).get("expert_glu"):
+        return "PEER-pytorch" + (f" {case['dtype']}" if case.get("dtype", "float32") != "float32" else "")
+    if row["impl"] == "peer" and case.get("expert_glu"):
         return f"PEER-GLU {row['backend']}"
+    if row["impl"] == "peer" and case.get("compute_dtype"):
+        return f"PEER mixed-{case['compute_dtype']} {row['backend']}"
     return f"{'PEER' if row['impl'] == 'peer' else 'dense'} {row['backend']}"
 
 
@@ -28,20 +31,24 @@ def _key(row):
 
 
 def add_derived(rows: list[dict], copy_bytes_per_s: float | None, reference_rows: list[dict] = ()) -> None:
-    """Fill ratio_vs_peer_pytorch, ratio_vs_dense, ratio_vs_plain (PEER-GLU over the plain PEER row
-    of the same backend, path and mode; time ratios: below 1 = faster) and, for forward rows of a
-    PEER layer, the expert stage's achieved bandwidth over the full-layer time."""
+    """Fill ratio_vs_peer_pytorch, ratio_vs_dense, ratio_vs_plain (PEER-GLU, and the mixed mode, over
+    the plain float32 PEER row of the same backend, path and mode; time ratios: below 1 = faster)
+    and, for forward rows of a PEER layer, the expert stage's achieved bandwidth over the full-layer
+    time. A mixed-mode row's PEER-pytorch ratio is to PEER-pytorch run in the compute dtype."""
     ok = {_key(r): r for r in list(rows) + list(reference_rows) if r.get("status") == "ok"}
     for row in rows:
         if row.get("status") != "ok" or row["impl"] == "dense":
             continue
         case_key = json.dumps(row["case"], sort_keys=True)
-        if row["case"].get("expert_glu"):
-            plain_key = json.dumps({**row["case"], "expert_glu": False}, sort_keys=True)
+        compute = row["case"].get("compute_dtype")
+        if row["case"].get("expert_glu") or compute:
+            plain_key = json.dumps({**row["case"], "expert_glu": False, "compute_dtype": None}, sort_keys=True)
             plain = ok.get((row["impl"], row["backend"], row["path"], row["mode"], plain_key))
             if plain is not None:
                 row["ratio_vs_plain"] = row["median_s"] / plain["median_s"]
-        baseline = ok.get(("peer_pytorch", "torch", "eager", row["mode"], case_key))
+        baseline_key = case_key if not compute else json.dumps(
+            {**row["case"], "dtype": compute, "compute_dtype": None}, sort_keys=True)
+        baseline = ok.get(("peer_pytorch", "torch", "eager", row["mode"], baseline_key))
         if baseline is not None and row["impl"] != "peer_pytorch":
             row["ratio_vs_peer_pytorch"] = row["median_s"] / baseline["median_s"]
         framework, path = ("torch", "eager") if row["impl"] == "peer_pytorch" else (row["backend"], row["path"])
@@ -51,7 +58,7 @@ def add_derived(rows: list[dict], copy_bytes_per_s: float | None, reference_rows
         if row["mode"] == "forward":
             c = row["case"]
             moved = expert_stage_bytes(c["tokens"], c["heads"], c["topk"], c["d_model"], None,
-                                       DTYPE_BYTES[c["dtype"]], c.get("expert_glu", False))
+                                       DTYPE_BYTES[c.get("compute_dtype") or c["dtype"]], c.get("expert_glu", False))
             row["expert_stage_bytes"] = moved
             row["expert_bytes_per_s"] = moved / row["median_s"]
             if copy_bytes_per_s:
@@ -146,7 +153,11 @@ def summary_markdown(report: dict) -> str:
               "warm-up (compilation) and timed calls / over the timed calls alone. "
               "PEER-pytorch differs: per-head keys, no batch norm, no expert bias. "
               "PEER-GLU = the same layer with GLU (GEGLU) experts, expert_glu=True (SPEC §3.10); "
-              "t / t(PEER) is its time over the plain PEER row of the same backend, path and mode."]
+              "t / t(PEER) is its time over the plain PEER row of the same backend, path and mode. "
+              "PEER mixed-bfloat16 = float32 parameters with bfloat16 x and y, compute_dtype=\"bfloat16\" "
+              "(SPEC §10.3); t / t(PEER) over the float32 row, t / t(PEER-pytorch) over PEER-pytorch "
+              "bfloat16 (its module cast with .to(torch.bfloat16): it has no mixed mode); its expert "
+              "bytes count the rows at 2 bytes, what a kernel reading bfloat16 rows would move."]
     for axis in ("experts", "tokens"):
         table = sweep_table(report["sweeps"], axis)
         if table:

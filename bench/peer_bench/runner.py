@@ -44,6 +44,12 @@ class Settings:
     bandwidth_bytes: int
     seed: int = 0
     glu: bool = True  # also time PEER-GLU (expert_glu=True) on the first path, both modes
+    # Also time the mixed mode (float32 parameters, compute_dtype=MIXED_DTYPE, SPEC §10.3) on the
+    # first path, both modes, and PEER-pytorch with its module in MIXED_DTYPE.
+    mixed: bool = True
+
+
+MIXED_DTYPE = "bfloat16"
 
 
 def child_env(threads: int, device: str) -> dict[str, str]:
@@ -150,7 +156,9 @@ class Runner:
         sweeps = (len(ours) + baseline) if self.settings.sweep_axes else 0
         paths = len(self.settings.paths)
         glu = 2 * len(ours) if self.settings.glu else 0
-        return 1 + 2 * paths * len(ours) + glu + 2 * baseline * ("eager" in self.settings.paths) + sweeps
+        mixed = 2 * len(ours) if self.settings.mixed else 0
+        baseline_cells = 2 * baseline * ("eager" in self.settings.paths) * (1 + self.settings.mixed)
+        return 1 + 2 * paths * len(ours) + glu + mixed + baseline_cells + sweeps
 
     def run(self):
         if self.progress is not None:
@@ -163,8 +171,15 @@ class Runner:
             for name in self.settings.backends:
                 if name != PEER_PYTORCH:
                     self._glu_cells(name)
+        if self.settings.mixed:
+            for name in self.settings.backends:
+                if name != PEER_PYTORCH:
+                    self._mixed_cells(name)
         if PEER_PYTORCH in self.settings.backends:
-            self._baseline_cells()
+            self._baseline_cells(self.settings.case)
+            if self.settings.mixed:
+                # PEER-pytorch has no mixed mode of its own: its module is cast with .to(MIXED_DTYPE).
+                self._baseline_cells(dataclasses.replace(self.settings.case, dtype=MIXED_DTYPE))
         for name in self.settings.backends:
             self._sweep(name)
 
@@ -208,11 +223,20 @@ class Runner:
     def _glu_cells(self, name):
         """PEER-GLU: the same case with GLU experts, on the first path only and without a dense
         twin; report.add_derived sets its time ratio to the plain PEER row of the same cell."""
-        case = dataclasses.replace(self.settings.case, expert_glu=True)
+        self._variant_cells(name, dataclasses.replace(self.settings.case, expert_glu=True), "PEER-GLU")
+
+    def _mixed_cells(self, name):
+        """PEER mixed: the same case with float32 parameters and compute_dtype=MIXED_DTYPE (SPEC §10.3),
+        on the first path only, without a dense twin; report.add_derived sets its time ratio to
+        the float32 PEER row of the same cell and to PEER-pytorch in MIXED_DTYPE."""
+        case = dataclasses.replace(self.settings.case, dtype="float32", compute_dtype=MIXED_DTYPE)
+        self._variant_cells(name, case, f"PEER mixed-{MIXED_DTYPE}")
+
+    def _variant_cells(self, name, case, title):
         path = self.settings.paths[0]
         blocked = self.blocked.get(name) or _unavailable(name)
         for mode in ("forward", "forward_backward"):
-            self._show(f"PEER-GLU {name} {path} {mode}")
+            self._show(f"{title} {name} {path} {mode}")
             caps = self.frameworks.get(name, {}).get("capabilities")
             if blocked is None and path == "compiled" and caps is not None and "jit" not in caps:
                 reason = f"backend {name!r} lacks the 'jit' capability"
@@ -226,18 +250,21 @@ class Runner:
                 blocked = self._record(name, self._run(job), "peer", path, mode, case)
             self._advance()
 
-    def _baseline_cells(self):
+    def _baseline_cells(self, case):
         if "eager" not in self.settings.paths:
             return
-        blocked = _unavailable(PEER_PYTORCH)
+        blocked = self.blocked.get(PEER_PYTORCH) or _unavailable(PEER_PYTORCH)
         for path, mode in CELLS[:2]:  # PEER-pytorch runs as its users run it: eager
-            self._show(f"PEER-pytorch {path} {mode}")
+            self._show(f"PEER-pytorch {case.dtype} {path} {mode}")
             if blocked is not None:
-                self._skip(PEER_PYTORCH, "torch", path, mode, blocked)
+                self.rows.append({"impl": PEER_PYTORCH, "backend": "torch", "path": path, "mode": mode,
+                                  "case": case.to_dict(), "status": "skipped", "reason": blocked})
             else:
-                job = self._job("cell", PEER_PYTORCH, "torch", path, mode, [self.settings.case])
-                blocked = self._record(PEER_PYTORCH, self._run(job), PEER_PYTORCH, path, mode)
+                job = self._job("cell", PEER_PYTORCH, "torch", path, mode, [case])
+                blocked = self._record(PEER_PYTORCH, self._run(job), PEER_PYTORCH, path, mode, case)
             self._advance()
+        if blocked is not None:
+            self.blocked[PEER_PYTORCH] = blocked
 
     def _sweep(self, name):
         """Forward over the sweep cases on the backend's default path (jit=None): what a user

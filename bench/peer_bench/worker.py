@@ -63,7 +63,7 @@ def measure(call, fw, mode, timing: Timing, meter) -> dict:
 
 def _inputs(case: Case, seed: int):
     rng = np.random.default_rng(seed)
-    dtype = _numpy_dtype(case.dtype)
+    dtype = _numpy_dtype(case.activation_dtype)
     x = rng.standard_normal((case.tokens, case.d_model), dtype=np.float32).astype(dtype)
     dy = rng.standard_normal((case.tokens, case.d_model), dtype=np.float32).astype(dtype)
     return x, dy
@@ -97,9 +97,10 @@ def _peer_call(job, case, fw, backend, x, dy, mode):
     params, state = backend.init(cfg, seed=job["seed"], dtype=case.dtype)
     params, state = fw.to_device(params), fw.to_device(state)
     jit = {"eager": False, "compiled": True, "default": None}[job["path"]]
+    extra = {} if case.compute_dtype is None else {"compute_dtype": case.compute_dtype}
     if mode == "forward":
-        return lambda: backend.apply(cfg, params, state, x, training=False, jit=jit)
-    return lambda: backend.vjp(cfg, params, state, x, dy, training=True, jit=jit)
+        return lambda: backend.apply(cfg, params, state, x, training=False, jit=jit, **extra)
+    return lambda: backend.vjp(cfg, params, state, x, dy, training=True, jit=jit, **extra)
 
 
 def _row(job, case, impl, mode, **fields) -> dict:
@@ -186,6 +187,8 @@ def run(job: dict) -> dict:
             return {**result, "skipped": f"backend {job['backend']!r} lacks the 'jit' capability"}
         if dtype not in caps:
             return {**result, "skipped": f"backend {job['backend']!r} lacks the {dtype!r} capability"}
+        if job["cases"][0].get("compute_dtype") and "mixed" not in caps:
+            return {**result, "skipped": f"backend {job['backend']!r} lacks the 'mixed' capability"}
     else:
         import PEER_pytorch  # noqa: F401  (an import failure is reported as the skip reason)
 

@@ -15,7 +15,7 @@ CFG = PEERConfig(d_model=6, n_experts=16, heads=2, topk=3, d_key=4, d_out=5, que
 
 
 @pytest.mark.parametrize("target", peer_backends.available())
-@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16", "float16"])
 def test_round_trip_to_every_installed_backend(backend, target, dtype, tmp_path):
     needs(backend, dtype)
     other = prepare(peer_backends.get(target))

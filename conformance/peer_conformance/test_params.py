@@ -14,7 +14,7 @@ from .strategies import configs, seeds
 BIG = PEERConfig(d_model=64, n_experts=32**2, heads=4, topk=8, d_key=32, query_bias=True, expert_glu=True)
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16", "float16"])
 @settings(max_examples=min(20, settings.default.max_examples))
 @given(cfg=configs(), seed=seeds)
 def test_init_names_shapes_dtypes(backend, dtype, cfg, seed):
@@ -59,5 +59,5 @@ def test_init_is_deterministic_per_seed(backend):
 
 
 def test_init_rejects_unknown_dtype(backend):
-    with pytest.raises(peer_ref.PEERInputError, match="dtype='float16'"):
-        backend.init(BIG, seed=0, dtype="float16")
+    with pytest.raises(peer_ref.PEERInputError, match="dtype='float8_e4m3fn'"):
+        backend.init(BIG, seed=0, dtype="float8_e4m3fn")

@@ -5,7 +5,7 @@ torch.compile / jax.jit / tf.function with XLA). The other modules run the backe
 import pytest
 from hypothesis import given
 
-from .helpers import check_forward, check_gradients, needs
+from .helpers import MIXED, check_forward, check_gradients, needs, needs_mode
 from .strategies import PATHS as PATH_SETTINGS
 from .strategies import cases
 
@@ -36,3 +36,16 @@ def test_path_gradients_match_reference(backend, path, dtype, case):
     needs(backend, "grad")
     needs(backend, dtype)
     check_gradients(backend, case, dtype, jit=PATHS[path])
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.parametrize(("dtype", "compute_dtype"), MIXED)
+@PATH_SETTINGS
+@given(case=cases())
+def test_path_mixed_matches_reference(backend, path, dtype, compute_dtype, case):
+    """SPEC §10.3 on both paths: a compiler must not fold the prescribed roundings away."""
+    _needs_path(backend, path)
+    needs_mode(backend, dtype, compute_dtype)
+    check_forward(backend, case, dtype, jit=PATHS[path], compute_dtype=compute_dtype)
+    if "grad" in backend.capabilities:
+        check_gradients(backend, case, dtype, jit=PATHS[path], compute_dtype=compute_dtype)

@@ -113,7 +113,7 @@ def _vjp(cfg, training, mesh, axis, params, state, x, dy, mask, routing):
 def _forward(cfg, training, mesh, axis, params, state, x, mask, routing):
     """``peer._forward`` with the experts of SPEC §3.9-§3.11 computed column-sharded."""
     out_dtype = x.dtype
-    compute = jnp.float32 if out_dtype == jnp.bfloat16 else out_dtype  # SPEC §10
+    compute = jnp.float32 if out_dtype in (jnp.bfloat16, jnp.float16) else out_dtype  # SPEC §10.1
     p = {name: value.astype(compute) for name, value in params.items()}
     lead = x.shape[:-1]
     tokens = math.prod(lead)

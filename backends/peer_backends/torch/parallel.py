@@ -148,7 +148,7 @@ def sharded_forward_tensors(mesh, cfg, training, params, state, x, mask, routing
     """
     x = _local(x, mesh)
     mask, routing = _local(mask, mesh), _local(routing, mesh)
-    compute = torch.float32 if x.dtype == torch.bfloat16 else x.dtype
+    compute = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype  # SPEC §10.1
     p = {name: _local_param(cfg, value, name).to(compute) for name, value in params.items()}
     xf = x.reshape(-1, cfg.d_model).to(compute)
     tokens = xf.shape[0]
