@@ -563,6 +563,31 @@ def _read_rows(table, flat, low):
     return _RoundThrough.apply(F.embedding(flat, table), low)
 
 
+def route(cfg, training, p, state, xf, valid, routing):
+    """Query, batch norm, product-key top-k and router weights (SPEC §3.2-§3.9, §4).
+
+    p: parameters in the compute dtype; xf (T, d_model), masked tokens already zeroed; valid (T,)
+    bool or None; routing (..., heads, topk) or None. Returns (new_state, indices, scores,
+    weights), the last three (T, heads, topk); scores carry the gradient of the selected sub-keys.
+    """
+    tokens = xf.shape[0]
+    q = xf @ p["query.kernel"]
+    if cfg.query_bias:
+        q = q + p["query.bias"]
+    q, new_state = _query_norm(cfg, p, state, q, valid, training)
+    queries = q.reshape(tokens, cfg.heads, cfg.d_key)
+    with torch.no_grad():  # _SelectedScores carries the gradient of the selected scores
+        sub_scores = _sub_key_scores(cfg, p, queries)
+        if routing is None:
+            indices = _product_key_topk(cfg, sub_scores)
+        else:
+            indices = torch.ops.peer.checked_routing(routing.reshape(tokens, cfg.heads, cfg.topk), cfg.n_experts)
+    n = cfg.n_keys
+    halves = torch.stack((indices // n, indices % n))
+    scores = _SelectedScores.apply(queries, p["keys.left"], p["keys.right"], halves, sub_scores)
+    return new_state, indices, scores, _score_weights(cfg.score, scores)
+
+
 def forward_tensors(cfg, training, params, state, x, mask, routing, low=None):
     """The forward pass on validated tensors (all on x's device).
 
@@ -580,21 +605,7 @@ def forward_tensors(cfg, training, params, state, x, mask, routing, low=None):
     if mask is not None:
         xf = torch.where(valid[:, None], xf, 0)  # §5: padding is inert, NaN padding included, in both passes
 
-    q = xf @ p["query.kernel"]
-    if cfg.query_bias:
-        q = q + p["query.bias"]
-    q, new_state = _query_norm(cfg, p, state, q, valid, training)
-    queries = q.reshape(tokens, cfg.heads, cfg.d_key)
-    with torch.no_grad():  # _SelectedScores carries the gradient of the selected scores
-        sub_scores = _sub_key_scores(cfg, p, queries)
-        if routing is None:
-            indices = _product_key_topk(cfg, sub_scores)
-        else:
-            indices = torch.ops.peer.checked_routing(routing.reshape(tokens, cfg.heads, cfg.topk), cfg.n_experts)
-    n = cfg.n_keys
-    halves = torch.stack((indices // n, indices % n))
-    scores = _SelectedScores.apply(queries, p["keys.left"], p["keys.right"], halves, sub_scores)
-    weights = _score_weights(cfg.score, scores)
+    new_state, indices, scores, weights = route(cfg, training, p, state, xf, valid, routing)
 
     flat = indices.reshape(tokens, cfg.heads * cfg.topk)
     if low is None:
