@@ -563,6 +563,13 @@ def _read_rows(table, flat, low):
     return _RoundThrough.apply(F.embedding(flat, table), low)
 
 
+def _expert_bias(bias, flat, groups):
+    """bias[flat], (T, heads*topk), read through the row-dot op (a (N, 1) table dotted with ones):
+    its gradient is then the op's grouped sum, where a plain index's backward (an index_put into
+    the (N,) gradient) is miscompiled by inductor's CPU code generator when N = 1."""
+    return _DownProjection.apply(bias.new_ones((flat.shape[0], 1)), bias[:, None], flat, groups)
+
+
 def route(cfg, training, p, state, xf, valid, routing):
     """Query, batch norm, product-key top-k and router weights (SPEC §3.2-§3.9, §4).
 
@@ -615,7 +622,7 @@ def forward_tensors(cfg, training, params, state, x, mask, routing, low=None):
         down = lambda name: torch.einsum("td,tjd->tj", xf, _read_rows(p[name], flat, low))  # noqa: E731
     pre = down("experts.down")
     if cfg.expert_bias:
-        pre = pre + p["experts.bias"][flat]
+        pre = pre + _expert_bias(p["experts.bias"], flat, groups if low is None else None)
     hidden = _activation(cfg.activation, pre)
     if cfg.expert_glu:  # SPEC §3.10: a linear gate read like the down projection
         hidden = hidden * down("experts.gate")
@@ -630,9 +637,6 @@ def forward_tensors(cfg, training, params, state, x, mask, routing, low=None):
 
 
 _COMPILED: dict = {}
-# Compiled (config, training, mask?, routing?, dtype) combinations one process may hold before
-# dynamo falls back to eager for further ones (see _dynamic_tokens).
-RECOMPILE_LIMIT = 256
 
 
 def clear_caches():
@@ -664,10 +668,10 @@ def _dynamic_tokens(cfg, compiled):
                 torch._dynamo.maybe_mark_dynamic(value, 0)
         # Every compiled config shares one code object, hence one dynamo cache: left to automatic
         # dynamic shapes, a second config would turn the config's ints (topk, n_experts) symbolic
-        # and break the graph; and past dynamo's default of 8 entries a code object falls back to
-        # eager. Only the token dimension marked above is dynamic; each config, mode and dtype is
-        # one entry, up to RECOMPILE_LIMIT.
-        with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=RECOMPILE_LIMIT):
+        # and break the graph. Only the token dimension marked above is dynamic; each config, mode
+        # and dtype is one cache entry, and past torch._dynamo.config.recompile_limit entries (8 by
+        # default) dynamo runs further ones eagerly, as it does for any function.
+        with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
             return compiled(params, state, *flat)
 
     return run
