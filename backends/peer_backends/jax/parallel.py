@@ -33,8 +33,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from peer_ref.errors import PEERInputError
 
-from .peer import _ACTIVATIONS, _SCORE_WEIGHTS, HIGHEST, _product_key_topk, _query_norm, _sub_key_scores, _validate
-from .core import index_dtype
+from .peer import _ACTIVATIONS, HIGHEST, _validate, route
 
 # Tables of (N, width) rows sharded by columns. The first kind is dotted with x (their partial
 # dots are summed over the axis in one psum); the second is summed into the output.
@@ -122,22 +121,8 @@ def _forward(cfg, training, mesh, axis, params, state, x, mask, routing):
     if mask is not None:
         xf = jnp.where(valid[:, None], xf, jnp.zeros((), xf.dtype))  # SPEC §5
 
-    # Routing, replicated over the axis: SPEC §3.2-§3.8 as in peer._forward.
-    q = jnp.matmul(xf, p["query.kernel"], precision=HIGHEST)
-    if cfg.query_bias:
-        q = q + p["query.bias"]
-    q, new_state = _query_norm(cfg, p, state, q, valid, training)
-    queries = q.reshape(tokens, cfg.heads, cfg.d_key)
-    s_left = _sub_key_scores(cfg, queries[..., : cfg.d_half], p["keys.left"])
-    s_right = _sub_key_scores(cfg, queries[..., cfg.d_half :], p["keys.right"])
-    if routing is None:
-        indices = _product_key_topk(cfg, lax.stop_gradient(s_left), lax.stop_gradient(s_right))
-    else:
-        indices = routing.reshape(tokens, cfg.heads, cfg.topk).astype(index_dtype())
-    n = cfg.n_keys
-    scores = (jnp.take_along_axis(s_left, indices // n, axis=-1)
-              + jnp.take_along_axis(s_right, indices % n, axis=-1))
-    weights = _SCORE_WEIGHTS[cfg.score](scores)
+    # Routing, replicated over the axis: SPEC §3.2-§3.9, the one-device layer's own function.
+    new_state, indices, scores, weights = route(cfg, training, p, state, xf, valid, routing)
 
     columns, whole = PartitionSpec(None, axis), PartitionSpec()
     tables = tuple(p[name] for name in dot_tables(cfg))

@@ -169,22 +169,7 @@ def _forward(cfg, training, params, state, x, mask, routing, low=None):
         # SPEC §5: padding becomes zero by selection, so NaN/Inf there reaches neither pass.
         xf = jnp.where(valid[:, None], xf, jnp.zeros((), xf.dtype))
 
-    q = jnp.matmul(xf, p["query.kernel"], precision=HIGHEST)
-    if cfg.query_bias:
-        q = q + p["query.bias"]
-    q, new_state = _query_norm(cfg, p, state, q, valid, training)
-    queries = q.reshape(tokens, cfg.heads, cfg.d_key)
-
-    s_left = _sub_key_scores(cfg, queries[..., : cfg.d_half], p["keys.left"])
-    s_right = _sub_key_scores(cfg, queries[..., cfg.d_half :], p["keys.right"])
-    if routing is None:
-        indices = _product_key_topk(cfg, lax.stop_gradient(s_left), lax.stop_gradient(s_right))
-    else:
-        indices = routing.reshape(tokens, cfg.heads, cfg.topk).astype(index_dtype())
-    n = cfg.n_keys
-    scores = (jnp.take_along_axis(s_left, indices // n, axis=-1)
-              + jnp.take_along_axis(s_right, indices % n, axis=-1))
-    weights = _SCORE_WEIGHTS[cfg.score](scores)
+    new_state, indices, scores, weights = route(cfg, training, p, state, xf, valid, routing)
 
     bias = p["experts.bias"] if cfg.expert_bias else None
     gate = p["experts.gate"] if cfg.expert_glu else None
@@ -195,6 +180,31 @@ def _forward(cfg, training, params, state, x, mask, routing, low=None):
     routed = lead + (cfg.heads, cfg.topk)
     aux = {"indices": indices.reshape(routed), "scores": scores.reshape(routed), "weights": weights.reshape(routed)}
     return y.astype(out_dtype).reshape(lead + (cfg.d_out,)), new_state, aux
+
+
+def route(cfg, training, p, state, xf, valid, routing):
+    """Query, batch norm, product-key top-k and router weights (SPEC §3.2-§3.9, §4).
+
+    p: parameters in the compute dtype; xf (T, d_model), masked tokens already zeroed; valid (T,)
+    bool; routing (..., heads, topk) or None. Returns (new_state, indices, scores, weights), the
+    last three (T, heads, topk); only the selected scores carry gradient to the sub-keys.
+    """
+    tokens = xf.shape[0]
+    q = jnp.matmul(xf, p["query.kernel"], precision=HIGHEST)
+    if cfg.query_bias:
+        q = q + p["query.bias"]
+    q, new_state = _query_norm(cfg, p, state, q, valid, training)
+    queries = q.reshape(tokens, cfg.heads, cfg.d_key)
+    s_left = _sub_key_scores(cfg, queries[..., : cfg.d_half], p["keys.left"])
+    s_right = _sub_key_scores(cfg, queries[..., cfg.d_half :], p["keys.right"])
+    if routing is None:
+        indices = _product_key_topk(cfg, lax.stop_gradient(s_left), lax.stop_gradient(s_right))
+    else:
+        indices = routing.reshape(tokens, cfg.heads, cfg.topk).astype(index_dtype())
+    n = cfg.n_keys
+    scores = (jnp.take_along_axis(s_left, indices // n, axis=-1)
+              + jnp.take_along_axis(s_right, indices % n, axis=-1))
+    return new_state, indices, scores, _SCORE_WEIGHTS[cfg.score](scores)
 
 
 def _query_norm(cfg, p, state, q, valid, training):

@@ -43,17 +43,7 @@ from peer_ref import checks
 from peer_ref.errors import PEERInputError
 
 from .core import dtype_name
-from .peer import (
-    _activation,
-    _DownProjection,
-    _product_key_topk,
-    _query_norm,
-    _score_weights,
-    _SelectedScores,
-    _sub_key_scores,
-    _UpProjection,
-    expert_groups,
-)
+from .peer import _activation, _DownProjection, _UpProjection, expert_groups, route
 
 # Tables of (N, width) rows sharded by columns. The first kind is dotted with x (their partial
 # dots are summed over the mesh in one all-reduce); the second is summed into the output.
@@ -156,19 +146,8 @@ def sharded_forward_tensors(mesh, cfg, training, params, state, x, mask, routing
     if mask is not None:
         xf = torch.where(valid[:, None], xf, 0)  # SPEC §5
 
-    # Routing, replicated: SPEC §3.2-§3.8 as in peer.forward_tensors.
-    q = xf @ p["query.kernel"]
-    if cfg.query_bias:
-        q = q + p["query.bias"]
-    q, new_state = _query_norm(cfg, p, state, q, valid, training)
-    queries = q.reshape(tokens, cfg.heads, cfg.d_key)
-    with torch.no_grad():
-        sub_scores = _sub_key_scores(cfg, p, queries)
-        indices = (_product_key_topk(cfg, sub_scores) if routing is None
-                   else routing.reshape(tokens, cfg.heads, cfg.topk).to(torch.int64))
-    halves = torch.stack((indices // cfg.n_keys, indices % cfg.n_keys))
-    scores = _SelectedScores.apply(queries, p["keys.left"], p["keys.right"], halves, sub_scores)
-    weights = _score_weights(cfg.score, scores)
+    # Routing, replicated: SPEC §3.2-§3.9, the one-device layer's own function.
+    new_state, indices, scores, weights = route(cfg, training, p, state, xf, valid, routing)
     flat = indices.reshape(tokens, cfg.heads * cfg.topk)
     groups = expert_groups(flat, cfg.n_experts)
 

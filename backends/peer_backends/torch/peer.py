@@ -563,6 +563,38 @@ def _read_rows(table, flat, low):
     return _RoundThrough.apply(F.embedding(flat, table), low)
 
 
+def _expert_bias(bias, flat, groups):
+    """bias[flat], (T, heads*topk), read through the row-dot op (a (N, 1) table dotted with ones):
+    its gradient is then the op's grouped sum, where a plain index's backward (an index_put into
+    the (N,) gradient) is miscompiled by inductor's CPU code generator when N = 1."""
+    return _DownProjection.apply(bias.new_ones((flat.shape[0], 1)), bias[:, None], flat, groups)
+
+
+def route(cfg, training, p, state, xf, valid, routing):
+    """Query, batch norm, product-key top-k and router weights (SPEC §3.2-§3.9, §4).
+
+    p: parameters in the compute dtype; xf (T, d_model), masked tokens already zeroed; valid (T,)
+    bool or None; routing (..., heads, topk) or None. Returns (new_state, indices, scores,
+    weights), the last three (T, heads, topk); scores carry the gradient of the selected sub-keys.
+    """
+    tokens = xf.shape[0]
+    q = xf @ p["query.kernel"]
+    if cfg.query_bias:
+        q = q + p["query.bias"]
+    q, new_state = _query_norm(cfg, p, state, q, valid, training)
+    queries = q.reshape(tokens, cfg.heads, cfg.d_key)
+    with torch.no_grad():  # _SelectedScores carries the gradient of the selected scores
+        sub_scores = _sub_key_scores(cfg, p, queries)
+        if routing is None:
+            indices = _product_key_topk(cfg, sub_scores)
+        else:
+            indices = torch.ops.peer.checked_routing(routing.reshape(tokens, cfg.heads, cfg.topk), cfg.n_experts)
+    n = cfg.n_keys
+    halves = torch.stack((indices // n, indices % n))
+    scores = _SelectedScores.apply(queries, p["keys.left"], p["keys.right"], halves, sub_scores)
+    return new_state, indices, scores, _score_weights(cfg.score, scores)
+
+
 def forward_tensors(cfg, training, params, state, x, mask, routing, low=None):
     """The forward pass on validated tensors (all on x's device).
 
@@ -580,21 +612,7 @@ def forward_tensors(cfg, training, params, state, x, mask, routing, low=None):
     if mask is not None:
         xf = torch.where(valid[:, None], xf, 0)  # §5: padding is inert, NaN padding included, in both passes
 
-    q = xf @ p["query.kernel"]
-    if cfg.query_bias:
-        q = q + p["query.bias"]
-    q, new_state = _query_norm(cfg, p, state, q, valid, training)
-    queries = q.reshape(tokens, cfg.heads, cfg.d_key)
-    with torch.no_grad():  # _SelectedScores carries the gradient of the selected scores
-        sub_scores = _sub_key_scores(cfg, p, queries)
-        if routing is None:
-            indices = _product_key_topk(cfg, sub_scores)
-        else:
-            indices = torch.ops.peer.checked_routing(routing.reshape(tokens, cfg.heads, cfg.topk), cfg.n_experts)
-    n = cfg.n_keys
-    halves = torch.stack((indices // n, indices % n))
-    scores = _SelectedScores.apply(queries, p["keys.left"], p["keys.right"], halves, sub_scores)
-    weights = _score_weights(cfg.score, scores)
+    new_state, indices, scores, weights = route(cfg, training, p, state, xf, valid, routing)
 
     flat = indices.reshape(tokens, cfg.heads * cfg.topk)
     if low is None:
@@ -604,7 +622,7 @@ def forward_tensors(cfg, training, params, state, x, mask, routing, low=None):
         down = lambda name: torch.einsum("td,tjd->tj", xf, _read_rows(p[name], flat, low))  # noqa: E731
     pre = down("experts.down")
     if cfg.expert_bias:
-        pre = pre + p["experts.bias"][flat]
+        pre = pre + _expert_bias(p["experts.bias"], flat, groups if low is None else None)
     hidden = _activation(cfg.activation, pre)
     if cfg.expert_glu:  # SPEC §3.10: a linear gate read like the down projection
         hidden = hidden * down("experts.gate")
@@ -619,9 +637,6 @@ def forward_tensors(cfg, training, params, state, x, mask, routing, low=None):
 
 
 _COMPILED: dict = {}
-# Compiled (config, training, mask?, routing?, dtype) combinations one process may hold before
-# dynamo falls back to eager for further ones (see _dynamic_tokens).
-RECOMPILE_LIMIT = 256
 
 
 def clear_caches():
@@ -653,10 +668,10 @@ def _dynamic_tokens(cfg, compiled):
                 torch._dynamo.maybe_mark_dynamic(value, 0)
         # Every compiled config shares one code object, hence one dynamo cache: left to automatic
         # dynamic shapes, a second config would turn the config's ints (topk, n_experts) symbolic
-        # and break the graph; and past dynamo's default of 8 entries a code object falls back to
-        # eager. Only the token dimension marked above is dynamic; each config, mode and dtype is
-        # one entry, up to RECOMPILE_LIMIT.
-        with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=RECOMPILE_LIMIT):
+        # and break the graph. Only the token dimension marked above is dynamic; each config, mode
+        # and dtype is one cache entry, and past torch._dynamo.config.recompile_limit entries (8 by
+        # default) dynamo runs further ones eagerly, as it does for any function.
+        with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
             return compiled(params, state, *flat)
 
     return run
