@@ -24,13 +24,18 @@ capabilities : frozenset[str]
 init(cfg, seed=0, dtype=None) -> (params, state)
     Native arrays keyed by canonical names, drawn from the distributions of SPEC §8.
     ``dtype`` None means the backend's default ("float32"; "float64" for numpy).
-apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None)
+apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None,
+      implementation=None)
     -> (y, new_state, aux). ``compute_dtype`` None (or the parameters' dtype) is the default
     mode; a low dtype name with float32 parameters is the mixed mode (SPEC §10.3). ``jit`` None = the backend's default path, True = the
     compiled path (torch.compile / jax.jit / tf.function(jit_compile=True)), False = eager.
+    ``implementation`` names the kernels of the expert stage and its backward (one of the
+    backend's ``implementations``): None picks the best available for the device, a name forces
+    one, and one that cannot run here raises PEERConfigError naming those that can.
     aux holds "indices" (an integer dtype: int64, or int32 where the framework has no
     int64 enabled), "scores" and "weights", each (..., heads, topk).
-vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None)
+vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None,
+    implementation=None)
     -> (grads, dx), computed with the framework's own autodiff. grads has every
     trainable parameter under its canonical name.
 from_numpy(tree), to_numpy(tree)
@@ -39,6 +44,14 @@ from_numpy(tree), to_numpy(tree)
 layer(cfg, **kwargs)
     The framework's idiomatic layer (nn.Module, Flax module, Keras layer, ...), whose
     parameters and statistics carry the canonical names.
+
+Optional, for a backend with more than one implementation of the expert stage:
+
+implementations : tuple[str, ...]
+    Every implementation name the backend knows, the default first where it can run: numpy
+    ("numpy",), torch ("aten", "triton"), jax ("xla", "pallas"), tensorflow ("tensorflow",).
+    apply and vjp then take ``implementation=`` (above); the conformance suite runs against
+    one with ``--peer-implementation NAME``.
 
 Optional hooks, called by the conformance suite when present:
 

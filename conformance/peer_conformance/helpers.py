@@ -69,6 +69,24 @@ def prepare(backend):
     return backend
 
 
+def with_implementation(backend, implementation: str):
+    """The backend with ``implementation=`` passed by every apply and vjp call (unless the call
+    passes its own); fails the run at once if the backend does not offer that implementation."""
+    import functools
+    import types
+
+    offered = getattr(backend, "implementations", ())
+    if implementation not in offered:
+        pytest.fail(f"--peer-implementation {implementation!r}, but backend {backend.name!r} offers "
+                    f"{list(offered)}", pytrace=False)
+    wrapped = types.SimpleNamespace(**{name: getattr(backend, name) for name in dir(backend)
+                                       if not name.startswith("__")})
+    wrapped.apply = functools.partial(backend.apply, implementation=implementation)
+    wrapped.vjp = functools.partial(backend.vjp, implementation=implementation)
+    wrapped.implementation = implementation
+    return wrapped
+
+
 def needs(backend, capability: str) -> None:
     """Skip unless the backend declares ``capability``."""
     if capability not in backend.capabilities:

@@ -7,6 +7,7 @@ profiles and the ``backend`` fixture, and imports no framework until a test asks
     pytest --pyargs peer_conformance --peer-backend torch      # one backend
     pytest --pyargs peer_conformance --peer-backend all        # every installed backend
     pytest --pyargs peer_conformance --peer-backend my_pkg.peer_backend   # a third party's
+    pytest --pyargs peer_conformance --peer-backend torch --peer-implementation triton   # one kernel path
 
 The backend defaults to $PEER_BACKEND. Hypothesis profiles: ``dev`` (quick), ``ci``
 (200 examples for the core properties, derandomized), ``thorough``; pick one with
@@ -41,6 +42,13 @@ def pytest_addoption(parser):
         help="backend under test: a built-in name (numpy, torch, jax, tensorflow), 'all' for every "
         "installed one, or the dotted path of a module implementing peer_backends.contract "
         "(default: $PEER_BACKEND)",
+    )
+    group.addoption(
+        "--peer-implementation",
+        default=None,
+        help="expert-stage implementation every apply/vjp call of the suite passes "
+        "(implementation=NAME, one of the backend's `implementations`; default: none passed, "
+        "the backend picks)",
     )
     group.addoption(
         "--peer-divergences",
@@ -105,8 +113,11 @@ def backend(request):
     missing = [attr for attr in ATTRIBUTES if not hasattr(be, attr)]
     if missing:
         pytest.fail(f"backend {request.param!r} lacks contract attributes {missing}", pytrace=False)
-    from .helpers import prepare
+    from .helpers import prepare, with_implementation
 
+    implementation = request.config.getoption("--peer-implementation")
+    if implementation is not None:
+        be = with_implementation(be, implementation)
     return prepare(be)
 
 
@@ -124,6 +135,9 @@ def pytest_report_header(config):
             lines.append(f"peer backend: {be.name} (framework {be.version}; capabilities {caps})")
         except Exception as err:  # report, the fixture will fail the tests with the same error
             lines.append(f"peer backend: {name} (unavailable: {err})")
+    implementation = config.getoption("--peer-implementation")
+    if implementation is not None:
+        lines.append(f"peer implementation: {implementation}")
     lines.append(f"hypothesis profile: {settings.get_current_profile_name()}")
     return lines
 

@@ -127,3 +127,38 @@ def test_bad_input_raises_like_the_reference(backend, scenario, entry):
     assert str(got.value) == str(expected.value), (
         f"{backend.name}.{entry} raised {got.value!s}, but should say {expected.value!s} [{scenario}]"
     )
+
+
+def _needs_implementations(backend):
+    if not hasattr(backend, "implementations"):
+        pytest.skip(f"backend {backend.name!r} offers no choice of implementation (no 'implementations')")
+
+
+@pytest.mark.parametrize("entry", ["apply", "vjp"])
+@pytest.mark.parametrize("implementation", ["no-such-kernels", 3])
+def test_unknown_implementation_is_refused(backend, entry, implementation):
+    """``implementation=`` (the contract): a name the backend does not offer raises PEERConfigError
+    naming the argument, the value and the backend's implementations."""
+    if entry == "vjp" and "grad" not in backend.capabilities:
+        pytest.skip(f"backend {backend.name!r} does not declare capability 'grad'")
+    _needs_implementations(backend)
+    args = _valid()
+    fn = getattr(backend, entry)
+    fn = getattr(fn, "func", fn)  # the suite may pass its own implementation= by default
+    common = dict(training=False, implementation=implementation)
+    call = [args["cfg"], *(backend.from_numpy(args[k]) for k in ("params", "state", "x"))]
+    if entry == "vjp":
+        call.append(backend.from_numpy(args["dy"]))
+    with pytest.raises(peer_ref.PEERConfigError) as got:
+        fn(*call, **common)
+    message = str(got.value)
+    assert f"implementation={implementation!r}" in message and all(
+        name in message for name in backend.implementations), message
+
+
+def test_implementations_are_named(backend):
+    """``implementations`` is a non-empty tuple of distinct names (the contract)."""
+    _needs_implementations(backend)
+    names = backend.implementations
+    assert isinstance(names, tuple) and names and len(set(names)) == len(names), names
+    assert all(isinstance(n, str) and n for n in names), names

@@ -8,6 +8,7 @@ import jax
 
 from . import layer as _layer_module
 from .core import from_numpy, to_numpy, version
+from .peer import IMPLEMENTATIONS as implementations
 from .peer import apply, init, vjp
 
 name = "jax"
@@ -30,4 +31,4 @@ def clear_caches() -> None:
     jax.clear_caches()
 
 
-__all__ = ["apply", "capabilities", "clear_caches", "enable_float64", "from_numpy", "init", "layer", "name", "to_numpy", "version", "vjp"]
+__all__ = ["apply", "capabilities", "implementations", "clear_caches", "enable_float64", "from_numpy", "init", "layer", "name", "to_numpy", "version", "vjp"]

@@ -21,7 +21,16 @@ import peer_ref
 from peer_ref import checks
 from peer_ref.errors import PEERInputError
 
+from .._implementation import choose
 from .core import dtype_name, index_dtype, require_x64
+
+# Kernels of the expert stage, the default first: "xla" is XLA's own (gathers and segment sums).
+IMPLEMENTATIONS = ("xla",)
+
+
+def implementation_for(implementation) -> str:
+    """The implementation to run on JAX's default device (see peer_backends._implementation)."""
+    return choose("jax", implementation, {"xla": None}, list(IMPLEMENTATIONS))
 
 # float32 means float32 (SPEC §10.1): on GPUs XLA would otherwise use TF32 in matrix products.
 HIGHEST = lax.Precision.HIGHEST
@@ -82,14 +91,18 @@ def _draw(cfg, dtype, key):
 
 # ---------------------------------------------------------------------------- public calls
 
-def apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None):
+def apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None,
+          implementation=None):
     _validate(cfg, params, state, x, training, mask, routing, compute_dtype=compute_dtype)
+    implementation_for(implementation)
     run = _forward if jit is False else _forward_jit
     return run(cfg, bool(training), params, state, x, mask, routing, low=low_dtype(params, compute_dtype))
 
 
-def vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None):
+def vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None,
+        implementation=None):
     _validate(cfg, params, state, x, training, mask, routing, dy, compute_dtype=compute_dtype)
+    implementation_for(implementation)
     run = _vjp if jit is False else _vjp_jit
     return run(cfg, bool(training), params, state, x, dy, mask, routing, low=low_dtype(params, compute_dtype))
 

@@ -2,10 +2,11 @@
 
 from . import layer as _layer_module
 from .core import from_numpy, to_numpy, version
+from .peer import IMPLEMENTATIONS as implementations
 from .peer import apply, init, vjp
 
 name = "numpy"
 capabilities = frozenset({"float64", "float32", "grad", "mixed"})
 layer = _layer_module.PEERLayer
 
-__all__ = ["apply", "capabilities", "from_numpy", "init", "layer", "name", "to_numpy", "version", "vjp"]
+__all__ = ["apply", "capabilities", "implementations", "from_numpy", "init", "layer", "name", "to_numpy", "version", "vjp"]

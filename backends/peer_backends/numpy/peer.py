@@ -1,6 +1,14 @@
 import peer_ref
 from peer_ref.errors import PEERConfigError
 
+from .._implementation import choose
+
+IMPLEMENTATIONS = ("numpy",)
+
+
+def _implementation(implementation):
+    return choose("numpy", implementation, {"numpy": None}, list(IMPLEMENTATIONS))
+
 
 def _no_jit(jit):
     if jit:
@@ -11,13 +19,17 @@ def init(cfg, seed=0, dtype=None):
     return peer_ref.init(cfg, seed=seed, dtype=dtype or "float64")
 
 
-def apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None):
+def apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None,
+          implementation=None):
     _no_jit(jit)
+    _implementation(implementation)
     return peer_ref.forward(cfg, params, state, x, training=training, mask=mask, routing=routing,
                             compute_dtype=compute_dtype)
 
 
-def vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None):
+def vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None,
+        implementation=None):
     _no_jit(jit)
+    _implementation(implementation)
     return peer_ref.vjp(cfg, params, state, x, dy, training=training, mask=mask, routing=routing,
                         compute_dtype=compute_dtype)

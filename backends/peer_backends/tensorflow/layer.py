@@ -4,7 +4,7 @@ import tensorflow as tf
 from peer_ref import PEERConfig, checks
 
 from .core import dtype_name, from_numpy
-from .peer import forward, init
+from .peer import check_implementation, float32_means_float32, forward, init
 
 
 @keras.saving.register_keras_serializable(package="peer")
@@ -39,11 +39,15 @@ class PEER(keras.layers.Layer):
     (``cfg.to_dict()``), the seed and the dtype, so a model holding the layer round-trips
     through ``model.save("m.keras")`` / ``keras.models.load_model`` with its weights and
     statistics bit-exact.
+
+    ``implementation``: the expert-stage kernels, None or "tensorflow" (the only one; see the
+    functional API's ``implementation=``).
     """
 
-    def __init__(self, cfg: PEERConfig, seed: int = 0, dtype=None, **kwargs):
+    def __init__(self, cfg: PEERConfig, seed: int = 0, dtype=None, implementation=None, **kwargs):
         super().__init__(dtype=dtype, **kwargs)
-        self.cfg, self.seed = cfg, seed
+        check_implementation(implementation)
+        self.cfg, self.seed, self.implementation = cfg, seed, implementation
         self.param_dtype = checks.check_dtype_name(self.dtype_policy.variable_dtype)
         compute = self.dtype_policy.compute_dtype
         # float32 variables with a bfloat16/float16 compute dtype: the mixed mode (SPEC §10.3).
@@ -67,6 +71,7 @@ class PEER(keras.layers.Layer):
         cfg, training = self.cfg, bool(training) and self.trainable
         meta = lambda v: None if v is None else (tuple(v.shape), dtype_name(v))  # noqa: E731
         low = self.mixed_dtype
+        float32_means_float32()
         checks.check_call(cfg, self.param_dtype, meta(x), training, meta(mask), meta(routing), compute_dtype=low)
         flat = lambda t, tail: None if t is None else tf.reshape(t, (-1,) + tail)  # noqa: E731
         y, new_state, _ = forward(cfg, self._params, self._state, flat(x, (cfg.d_model,)), training,
@@ -99,7 +104,8 @@ class PEER(keras.layers.Layer):
 
     def get_config(self):
         # super()'s config carries the dtype policy, serialised as Keras does for its own layers.
-        return {**super().get_config(), "cfg": self.cfg.to_dict(), "seed": self.seed}
+        return {**super().get_config(), "cfg": self.cfg.to_dict(), "seed": self.seed,
+                "implementation": self.implementation}
 
     @classmethod
     def from_config(cls, config):

@@ -19,7 +19,11 @@ import peer_ref
 from peer_ref import checks
 from peer_ref.errors import PEERInputError
 
+from .._implementation import choose
 from .core import dtype_name
+
+# The expert stage runs on TensorFlow's own kernels (XLA-compiled on the default path).
+IMPLEMENTATIONS = ("tensorflow",)
 
 TF_DTYPES = {"float64": tf.float64, "float32": tf.float32, "bfloat16": tf.bfloat16, "float16": tf.float16}
 
@@ -46,18 +50,20 @@ def init(cfg, seed=0, dtype=None):
     return params, state
 
 
-def apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None):
+def apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None,
+          implementation=None):
     lead, dtype, training, args, low = _prepare(cfg, params, state, x, training, mask, routing,
-                                                compute_dtype=compute_dtype)
+                                                compute_dtype=compute_dtype, implementation=implementation)
     fn = _compiled_apply(cfg, training, mask is not None, routing is not None, dtype, **_mixed(low))
     y, new_state, aux = (fn.python_function if jit is False else fn)(*args)
     aux = {key: tf.reshape(value, lead + (cfg.heads, cfg.topk)) for key, value in aux.items()}
     return tf.reshape(y, lead + (cfg.d_out,)), new_state, aux
 
 
-def vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None):
+def vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None,
+        implementation=None):
     lead, dtype, training, args, low = _prepare(cfg, params, state, x, training, mask, routing, dy,
-                                                compute_dtype=compute_dtype)
+                                                compute_dtype=compute_dtype, implementation=implementation)
     fn = _compiled_vjp(cfg, training, mask is not None, routing is not None, dtype, **_mixed(low))
     grads, dx = (fn.python_function if jit is False else fn)(*args)
     return grads, tf.reshape(dx, lead + (cfg.d_model,))
@@ -84,9 +90,25 @@ def compute_dtype_name(compute_dtype):
     return compute_dtype
 
 
-def _prepare(cfg, params, state, x, training, mask, routing, dy=None, compute_dtype=None):
+def check_implementation(implementation) -> str:
+    """The implementation to run (only "tensorflow"); see peer_backends._implementation."""
+    return choose("tensorflow", implementation, {"tensorflow": None}, list(IMPLEMENTATIONS))
+
+
+def float32_means_float32() -> None:
+    """Switch off TensorFloat-32 in TensorFlow's matrix products (process-wide): SPEC §10.1's
+    float32 is float32, which GPUs from Ampere on would otherwise round to a 10-bit mantissa.
+    (JAX asks per product, ``precision=HIGHEST``; TensorFlow has only this switch.) Called by
+    every apply, vjp and layer call; a no-op after the first."""
+    if tf.config.experimental.tensor_float_32_execution_enabled():
+        tf.config.experimental.enable_tensor_float_32_execution(False)
+
+
+def _prepare(cfg, params, state, x, training, mask, routing, dy=None, compute_dtype=None, implementation=None):
     """Validate like the reference; return (leading shape, dtype name, training, flat arguments,
     the mixed mode's low dtype name or None)."""
+    check_implementation(implementation)
+    float32_means_float32()
     for arg, tree in (("params", params), ("state", state)):
         if not isinstance(tree, dict):
             raise PEERInputError(f"{arg} is {type(tree).__name__}, but expected a dict of arrays")

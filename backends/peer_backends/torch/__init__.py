@@ -4,6 +4,7 @@ import torch as _torch
 
 from . import layer as _layer_module
 from .core import from_numpy, to_numpy, version
+from .peer import IMPLEMENTATIONS as implementations
 from .peer import apply, clear_caches, init, vjp
 
 name = "torch"
@@ -12,4 +13,4 @@ capabilities = frozenset(
 )
 layer = _layer_module.PEER
 
-__all__ = ["apply", "capabilities", "clear_caches", "from_numpy", "init", "layer", "name", "to_numpy", "version", "vjp"]
+__all__ = ["apply", "capabilities", "implementations", "clear_caches", "from_numpy", "init", "layer", "name", "to_numpy", "version", "vjp"]

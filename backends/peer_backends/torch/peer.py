@@ -9,7 +9,16 @@ import peer_ref
 from peer_ref import checks
 from peer_ref.errors import PEERInputError
 
+from .._implementation import choose
 from .core import dtype_name, torch_dtype
+
+# Kernels of the expert stage, the default first: "aten" is PyTorch's own (embedding-bag) kernels.
+IMPLEMENTATIONS = ("aten",)
+
+
+def implementation_for(implementation, device) -> str:
+    """The implementation to run for tensors on ``device`` (see peer_backends._implementation)."""
+    return choose("torch", implementation, {"aten": None}, list(IMPLEMENTATIONS))
 
 
 def init(cfg, seed=0, dtype=None, device=None):
@@ -689,8 +698,10 @@ def _aux(cfg, lead, indices, scores, weights):
             "weights": weights.detach().reshape(shape)}
 
 
-def apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None):
+def apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None,
+          implementation=None):
     lead = validate(cfg, params, state, x, training, mask, routing, compute_dtype=compute_dtype)
+    implementation_for(implementation, x.device)
     low = low_dtype(params, compute_dtype)
     params, state, mask, routing = _to_device(x.device, params, state, mask, routing)
     run = _runner(cfg, bool(training), mask is not None, routing is not None, jit, low)
@@ -699,8 +710,10 @@ def apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit
     return y.reshape(lead + (cfg.d_out,)), new_state, _aux(cfg, lead, indices, scores, weights)
 
 
-def vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None):
+def vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None,
+        implementation=None):
     lead = validate(cfg, params, state, x, training, mask, routing, dy, compute_dtype=compute_dtype)
+    implementation_for(implementation, x.device)
     low = low_dtype(params, compute_dtype)
     params, state, mask, routing = _to_device(x.device, params, state, mask, routing)
     leaves = {name: value.detach().requires_grad_(True) for name, value in params.items()}
