@@ -290,3 +290,12 @@ def test_devices_flag_is_checked():
         main(["--preset", "smoke", "--devices", "1"])
     with pytest.raises(SystemExit):
         main(["--preset", "smoke", "--devices", "2", "--backends", "numpy"])
+
+
+def test_gpu_preset_is_training_sized():
+    """The gpu preset: d_model=1024, N=1024², heads=8, topk=16, d_key=128, 32768 tokens per call,
+    with a token sweep from 2048 to 65536 in the default run."""
+    preset = PRESETS["gpu"]
+    assert preset.case == Case(d_model=1024, n_experts=1024**2, heads=8, topk=16, d_key=128, tokens=32768)
+    assert preset.sweep_reduced["tokens"][0] == 2048 and preset.sweep_reduced["tokens"][-1] == 65536
+    assert preset.case.tokens in preset.sweep_reduced["tokens"]

@@ -59,6 +59,10 @@ implementations : tuple[str, ...]
     apply and vjp then take ``implementation=`` (above); the conformance suite runs against
     one with ``--peer-implementation NAME``.
 
+default_path : str
+    "eager" or "compiled": the path ``jit=None`` runs. Where given, the conformance suite checks
+    that path once (every module runs it) rather than twice.
+
 Optional hooks, called by the conformance suite when present:
 
 enable_float64()
