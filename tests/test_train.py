@@ -1,5 +1,5 @@
-"""peer_train: a few-step smoke test per framework, determinism, resuming, the transfer
-experiment, reports and every bad flag. Small sizes only; nothing here is timed."""
+"""peer_train: a few-step smoke test per framework, determinism, resuming, mixed precision, the
+transfer experiment, reports and every bad flag. Small sizes only; nothing here is timed."""
 
 import dataclasses
 import json
@@ -133,11 +133,11 @@ def test_loss_falls_and_metrics_are_in_range(corpus, backend):
     assert record["train_flops"] == 30 * 8 * 32 * TINY.train_flops_per_token()
 
 
-@pytest.mark.parametrize("backend", ["torch", "jax"])
-def test_same_seed_same_losses_and_resume_reproduces_them(corpus, backend, tmp_path):
+@pytest.mark.parametrize("backend, precision", [("torch", "float32"), ("jax", "float32"), ("torch", "bfloat16")])
+def test_same_seed_same_losses_and_resume_reproduces_them(corpus, backend, precision, tmp_path):
     if backend == "jax":
         pytest.importorskip("flax")
-    cfg = _train_cfg(steps=12, eval_every=6)
+    cfg = _train_cfg(steps=12, eval_every=6, precision=precision)
     whole = run(TINY, cfg, corpus, backend=backend)
     stopped = run(TINY, cfg, corpus, backend=backend, out_dir=tmp_path, checkpoint_every=5, stop_after=7)
     assert stopped["losses"] == whole["losses"][:7] and "val_bpb" not in stopped
@@ -145,11 +145,65 @@ def test_same_seed_same_losses_and_resume_reproduces_them(corpus, backend, tmp_p
     assert resumed["losses"] == whole["losses"]
     assert resumed["evals"] == whole["evals"]
     assert resumed["routing"] == whole["routing"]
-    if backend == "torch":  # each JAX engine compiles afresh; the rest is framework-independent
+    # each JAX engine compiles afresh; the rest is framework- and precision-independent
+    if (backend, precision) == ("torch", "float32"):
         other = run(TINY, _train_cfg(steps=3, seed=1), corpus, backend=backend)
         assert other["losses"][:3] != whole["losses"][:3]
         with pytest.raises(ResumeError, match="other settings"):
             run(TINY, _train_cfg(steps=13, eval_every=6), corpus, backend=backend, out_dir=tmp_path, resume=True)
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_bfloat16_training_keeps_float32_weights_and_runs_peer_in_its_mixed_mode(corpus, backend, tmp_path):
+    if backend == "jax":
+        pytest.importorskip("flax")
+    record = run(TINY, _train_cfg(precision="bfloat16"), corpus, backend=backend, out_dir=tmp_path,
+                 checkpoint_every=30, keep_engine=True)
+    eng, losses = record.pop("engine"), record["losses"]
+    assert record["precision"] == record["train"]["precision"] == "bfloat16"
+    assert all(math.isfinite(x) for x in losses) and np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5
+    assert record["evals"][-1]["val_bpb"] < record["evals"][0]["val_bpb"]
+    batch = data.train_batch(corpus.train, 0, 99, 8, TINY.seq)
+    if backend == "torch":
+        import torch
+
+        seen = []
+        hook = eng.peer_layer(1).register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, out.dtype)))
+        try:
+            eng.step(batch)  # a training step: forward under autocast, backward outside it
+        finally:
+            hook.remove()
+        # the PEER layer read float32 LayerNorm output and answered in bfloat16 (SPEC §10.3)
+        assert seen == [(torch.float32, torch.bfloat16)]
+        assert {p.dtype for p in eng.model.parameters()} == {torch.float32}
+        assert {p.grad.dtype for p in eng.model.parameters() if p.grad is not None} == {torch.float32}
+        assert {v.dtype for v in eng.opt.state_dict()["state"][0].values() if v.ndim} == {torch.float32}
+        stored = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["engine"]["model"]
+        assert {v.dtype for v in stored.values()} == {torch.float32}
+    else:
+        import jax
+        import jax.numpy as jnp
+        from flax import nnx
+
+        logits, routed = eng.model(jnp.asarray(batch[:, :-1]))
+        (h, y, _, weights), = routed.values()
+        assert (h.dtype, y.dtype, weights.dtype, logits.dtype) == (jnp.float32, jnp.bfloat16, jnp.float32,
+                                                                   jnp.bfloat16)
+        assert {p.dtype for p in jax.tree.leaves(nnx.state(eng.model, nnx.Param))} == {jnp.dtype("float32")}
+        with np.load(tmp_path / "checkpoint.npz") as stored:
+            assert {stored[k].dtype for k in stored.files if k.startswith("['model']")} == {np.dtype("float32")}
+
+
+def test_float16_training_scales_the_loss_and_resumes(corpus, tmp_path):
+    cfg = _train_cfg(steps=8, eval_every=4, precision="float16")
+    whole = run(TINY, cfg, corpus, keep_engine=True)
+    assert whole.pop("engine").scaler.is_enabled()
+    assert np.mean(whole["losses"][-3:]) < np.mean(whole["losses"][:3])
+    run(TINY, cfg, corpus, out_dir=tmp_path, checkpoint_every=4, stop_after=5)
+    resumed = run(TINY, cfg, corpus, out_dir=tmp_path, checkpoint_every=4, resume=True)
+    assert resumed["losses"] == whole["losses"] and resumed["precision"] == "float16"
+    with pytest.raises(ResumeError, match="other settings"):  # a float16 checkpoint is not a float32 run's
+        run(TINY, _train_cfg(steps=8, eval_every=4), corpus, out_dir=tmp_path, resume=True)
 
 
 def test_every_block_can_be_peer(corpus):
@@ -218,11 +272,28 @@ def test_cli_trains_and_writes_its_record(tmp_path, capsys):
     assert record["environment"]["python"] and "torch" in record["environment"]["versions"]
     assert (out / "checkpoint.pt").exists()
     assert "val bpb" in capsys.readouterr().err
+    assert record["precision"] == record["train"]["precision"] == "float32"
+
+
+def test_cli_precision_flag_trains_bf16_and_resumes_only_the_same_precision(tmp_path, capsys):
+    out, flags = tmp_path / "run", [*TINY_FLAGS, "--eval-every", "2", "--no-progress", "--checkpoint-every", "2"]
+    assert main(["train", *flags, "--steps", "2", "--out", str(out), "--precision", "bf16"]) == 0
+    record = json.loads((out / "train.json").read_text())
+    assert record["precision"] == record["train"]["precision"] == "bfloat16"
+    assert "--precision bf16" in record["environment"]["command"]
+    assert main(["train", *flags, "--steps", "2", "--out", str(out), "--precision", "bfloat16", "--resume"]) == 0
+    assert json.loads((out / "train.json").read_text())["losses"] == record["losses"]
+    capsys.readouterr()
+    assert main(["train", *flags, "--steps", "2", "--out", str(out), "--resume"]) == 2
+    assert "other settings" in capsys.readouterr().err.replace("\n", "")
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["train", "--precision", "bf16"], "--precision bf16: not supported yet"),
-    (["train", "--precision", "fp64"], "--precision 'fp64', but expected float32"),
+    (["train", "--precision", "fp64"], "--precision 'fp64', but expected one of float32 (fp32), bf16 (bfloat16) "
+                                       "or fp16 (float16)"),
+    (["train", "--precision", "fp16", "--backend", "jax"], "--precision fp16 with --backend jax, but expected "
+                                                           "float32 or bf16: float16 training needs loss scaling"),
+    (["usage", "--precision", "float16", "--backend", "jax"], "--precision float16 with --backend jax"),
     (["train", "--threads", "0"], "--threads 0, but expected an int >= 1"),
     (["train", "--seed", "-1"], "--seed -1, but expected an int >= 0"),
     (["train", "--steps", "0"], "steps=0, but expected an int >= 1"),

@@ -4,7 +4,11 @@
     python -m peer_train isoflop | usage | transfer | all [--quick] [--out DIR]
 
 Every command takes --data, --device, --backend, --threads, --seed, --out, --precision and
---no-progress; the experiments also take --quick. Bad flags and unreadable data exit with status 2 and one line naming the flag,
+--no-progress; the experiments also take --quick. --precision float32 (default) trains in float32;
+bf16 trains in mixed precision: float32 weights and optimiser state, the forward's matmuls and the
+PEER layers in bfloat16 (torch.autocast in torch, dtype=bfloat16 with param_dtype=float32 in Flax;
+SPEC §10.3), the loss in float32; fp16 is the same in float16 with torch.amp.GradScaler loss
+scaling, torch only. Bad flags and unreadable data exit with status 2 and one line naming the flag,
 the value and what was expected.
 """
 
@@ -20,13 +24,11 @@ from pathlib import Path
 
 from peer_ref.config import QUERY_NORMS
 
-from .config import FFNS, PEER_BLOCKS, ConfigError, ModelConfig, TrainConfig
+from .config import FFNS, PEER_BLOCKS, PRECISION_ALIASES, ConfigError, ModelConfig, TrainConfig
 from .data import DataError
 from .train import BACKENDS, DEVICES, ResumeError
 
 EXPERIMENTS = ("isoflop", "usage", "transfer")
-PRECISIONS = ("float32", "fp32")
-UNSUPPORTED_PRECISIONS = ("bfloat16", "bf16", "float16", "fp16", "mixed")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -44,8 +46,11 @@ def parser() -> argparse.ArgumentParser:
                         help="CPU threads per framework (default 1: these models' operations are too small "
                              "for threads to pay, and extra threads slow a shared machine down badly)")
     common.add_argument("--seed", type=int, default=None, help="seed (default 0; isoflop: its size's seeds)")
-    common.add_argument("--precision", default="float32",
-                        help="float32 only: bf16/fp16 need autocast support in the PEER layers, not there yet")
+    common.add_argument("--precision", default="float32", metavar="{float32,bf16,fp16}",
+                        help="float32 (default; alias fp32); bf16 (alias bfloat16): mixed precision with float32 "
+                             "weights, the forward under torch.autocast / Flax dtype=bfloat16 and the PEER layers "
+                             "in their mixed mode (SPEC 10.3), the loss in float32; fp16 (alias float16): the same "
+                             "in float16 with torch.amp.GradScaler loss scaling, --backend torch only"),
     common.add_argument("--no-progress", action="store_true", help="no progress bar")
     train = sub.add_parser("train", parents=[common], help="train one model and write train.json")
     d_model, d_train = ModelConfig(), TrainConfig()
@@ -58,7 +63,7 @@ def parser() -> argparse.ArgumentParser:
         train.add_argument("--" + field.name.replace("_", "-"), type=kind, default=getattr(d_model, field.name),
                            **kwargs)
     for field in dataclasses.fields(TrainConfig):
-        if field.name == "seed":
+        if field.name in ("seed", "precision"):
             continue
         value = getattr(d_train, field.name)
         train.add_argument("--" + field.name.replace("_", "-"), type=type(value), default=value)
@@ -73,11 +78,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _check(args) -> None:
-    if args.precision in UNSUPPORTED_PRECISIONS:
-        raise ConfigError(f"--precision {args.precision}: not supported yet; the PEER layers do not support "
-                          "autocast / mixed precision, so only float32 training is offered")
-    if args.precision not in PRECISIONS:
-        raise ConfigError(f"--precision {args.precision!r}, but expected float32")
+    if args.precision not in PRECISION_ALIASES:
+        raise ConfigError(f"--precision {args.precision!r}, but expected one of float32 (fp32), bf16 (bfloat16) "
+                          "or fp16 (float16)")
+    given, args.precision = args.precision, PRECISION_ALIASES[args.precision]
+    if args.precision == "float16" and args.backend == "jax" and args.command != "transfer":
+        raise ConfigError(f"--precision {given} with --backend jax, but expected float32 or bf16: float16 training "
+                          "needs loss scaling, which this trainer offers for torch only (torch.amp.GradScaler)")
     if args.threads < 1:
         raise ConfigError(f"--threads {args.threads}, but expected an int >= 1")
     if args.seed is not None and args.seed < 0:
@@ -147,9 +154,10 @@ def _train(args, corpus, progress) -> dict:
     from .train import run
 
     model_kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(ModelConfig) if f.name != "vocab"}
-    train_kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "seed"}
+    train_kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                    if f.name not in ("seed", "precision")}
     model_cfg = ModelConfig(**model_kwargs)
-    train_cfg = TrainConfig(**train_kwargs, seed=0 if args.seed is None else args.seed)
+    train_cfg = TrainConfig(**train_kwargs, seed=0 if args.seed is None else args.seed, precision=args.precision)
     return run(model_cfg, train_cfg, corpus, backend=args.backend, device=args.device, out_dir=Path(args.out),
                checkpoint_every=args.checkpoint_every, resume=args.resume, progress=progress, label="train")
 
@@ -227,10 +235,13 @@ def _train_line(record: dict) -> str:
 def _experiment(name: str, args, corpus, size: str, progress) -> dict:
     from . import experiments
 
+    overrides = {"train": {"precision": args.precision}}
     if name == "isoflop":
         seeds = None if args.seed is None else (args.seed,)
-        return experiments.isoflop(corpus, size, args.backend, args.device, seeds=seeds, progress=progress)
+        return experiments.isoflop(corpus, size, args.backend, args.device, seeds=seeds, overrides=overrides,
+                                   progress=progress)
     seed = 0 if args.seed is None else args.seed
     if name == "usage":
-        return experiments.usage(corpus, size, args.backend, args.device, seed=seed, progress=progress)
-    return experiments.transfer(corpus, size, args.device, seed=seed, progress=progress)
+        return experiments.usage(corpus, size, args.backend, args.device, seed=seed, overrides=overrides,
+                                 progress=progress)
+    return experiments.transfer(corpus, size, args.device, seed=seed, overrides=overrides, progress=progress)

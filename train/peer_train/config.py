@@ -31,6 +31,12 @@ from .data import VOCAB
 
 FFNS = ("dense", "peer", "peer_glu")
 PEER_BLOCKS = ("middle", "all")
+# Training precisions: float32 throughout, or float32 master weights with 16-bit matmuls
+# (torch.autocast / Flax ``dtype=``; the PEER layers' mixed mode, SPEC §10.3). float16 adds
+# loss scaling (torch.amp.GradScaler), offered for torch only.
+PRECISIONS = ("float32", "bfloat16", "float16")
+PRECISION_ALIASES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+                     "float16": "float16", "fp16": "float16"}
 
 
 class ConfigError(ValueError):
@@ -136,6 +142,19 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+    """Optimiser, schedule, evaluation and precision of one run.
+
+    ``precision`` is one of ``PRECISIONS``: "float32" computes everything in float32;
+    "bfloat16" and "float16" are mixed precision as each framework trains it: float32
+    parameters (the master weights), gradients and optimiser state; the forward's matmuls
+    (attention projections, attention, dense FFNs, output head) in the 16-bit dtype, the PEER
+    layer in its mixed mode (SPEC §10.3: 16-bit rows and output, float32 routing and
+    statistics); embeddings, LayerNorm, the residual stream and the loss in float32. torch runs
+    the forward under ``torch.autocast``; JAX gives the model's layers ``dtype=`` the 16-bit
+    dtype and ``param_dtype=float32``. "float16" adds dynamic loss scaling
+    (``torch.amp.GradScaler``) and is offered for torch only.
+    """
+
     steps: int = 600
     batch: int = 16
     lr: float = 3e-3
@@ -146,6 +165,7 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 100
     eval_batches: int = 8
+    precision: str = "float32"
 
     def __post_init__(self):
         for name in ("steps", "batch", "eval_every", "eval_batches"):
@@ -161,6 +181,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
                 raise ConfigError(f"{name}={value!r}, but expected a finite float in [{low}, {high}]")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision={self.precision!r}, but expected one of {PRECISIONS}")
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up over ``warmup`` steps, then cosine decay to 10% at ``steps``."""

@@ -49,6 +49,11 @@ def _configs(size: str, steps: int, seed: int, overrides: dict, **model) -> tupl
     return model_cfg, train_cfg
 
 
+def _precision(overrides: dict) -> str:
+    """The training precision of an experiment's runs (``TrainConfig.precision``)."""
+    return overrides.get("train", {}).get("precision", TrainConfig.precision)
+
+
 def _summary(record: dict) -> dict:
     """A run's record without the per-step losses (kept short for the JSON)."""
     keep = {k: v for k, v in record.items() if k not in ("losses", "engine")}
@@ -71,7 +76,8 @@ def isoflop(corpus: data.Corpus, size: str = "default", backend: str = "torch", 
                 record = run(model_cfg, train_cfg, corpus, backend=backend, device=device, progress=progress,
                              label=f"{variant} {steps} steps seed {seed}")
                 runs.append({"variant": variant, "budget_steps": steps, "seed": seed, **_summary(record)})
-    return {"experiment": "isoflop", "size": size, "backend": backend, "table": isoflop_table(runs), "runs": runs}
+    return {"experiment": "isoflop", "size": size, "backend": backend, "precision": _precision(overrides),
+            "table": isoflop_table(runs), "runs": runs}
 
 
 def isoflop_table(runs: list[dict]) -> list[dict]:
@@ -116,7 +122,8 @@ def usage(corpus: data.Corpus, size: str = "default", backend: str = "torch", de
             for block, m in record["routing"].items():
                 table.append({"n_experts": n_experts, "query_norm": query_norm, "block": int(block),
                               "usage": m["usage"], "unevenness": m["unevenness"], "val_bpb": record["val_bpb"]})
-    return {"experiment": "usage", "size": size, "backend": backend, "table": table, "runs": runs}
+    return {"experiment": "usage", "size": size, "backend": backend, "precision": _precision(overrides),
+            "table": table, "runs": runs}
 
 
 _OTHER = r"""
@@ -188,9 +195,10 @@ def transfer(corpus: data.Corpus, size: str = "default", device: str = "cpu", se
                         "usage_abs_diff": abs(out["usage"] - source["usage"]),
                         "unevenness_abs_diff": abs(out["unevenness"] - source["unevenness"])})
             results[name] = out
-    return {"experiment": "transfer", "size": size, "tolerance": tol._asdict(), "peer_config": cfg.to_dict(),
-            "block": block, "tokens_compared": int(sum(x.shape[0] * x.shape[1] for x, *_ in seen)),
-            "torch": source, "targets": results, "run": _summary(record)}
+    return {"experiment": "transfer", "size": size, "precision": train_cfg.precision, "tolerance": tol._asdict(),
+            "peer_config": cfg.to_dict(), "block": block,
+            "tokens_compared": int(sum(x.shape[0] * x.shape[1] for x, *_ in seen)), "torch": source,
+            "targets": results, "run": _summary(record)}
 
 
 def _child_env() -> dict:

@@ -3,8 +3,12 @@
 Standard parts only: ``nnx.Embed``, ``nnx.LayerNorm``, ``nnx.Linear``,
 ``jax.nn.dot_product_attention(is_causal=True)``, ``optax.adamw`` behind
 ``optax.clip_by_global_norm``, ``nnx.Optimizer``, ``nnx.jit``; the PEER feed-forward is
-``peer_backends.layer(cfg, "jax")``. Checkpoints are ``.npz`` files of the model's and the
-optimiser's arrays keyed by their pytree paths (no pickled code).
+``peer_backends.layer(cfg, "jax")``. Mixed precision (``TrainConfig.precision="bfloat16"``) is
+Flax's own recipe: every ``nnx.Linear`` and the PEER layer take ``dtype=jnp.bfloat16`` with
+``param_dtype=jnp.float32`` (the PEER layer's mixed mode, SPEC §10.3), while embeddings,
+LayerNorm, the residual stream and the loss stay float32, as under ``torch.autocast``; float16
+would need loss scaling, which this engine does not implement. Checkpoints are ``.npz`` files of
+the model's and the optimiser's arrays keyed by their pytree paths (no pickled code).
 """
 
 from __future__ import annotations
@@ -17,30 +21,33 @@ from flax import nnx
 
 import peer_backends
 
-from .config import ModelConfig, TrainConfig
+from .config import ConfigError, ModelConfig, TrainConfig
+
+COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
 
 class DenseFFN(nnx.Module):
-    def __init__(self, d_model: int, width: int, rngs: nnx.Rngs):
-        self.up = nnx.Linear(d_model, width, rngs=rngs)
-        self.down = nnx.Linear(width, d_model, rngs=rngs)
+    def __init__(self, d_model: int, width: int, rngs: nnx.Rngs, dtype=None):
+        self.up = nnx.Linear(d_model, width, dtype=dtype, rngs=rngs)
+        self.down = nnx.Linear(width, d_model, dtype=dtype, rngs=rngs)
 
     def __call__(self, x):
         return self.down(jax.nn.gelu(self.up(x), approximate=False))
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, kind: str, width: int, seed: int, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, kind: str, width: int, seed: int, rngs: nnx.Rngs, dtype=None):
         self.n_heads = cfg.n_heads
         self.ln1 = nnx.LayerNorm(cfg.d_model, rngs=rngs)
-        self.qkv = nnx.Linear(cfg.d_model, 3 * cfg.d_model, rngs=rngs)
-        self.proj = nnx.Linear(cfg.d_model, cfg.d_model, rngs=rngs)
+        self.qkv = nnx.Linear(cfg.d_model, 3 * cfg.d_model, dtype=dtype, rngs=rngs)
+        self.proj = nnx.Linear(cfg.d_model, cfg.d_model, dtype=dtype, rngs=rngs)
         self.ln2 = nnx.LayerNorm(cfg.d_model, rngs=rngs)
         self.is_peer = kind == "peer"
         if self.is_peer:
-            self.ffn = peer_backends.layer(cfg.peer_config(), backend="jax", seed=seed)
+            self.ffn = peer_backends.layer(cfg.peer_config(), backend="jax", seed=seed, dtype=dtype,
+                                           param_dtype=jnp.float32)
         else:
-            self.ffn = DenseFFN(cfg.d_model, width, rngs)
+            self.ffn = DenseFFN(cfg.d_model, width, rngs, dtype)
 
     def __call__(self, x):
         b, t, d = x.shape
@@ -55,19 +62,20 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    """Bytes (int32, (batch, seq)) -> logits (float32, (batch, seq, vocab)), and each PEER block's
-    (input, output, indices, weights)."""
+    """Bytes (int32, (batch, seq)) -> logits ((batch, seq, vocab), in ``dtype``: float32 by
+    default), and each PEER block's (input, output, indices, weights). ``dtype`` is the
+    computation dtype of the Linear and PEER layers (parameters are float32 either way)."""
 
-    def __init__(self, cfg: ModelConfig, seed: int):
+    def __init__(self, cfg: ModelConfig, seed: int, dtype=None):
         rngs = nnx.Rngs(seed)
         self.cfg = cfg
         init = nnx.initializers.normal(0.02)
         self.embed = nnx.Embed(cfg.vocab, cfg.d_model, embedding_init=init, rngs=rngs)
         self.pos = nnx.Embed(cfg.seq, cfg.d_model, embedding_init=init, rngs=rngs)
-        self.blocks = nnx.List([Block(cfg, kind, width, seed * 1000 + i, rngs)
+        self.blocks = nnx.List([Block(cfg, kind, width, seed * 1000 + i, rngs, dtype)
                                 for i, (kind, width) in enumerate(cfg.block_ffns())])
         self.ln_f = nnx.LayerNorm(cfg.d_model, rngs=rngs)
-        self.head = nnx.Linear(cfg.d_model, cfg.vocab, use_bias=False, kernel_init=init, rngs=rngs)
+        self.head = nnx.Linear(cfg.d_model, cfg.vocab, use_bias=False, kernel_init=init, dtype=dtype, rngs=rngs)
 
     def __call__(self, tokens):
         x = self.embed(tokens) + self.pos(jnp.arange(tokens.shape[1]))[None]
@@ -81,7 +89,7 @@ class Transformer(nnx.Module):
 
 def _loss(model, tokens):
     logits, routed = model(tokens[:, :-1])
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens[:, 1:])
     return losses, routed
 
 
@@ -113,7 +121,11 @@ class Engine:
         platform = jax.default_backend()
         if (device == "cuda") != (platform == "gpu"):
             raise RuntimeError(f"device={device!r}, but JAX's default backend is {platform!r}")
-        self.model = Transformer(model_cfg, train_cfg.seed)
+        if train_cfg.precision not in COMPUTE_DTYPES:
+            raise ConfigError(f"precision={train_cfg.precision!r} with the JAX engine, but expected one of "
+                              f"{tuple(COMPUTE_DTYPES)}: float16 training needs loss scaling, which this "
+                              "trainer implements for torch only (torch.amp.GradScaler)")
+        self.model = Transformer(model_cfg, train_cfg.seed, COMPUTE_DTYPES[train_cfg.precision])
         table = jnp.asarray([train_cfg.lr_at(s) for s in range(train_cfg.steps)], jnp.float32)
         schedule = lambda count: table[jnp.minimum(count, train_cfg.steps - 1)]  # noqa: E731
         decay = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731

@@ -3,9 +3,14 @@
 Standard parts only: ``nn.Embedding``, ``nn.LayerNorm``, ``nn.Linear``,
 ``F.scaled_dot_product_attention(is_causal=True)``, ``torch.optim.AdamW`` with a ``LambdaLR``
 schedule, ``clip_grad_norm_``; the PEER feed-forward is ``peer_backends.layer(cfg, "torch")``.
+Mixed precision (``TrainConfig.precision``) is torch's own recipe: float32 parameters, the
+forward (training and evaluation) under ``torch.autocast(device_type, dtype)``, the loss and
+the backward outside it, and for float16 ``torch.amp.GradScaler``.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import torch
@@ -91,6 +96,21 @@ class Engine:
             lr=train_cfg.lr, betas=(0.9, train_cfg.beta2))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: train_cfg.lr_at(s) / train_cfg.lr)
         self.clip = train_cfg.grad_clip
+        self.amp_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[train_cfg.precision]
+        # Loss scaling for float16 only (bfloat16 has float32's exponent range); disabled, every
+        # scaler call passes through.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _logits(self, tokens):
+        """Float32 logits of ``tokens`` (batch, seq), the model run under autocast when mixed."""
+        with self._autocast():
+            logits = self.model(tokens)
+        return logits.float()
 
     def n_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
@@ -101,13 +121,15 @@ class Engine:
     def step(self, batch: np.ndarray) -> float:
         self.model.train()
         tokens = self._tensor(batch)
-        logits = self.model(tokens[:, :-1])
+        logits = self._logits(tokens[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()
         if self.clip > 0:
+            self.scaler.unscale_(self.opt)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
-        self.opt.step()
+        self.scaler.step(self.opt)  # skipped when a float16 gradient overflowed
+        self.scaler.update()
         self.sched.step()
         return float(loss.detach())
 
@@ -119,7 +141,7 @@ class Engine:
         total, count, aux = 0.0, 0, {i: [] for i in self.model.peer_layers()}
         for batch in batches:
             tokens = self._tensor(batch)
-            logits = self.model(tokens[:, :-1])
+            logits = self._logits(tokens[:, :-1])
             total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1),
                                            reduction="sum"))
             count += tokens[:, 1:].numel()
@@ -130,7 +152,8 @@ class Engine:
 
     @torch.no_grad()
     def peer_inputs(self, batches: list[np.ndarray], block: int) -> list[np.ndarray]:
-        """The inputs of block ``block``'s PEER layer on ``batches`` (evaluation mode), via a forward hook."""
+        """The inputs of block ``block``'s PEER layer on ``batches`` (evaluation mode, float32 whatever
+        the training precision: the trained float32 parameters), via a forward hook."""
         self.model.eval()
         seen = []
         hook = self.model.blocks[block].ffn.register_forward_hook(lambda m, args, out: seen.append(
@@ -147,12 +170,15 @@ class Engine:
         return self.model.blocks[block].ffn
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict()}
+        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
+                "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])
         self.sched.load_state_dict(state["sched"])
+        if state.get("scaler"):  # empty when loss scaling is off
+            self.scaler.load_state_dict(state["scaler"])
 
     def save(self, path, extra: dict) -> None:
         torch.save({"engine": self.state_dict(), "extra": extra}, path)

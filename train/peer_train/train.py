@@ -57,6 +57,8 @@ def run(model_cfg: ModelConfig, train_cfg: TrainConfig, corpus: data.Corpus, *, 
     the end; ``resume`` continues from it (refusing one written for other settings). Batches
     depend only on (seed, step), so a resumed run reproduces the uninterrupted one.
     ``stop_after`` ends the loop early after that many steps (to test resuming).
+    ``train_cfg.precision`` picks float32 or mixed-precision training (``TrainConfig``); the
+    parameters, optimiser state and checkpoints are float32 either way.
     """
     eng = engine(backend, model_cfg, train_cfg, device)
     val = data.val_batches(corpus.val, train_cfg.batch, model_cfg.seq, train_cfg.eval_batches)
@@ -70,6 +72,7 @@ def run(model_cfg: ModelConfig, train_cfg: TrainConfig, corpus: data.Corpus, *, 
         if ckpt is None or not ckpt.exists():
             raise ResumeError(f"--resume: no checkpoint at {str(ckpt)!r} to resume from")
         extra = eng.load(ckpt)
+        extra["settings"]["train"].setdefault("precision", "float32")  # written before precision was a setting
         if extra["settings"] != settings:
             raise ResumeError(f"--resume: {str(ckpt)!r} was written by a run with other settings; "
                               "use the same flags or another --out")
@@ -105,7 +108,8 @@ def run(model_cfg: ModelConfig, train_cfg: TrainConfig, corpus: data.Corpus, *, 
             progress.update(task, completed=done, loss=loss,
                             tps=trained * tokens_per_step / (time.perf_counter() - began))
     wall = time.perf_counter() - began
-    record = {"label": label, "backend": backend, "device": device, "model": model_cfg.to_dict(),
+    record = {"label": label, "backend": backend, "device": device, "precision": train_cfg.precision,
+              "model": model_cfg.to_dict(),
               "train": train_cfg.to_dict(), "n_params": eng.n_params(),
               "flops_per_token_forward": model_cfg.flops_per_token(), "train_flops_per_token": flops_per_token,
               "tokens_per_step": tokens_per_step, "losses": losses, "evals": evals,
