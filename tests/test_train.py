@@ -253,6 +253,7 @@ def test_isoflop_and_usage_reports(corpus, monkeypatch, tmp_path):
     assert json.loads((tmp_path / "isoflop.json").read_text())["table"][0]["variant"] == "dense"
     assert "| PEER, no query BN | 4 | 4 |" in (tmp_path / "isoflop.md").read_text()
     assert "| PEER-GLU (equal FLOPs) | 3 | 4 |" in (tmp_path / "isoflop.md").read_text()
+    assert iso["precision"] == "float32" and "(quick size, float32 training)" in (tmp_path / "isoflop.md").read_text()
     use = experiments.usage(corpus, "quick") | {"environment": env, "corpus": corpus.describe()}
     assert [(r["n_experts"], r["query_norm"]) for r in use["table"]] == [
         (16, "batch"), (16, "none"), (64, "batch"), (64, "none")]

@@ -147,7 +147,8 @@ def write(out: Path, name: str, result: dict) -> list[Path]:
     paths = [out / f"{name}.json", out / f"{name}.md"]
     write_json(paths[0], result)
     body = {"isoflop": isoflop_markdown, "usage": usage_markdown, "transfer": transfer_markdown}[result["experiment"]]
-    lines = [f"# peer_train: {result['experiment']} ({result['size']} size)", "",
+    precision = result.get("precision", "float32")  # results written before precision was recorded: float32
+    lines = [f"# peer_train: {result['experiment']} ({result['size']} size, {precision} training)", "",
              *header(result["environment"], result["corpus"]), *body(result)]
     if result["experiment"] == "isoflop":
         isoflop_plot(result, out / "isoflop.png")
