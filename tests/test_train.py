@@ -12,7 +12,7 @@ import pytest
 from peer_bench import formulas
 from peer_train import data, experiments, report
 from peer_train.cli import main
-from peer_train.config import ModelConfig, TrainConfig
+from peer_train.config import ConfigError, ModelConfig, TrainConfig
 from peer_train.train import ResumeError, run
 
 TINY = ModelConfig(d_model=32, n_layers=2, n_heads=2, seq=32, ffn_width=64, n_experts=8 ** 2, peer_heads=2,
@@ -204,6 +204,17 @@ def test_float16_training_scales_the_loss_and_resumes(corpus, tmp_path):
     assert resumed["losses"] == whole["losses"] and resumed["precision"] == "float16"
     with pytest.raises(ResumeError, match="other settings"):  # a float16 checkpoint is not a float32 run's
         run(TINY, _train_cfg(steps=8, eval_every=4), corpus, out_dir=tmp_path, resume=True)
+
+
+def test_precision_setting_is_checked_by_name():
+    # the command line maps its aliases; the setting takes the dtype's name
+    with pytest.raises(ConfigError, match=r"precision='bf16', but expected one of \('float32', 'bfloat16', 'f"):
+        _train_cfg(precision="bf16")
+    pytest.importorskip("flax")
+    from peer_train.jax_model import Engine
+
+    with pytest.raises(ConfigError, match="precision='float16' with the JAX engine.*needs loss scaling"):
+        Engine(TINY, _train_cfg(precision="float16"))
 
 
 def test_every_block_can_be_peer(corpus):
