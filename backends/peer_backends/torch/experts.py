@@ -179,11 +179,21 @@ def _expert_bias(bias, flat, groups):
     return _DownProjection.apply(bias.new_ones((flat.shape[0], 1)), bias[:, None], flat, groups)
 
 
+# The tables whose rows the mixed mode rounds as they are read (SPEC §10.3); the bias is not rounded.
+ROUNDED_TABLES = ("experts.down", "experts.gate", "experts.up")
+
+
 def expert_stage(cfg, p, xf, flat, weights, low=None):
     """y (T, d_out) = sum_j weights[t, j] * e_j(x[t]) over the selections flat (T, heads*topk)
     (SPEC §3.10-§3.11); p: parameters in the compute dtype; xf (T, d_model); weights (T,
     heads*topk); ``low`` (a torch dtype or None): the mixed mode's rounding of the rows (SPEC §10.3).
     """
+    if low is not None and cfg.n_experts <= flat.numel():
+        # Rounding each whole table once reads no more rows than gathering the T * heads*topk
+        # selected ones, and leaves the grouped kernels their full speed: the same values
+        # (rounding is elementwise) and the same straight-through gradient.
+        rounded = {name: RoundThrough.apply(p[name], low) for name in ROUNDED_TABLES if name in p}
+        return expert_stage(cfg, {**p, **rounded}, xf, flat, weights)
     if low is None:
         groups = expert_groups(flat, cfg.n_experts)
         down = lambda name: _DownProjection.apply(xf, p[name], flat, groups)  # noqa: E731
