@@ -45,7 +45,8 @@ class PEER(nn.Module):
 
     def __init__(self, cfg, seed=0, dtype=None, device=None, implementation=None):
         super().__init__()
-        if implementation is not None and (not isinstance(implementation, str) or implementation not in IMPLEMENTATIONS):
+        if implementation is not None and (not isinstance(implementation, str)
+                                           or implementation not in IMPLEMENTATIONS):
             raise PEERConfigError(f"implementation={implementation!r}, but backend 'torch' has "
                                   f"{sorted(IMPLEMENTATIONS)} (or None for the best available)")
         kernels.triton_installed()  # looked up once here, so that compiled forwards read it as a constant
@@ -134,4 +135,6 @@ class PEER(nn.Module):
         return x, (amp if param_dtype == torch.float32 and amp != torch.float32 else None)
 
     def extra_repr(self):
-        return repr(self.cfg) if self.implementation is None else f"{self.cfg!r}, implementation={self.implementation!r}"
+        if self.implementation is None:
+            return repr(self.cfg)
+        return f"{self.cfg!r}, implementation={self.implementation!r}"
