@@ -122,12 +122,17 @@ def _einsum_stage(x, indices, weights, down, up, bias, gate, activation, low):
     return torch.einsum("tj,tjo->to", weights * hidden, read(up)[indices])
 
 
+@pytest.mark.parametrize("blocks", ["interpreter", "gpu"])
 @pytest.mark.parametrize("low", [None, torch.bfloat16])
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
-def test_expert_stage_with_duplicates_equals_its_formula(activation, low):
-    # Three experts for 6 selections per token: every token selects some row twice or more;
-    # columns wider than one block (TILE_ELEMENTS // 8 = 512) exercise the column loops and tails.
-    args = _stage_inputs(3, 4, 6, 517, 9, torch.float64 if low is None else torch.float32, True, True)
+def test_expert_stage_with_duplicates_equals_its_formula(activation, low, blocks, monkeypatch):
+    # Three experts for 6 selections per token: every token selects some row twice or more.
+    # With the GPU's block sizes (one token or run per program), columns wider than one block
+    # (TILE_ELEMENTS // 8 = 512) exercise the column loops and their tails; runs longer than
+    # SEGMENT_BLOCK the loops over selections.
+    if blocks == "gpu":
+        monkeypatch.setattr(kernels, "_interpreted", lambda device: False)
+    args = _stage_inputs(3, 23, 6, 517, 9, torch.float64 if low is None else torch.float32, True, True)
     y = kernels.expert_stage(**args, activation=activation, low=low)
     expected = _einsum_stage(**args, activation=activation, low=low)
     tol = {"rtol": 1e-10, "atol": 1e-10} if low is None else {"rtol": 1e-4, "atol": 1e-3}

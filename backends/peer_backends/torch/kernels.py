@@ -46,11 +46,14 @@ import torch
 # Activation codes of the kernels, for peer_ref.config's activation names.
 ACTIVATION_CODES = {"identity": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4}
 
-# Elements of one (selections x columns) tile a program reads at once; the column block is this
-# divided by the selections of a token (at least 16 columns).
+# Elements of the gathered tile a program reads at once. On a GPU a program takes one token (all
+# its selections, a block of columns), or one run of equal experts (SEGMENT_BLOCK selections at a
+# time); in Triton's interpreter, which runs every program in Python one after another, a program
+# takes up to INTERPRETER_BLOCK tokens or runs, with tiles of up to INTERPRETER_TILE elements.
 TILE_ELEMENTS = 4096
-# Selections a table-gradient program reads at once from an expert's run.
 SEGMENT_BLOCK = 32
+INTERPRETER_TILE = 1 << 16
+INTERPRETER_BLOCK = 64
 
 # Constants of the activations, rebound as tl.constexpr when the kernels are compiled (_load).
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
@@ -126,69 +129,78 @@ def _activation_and_grad(z, ACT: tl.constexpr):
 
 
 def _forward_kernel(x_ptr, idx_ptr, w_ptr, down_ptr, up_ptr, bias_ptr, gate_ptr, y_ptr, pre_ptr, gated_ptr,
-                    J, D_IN, D_OUT, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr,
-                    ACC: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One program per token t: pre, gated (saved) and y[t]."""
-    t = tl.program_id(0).to(tl.int64)
+                    T, J, D_IN, D_OUT, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr,
+                    ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program per BLOCK_T tokens: pre, gated (saved) and y of each."""
+    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < T
     offs_j = tl.arange(0, BLOCK_J)
-    mask_j = offs_j < J
-    rows = tl.load(idx_ptr + t * J + offs_j, mask=mask_j, other=0).to(tl.int64)
-    pre = tl.zeros([BLOCK_J], dtype=ACC)
-    gated = tl.zeros([BLOCK_J], dtype=ACC)
+    mask_tj = mask_t[:, None] & (offs_j < J)[None, :]
+    sel = offs_t[:, None] * J + offs_j[None, :]
+    rows = tl.load(idx_ptr + sel, mask=mask_tj, other=0).to(tl.int64)
+    pre = tl.zeros([BLOCK_T, BLOCK_J], dtype=ACC)
+    gated = tl.zeros([BLOCK_T, BLOCK_J], dtype=ACC)
     for start in range(0, D_IN, BLOCK_D):
         offs_d = start + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D_IN
-        tile_mask = mask_j[:, None] & mask_d[None, :]
-        xv = tl.load(x_ptr + t * D_IN + offs_d, mask=mask_d, other=0.0).to(ACC)
-        down = tl.load(down_ptr + rows[:, None] * D_IN + offs_d[None, :], mask=tile_mask, other=0.0).to(ACC)
-        pre += tl.sum(down * xv[None, :], axis=1)
+        tile_mask = mask_tj[:, :, None] & mask_d[None, None, :]
+        xv = tl.load(x_ptr + offs_t[:, None] * D_IN + offs_d[None, :], mask=mask_t[:, None] & mask_d[None, :],
+                     other=0.0).to(ACC)
+        down = tl.load(down_ptr + rows[:, :, None] * D_IN + offs_d[None, None, :], mask=tile_mask,
+                       other=0.0).to(ACC)
+        pre += tl.sum(down * xv[:, None, :], axis=2)
         if HAS_GATE:
-            gate = tl.load(gate_ptr + rows[:, None] * D_IN + offs_d[None, :], mask=tile_mask, other=0.0).to(ACC)
-            gated += tl.sum(gate * xv[None, :], axis=1)
+            gate = tl.load(gate_ptr + rows[:, :, None] * D_IN + offs_d[None, None, :], mask=tile_mask,
+                           other=0.0).to(ACC)
+            gated += tl.sum(gate * xv[:, None, :], axis=2)
     if HAS_BIAS:
-        pre += tl.load(bias_ptr + rows, mask=mask_j, other=0.0).to(ACC)
+        pre += tl.load(bias_ptr + rows, mask=mask_tj, other=0.0).to(ACC)
     hidden, _ = _activation_and_grad(pre, ACT)
     if HAS_GATE:
         hidden = hidden * gated
-        tl.store(gated_ptr + t * J + offs_j, gated, mask=mask_j)
-    tl.store(pre_ptr + t * J + offs_j, pre, mask=mask_j)
-    coef = tl.load(w_ptr + t * J + offs_j, mask=mask_j, other=0.0).to(ACC) * hidden
-    coef = tl.where(mask_j, coef, 0.0)
+        tl.store(gated_ptr + sel, gated, mask=mask_tj)
+    tl.store(pre_ptr + sel, pre, mask=mask_tj)
+    coef = tl.load(w_ptr + sel, mask=mask_tj, other=0.0).to(ACC) * hidden
+    coef = tl.where(mask_tj, coef, 0.0)
     for start in range(0, D_OUT, BLOCK_D):
         offs_d = start + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D_OUT
-        up = tl.load(up_ptr + rows[:, None] * D_OUT + offs_d[None, :], mask=mask_j[:, None] & mask_d[None, :],
-                     other=0.0).to(ACC)
-        tl.store(y_ptr + t * D_OUT + offs_d, tl.sum(up * coef[:, None], axis=0), mask=mask_d)
+        up = tl.load(up_ptr + rows[:, :, None] * D_OUT + offs_d[None, None, :],
+                     mask=mask_tj[:, :, None] & mask_d[None, None, :], other=0.0).to(ACC)
+        tl.store(y_ptr + offs_t[:, None] * D_OUT + offs_d[None, :], tl.sum(up * coef[:, :, None], axis=1),
+                 mask=mask_t[:, None] & mask_d[None, :])
 
 
 def _token_backward_kernel(dy_ptr, idx_ptr, w_ptr, down_ptr, up_ptr, gate_ptr, pre_ptr, gated_ptr,
-                           dx_ptr, dw_ptr, dpre_ptr, dgated_ptr, coef_ptr, J, D_IN, D_OUT,
-                           ACT: tl.constexpr, HAS_GATE: tl.constexpr, NEED_DX: tl.constexpr,
-                           ACC: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One program per token t: d_weights[t], the (T, J) cotangents of pre and gated, coef, dx[t]."""
-    t = tl.program_id(0).to(tl.int64)
+                           dx_ptr, dw_ptr, dpre_ptr, dgated_ptr, coef_ptr, T, J, D_IN, D_OUT,
+                           ACT: tl.constexpr, HAS_GATE: tl.constexpr, NEED_DX: tl.constexpr, ACC: tl.constexpr,
+                           BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program per BLOCK_T tokens: d_weights, the (T, J) cotangents of pre and gated, coef, dx."""
+    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < T
     offs_j = tl.arange(0, BLOCK_J)
-    mask_j = offs_j < J
-    rows = tl.load(idx_ptr + t * J + offs_j, mask=mask_j, other=0).to(tl.int64)
-    d_coef = tl.zeros([BLOCK_J], dtype=ACC)
+    mask_tj = mask_t[:, None] & (offs_j < J)[None, :]
+    sel = offs_t[:, None] * J + offs_j[None, :]
+    rows = tl.load(idx_ptr + sel, mask=mask_tj, other=0).to(tl.int64)
+    d_coef = tl.zeros([BLOCK_T, BLOCK_J], dtype=ACC)
     for start in range(0, D_OUT, BLOCK_D):
         offs_d = start + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D_OUT
-        dyv = tl.load(dy_ptr + t * D_OUT + offs_d, mask=mask_d, other=0.0).to(ACC)
-        up = tl.load(up_ptr + rows[:, None] * D_OUT + offs_d[None, :], mask=mask_j[:, None] & mask_d[None, :],
-                     other=0.0).to(ACC)
-        d_coef += tl.sum(up * dyv[None, :], axis=1)
-    w = tl.load(w_ptr + t * J + offs_j, mask=mask_j, other=0.0).to(ACC)
-    pre = tl.load(pre_ptr + t * J + offs_j, mask=mask_j, other=0.0).to(ACC)
+        dyv = tl.load(dy_ptr + offs_t[:, None] * D_OUT + offs_d[None, :], mask=mask_t[:, None] & mask_d[None, :],
+                      other=0.0).to(ACC)
+        up = tl.load(up_ptr + rows[:, :, None] * D_OUT + offs_d[None, None, :],
+                     mask=mask_tj[:, :, None] & mask_d[None, None, :], other=0.0).to(ACC)
+        d_coef += tl.sum(up * dyv[:, None, :], axis=2)
+    w = tl.load(w_ptr + sel, mask=mask_tj, other=0.0).to(ACC)
+    pre = tl.load(pre_ptr + sel, mask=mask_tj, other=0.0).to(ACC)
     a, da = _activation_and_grad(pre, ACT)
     d_hidden = d_coef * w
     if HAS_GATE:
-        gated = tl.load(gated_ptr + t * J + offs_j, mask=mask_j, other=0.0).to(ACC)
+        gated = tl.load(gated_ptr + sel, mask=mask_tj, other=0.0).to(ACC)
         hidden = a * gated
-        d_gated = tl.where(mask_j, d_hidden * a, 0.0)
+        d_gated = tl.where(mask_tj, d_hidden * a, 0.0)
         d_pre = d_hidden * gated
-        tl.store(dgated_ptr + t * J + offs_j, d_gated, mask=mask_j)
+        tl.store(dgated_ptr + sel, d_gated, mask=mask_tj)
     else:
         hidden = a
         d_pre = d_hidden
@@ -196,63 +208,71 @@ def _token_backward_kernel(dy_ptr, idx_ptr, w_ptr, down_ptr, up_ptr, gate_ptr, p
         d_pre = tl.where(pre > 0, d_pre, 0.0)
     else:
         d_pre = d_pre * da
-    d_pre = tl.where(mask_j, d_pre, 0.0)
-    tl.store(dw_ptr + t * J + offs_j, d_coef * hidden, mask=mask_j)
-    tl.store(dpre_ptr + t * J + offs_j, d_pre, mask=mask_j)
-    tl.store(coef_ptr + t * J + offs_j, w * hidden, mask=mask_j)
+    d_pre = tl.where(mask_tj, d_pre, 0.0)
+    tl.store(dw_ptr + sel, d_coef * hidden, mask=mask_tj)
+    tl.store(dpre_ptr + sel, d_pre, mask=mask_tj)
+    tl.store(coef_ptr + sel, w * hidden, mask=mask_tj)
     if NEED_DX:
         for start in range(0, D_IN, BLOCK_D):
             offs_d = start + tl.arange(0, BLOCK_D)
             mask_d = offs_d < D_IN
-            tile_mask = mask_j[:, None] & mask_d[None, :]
-            down = tl.load(down_ptr + rows[:, None] * D_IN + offs_d[None, :], mask=tile_mask, other=0.0).to(ACC)
-            dx = tl.sum(down * d_pre[:, None], axis=0)
+            tile_mask = mask_tj[:, :, None] & mask_d[None, None, :]
+            down = tl.load(down_ptr + rows[:, :, None] * D_IN + offs_d[None, None, :], mask=tile_mask,
+                           other=0.0).to(ACC)
+            dx = tl.sum(down * d_pre[:, :, None], axis=1)
             if HAS_GATE:
-                gate = tl.load(gate_ptr + rows[:, None] * D_IN + offs_d[None, :], mask=tile_mask, other=0.0).to(ACC)
-                dx += tl.sum(gate * d_gated[:, None], axis=0)
-            tl.store(dx_ptr + t * D_IN + offs_d, dx, mask=mask_d)
+                gate = tl.load(gate_ptr + rows[:, :, None] * D_IN + offs_d[None, None, :], mask=tile_mask,
+                               other=0.0).to(ACC)
+                dx += tl.sum(gate * d_gated[:, :, None], axis=1)
+            tl.store(dx_ptr + offs_t[:, None] * D_IN + offs_d[None, :], dx, mask=mask_t[:, None] & mask_d[None, :])
 
 
-def _segment_sums(out_ptr, e, rows_ptr, sel_ptr, tok_ptr, pos_ptr, start, end, D,
-                  ACC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[e] = sum over the sorted selections s in [start, end) of sel[pos[s]] * rows[tok[s]]."""
+def _segment_sums(out_ptr, e, mask_r, rows_ptr, sel_ptr, tok_ptr, pos_ptr, start, length, longest, D,
+                  ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[e[r]] = sum over the sorted selections s of run r (start[r] + [0, length[r]), in order)
+    of sel[pos[s]] * rows[tok[s]], for the BLOCK_R runs r of one program."""
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
-        acc = tl.zeros([BLOCK_D], dtype=ACC)
-        for s0 in range(start, end, BLOCK_S):
+        acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
+        for s0 in range(0, longest, BLOCK_S):
             offs_s = s0 + tl.arange(0, BLOCK_S)
-            mask_s = offs_s < end
-            tok = tl.load(tok_ptr + offs_s, mask=mask_s, other=0)
-            sel = tl.load(sel_ptr + tl.load(pos_ptr + offs_s, mask=mask_s, other=0), mask=mask_s, other=0.0)
-            vals = tl.load(rows_ptr + tok[:, None] * D + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :],
-                           other=0.0).to(ACC)
-            acc += tl.sum(vals * sel[:, None], axis=0)
-        tl.store(out_ptr + e * D + offs_d, acc, mask=mask_d)
+            mask_rs = offs_s[None, :] < length[:, None]
+            at = start[:, None] + offs_s[None, :]
+            tok = tl.load(tok_ptr + at, mask=mask_rs, other=0)
+            sel = tl.load(sel_ptr + tl.load(pos_ptr + at, mask=mask_rs, other=0), mask=mask_rs, other=0.0)
+            vals = tl.load(rows_ptr + tok[:, :, None] * D + offs_d[None, None, :],
+                           mask=mask_rs[:, :, None] & mask_d[None, None, :], other=0.0).to(ACC)
+            acc += tl.sum(vals * sel[:, :, None], axis=1)
+        tl.store(out_ptr + e[:, None] * D + offs_d[None, :], acc, mask=mask_r[:, None] & mask_d[None, :])
 
 
 def _table_backward_kernel(starts_ptr, runs_ptr, experts_ptr, tok_ptr, pos_ptr, x_ptr, dy_ptr, dpre_ptr,
                            dgated_ptr, coef_ptr, d_down_ptr, d_up_ptr, d_bias_ptr, d_gate_ptr, D_IN, D_OUT,
                            HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, ACC: tl.constexpr,
-                           BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One program per run of equal experts in the sorted selections: that expert's table rows."""
-    run = tl.program_id(0)
-    if run < tl.load(runs_ptr):
-        start = tl.load(starts_ptr + run)
-        end = tl.load(starts_ptr + run + 1)
-        e = tl.load(experts_ptr + start)
-        _segment_sums(d_down_ptr, e, x_ptr, dpre_ptr, tok_ptr, pos_ptr, start, end, D_IN, ACC, BLOCK_S, BLOCK_D)
-        _segment_sums(d_up_ptr, e, dy_ptr, coef_ptr, tok_ptr, pos_ptr, start, end, D_OUT, ACC, BLOCK_S, BLOCK_D)
-        if HAS_GATE:
-            _segment_sums(d_gate_ptr, e, x_ptr, dgated_ptr, tok_ptr, pos_ptr, start, end, D_IN, ACC, BLOCK_S,
-                          BLOCK_D)
-        if HAS_BIAS:
-            acc = tl.zeros([BLOCK_S], dtype=ACC)
-            for s0 in range(start, end, BLOCK_S):
-                offs_s = s0 + tl.arange(0, BLOCK_S)
-                mask_s = offs_s < end
-                acc += tl.load(dpre_ptr + tl.load(pos_ptr + offs_s, mask=mask_s, other=0), mask=mask_s, other=0.0)
-            tl.store(d_bias_ptr + e, tl.sum(acc, axis=0))
+                           BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program per BLOCK_R runs of equal experts in the sorted selections: their table rows."""
+    offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < tl.load(runs_ptr)
+    start = tl.load(starts_ptr + offs_r, mask=mask_r, other=0)
+    length = tl.load(starts_ptr + offs_r + 1, mask=mask_r, other=0) - start
+    longest = tl.max(length, axis=0)
+    e = tl.load(experts_ptr + start, mask=mask_r, other=0)
+    _segment_sums(d_down_ptr, e, mask_r, x_ptr, dpre_ptr, tok_ptr, pos_ptr, start, length, longest, D_IN, ACC,
+                  BLOCK_R, BLOCK_S, BLOCK_D)
+    _segment_sums(d_up_ptr, e, mask_r, dy_ptr, coef_ptr, tok_ptr, pos_ptr, start, length, longest, D_OUT, ACC,
+                  BLOCK_R, BLOCK_S, BLOCK_D)
+    if HAS_GATE:
+        _segment_sums(d_gate_ptr, e, mask_r, x_ptr, dgated_ptr, tok_ptr, pos_ptr, start, length, longest, D_IN,
+                      ACC, BLOCK_R, BLOCK_S, BLOCK_D)
+    if HAS_BIAS:
+        acc = tl.zeros([BLOCK_R, BLOCK_S], dtype=ACC)
+        for s0 in range(0, longest, BLOCK_S):
+            offs_s = s0 + tl.arange(0, BLOCK_S)
+            mask_rs = offs_s[None, :] < length[:, None]
+            at = start[:, None] + offs_s[None, :]
+            acc += tl.load(dpre_ptr + tl.load(pos_ptr + at, mask=mask_rs, other=0), mask=mask_rs, other=0.0)
+        tl.store(d_bias_ptr + e, tl.sum(acc, axis=1), mask=mask_r)
 
 
 _KERNELS = ("_activation_and_grad", "_segment_sums", "_forward_kernel", "_token_backward_kernel",
@@ -276,9 +296,33 @@ def _load():
     return _loaded["triton"]
 
 
-def _blocks(j):
-    block_j = max(1, 1 << (j - 1).bit_length())
-    return block_j, max(16, TILE_ELEMENTS // block_j)
+def _pow2(n):
+    return max(1, 1 << (int(n) - 1).bit_length())
+
+
+def _interpreted(device):
+    return device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _token_blocks(tokens, j, width, device):
+    """(BLOCK_T, BLOCK_J, BLOCK_D) of the per-token kernels."""
+    block_j = _pow2(j)
+    if not _interpreted(device):
+        return 1, block_j, max(16, TILE_ELEMENTS // block_j)
+    block_t = min(_pow2(tokens), INTERPRETER_BLOCK)
+    return block_t, block_j, min(_pow2(width), max(16, INTERPRETER_TILE // (block_t * block_j)))
+
+
+def _run_blocks(runs, width, device):
+    """(BLOCK_R, BLOCK_S, BLOCK_D) of the table-gradient kernel."""
+    if not _interpreted(device):
+        return 1, SEGMENT_BLOCK, max(16, TILE_ELEMENTS // SEGMENT_BLOCK)
+    block_r, block_s = min(_pow2(runs), INTERPRETER_BLOCK), 16
+    return block_r, block_s, min(_pow2(width), max(16, INTERPRETER_TILE // (block_r * block_s)))
+
+
+def _cdiv(n, block):
+    return -(-n // block)
 
 
 def _acc_dtype(dtype):
@@ -300,13 +344,13 @@ def _forward(x, indices, weights, down, up, bias, gate, activation, low):
     if tokens == 0:
         return y, pre, gated
     _load()
-    block_j, block_d = _blocks(j)
-    _forward_kernel[(tokens,)](
+    block_t, block_j, block_d = _token_blocks(tokens, j, max(x.shape[1], up.shape[1]), x.device)
+    _forward_kernel[(_cdiv(tokens, block_t),)](
         x.contiguous(), indices.contiguous(), weights.contiguous(), _rows(down, low), _rows(up, low),
         bias if bias is not None else pre, _rows(gate, low) if gate is not None else pre, y, pre,
-        gated if gate is not None else pre, j, x.shape[1], up.shape[1],
+        gated if gate is not None else pre, tokens, j, x.shape[1], up.shape[1],
         ACT=ACTIVATION_CODES[activation], HAS_BIAS=bias is not None, HAS_GATE=gate is not None,
-        ACC=_acc_dtype(x.dtype), BLOCK_J=block_j, BLOCK_D=block_d)
+        ACC=_acc_dtype(x.dtype), BLOCK_T=block_t, BLOCK_J=block_j, BLOCK_D=block_d)
     return y, pre, gated
 
 
@@ -364,27 +408,29 @@ def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tenso
     if tokens == 0:
         return dx, d_weights, d_down, d_up, d_bias, d_gate
     _load()
-    block_j, block_d = _blocks(j)
+    block_t, block_j, block_d = _token_blocks(tokens, j, max(x.shape[1], up.shape[1]), x.device)
     d_pre = x.new_empty((tokens, j), dtype=acc)
     d_gated = x.new_empty((tokens, j) if gate is not None else (0,), dtype=acc)
     coef = x.new_empty((tokens, j), dtype=acc)
     dy = dy.contiguous()
     x = x.contiguous()
     indices = indices.contiguous()
-    _token_backward_kernel[(tokens,)](
+    _token_backward_kernel[(_cdiv(tokens, block_t),)](
         dy, indices, weights.contiguous(), _rows(down, low), _rows(up, low),
         _rows(gate, low) if gate is not None else pre, pre.contiguous(),
         gated.contiguous() if gate is not None else pre, dx if need_x else pre, d_weights, d_pre,
-        d_gated if gate is not None else d_pre, coef, j, x.shape[1], up.shape[1],
+        d_gated if gate is not None else d_pre, coef, tokens, j, x.shape[1], up.shape[1],
         ACT=ACTIVATION_CODES[activation], HAS_GATE=gate is not None, NEED_DX=need_x,
-        ACC=_acc_dtype(acc), BLOCK_J=block_j, BLOCK_D=block_d)
+        ACC=_acc_dtype(acc), BLOCK_T=block_t, BLOCK_J=block_j, BLOCK_D=block_d)
     if need_tables:
         tok, positions, experts, starts, runs = _sorted_runs(indices, down.shape[0])
-        _table_backward_kernel[(min(tokens * j, down.shape[0]),)](
+        most = min(tokens * j, down.shape[0])  # runs of equal experts, at most
+        block_r, block_s, block_d = _run_blocks(most, max(x.shape[1], up.shape[1]), x.device)
+        _table_backward_kernel[(_cdiv(most, block_r),)](
             starts, runs, experts, tok, positions, x, dy, d_pre, d_gated if gate is not None else d_pre, coef,
             d_down, d_up, d_bias if bias is not None else d_down, d_gate if gate is not None else d_down,
             x.shape[1], up.shape[1], HAS_BIAS=bias is not None, HAS_GATE=gate is not None,
-            ACC=_acc_dtype(acc), BLOCK_S=SEGMENT_BLOCK, BLOCK_D=max(16, TILE_ELEMENTS // SEGMENT_BLOCK))
+            ACC=_acc_dtype(acc), BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_D=block_d)
     return dx, d_weights, d_down, d_up, d_bias, d_gate
 
 
