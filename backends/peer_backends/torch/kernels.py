@@ -370,10 +370,10 @@ def _(x, indices, weights, down, up, bias, gate, activation, low):
 
 
 def _sorted_runs(indices, n_rows):
-    """Selections sorted by expert (stable): (tokens, positions, experts, run starts (S + 1,), runs (1,)).
+    """Selections sorted by expert (stable): (tokens, positions, experts, run starts (S + 2,), runs (1,)).
 
-    run starts[r] is where the r-th run of equal experts begins (S past the last run), runs the
-    number of runs; all on the device, without synchronising.
+    run starts[r] is where the r-th run of equal experts begins (S at r = runs), runs the number of
+    runs; all on the device, without synchronising.
     """
     flat = indices.reshape(-1)
     size = flat.numel()
@@ -382,9 +382,9 @@ def _sorted_runs(indices, n_rows):
     first = torch.ones_like(experts, dtype=torch.bool)
     first[1:] = experts[1:] != experts[:-1]
     run_of = torch.cumsum(first, 0) - 1
-    starts = torch.full((size + 1,), size, dtype=torch.int64, device=flat.device)
-    selection = torch.arange(size, device=flat.device)
-    starts.scatter_reduce_(0, run_of, torch.where(first, selection, size), reduce="amin")
+    # The first selection of each run writes its position; the others write to a spare last slot.
+    starts = torch.full((size + 2,), size, dtype=torch.int64, device=flat.device)
+    starts.scatter_(0, torch.where(first, run_of, size + 1), torch.arange(size, device=flat.device))
     return positions // indices.shape[1], positions, experts, starts, run_of[-1:] + 1
 
 
