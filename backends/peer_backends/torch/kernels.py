@@ -7,17 +7,18 @@ The expert stage (SPEC §3.10-§3.11) for T tokens, J = heads*topk selections ea
     coef[t, j] = weights[t, j] * act(pre[t, j]) (* gated[t, j])
     y[t]       = sum_j coef[t, j] * up[e]
 
-runs in one kernel, one program per token: the J selected rows of ``down`` (and ``gate``) are
-read block by block of d_model and dotted with x[t]; the J rows of ``up`` are read and summed
-into y[t]; no (T, J, d) tensor is ever formed. Only the small (T, J) pre-activations and gate
-dots are kept for the backward, which is two kernels:
+runs in one kernel, one program per token (per block of tokens in the interpreter): the J
+selected rows of ``down`` (and ``gate``) are read block by block of d_model and dotted with x[t];
+the J rows of ``up`` are read and summed into y[t]; no (T, J, d) tensor is ever formed. Only the
+small (T, J) pre-activations and gate dots are kept for the backward, which is two kernels:
 
 - per token: d_coef[t, j] = dy[t] . up[e], then d_weights, the gradients of pre and gated, and
   dx[t] = sum_j d_pre[t, j] * down[e] + d_gated[t, j] * gate[e];
-- per selected expert: the table gradients d_down[e] = sum d_pre * x[t], d_gate, d_up[e] =
-  sum coef * dy[t] and d_bias[e] = sum d_pre, each a segmented reduction over the selections
-  sorted by expert (a stable sort, so the order of every sum is fixed: deterministic, with no
-  floating-point atomics). One program per distinct selected expert; unselected rows are zero.
+- per run of equal experts in the selections sorted by expert (a stable sort; the runs' starts
+  found on the device, without synchronising): the table gradients d_down[e] = sum d_pre * x[t],
+  d_gate, d_up[e] = sum coef * dy[t] and d_bias[e] = sum d_pre, each a segmented reduction
+  whose order is fixed: deterministic (bitwise equal from run to run), with no floating-point
+  atomics. Rows of experts nobody selected are zero.
 
 Mixed precision (SPEC §10.3, ``low`` a 16-bit dtype): the tables are float32 parameters; the
 kernels read their rows from a copy rounded to ``low``, and compute every dot and sum in
@@ -26,7 +27,8 @@ float32. The table gradients are float32, those with respect to the rounded rows
 
 Arithmetic is in x's dtype (float32, or float64 for float64 inputs). The kernels run on CUDA
 devices; on CPU they run in Triton's interpreter (``TRITON_INTERPRET=1`` in the environment
-before triton is first imported), slowly, for testing. Triton is imported on first use only.
+before triton is first imported), for testing: the interpreter runs every program in Python,
+so there a program takes a block of tokens or runs. Triton is imported on first use only.
 
 The entry point is ``expert_stage``, the custom operator ``peer::triton_experts`` with its
 backward ``peer::triton_experts_backward``: opaque to torch.compile, with fake (meta)
