@@ -1,4 +1,6 @@
-"""Sessions: `nox -s tests` runs everything; `ref`, `torch`, `jax`, `tensorflow` one backend each;
+"""Sessions: `nox -s tests kernels` runs everything (the README's test command): `tests` the
+reference, every backend and the harnesses, `kernels` the fused GPU kernels interpreted on the CPU;
+`ref`, `torch`, `jax`, `tensorflow` one backend each;
 `bench` runs the benchmark harness (pass flags after `--`, e.g. `nox -s bench -- --preset paper`);
 `train` runs the trainer (`nox -s train -- all --quick`).
 
@@ -10,7 +12,7 @@ from pathlib import Path
 
 import nox
 
-nox.options.sessions = ["tests"]
+nox.options.sessions = ["tests", "kernels"]
 nox.options.reuse_existing_virtualenvs = True
 
 PYTHON = "3.11"
@@ -51,6 +53,28 @@ def tests(session):
     for path in own:
         session.run("pytest", *PYTEST, *PROFILE, path, *session.posargs)
     _conformance(session, ["numpy", "torch", "jax", "tensorflow"])
+
+
+# The kernel paths under their interpreters (Triton: TRITON_INTERPRET=1 on CPU tensors; Pallas:
+# interpret=True off GPUs), which run every program instance in Python: the conformance modules
+# that exercise the expert stage, with the small "kernels" Hypothesis profile.
+KERNEL_MODULES = ["test_forward", "test_gradients", "test_mask", "test_routing", "test_dtypes", "test_vectors"]
+KERNEL_PATHS = {"torch": "triton", "jax": "pallas"}
+
+
+@nox.session(python=PYTHON)
+def kernels(session):
+    """The fused GPU kernels (torch: Triton, JAX: Pallas) in interpreter mode: their own tests, then
+    the conformance modules above against implementation="triton" / "pallas"."""
+    _install(session, "torch,jax,kernels")
+    env = {"TRITON_INTERPRET": "1"}
+    session.run("pytest", *PYTEST, "tests/test_torch_kernels.py", *session.posargs, env=env)
+    session.run("pytest", *PYTEST, "tests/test_jax_kernels.py", *session.posargs, env=env)
+    for backend, implementation in KERNEL_PATHS.items():
+        for module in KERNEL_MODULES:
+            session.run("pytest", *PYTEST, "--hypothesis-profile", "kernels", "-q", "--pyargs",
+                        f"peer_conformance.{module}", "--peer-backend", backend,
+                        "--peer-implementation", implementation, *session.posargs, env=env)
 
 
 @nox.session(python=PYTHON)

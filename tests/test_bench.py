@@ -144,6 +144,26 @@ def test_bad_backend_is_refused():
     assert "--backends='mxnet'" in proc.stderr
 
 
+@pytest.mark.parametrize("name", ["peer_pytorch:aten", "torch:", "mxnet:triton"])
+def test_bad_backend_implementation_is_refused(name):
+    proc = _bench("--preset", "smoke", "--backends", name)
+    assert proc.returncode == 2 and f"--backends={name!r}" in proc.stderr, proc.stderr
+
+
+def test_backend_implementation_rows(tmp_path):
+    """BACKEND:IMPLEMENTATION passes implementation= on; a name the backend lacks is an error row."""
+    proc = _bench("--preset", "smoke", "--backends", "numpy:numpy,numpy:nope", "--paths", "eager", "--threads", "1",
+                  "--repeats", "1", "--sweep", "none", "--no-glu", "--no-mixed", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["results"]
+    peer = {(r["backend"], r["mode"]): r for r in rows if r["impl"] == "peer"}
+    assert {key[0] for key in peer} == {"numpy:numpy", "numpy:nope"}
+    for mode in ("forward", "forward_backward"):
+        assert peer["numpy:numpy", mode]["status"] == "ok"
+        assert peer["numpy:nope", mode]["status"] == "error"
+        assert "implementation='nope'" in peer["numpy:nope", mode]["reason"]
+
+
 def test_importing_the_harness_imports_no_framework():
     code = ("import sys, peer_bench.cli, peer_bench.runner, peer_bench.report, peer_bench.plots; "
             "print(sorted(m for m in ('torch', 'jax', 'tensorflow', 'matplotlib') if m in sys.modules))")
@@ -270,3 +290,12 @@ def test_devices_flag_is_checked():
         main(["--preset", "smoke", "--devices", "1"])
     with pytest.raises(SystemExit):
         main(["--preset", "smoke", "--devices", "2", "--backends", "numpy"])
+
+
+def test_gpu_preset_is_training_sized():
+    """The gpu preset: d_model=1024, N=1024², heads=8, topk=16, d_key=128, 32768 tokens per call,
+    with a token sweep from 2048 to 65536 in the default run."""
+    preset = PRESETS["gpu"]
+    assert preset.case == Case(d_model=1024, n_experts=1024**2, heads=8, topk=16, d_key=128, tokens=32768)
+    assert preset.sweep_reduced["tokens"][0] == 2048 and preset.sweep_reduced["tokens"][-1] == 65536
+    assert preset.case.tokens in preset.sweep_reduced["tokens"]

@@ -76,8 +76,8 @@ def test_functional_matches_reference_float64(cfg, x64):
 
 def test_chunked_config_really_spans_several_chunks():
     tokens = int(np.prod(CHUNKED_TOKENS))
-    assert tokens > be.peer._ROWS_PER_CHUNK // (CHUNKED.heads * CHUNKED.topk)  # more than one chunk
-    assert tokens % (be.peer._ROWS_PER_CHUNK // (CHUNKED.heads * CHUNKED.topk))  # and a padded last one
+    assert tokens > be.experts._ROWS_PER_CHUNK // (CHUNKED.heads * CHUNKED.topk)  # more than one chunk
+    assert tokens % (be.experts._ROWS_PER_CHUNK // (CHUNKED.heads * CHUNKED.topk))  # and a padded last one
 
 
 def test_eager_path_equals_jit_path():
@@ -272,7 +272,7 @@ def test_largest_expert_count_routes_to_positive_int32_indices():
     scores = np.arange(cfg.n_keys, dtype=np.float32).reshape(1, 1, -1)
     expected = peer_ref.product_key_topk(cfg, scores.astype(np.float64), scores.astype(np.float64))
     assert expected.tolist() == [[[46339 * 46340 + 46339, 46338 * 46340 + 46339]]]
-    got = jax.jit(lambda s: be.peer._product_key_topk(cfg, s, s))(jnp.asarray(scores))
+    got = jax.jit(lambda s: be.routing._product_key_topk(cfg, s, s))(jnp.asarray(scores))
     assert got.dtype == jnp.int32 and np.asarray(got).tolist() == expected.tolist(), f"got {got}"
 def _state_of(module):
     return {name: np.asarray(value) for name, value in module.params_and_state()[1].items()}

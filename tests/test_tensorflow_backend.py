@@ -16,7 +16,9 @@ import peer_ref  # noqa: E402
 from peer_ref import PEERConfig, PEERInputError  # noqa: E402
 
 be = peer_backends.get("tensorflow")
+from peer_backends.tensorflow import experts as tf_experts  # noqa: E402
 from peer_backends.tensorflow import peer as tf_peer  # noqa: E402
+from peer_backends.tensorflow import routing as tf_routing  # noqa: E402
 
 CFG = PEERConfig(d_model=8, n_experts=16, heads=2, topk=3, d_key=4)
 
@@ -118,7 +120,7 @@ def test_token_chunks_with_padding_match_the_reference(monkeypatch, jit):
     # Tiny chunks (3 tokens, the last one padded) so the chunked experts and their
     # recomputing custom gradient really loop; a config no other test compiles.
     cfg = PEERConfig(d_model=6, n_experts=16, heads=2, topk=2, d_key=4, d_out=5, activation="relu", expert_glu=True)
-    monkeypatch.setattr(tf_peer, "CHUNK_ELEMENTS", 3 * cfg.heads * cfg.topk * cfg.d_model)
+    monkeypatch.setattr(tf_experts, "CHUNK_ELEMENTS", 3 * cfg.heads * cfg.topk * cfg.d_model)
     params, state = be.init(cfg, seed=8, dtype="float64")
     rng = np.random.default_rng(8)
     x, dy = rng.standard_normal((10, cfg.d_model)), rng.standard_normal((10, cfg.d_out))
@@ -196,7 +198,7 @@ def test_exact_ties_go_to_the_lower_index(jit):
 def test_signed_zero_and_nan_scores_order_like_the_reference(jit):
     # XLA orders +0 above -0 and NaN first; the reference treats +-0 as a tie and NaN as lowest.
     scores = tf.constant([[[0.0, -0.0, np.nan, 1.0, -0.0, 0.0]]])
-    top = tf.function(lambda s: tf.math.top_k(tf_peer._orderable(s), 6).indices, jit_compile=jit)(scores)
+    top = tf.function(lambda s: tf.math.top_k(tf_routing._orderable(s), 6).indices, jit_compile=jit)(scores)
     np.testing.assert_array_equal(top.numpy(), [[[3, 0, 1, 4, 5, 2]]])
 
 
@@ -265,7 +267,7 @@ def test_largest_expert_count_routes_to_exact_indices():
     assert expected.tolist() == [[[46339 * 46340 + 46339, 46338 * 46340 + 46339]]]
     for dtype in (tf.float32, tf.float64):
         s = tf.constant(scores, dtype=dtype)
-        got = tf.function(lambda a: tf_peer._product_key_topk(cfg, a, a), jit_compile=True)(s)
+        got = tf.function(lambda a: tf_routing._product_key_topk(cfg, a, a), jit_compile=True)(s)
         assert got.numpy().tolist() == expected.tolist(), f"{dtype}: got {got.numpy().tolist()}"
 def _state(layer):
     return {name: value.numpy() for name, value in layer.params_and_state()[1].items()}
@@ -363,3 +365,25 @@ def test_mixed_bfloat16_policy_runs_the_mixed_mode(training, masked):
         out = tf.reduce_sum(tf.cast(layer(x, training=training, mask=mask), tf.float32))
     grads = tape.gradient(out, layer.trainable_weights)
     assert all(g.dtype == tf.float32 and np.all(np.isfinite(g.numpy())) for g in grads)
+
+
+def test_implementation_keyword_of_the_layer():
+    """The layer takes implementation= like apply and vjp: "tensorflow" (or None); anything else is
+    refused at construction, naming what is offered; the choice survives get_config."""
+    assert be.implementations == ("tensorflow",)
+    layer = be.layer(CFG, implementation="tensorflow")
+    assert type(layer).from_config(layer.get_config()).implementation == "tensorflow"
+    with pytest.raises(peer_ref.PEERConfigError, match=r"implementation='triton'.*\['tensorflow'\]"):
+        be.layer(CFG, implementation="triton")
+
+
+def test_float32_means_float32_tensorfloat32_is_switched_off():
+    """SPEC §10.1: TensorFlow's process-wide TF32 switch is off once the backend has run (on GPUs
+    from Ampere on it would round float32 matrix products to a 10-bit mantissa)."""
+    tf.config.experimental.enable_tensor_float_32_execution(True)
+    params, state = be.init(CFG, seed=0)
+    be.apply(CFG, params, state, tf.zeros((2, CFG.d_model)))
+    assert not tf.config.experimental.tensor_float_32_execution_enabled()
+    tf.config.experimental.enable_tensor_float_32_execution(True)
+    be.layer(CFG)(np.zeros((2, CFG.d_model), np.float32))
+    assert not tf.config.experimental.tensor_float_32_execution_enabled()

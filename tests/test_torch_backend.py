@@ -9,7 +9,9 @@ from peer_ref import PEERConfig, PEERInputError
 
 torch = pytest.importorskip("torch")
 import peer_backends  # noqa: E402
+from peer_backends.torch import experts as torch_experts  # noqa: E402
 from peer_backends.torch import peer as torch_peer  # noqa: E402
+from peer_backends.torch import routing as torch_routing  # noqa: E402
 
 be = peer_backends.get("torch")
 
@@ -112,15 +114,15 @@ def test_expert_projections_pass_gradcheck(projection):
     # The down projection's first input is x (T, d); the up projection's the weights (T, heads*topk).
     first = torch.randn(3, 2 if projection == "_DownProjection" else 4, dtype=torch.float64, requires_grad=True)
     table = torch.randn(7, 2, dtype=torch.float64, requires_grad=True)
-    fn = getattr(torch_peer, projection).apply
-    groups = torch_peer.expert_groups(indices, table.shape[0])
+    fn = getattr(torch_experts, projection).apply
+    groups = torch_experts.expert_groups(indices, table.shape[0])
     assert torch.autograd.gradcheck(lambda a, t: fn(a, t, indices, groups), (first, table))
 
 
 @pytest.mark.parametrize("key_sets", [1, 3])
 def test_selected_scores_pass_gradcheck(monkeypatch, key_sets):
     # Chunks of one token for the sub-key gradient; repeated sub-keys within a head must accumulate.
-    monkeypatch.setattr(torch_peer, "KEY_GRAD_ELEMENTS", 1)
+    monkeypatch.setattr(torch_routing, "KEY_GRAD_ELEMENTS", 1)
     tokens, heads, n, d_half, k = 4, 3, 5, 2, 3
     queries = torch.randn(tokens, heads, 2 * d_half, dtype=torch.float64, requires_grad=True)
     keys = [torch.randn(key_sets, n, d_half, dtype=torch.float64, requires_grad=True) for _ in range(2)]
@@ -131,7 +133,7 @@ def test_selected_scores_pass_gradcheck(monkeypatch, key_sets):
         per_head = [keys_.expand(heads, n, d_half) for keys_ in (left, right)]
         sub = torch.stack([torch.einsum("thd,hnd->thn", q[..., side * d_half:(side + 1) * d_half], per_head[side])
                            for side in range(2)])
-        return torch_peer._SelectedScores.apply(q, left, right, halves, sub.detach())
+        return torch_routing._SelectedScores.apply(q, left, right, halves, sub.detach())
 
     assert torch.autograd.gradcheck(selected, (queries, *keys))
 
@@ -141,10 +143,10 @@ def test_expert_kernels_equal_gather_and_scatter():
     table = torch.randn(9, 3, dtype=torch.float64)
     indices = torch.randint(0, 8, (7, 4))  # table row 8 is never selected: its gradient row must be 0
     weights = torch.randn(7, 4, dtype=torch.float64)
-    groups = torch_peer.expert_groups(indices, 9)
-    torch.testing.assert_close(torch_peer._DownProjection.apply(rows, table, indices, groups),
+    groups = torch_experts.expert_groups(indices, 9)
+    torch.testing.assert_close(torch_experts._DownProjection.apply(rows, table, indices, groups),
                                torch.einsum("tjd,td->tj", table[indices], rows))
-    torch.testing.assert_close(torch_peer._UpProjection.apply(weights, table, indices),
+    torch.testing.assert_close(torch_experts._UpProjection.apply(weights, table, indices),
                                torch.einsum("tjd,tj->td", table[indices], weights))
     outer = torch.ops.peer.row_outer(weights, rows, *groups)
     expected_outer = torch.zeros(9, 3, dtype=torch.float64).index_add_(
@@ -176,7 +178,7 @@ def test_product_key_topk_breaks_ties_like_the_reference():
         s_left[0, 0] = -0.0  # -0.0 and +0.0 are equal as floats, so they tie
         s_left[0, 0, ::2] = 0.0
         expected = peer_ref.product_key_topk(cfg, s_left, s_right)
-        actual = torch_peer._product_key_topk(cfg, torch.from_numpy(np.stack([s_left, s_right])))
+        actual = torch_routing._product_key_topk(cfg, torch.from_numpy(np.stack([s_left, s_right])))
         np.testing.assert_array_equal(actual.numpy(), expected)
 
 
@@ -192,7 +194,7 @@ def test_pruned_candidates_equal_all_candidates(topk):
             sub = np.round(sub * scale)
         for dtype in (np.float32, np.float64):
             expected = peer_ref.brute_force_topk(cfg, *sub.astype(dtype))
-            actual = torch_peer._product_key_topk(cfg, torch.from_numpy(sub.astype(dtype)))
+            actual = torch_routing._product_key_topk(cfg, torch.from_numpy(sub.astype(dtype)))
             np.testing.assert_array_equal(actual.numpy(), expected)
 
 
@@ -291,7 +293,7 @@ def test_cuda_matches_cpu():
 def _opcheck_cases():
     g = torch.Generator().manual_seed(0)
     indices = torch.tensor([[0, 6, 6, 2], [6, 1, 0, 3], [5, 5, 5, 5]])
-    groups = tuple(torch_peer.expert_groups(indices, 7))
+    groups = tuple(torch_experts.expert_groups(indices, 7))
     grad = {"dtype": torch.float64, "requires_grad": True}
     x, coef = torch.randn(3, 2, generator=g, **grad), torch.randn(3, 4, generator=g, **grad)
     table = torch.randn(7, 2, generator=g, **grad)
@@ -423,7 +425,7 @@ def test_largest_expert_count_routes_to_exact_indices():
     assert expected.tolist() == [[[46339 * 46340 + 46339, 46338 * 46340 + 46339]]]
     for dtype in (torch.float32, torch.float64):
         sub_scores = torch.tensor(np.stack([scores, scores]), dtype=dtype)
-        got = torch_peer._product_key_topk(cfg, sub_scores)
+        got = torch_routing._product_key_topk(cfg, sub_scores)
         assert got.tolist() == expected.tolist(), f"{dtype}: got {got.tolist()}"
 CAST_CASES = [(True, False, False), (True, True, True), (False, False, True), (False, True, False)]
 

@@ -19,8 +19,10 @@ pytest.importorskip("triton")
 torch = pytest.importorskip("torch")
 
 import peer_backends  # noqa: E402
+from peer_backends.torch import experts as torch_experts  # noqa: E402
 from peer_backends.torch import kernels  # noqa: E402
 from peer_backends.torch import peer as torch_peer  # noqa: E402
+from peer_backends.torch.core import RoundThrough  # noqa: E402
 from peer_backends.torch.parallel import ExpertColumnParallel  # noqa: E402
 from peer_ref import PEERConfig, PEERConfigError  # noqa: E402
 from peer_ref.config import ACTIVATIONS  # noqa: E402
@@ -112,11 +114,11 @@ def _stage_inputs(n, t, j, d_in, d_out, dtype, glu, bias, seed=0):
 
 def _einsum_stage(x, indices, weights, down, up, bias, gate, activation, low):
     # Rows rounded to low, the gradient passing unchanged (straight-through, SPEC §10.3).
-    read = (lambda t: t) if low is None else (lambda t: torch_peer._RoundThrough.apply(t, low))  # noqa: E731
+    read = (lambda t: t) if low is None else (lambda t: RoundThrough.apply(t, low))  # noqa: E731
     pre = torch.einsum("td,tjd->tj", x, read(down)[indices])
     if bias is not None:
         pre = pre + bias[indices]
-    hidden = torch_peer._activation(activation, pre)
+    hidden = torch_experts._activation(activation, pre)
     if gate is not None:
         hidden = hidden * torch.einsum("td,tjd->tj", x, read(gate)[indices])
     return torch.einsum("tj,tjo->to", weights * hidden, read(up)[indices])

@@ -2,9 +2,15 @@
 
 Every built-in backend (``peer_backends.numpy``, ``.torch``, ``.jax``, ``.tensorflow``)
 is a package with the same files — ``__init__.py`` (the attributes below),
-``core.py`` (array conversion and dtype names), ``peer.py`` (init/apply/vjp) and
-``layer.py`` (the framework's idiomatic layer) — so a reader who knows one knows
-where everything is in the others. A third-party backend only needs the attributes.
+``core.py`` (array conversion, dtype names, the mixed mode's rounding), ``peer.py``
+(init/apply/vjp: validation, assembly, compilation) and ``layer.py`` (the framework's
+idiomatic layer) — and the torch, JAX and TensorFlow backends split the layer into modules
+named after the spec's parts: ``query_norm.py`` (§3.3), ``routing.py`` (§3.4-§3.9, §4) and
+``experts.py`` (§3.10-§3.11, on the framework's own kernels), with ``kernels.py`` beside
+them where fused GPU kernels replace ``experts.py`` (torch: Triton; JAX: Pallas). (The NumPy
+backend's parts are the reference's own modules, ``peer_ref.forward_pass``, ``.routing``,
+``.backward_pass``.) A reader who knows one backend knows where everything is in the others.
+A third-party backend only needs the attributes.
 
 Semantics are those of spec/SPEC.md and ``peer_ref``; a backend implements them and
 never re-decides them. Argument errors are raised through ``peer_ref.checks`` so every
@@ -52,6 +58,10 @@ implementations : tuple[str, ...]
     ("numpy",), torch ("aten", "triton"), jax ("xla", "pallas"), tensorflow ("tensorflow",).
     apply and vjp then take ``implementation=`` (above); the conformance suite runs against
     one with ``--peer-implementation NAME``.
+
+default_path : str
+    "eager" or "compiled": the path ``jit=None`` runs. Where given, the conformance suite checks
+    that path once (every module runs it) rather than twice.
 
 Optional hooks, called by the conformance suite when present:
 

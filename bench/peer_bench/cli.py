@@ -27,11 +27,14 @@ def _default_threads() -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m peer_bench", description=__doc__)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                   help="cpu (default, < 5 min on 2 cores), paper (N=1024^2), smoke (seconds)")
+                   help="cpu (default, < 5 min on 2 cores), paper (N=1024^2), gpu (training-sized: d_model=1024, "
+                        "N=1024^2, 32768 tokens; for one GPU), smoke (seconds)")
     for field, kind in CASE_FLAGS.items():
         p.add_argument("--" + field.replace("_", "-"), type=kind, help=f"override the preset's {field}")
     p.add_argument("--backends", default=",".join(ALL_BACKENDS),
-                   help=f"comma-separated subset of {','.join(ALL_BACKENDS)} (default: all)")
+                   help=f"comma-separated subset of {','.join(ALL_BACKENDS)} (default: all); BACKEND:IMPLEMENTATION "
+                        "forces one implementation of the expert stage, e.g. torch:aten,torch:triton,jax:pallas "
+                        "(a plain name runs the backend's default: implementation=None)")
     p.add_argument("--repeats", type=int, help="timed calls per measurement (at most; see --budget-s)")
     p.add_argument("--warmup", type=int, help="untimed calls before timing (compilation happens there)")
     p.add_argument("--budget-s", type=float, help="stop timing a measurement early after this many seconds")
@@ -80,8 +83,10 @@ def settings_from_args(args, p):
         _fail(p, "--tokens", case.tokens, "an int >= 1")
     backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
     for name in backends:
-        if name not in ALL_BACKENDS:
-            _fail(p, "--backends", name, f"names from {','.join(ALL_BACKENDS)}")
+        base, _, implementation = name.partition(":")
+        if base not in ALL_BACKENDS or (implementation and base not in OUR_BACKENDS) or name.endswith(":"):
+            _fail(p, "--backends", name, f"names from {','.join(ALL_BACKENDS)}, or BACKEND:IMPLEMENTATION "
+                  "(e.g. torch:triton, jax:pallas) for one implementation of the expert stage")
     paths = tuple(x.strip() for x in args.paths.split(",") if x.strip())
     if not paths or any(x not in ("eager", "compiled") for x in paths):
         _fail(p, "--paths", args.paths, "a comma-separated subset of eager,compiled")

@@ -94,6 +94,18 @@ PRESETS: dict[str, Preset] = {
         sweep_timing=Timing(warmup=1, repeats=3, min_repeats=2, budget_s=2.0),
         job_timeout_s=1800.0,
     ),
+    # Training-sized, for one GPU: the paper's expert
+    # count with a 1024-wide model and 32768 tokens per call, so that launch latency is small
+    # next to the work. The token sweep shows where each implementation saturates.
+    "gpu": Preset(
+        case=Case(d_model=1024, n_experts=1024**2, heads=8, topk=16, d_key=128, tokens=32768),
+        timing=Timing(warmup=2, repeats=10, min_repeats=5, budget_s=2.0),
+        sweep_full={"experts": (256**2, 512**2, 1024**2), "tokens": (2048, 4096, 8192, 16384, 32768, 65536)},
+        sweep_reduced={"tokens": (2048, 8192, 32768, 65536)},
+        sweep_timing=Timing(warmup=2, repeats=5, min_repeats=3, budget_s=0.5),
+        job_timeout_s=300.0,
+        bandwidth_bytes=1024 * 2**20,
+    ),
     "smoke": Preset(
         case=Case(d_model=16, n_experts=8**2, heads=2, topk=4, d_key=8, tokens=32),
         timing=Timing(warmup=1, repeats=3, min_repeats=2, budget_s=0.2),

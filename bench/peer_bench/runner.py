@@ -91,8 +91,8 @@ def run_worker(job: dict, settings: Settings) -> dict:
 
 
 def _unavailable(name: str) -> str | None:
-    """Why backend `name` cannot run here, found without importing any framework."""
-    entry = BACKENDS.get(name)
+    """Why backend `name` (or BACKEND:IMPLEMENTATION) cannot run here, found without importing any framework."""
+    entry = BACKENDS.get(name.partition(":")[0])
     if name == PEER_PYTORCH:
         if importlib.util.find_spec("PEER_pytorch") is None:
             return "PEER-pytorch is not installed (pip install 'peer-layer[bench]')"
@@ -122,7 +122,7 @@ class Runner:
 
     def _job(self, kind, impl, backend, path, mode, cases, **extra) -> dict:
         s = self.settings
-        framework = "torch" if impl == PEER_PYTORCH else BACKENDS[backend].framework
+        framework = "torch" if impl == PEER_PYTORCH else BACKENDS[backend.partition(":")[0]].framework
         timing = s.sweep_timing if kind == "sweep" else s.timing
         return {"kind": kind, "impl": impl, "backend": backend, "framework": framework, "path": path,
                 "mode": mode, "cases": [c.to_dict() for c in cases], "device": s.device,

@@ -98,6 +98,9 @@ def _peer_call(job, case, fw, backend, x, dy, mode):
     params, state = fw.to_device(params), fw.to_device(state)
     jit = {"eager": False, "compiled": True, "default": None}[job["path"]]
     extra = {} if case.compute_dtype is None else {"compute_dtype": case.compute_dtype}
+    implementation = job["backend"].partition(":")[2]
+    if implementation:  # BACKEND:IMPLEMENTATION forces one; a plain name runs the backend's default
+        extra["implementation"] = implementation
     if mode == "forward":
         return lambda: backend.apply(cfg, params, state, x, training=False, jit=jit, **extra)
     return lambda: backend.vjp(cfg, params, state, x, dy, training=True, jit=jit, **extra)
@@ -179,7 +182,7 @@ def run(job: dict) -> dict:
     if job["impl"] == "peer":
         import peer_backends
 
-        backend = peer_backends.get(job["backend"])
+        backend = peer_backends.get(job["backend"].partition(":")[0])
         caps = sorted(backend.capabilities)
         result.update(backend_version=backend.version, capabilities=caps)
         dtype = job["cases"][0]["dtype"]

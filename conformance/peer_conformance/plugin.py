@@ -10,7 +10,8 @@ profiles and the ``backend`` fixture, and imports no framework until a test asks
     pytest --pyargs peer_conformance --peer-backend torch --peer-implementation triton   # one kernel path
 
 The backend defaults to $PEER_BACKEND. Hypothesis profiles: ``dev`` (quick), ``ci``
-(200 examples for the core properties, derandomized), ``thorough``; pick one with
+(200 examples for the core properties, derandomized), ``thorough``, ``kernels`` (8, for
+interpreted kernels); pick one with
 ``--hypothesis-profile`` (default: ``ci`` when $CI is set, else ``dev``).
 """
 
@@ -30,6 +31,10 @@ settings.register_profile(
     "ci", max_examples=200, deadline=None, derandomize=True, suppress_health_check=_SUPPRESS, print_blob=True
 )
 settings.register_profile("thorough", max_examples=2000, deadline=None, suppress_health_check=_SUPPRESS)
+# For implementations run under an interpreter (Triton's, Pallas's), where one example costs seconds.
+settings.register_profile(
+    "kernels", max_examples=8, deadline=None, derandomize=True, suppress_health_check=_SUPPRESS, print_blob=True
+)
 
 _PACKAGE = "peer_conformance"
 

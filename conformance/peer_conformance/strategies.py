@@ -184,3 +184,6 @@ TIED_POOL = [
 # routing), whose count the profile sets (200 in ci).
 SECONDARY = settings(max_examples=min(30, settings.default.max_examples))
 PATHS = settings(max_examples=min(20, settings.default.max_examples))
+# Properties fixed by the config and mode rather than by the data (output and gradient dtypes):
+# a wrong dtype shows on any example of its config, so about two draws per pooled config suffice.
+STRUCTURE = settings(max_examples=min(12, settings.default.max_examples))

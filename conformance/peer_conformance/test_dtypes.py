@@ -7,13 +7,13 @@ from hypothesis import given
 from peer_ref.checks import state_dtype
 
 from .helpers import MIXED, assert_dtype, needs, needs_mode, run_backend
-from .strategies import SECONDARY, cases
+from .strategies import STRUCTURE, cases
 
 LOW = ("bfloat16", "float16")
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16", "float16"])
-@SECONDARY
+@STRUCTURE
 @given(case=cases(lead=(5,)))
 def test_output_dtypes(backend, dtype, case):
     needs(backend, dtype)
@@ -30,7 +30,7 @@ def test_output_dtypes(backend, dtype, case):
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16", "float16"])
-@SECONDARY
+@STRUCTURE
 @given(case=cases(lead=(5,)))
 def test_gradient_dtypes(backend, dtype, case):
     needs(backend, dtype)
@@ -44,7 +44,7 @@ def test_gradient_dtypes(backend, dtype, case):
 
 
 @pytest.mark.parametrize(("dtype", "compute_dtype"), MIXED)
-@SECONDARY
+@STRUCTURE
 @given(case=cases(lead=(5,)))
 def test_mixed_dtypes(backend, dtype, compute_dtype, case):
     """SPEC §10.3: y and dx in compute_dtype; state, aux scores/weights and grads float32."""
@@ -65,7 +65,7 @@ def test_mixed_dtypes(backend, dtype, compute_dtype, case):
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16", "float16"])
-@SECONDARY
+@STRUCTURE
 @given(case=cases(lead=(5,)))
 def test_compute_dtype_equal_to_params_is_the_default(backend, dtype, case):
     """SPEC §10.3: compute_dtype equal to the parameters' dtype changes nothing, bit for bit."""

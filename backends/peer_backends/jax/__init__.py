@@ -12,6 +12,7 @@ from .peer import IMPLEMENTATIONS as implementations
 from .peer import apply, init, vjp
 
 name = "jax"
+default_path = "compiled"  # what jit=None runs
 capabilities = frozenset(
     {"float64", "float32", "bfloat16", "float16", "mixed", "grad", "jit"} | ({"gpu"} if jax.default_backend() == "gpu" else set())
 )
@@ -31,4 +32,4 @@ def clear_caches() -> None:
     jax.clear_caches()
 
 
-__all__ = ["apply", "capabilities", "implementations", "clear_caches", "enable_float64", "from_numpy", "init", "layer", "name", "to_numpy", "version", "vjp"]
+__all__ = ["apply", "capabilities", "default_path", "implementations", "clear_caches", "enable_float64", "from_numpy", "init", "layer", "name", "to_numpy", "version", "vjp"]

@@ -5,9 +5,12 @@ float32 without a word. The contract says nothing is cast, so converting a float
 array (or asking for float64 parameters) with x64 off is refused, naming the fix.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from peer_ref.errors import PEERInputError
 
@@ -65,3 +68,25 @@ def from_numpy(tree):
 
 def to_numpy(tree):
     return map_tree(np.asarray, tree)
+
+
+# float32 means float32 (SPEC §10.1): on GPUs XLA would otherwise use TF32 in matrix products.
+HIGHEST = lax.Precision.HIGHEST
+
+DTYPES = {"float64": jnp.float64, "float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# ---------------------------------------------------------------------------- init
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def round_through(value, low):
+    """value rounded to nearest-even in the dtype named ``low`` and widened back (exact); the
+    gradient passes unchanged (straight-through, SPEC §10.3)."""
+    return value.astype(DTYPES[low]).astype(value.dtype)
+
+
+round_through.defvjp(lambda value, low: (round_through(value, low), None), lambda low, _, grad: (grad,))
+
+
+def read(rows, low):
+    """Rows as the computation reads them: rounded to ``low`` in the mixed mode (SPEC §10.3)."""
+    return rows if low is None else rows.astype(DTYPES[low]).astype(rows.dtype)

@@ -33,7 +33,10 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from peer_ref.errors import PEERInputError
 
-from .peer import _ACTIVATIONS, HIGHEST, _validate, route
+from .core import HIGHEST
+from .experts import _ACTIVATIONS
+from .peer import _validate
+from .routing import route
 
 # Tables of (N, width) rows sharded by columns. The first kind is dotted with x (their partial
 # dots are summed over the axis in one psum); the second is summed into the output.

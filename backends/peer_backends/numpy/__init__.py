@@ -6,7 +6,8 @@ from .peer import IMPLEMENTATIONS as implementations
 from .peer import apply, init, vjp
 
 name = "numpy"
+default_path = "eager"  # what jit=None runs
 capabilities = frozenset({"float64", "float32", "grad", "mixed"})
 layer = _layer_module.PEERLayer
 
-__all__ = ["apply", "capabilities", "implementations", "from_numpy", "init", "layer", "name", "to_numpy", "version", "vjp"]
+__all__ = ["apply", "capabilities", "default_path", "implementations", "from_numpy", "init", "layer", "name", "to_numpy", "version", "vjp"]

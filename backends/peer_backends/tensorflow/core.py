@@ -31,3 +31,27 @@ def dtype_name(value) -> str:
     if isinstance(value, (tf.Tensor, tf.Variable)):
         return value.dtype.name
     return np.asarray(value).dtype.name
+
+
+TF_DTYPES = {"float64": tf.float64, "float32": tf.float32, "bfloat16": tf.bfloat16, "float16": tf.float16}
+
+
+def round_through(value, low):
+    """value rounded to nearest-even in the dtype named ``low`` and widened back (exact); the
+    gradient passes unchanged (straight-through, SPEC §10.3)."""
+
+    @tf.custom_gradient
+    def run(v):
+        return tf.cast(tf.cast(v, TF_DTYPES[low]), v.dtype), lambda grad: grad
+
+    return run(value)
+
+
+def read(rows, low):
+    """Gathered rows as the computation reads them: rounded to ``low`` in the mixed mode (SPEC §10.3)."""
+    return rows if low is None else tf.cast(tf.cast(rows, TF_DTYPES[low]), rows.dtype)
+
+
+def zero_masked(rows, mask):
+    # A select, not a product: 0 * NaN would be NaN.
+    return tf.where(mask[:, None], rows, tf.zeros_like(rows))

@@ -1,5 +1,8 @@
 """PEER in TensorFlow: functional init/apply/vjp (SPEC §3, §7, §8).
 
+The parts live in modules named after the spec's: query_norm (§3.3), routing (§3.4-§3.9, §4),
+experts (§3.10-§3.11); this module validates, assembles and compiles them.
+
 Arguments are validated in Python through ``peer_ref.checks`` before any graph runs,
 so errors equal the reference's. The default path runs one XLA-compiled
 ``tf.function`` per (config, training, mask?, routing?, dtype), traced once for any
@@ -9,7 +12,6 @@ number of tokens.
 from __future__ import annotations
 
 import functools
-import math
 import zlib
 
 import numpy as np
@@ -20,16 +22,12 @@ from peer_ref import checks
 from peer_ref.errors import PEERInputError
 
 from .._implementation import choose
-from .core import dtype_name
+from .core import TF_DTYPES, dtype_name, round_through, zero_masked
+from .experts import _experts
+from .routing import route
 
 # The expert stage runs on TensorFlow's own kernels (XLA-compiled on the default path).
 IMPLEMENTATIONS = ("tensorflow",)
-
-TF_DTYPES = {"float64": tf.float64, "float32": tf.float32, "bfloat16": tf.bfloat16, "float16": tf.float16}
-
-# A gathered chunk of expert rows (tokens, heads, topk, d) holds at most this many elements.
-CHUNK_ELEMENTS = 2**22
-
 
 def init(cfg, seed=0, dtype=None):
     dtype = checks.check_dtype_name(dtype or "float32")
@@ -192,22 +190,6 @@ def _compiled_vjp(cfg, training, has_mask, has_routing, dtype, *, low=None):
     return tf.function(run, input_signature=signature, jit_compile=True)
 
 
-def _round_through(value, low):
-    """value rounded to nearest-even in the dtype named ``low`` and widened back (exact); the
-    gradient passes unchanged (straight-through, SPEC §10.3)."""
-
-    @tf.custom_gradient
-    def run(v):
-        return tf.cast(tf.cast(v, TF_DTYPES[low]), v.dtype), lambda grad: grad
-
-    return run(value)
-
-
-def _read(rows, low):
-    """Gathered rows as the computation reads them: rounded to ``low`` in the mixed mode (SPEC §10.3)."""
-    return rows if low is None else tf.cast(tf.cast(rows, TF_DTYPES[low]), rows.dtype)
-
-
 def forward(cfg, params, state, x, training=False, mask=None, routing=None, low=None):
     """The layer on flat tokens: x (T, d_model), mask (T,), routing (T, heads, topk).
 
@@ -221,199 +203,18 @@ def forward(cfg, params, state, x, training=False, mask=None, routing=None, low=
     compute = tf.float32 if out_dtype in (tf.bfloat16, tf.float16) else out_dtype
     p = {name: tf.cast(value, compute) for name, value in params.items()}
     if low is not None:
-        p["query.kernel"] = _round_through(p["query.kernel"], low)
+        p["query.kernel"] = round_through(p["query.kernel"], low)
     x = tf.cast(x, compute)
     if mask is not None:
-        x = _zero_masked(x, mask)  # padding is inert, even NaN padding, in both passes (SPEC §5)
+        x = zero_masked(x, mask)  # padding is inert, even NaN padding, in both passes (SPEC §5)
 
-    q = tf.matmul(x, p["query.kernel"])
-    if cfg.query_bias:
-        q = q + p["query.bias"]
-    q, new_state = _query_norm(cfg, p, state, q, mask, training)
-    queries = tf.reshape(q, (-1, cfg.heads, cfg.d_key))
-
-    s_left, s_right = _sub_key_scores(cfg, p, queries)
-    indices = _product_key_topk(cfg, s_left, s_right) if routing is None else tf.cast(routing, tf.int64)
-    scores = (tf.gather(s_left, indices // cfg.n_keys, batch_dims=2)
-              + tf.gather(s_right, indices % cfg.n_keys, batch_dims=2))
-    weights = _score_weights(cfg.score, scores)
+    new_state, indices, scores, weights = route(cfg, training, p, state, x, mask, routing)
 
     y = _experts(cfg, x, weights, indices, p["experts.down"], p["experts.up"], p.get("experts.bias"),
                  p.get("experts.gate"), low)
     if mask is not None:
-        y = _zero_masked(y, mask)
+        y = zero_masked(y, mask)
     aux = {"indices": indices, "scores": scores, "weights": weights}
     return tf.cast(y, out_dtype), new_state, aux
 
 
-def _zero_masked(rows, mask):
-    # A select, not a product: 0 * NaN would be NaN.
-    return tf.where(mask[:, None], rows, tf.zeros_like(rows))
-
-
-def _query_norm(cfg, p, state, q, mask, training):
-    if cfg.query_norm == "none":
-        return q, dict(state)
-    running_mean = tf.cast(state["query_norm.mean"], q.dtype)
-    running_var = tf.cast(state["query_norm.var"], q.dtype)
-    if training:
-        valid = tf.ones_like(q[:, 0], tf.bool) if mask is None else mask
-        n_valid = tf.reduce_sum(tf.cast(valid, q.dtype))
-        use_batch = n_valid > 0
-        count = tf.maximum(n_valid, 1)
-        batch_mean = tf.reduce_sum(_zero_masked(q, valid), axis=0) / count
-        batch_var = tf.reduce_sum(_zero_masked(q - batch_mean, valid) ** 2, axis=0) / count
-        # No valid token: normalise with the running statistics and leave them unchanged.
-        mean = tf.where(use_batch, batch_mean, running_mean)
-        var = tf.where(use_batch, batch_var, running_var)
-        m = cfg.bn_momentum
-        unbiased = batch_var * (n_valid / tf.maximum(n_valid - 1, 1))
-        updated = {
-            "query_norm.mean": tf.where(use_batch, (1 - m) * running_mean + m * batch_mean, running_mean),
-            "query_norm.var": tf.where(use_batch, (1 - m) * running_var + m * unbiased, running_var),
-        }
-        new_state = {name: tf.stop_gradient(tf.cast(value, state[name].dtype)) for name, value in updated.items()}
-    else:
-        mean, var, new_state = running_mean, running_var, dict(state)
-    inv_std = 1.0 / tf.sqrt(var + cfg.bn_eps)
-    return (q - mean) * inv_std * p["query_norm.scale"] + p["query_norm.offset"], new_state
-
-
-def _sub_key_scores(cfg, p, queries):
-    halves = (queries[..., : cfg.d_half], queries[..., cfg.d_half :])
-    keys = (p["keys.left"], p["keys.right"])
-    if cfg.shared_keys:  # every head reads key set 0
-        return tuple(tf.einsum("thd,nd->thn", q, k[0]) for q, k in zip(halves, keys))
-    return tuple(tf.einsum("thd,hnd->thn", q, k) for q, k in zip(halves, keys))
-
-
-def _orderable(scores):
-    """Integer keys in the order of SPEC §4.1: value descending, +0 equal to -0, NaN below -inf.
-
-    XLA's top_k orders floats totally (+0 above -0, NaN above everything); the bits of a float,
-    with the magnitude bits of negatives flipped, compare as integers like the floats do, and
-    NaN takes the lowest key.
-    """
-    ints = tf.int64 if scores.dtype == tf.float64 else tf.int32
-    scores = scores if ints == tf.int64 else tf.cast(scores, tf.float32)
-    bits = tf.bitcast(tf.where(scores == 0, tf.zeros_like(scores), scores), ints)
-    keys = tf.where(bits < 0, tf.bitwise.bitwise_xor(bits, ints.max), bits)
-    return tf.where(tf.math.is_nan(scores), tf.fill(tf.shape(keys), ints.min), keys)
-
-
-def _product_key_topk(cfg, s_left, s_right):
-    """Expert indices (T, heads, topk), int64, by the order rule of SPEC §4.
-
-    tf.math.top_k returns equal values lower position first (checked by the tests), so
-    stage 1 breaks ties by lower sub-key index. For stage 2 each side's selection is put
-    in ascending sub-key order: the flattened k*k grid is then in ascending expert
-    index (left * n_keys + right), and lower position means lower expert index.
-    """
-    k, n = cfg.topk, cfg.n_keys
-    sides = []
-    for scores in (s_left, s_right):
-        sub_keys = tf.sort(tf.math.top_k(_orderable(scores), k).indices, axis=-1)
-        sides.append((tf.cast(sub_keys, tf.int64), tf.gather(scores, sub_keys, batch_dims=2)))
-    (left, left_scores), (right, right_scores) = sides
-    sums = tf.reshape(left_scores[..., :, None] + right_scores[..., None, :], (-1, cfg.heads, k * k))
-    experts = tf.reshape(left[..., :, None] * n + right[..., None, :], (-1, cfg.heads, k * k))
-    best = tf.math.top_k(_orderable(sums), k).indices
-    return tf.gather(experts, best, batch_dims=2)
-
-
-def _score_weights(name, scores):
-    if name == "softmax":
-        return tf.nn.softmax(scores, axis=-1)
-    if name == "sigmoid":
-        return tf.sigmoid(scores)
-    return scores
-
-
-def _activation(name, z):
-    if name == "gelu":
-        return 0.5 * z * (1.0 + tf.math.erf(z / math.sqrt(2.0)))
-    if name == "gelu_tanh":
-        return 0.5 * z * (1.0 + tf.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * z**3)))
-    if name == "relu":
-        return tf.nn.relu(z)
-    if name == "silu":
-        return z * tf.sigmoid(z)
-    return z
-
-
-def _expert_chunk(cfg, x, weights, down_rows, up_rows, bias_rows=None, gate_rows=None):
-    """y = sum_{h,k} weights * act(x . down + bias) [* (x . gate)] * up for one chunk of tokens."""
-    pre = tf.einsum("td,thkd->thk", x, down_rows)
-    if bias_rows is not None:
-        pre = pre + bias_rows
-    hidden = _activation(cfg.activation, pre)
-    if gate_rows is not None:  # GLU experts (SPEC §3.10): times the linear gate
-        hidden = hidden * tf.einsum("td,thkd->thk", x, gate_rows)
-    return tf.einsum("thk,thko->to", weights * hidden, up_rows)
-
-
-def _experts(cfg, x, weights, indices, down, up, bias, gate, low=None):
-    """The expert MLP over token chunks, so gathered rows never exceed CHUNK_ELEMENTS.
-
-    The custom gradient recomputes each chunk's gathers instead of letting autodiff
-    keep all of them, and scatter-adds the row gradients into dense tables. With ``low``
-    the gathered rows of down, up and gate (not bias) are rounded to it as they are read;
-    their gradients treat the rounding as the identity (SPEC §10.3).
-    """
-    width = cfg.heads * cfg.topk * max(cfg.d_model, cfg.d_out)
-    tokens = tf.shape(x)[0]
-    chunk = tf.maximum(tf.minimum(max(1, CHUNK_ELEMENTS // width), tokens), 1)
-    # At least one (padding) chunk: XLA compiles the loop body even when it would never run.
-    n_chunks = tf.maximum((tokens + chunk - 1) // chunk, 1)
-    pad = n_chunks * chunk - tokens
-    chunked = lambda t: tf.reshape(  # noqa: E731
-        tf.pad(t, [[0, pad]] + [[0, 0]] * (t.shape.rank - 1)), tf.concat([[n_chunks, chunk], tf.shape(t)[1:]], 0))
-    idx = chunked(indices)  # padding tokens read expert 0 with weight 0
-    # The optional tables present, by name: experts.bias and experts.gate.
-    optional_names = [name for name, table in (("bias", bias), ("gate", gate)) if table is not None]
-
-    @tf.custom_gradient
-    def run(xs, ws, down, up, *optional):
-        names = ["down", "up", *optional_names]
-
-        def rows(i):
-            """The chunk's gathered rows of [down, up, *optional], as the computation reads them."""
-            return [tf.gather(table, idx[i]) if name == "bias" else _read(tf.gather(table, idx[i]), low)
-                    for name, table in zip(names, (down, up, *optional))]
-
-        def chunk_output(x_c, w_c, gathered):
-            named = {f"{name}_rows": value for name, value in zip(optional_names, gathered[2:])}
-            return _expert_chunk(cfg, x_c, w_c, gathered[0], gathered[1], **named)
-
-        def forward_body(i, ys):
-            y = chunk_output(xs[i], ws[i], rows(i))
-            return i + 1, tf.tensor_scatter_nd_update(ys, [[i]], y[None])
-
-        # Preallocated outputs rather than a TensorArray: zero chunks must work too.
-        ys = tf.zeros(tf.concat([tf.shape(xs)[:2], [cfg.d_out]], 0), xs.dtype)
-        _, ys = tf.while_loop(lambda i, _: i < n_chunks, forward_body, (0, ys))
-
-        def grad(dys):
-            def backward_body(i, dxs, dws, d_tables):
-                inputs = [xs[i], ws[i], *rows(i)]
-                with tf.GradientTape() as tape:
-                    tape.watch(inputs)
-                    y = chunk_output(inputs[0], inputs[1], inputs[2:])
-                g = tape.gradient(y, inputs, output_gradients=dys[i])
-                flat = tf.reshape(idx[i], (-1, 1))
-                # Each table's row gradients, scatter-added into its dense (n_experts, ...) gradient.
-                d_tables = [tf.tensor_scatter_nd_add(d, flat, tf.reshape(g_rows, (-1,) + tuple(d.shape[1:])))
-                            for d, g_rows in zip(d_tables, g[2:])]
-                dxs = tf.tensor_scatter_nd_update(dxs, [[i]], g[0][None])
-                dws = tf.tensor_scatter_nd_update(dws, [[i]], g[1][None])
-                return i + 1, dxs, dws, d_tables
-
-            state = (0, tf.zeros_like(xs), tf.zeros_like(ws), [tf.zeros_like(t) for t in (down, up, *optional)])
-            _, dxs, dws, d_tables = tf.while_loop(lambda i, *_: i < n_chunks, backward_body, state)
-            return (dxs, dws, *d_tables)
-
-        return ys, grad
-
-    tables = [table for table in (bias, gate) if table is not None]
-    ys = run(chunked(x), chunked(weights), down, up, *tables)
-    return tf.reshape(ys, (-1, cfg.d_out))[:tokens]

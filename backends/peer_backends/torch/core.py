@@ -13,8 +13,10 @@ def _to_tensor(leaf):
     array = np.asarray(leaf)
     # NumPy has no native bfloat16: move the raw bits so no value is rounded on the way.
     if array.dtype == ml_dtypes.bfloat16:
-        return torch.from_numpy(np.array(array.view(np.int16), copy=True)).view(torch.bfloat16)
-    return torch.from_numpy(np.array(array, copy=True))
+        tensor = torch.from_numpy(np.array(array.view(np.int16), copy=True)).view(torch.bfloat16)
+    else:
+        tensor = torch.from_numpy(np.array(array, copy=True))
+    return tensor.to(torch.get_default_device())
 
 
 def _to_array(leaf):
@@ -34,7 +36,8 @@ def _to_array(leaf):
 
 
 def from_numpy(tree):
-    """NumPy arrays (or nested containers of them) to CPU tensors; copies, never casts."""
+    """NumPy arrays (or nested containers of them) to tensors on torch's default device (the CPU unless
+    ``torch.set_default_device`` says otherwise); copies, never casts."""
     return map_tree(_to_tensor, tree)
 
 
@@ -49,3 +52,29 @@ def dtype_name(tensor) -> str:
 
 def torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
+
+
+@torch.library.custom_op("peer::round_through", mutates_args=())
+def _round_through_op(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """value rounded to nearest-even in ``dtype`` and widened back to value's dtype (exact).
+
+    An opaque operator so that torch.compile cannot fold the two casts away (SPEC §10.3 needs
+    the rounding); its gradient passes unchanged (straight-through).
+    """
+    return value.to(dtype).to(value.dtype)
+
+
+@_round_through_op.register_fake
+def _(value, dtype):
+    return torch.empty_like(value)
+
+
+_round_through_op.register_autograd(lambda ctx, grad: (grad, None), setup_context=lambda ctx, inputs, output: None)
+
+
+class RoundThrough:
+    """Round to a low dtype and widen back; the gradient passes unchanged (SPEC §10.3)."""
+
+    @staticmethod
+    def apply(value, dtype):
+        return torch.ops.peer.round_through(value, dtype)

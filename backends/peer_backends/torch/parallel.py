@@ -43,7 +43,8 @@ from peer_ref import checks
 from peer_ref.errors import PEERConfigError, PEERInputError
 
 from .core import dtype_name
-from .peer import _activation, _DownProjection, _UpProjection, expert_groups, route
+from .experts import _activation, _DownProjection, _UpProjection, expert_groups
+from .routing import route
 
 # Tables of (N, width) rows sharded by columns. The first kind is dotted with x (their partial
 # dots are summed over the mesh in one all-reduce); the second is summed into the output.

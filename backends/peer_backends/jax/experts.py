@@ -1,0 +1,129 @@
+"""The expert stage (SPEC §3.9-§3.11) on XLA's own kernels (implementation "xla"): each token's
+h*k selected experts, down projection, bias, activation, GLU gate, router weights and up
+projection, with a hand-written backward that recomputes the gathered rows rather than keep them."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .core import HIGHEST, read
+
+# Gathered expert rows per chunk of tokens (tokens * heads * topk): bounds each
+# (chunk, heads, topk, d) gather at 32 MiB for d = 256 in float32. On CPU, 8192 rows
+# ran about 1.7x slower per step and 65536 no faster (d_model=256, h=8, k=16, 2048 tokens).
+_ROWS_PER_CHUNK = 32768
+
+_ACTIVATIONS = {
+    "gelu": lambda z: jax.nn.gelu(z, approximate=False),
+    "gelu_tanh": lambda z: jax.nn.gelu(z, approximate=True),
+    "relu": jax.nn.relu,  # its derivative at 0 is 0, as SPEC §7 requires
+    "silu": jax.nn.silu,
+    "identity": lambda z: z,
+}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _experts(activation, chunk, low, x, indices, weights, down, up, bias, gate):
+    """y[t] = sum_{h,k} weights * act(x[t] . down[i] + bias[i]) * up[i], i = indices[t, h, k],
+    with act(...) times the linear gate x[t] . gate[i] when ``gate`` is given (SPEC §3.10).
+
+    Tokens are processed in chunks so gathered rows never exceed (chunk, heads, topk, d);
+    the custom backward recomputes each chunk's gathers instead of letting autodiff keep
+    every chunk's, and scatter-adds the row gradients into (n_experts, d) accumulators.
+    With ``low`` (the mixed mode's dtype name) the gathered rows of down, gate and up are
+    rounded to it as they are read; their gradients treat the rounding as the identity (SPEC §10.3).
+    """
+    return _experts_forward(activation, chunk, low, x, indices, weights, down, up, bias, gate)
+
+
+def _experts_saving_inputs(activation, chunk, low, x, indices, weights, down, up, bias, gate):
+    # Residuals are the inputs themselves: no gathered rows are kept for the backward.
+    y = _experts_forward(activation, chunk, low, x, indices, weights, down, up, bias, gate)
+    return y, (x, indices, weights, down, up, bias, gate)
+
+
+def _experts_recomputing(activation, chunk, low, residuals, dy):
+    dx, d_weights, d_down, d_up, d_bias, d_gate = _experts_backward(activation, chunk, low, *residuals, dy)
+    return dx, None, d_weights, d_down, d_up, d_bias, d_gate
+
+
+_experts.defvjp(_experts_saving_inputs, _experts_recomputing)
+
+
+def _chunked(chunk, arrays):
+    """Pad the token axis to a multiple of ``chunk`` and split it: (n_chunks, chunk, ...)."""
+    tokens = arrays[0].shape[0]
+    padded = -(-tokens // chunk) * chunk
+    return [jnp.pad(a, [(0, padded - tokens)] + [(0, 0)] * (a.ndim - 1)).reshape((-1, chunk) + a.shape[1:])
+            for a in arrays]
+
+
+def _experts_forward(activation, chunk, low, x, indices, weights, down, up, bias, gate):
+    act = _ACTIVATIONS[activation]
+
+    def one_chunk(args):
+        x_c, idx_c, w_c = args
+        pre = jnp.einsum("td,thkd->thk", x_c, read(down[idx_c], low), precision=HIGHEST)
+        if bias is not None:
+            pre = pre + bias[idx_c]
+        hidden = act(pre)
+        if gate is not None:
+            hidden = hidden * jnp.einsum("td,thkd->thk", x_c, read(gate[idx_c], low), precision=HIGHEST)
+        return jnp.einsum("thk,thko->to", w_c * hidden, read(up[idx_c], low), precision=HIGHEST)
+
+    tokens = x.shape[0]
+    if tokens <= chunk:
+        return one_chunk((x, indices, weights))
+    # Padded tokens have weight 0 and x 0, so they add exactly nothing anywhere.
+    y = lax.map(one_chunk, tuple(_chunked(chunk, [x, indices, weights])))
+    return y.reshape(-1, up.shape[1])[:tokens]
+
+
+def _experts_backward(activation, chunk, low, x, indices, weights, down, up, bias, gate, dy):
+    act = _ACTIVATIONS[activation]
+
+    def one_chunk(acc, args):
+        d_down, d_up, d_bias, d_gate = acc
+        x_c, idx_c, w_c, dy_c = args
+        down_rows, up_rows = read(down[idx_c], low), read(up[idx_c], low)
+        pre = jnp.einsum("td,thkd->thk", x_c, down_rows, precision=HIGHEST)
+        if bias is not None:
+            pre = pre + bias[idx_c]
+        activated, act_vjp = jax.vjp(act, pre)
+        d_coef = jnp.einsum("to,thko->thk", dy_c, up_rows, precision=HIGHEST)
+        d_hidden = d_coef * w_c
+        rows = idx_c.reshape(-1)
+        if gate is None:
+            hidden = activated
+            (d_pre,) = act_vjp(d_hidden)
+            dx_c = jnp.einsum("thk,thkd->td", d_pre, down_rows, precision=HIGHEST)
+        else:
+            gate_rows = read(gate[idx_c], low)
+            gate_values = jnp.einsum("td,thkd->thk", x_c, gate_rows, precision=HIGHEST)
+            hidden = activated * gate_values
+            (d_pre,) = act_vjp(d_hidden * gate_values)
+            d_gate_values = d_hidden * activated
+            dx_c = (jnp.einsum("thk,thkd->td", d_pre, down_rows, precision=HIGHEST)
+                    + jnp.einsum("thk,thkd->td", d_gate_values, gate_rows, precision=HIGHEST))
+            d_gate = d_gate.at[rows].add(
+                (d_gate_values[..., None] * x_c[:, None, None, :]).reshape(rows.shape[0], gate.shape[1]))
+        # Explicit widths (not -1): a chunk may hold zero tokens.
+        d_down = d_down.at[rows].add((d_pre[..., None] * x_c[:, None, None, :]).reshape(rows.shape[0], down.shape[1]))
+        d_up = d_up.at[rows].add(((w_c * hidden)[..., None] * dy_c[:, None, None, :]).reshape(rows.shape[0], up.shape[1]))
+        if bias is not None:
+            d_bias = d_bias.at[rows].add(d_pre.reshape(-1))
+        return (d_down, d_up, d_bias, d_gate), (dx_c, d_coef * hidden)
+
+    zeros = lambda a: None if a is None else jnp.zeros_like(a)  # noqa: E731
+    acc = (jnp.zeros_like(down), jnp.zeros_like(up), zeros(bias), zeros(gate))
+    tokens = x.shape[0]
+    if tokens <= chunk:
+        (d_down, d_up, d_bias, d_gate), (dx, d_weights) = one_chunk(acc, (x, indices, weights, dy))
+    else:
+        (d_down, d_up, d_bias, d_gate), (dx, d_weights) = lax.scan(
+            one_chunk, acc, tuple(_chunked(chunk, [x, indices, weights, dy])))
+        dx = dx.reshape(-1, x.shape[1])[:tokens]
+        d_weights = d_weights.reshape((-1,) + weights.shape[1:])[:tokens]
+    return dx, d_weights, d_down, d_up, d_bias, d_gate

@@ -1,0 +1,201 @@
+"""The expert stage (SPEC §3.9-§3.11) on PyTorch's own kernels (implementation "aten"): each
+token's h*k selected experts, down projection, bias, activation, GLU gate, router weights and up
+projection, and its backward.
+"""
+
+import typing
+
+import torch
+import torch.nn.functional as F
+
+from .core import RoundThrough
+
+# Three kernels over the selections indices (T, heads*topk) of rows of a table (N, d):
+#   row_sums:  out[t]    = sum_j weights[t, j] * table[indices[t, j]]        (T, d)
+#   row_dots:  out[t, j] = rows[t] . table[indices[t, j]]                   (T, heads*topk)
+#   row_outer: out[e]    = sum over indices[t, j] == e of weights[t, j] * rows[t]   (N, d)
+# The up projection is row_sums; the down projection is row_dots, its adjoint. Each one's
+# backward is made of the other two, so no (T, heads*topk, d) tensor is ever kept. They run on
+# embedding_bag's kernels, which never gather: row_sums with one bag per token, row_dots and
+# row_outer with one bag per table row over the selections sorted by expert (ExpertGroups), so
+# the large table is streamed in order while the small token rows stay in cache. The same
+# kernels run eagerly and compiled: peer::down_projection, peer::up_projection, peer::row_outer.
+
+class ExpertGroups(typing.NamedTuple):
+    """The selections sorted by expert, computed once per call and shared by every kernel."""
+
+    order: torch.Tensor  # position in indices.reshape(-1) of each sorted selection
+    tokens: torch.Tensor  # token of each sorted selection
+    experts: torch.Tensor  # expert of each sorted selection (non-decreasing)
+    offsets: torch.Tensor  # (N,) start of each expert's run; an unselected expert's run is empty
+
+
+@torch.library.custom_op("peer::expert_groups", mutates_args=())
+def _expert_groups_op(indices: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                   torch.Tensor]:
+    """ExpertGroups (order, tokens, experts, offsets) of int64 selections (T, J) of N = n_rows rows."""
+    flat = indices.reshape(-1)
+    # On CPU a 1-D integer sort takes a parallel radix-sort path that stalls for ~0.1 s when it
+    # follows other parallel work; sorting the same keys as one row of a 2-D tensor takes the
+    # comparison sort, faster on integers than on any float encoding of them.
+    order = torch.sort(flat[None, :], dim=-1).indices[0]
+    counts = torch.bincount(flat, minlength=n_rows)
+    return order, order // indices.shape[1], flat[order], counts.cumsum(0) - counts
+
+
+@_expert_groups_op.register_fake
+def _(indices, n_rows):
+    size = indices.numel()
+    return (indices.new_empty(size), indices.new_empty(size), indices.new_empty(size),
+            indices.new_empty(n_rows))
+
+
+def expert_groups(indices, n_rows):
+    """ExpertGroups of the int64 selections indices (T, heads*topk) of an (n_rows, d) table."""
+    return ExpertGroups(*torch.ops.peer.expert_groups(indices.detach(), n_rows))
+
+
+def _row_sums(indices, table, weights):
+    return F.embedding_bag(indices, table, per_sample_weights=weights.contiguous(), mode="sum")
+
+
+def _row_dots(indices, table, rows, groups):
+    # Read as per-sample weight gradients of row_outer's embedding_bag, these are the dots of
+    # each expert's bag against its table row: table[e] . rows[t] for every selection.
+    sorted_dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        table.contiguous(), rows.contiguous(), groups.tokens, groups.offsets, groups.experts, 0)
+    return sorted_dots.new_empty(indices.numel()).index_copy_(0, groups.order, sorted_dots).view(indices.shape)
+
+
+def _row_outer(groups, weights, rows):
+    # One bag per table row, written straight into the dense (N, d) result: empty bags sum to 0.
+    return F.embedding_bag(groups.tokens, rows.contiguous(), groups.offsets,
+                           per_sample_weights=weights.reshape(-1)[groups.order].contiguous(), mode="sum")
+
+
+@torch.library.custom_op("peer::row_outer", mutates_args=())
+def _row_outer_op(weights: torch.Tensor, rows: torch.Tensor, order: torch.Tensor, tokens: torch.Tensor,
+                  experts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """(N, d) sums of weights[t, j] * rows[t] over the selections of each row (no autograd formula)."""
+    return _row_outer(ExpertGroups(order, tokens, experts, offsets), weights, rows)
+
+
+@_row_outer_op.register_fake
+def _(weights, rows, order, tokens, experts, offsets):
+    return rows.new_empty((offsets.shape[0], rows.shape[1]))
+
+
+@torch.library.custom_op("peer::down_projection", mutates_args=())
+def _down_projection_op(x: torch.Tensor, down: torch.Tensor, indices: torch.Tensor, order: torch.Tensor,
+                        tokens: torch.Tensor, experts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """pre[t, j] = x[t] . down[indices[t, j]]: (T, d) and (N, d) to (T, J)."""
+    return _row_dots(indices, down, x, ExpertGroups(order, tokens, experts, offsets))
+
+
+@_down_projection_op.register_fake
+def _(x, down, indices, order, tokens, experts, offsets):
+    return x.new_empty(indices.shape)
+
+
+@torch.library.custom_op("peer::up_projection", mutates_args=())
+def _up_projection_op(coef: torch.Tensor, up: torch.Tensor, indices: torch.Tensor, order: torch.Tensor,
+                      tokens: torch.Tensor, experts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """y[t] = sum_j coef[t, j] * up[indices[t, j]]: (T, J) and (N, d) to (T, d)."""
+    del order, tokens, experts, offsets  # for the backward
+    return _row_sums(indices, up, coef)
+
+
+@_up_projection_op.register_fake
+def _(coef, up, indices, order, tokens, experts, offsets):
+    return coef.new_empty((indices.shape[0], up.shape[1]))
+
+
+def _projection_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _down_projection_backward(ctx, d_pre):
+    x, down, indices, *groups = ctx.saved_tensors
+    dx = torch.ops.peer.up_projection(d_pre, down, indices, *groups) if ctx.needs_input_grad[0] else None
+    d_down = torch.ops.peer.row_outer(d_pre, x, *groups) if ctx.needs_input_grad[1] else None
+    return (dx, d_down) + (None,) * 5
+
+
+def _up_projection_backward(ctx, dy):
+    coef, up, indices, *groups = ctx.saved_tensors
+    d_coef = torch.ops.peer.down_projection(dy, up, indices, *groups) if ctx.needs_input_grad[0] else None
+    d_up = torch.ops.peer.row_outer(coef, dy, *groups) if ctx.needs_input_grad[1] else None
+    return (d_coef, d_up) + (None,) * 5
+
+
+_down_projection_op.register_autograd(_down_projection_backward, setup_context=_projection_setup)
+_up_projection_op.register_autograd(_up_projection_backward, setup_context=_projection_setup)
+
+
+class _DownProjection:
+    """pre[t, j] = x[t] . down[indices[t, j]] (the op peer::down_projection); groups None: computed here."""
+
+    @staticmethod
+    def apply(x, down, indices, groups=None):
+        groups = expert_groups(indices, down.shape[0]) if groups is None else groups
+        return torch.ops.peer.down_projection(x, down, indices, *groups)
+
+
+class _UpProjection:
+    """y[t] = sum_j coef[t, j] * up[indices[t, j]] (the op peer::up_projection); groups None: computed here."""
+
+    @staticmethod
+    def apply(coef, up, indices, groups=None):
+        groups = expert_groups(indices, up.shape[0]) if groups is None else groups
+        return torch.ops.peer.up_projection(coef, up, indices, *groups)
+
+
+def _activation(name, z):
+    if name == "gelu":
+        return F.gelu(z)
+    if name == "gelu_tanh":
+        return F.gelu(z, approximate="tanh")
+    if name == "relu":
+        return F.relu(z)
+    if name == "silu":
+        return F.silu(z)
+    return z
+
+
+def _read_rows(table, flat, low):
+    """Rows table[flat] (T, J, d), rounded to ``low`` as they are read (SPEC §10.3).
+
+    The mixed mode gathers, rounds and contracts here instead of calling the peer:: expert ops,
+    whose embedding-bag kernels need the table and the token rows in one dtype; a fused kernel
+    would read the rows in the low dtype straight from a low-dtype copy of the table.
+    """
+    return RoundThrough.apply(F.embedding(flat, table), low)
+
+
+def _expert_bias(bias, flat, groups):
+    """bias[flat], (T, heads*topk), read through the row-dot op (a (N, 1) table dotted with ones):
+    its gradient is then the op's grouped sum, where a plain index's backward (an index_put into
+    the (N,) gradient) is miscompiled by inductor's CPU code generator when N = 1."""
+    return _DownProjection.apply(bias.new_ones((flat.shape[0], 1)), bias[:, None], flat, groups)
+
+
+def expert_stage(cfg, p, xf, flat, weights, low=None):
+    """y (T, d_out) = sum_j weights[t, j] * e_j(x[t]) over the selections flat (T, heads*topk)
+    (SPEC §3.10-§3.11); p: parameters in the compute dtype; xf (T, d_model); weights (T,
+    heads*topk); ``low`` (a torch dtype or None): the mixed mode's rounding of the rows (SPEC §10.3).
+    """
+    if low is None:
+        groups = expert_groups(flat, cfg.n_experts)
+        down = lambda name: _DownProjection.apply(xf, p[name], flat, groups)  # noqa: E731
+    else:
+        down = lambda name: torch.einsum("td,tjd->tj", xf, _read_rows(p[name], flat, low))  # noqa: E731
+    pre = down("experts.down")
+    if cfg.expert_bias:
+        pre = pre + _expert_bias(p["experts.bias"], flat, groups if low is None else None)
+    hidden = _activation(cfg.activation, pre)
+    if cfg.expert_glu:  # SPEC §3.10: a linear gate read like the down projection
+        hidden = hidden * down("experts.gate")
+    coef = weights * hidden
+    if low is None:
+        return _UpProjection.apply(coef, p["experts.up"], flat, groups)
+    return torch.einsum("tj,tjo->to", coef, _read_rows(p["experts.up"], flat, low))
