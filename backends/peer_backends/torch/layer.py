@@ -2,10 +2,10 @@ import torch
 from torch import nn
 
 from peer_ref import checks
-from peer_ref.errors import PEERInputError
+from peer_ref.errors import PEERConfigError, PEERInputError
 
 from .core import dtype_name, torch_dtype
-from .peer import _aux, forward_tensors, init, validate
+from .peer import IMPLEMENTATIONS, _aux, forward_tensors, implementation_for, init, kernels, validate
 
 
 class PEER(nn.Module):
@@ -35,11 +35,23 @@ class PEER(nn.Module):
     backward runs outside the autocast region (torch's advice); inside it, and in compiled
     graphs, torch autocasts the backward's matmuls as well. Outside autocast an x whose dtype differs
     from the parameters' raises PEERInputError (``nn.Linear`` refuses it too).
+
+    ``implementation`` names the kernels of the expert stage (``peer_backends.torch.peer.
+    IMPLEMENTATIONS``): None (default) picks, at each call, the best available for x's device
+    ("triton" on CUDA devices where triton is installed, else "aten"); a name forces it, and a
+    call on a device where it cannot run raises PEERConfigError. An unknown name raises
+    PEERConfigError at construction. Sharded expert tables (``ExpertColumnParallel``) run "aten".
     """
 
-    def __init__(self, cfg, seed=0, dtype=None, device=None):
+    def __init__(self, cfg, seed=0, dtype=None, device=None, implementation=None):
         super().__init__()
+        if implementation is not None and (not isinstance(implementation, str)
+                                           or implementation not in IMPLEMENTATIONS):
+            raise PEERConfigError(f"implementation={implementation!r}, but backend 'torch' has "
+                                  f"{sorted(IMPLEMENTATIONS)} (or None for the best available)")
+        kernels.triton_installed()  # looked up once here, so that compiled forwards read it as a constant
         self.cfg = cfg
+        self.implementation = implementation
         params, state = init(cfg, seed=seed, dtype=dtype, device=device)
         for name, value in params.items():
             self._owner(name).register_parameter(name.split(".")[1], nn.Parameter(value))
@@ -85,6 +97,13 @@ class PEER(nn.Module):
             raise PEERInputError(f"torch.autocast(dtype={low}) with sharded expert tables, but expected no "
                                  "autocast: the sharded forward computes in the parameters' dtype only")
         extra = {} if low is None else {"low": low}
+        if "_forward_tensors" in self.__dict__:
+            if self.implementation not in (None, "aten"):
+                raise PEERConfigError(f"implementation={self.implementation!r} with sharded expert tables, but "
+                                      "the sharded forward runs 'aten' only (implementation=None or 'aten')")
+        else:
+            extra["implementation"] = implementation_for(self.implementation, x.device if isinstance(
+                x, torch.Tensor) else "cpu")
         # PEER prescribes its own precision per step; autocast must not re-cast its matmuls and batch norm.
         with torch.autocast(device_type, enabled=False):
             lead = validate(self.cfg, params, state, x, self.training, mask, routing, compute_dtype=low)
@@ -116,4 +135,6 @@ class PEER(nn.Module):
         return x, (amp if param_dtype == torch.float32 and amp != torch.float32 else None)
 
     def extra_repr(self):
-        return repr(self.cfg)
+        if self.implementation is None:
+            return repr(self.cfg)
+        return f"{self.cfg!r}, implementation={self.implementation!r}"

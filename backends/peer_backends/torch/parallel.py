@@ -40,7 +40,7 @@ from torch.distributed.tensor import DeviceMesh, DTensor, Partial, Replicate, Sh
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from peer_ref import checks
-from peer_ref.errors import PEERInputError
+from peer_ref.errors import PEERConfigError, PEERInputError
 
 from .core import dtype_name
 from .experts import _activation, _DownProjection, _UpProjection, expert_groups
@@ -93,6 +93,10 @@ class ExpertColumnParallel(ParallelStyle):
         if cfg is None or not hasattr(module, "params_and_state") or not hasattr(module, "_forward_tensors"):
             raise PEERInputError(
                 f"module is {type(module).__name__}, but expected a peer_backends.torch PEER layer")
+        if getattr(module, "implementation", None) not in (None, "aten"):
+            raise PEERConfigError(
+                f"implementation={module.implementation!r}, but sharded expert tables run 'aten' only "
+                "(build the layer with implementation=None or 'aten')")
         if device_mesh.ndim != 1:
             raise PEERInputError(
                 f"device_mesh has {device_mesh.ndim} dimensions, but expected a 1-D mesh (e.g. mesh['tp'])")

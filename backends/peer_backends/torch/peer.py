@@ -1,7 +1,8 @@
 """PEER in PyTorch: init, apply and vjp (SPEC §3, §7, §8) on validated tensors.
 
 The parts live in modules named after the spec's: query_norm (§3.3), routing (§3.4-§3.9, §4),
-experts (§3.10-§3.11, implementation "aten"); this module validates, assembles the forward pass,
+experts (§3.10-§3.11, implementation "aten"), kernels (the same in Triton kernels, implementation
+"triton"); this module validates, assembles the forward pass,
 compiles it (torch.compile) and differentiates it (torch.autograd).
 """
 
@@ -15,17 +16,26 @@ from peer_ref import checks
 from peer_ref.errors import PEERInputError
 
 from .._implementation import choose
+from . import kernels
 from .core import RoundThrough, dtype_name, torch_dtype
 from .experts import expert_stage
 from .routing import route
 
-# Kernels of the expert stage, the default first: "aten" is PyTorch's own (embedding-bag) kernels.
-IMPLEMENTATIONS = ("aten",)
+# Kernels of the expert stage, the default first: "aten" is PyTorch's own (embedding-bag) kernels,
+# "triton" the fused Triton kernels of peer_backends.torch.kernels.
+IMPLEMENTATIONS = ("aten", "triton")
 
 
 def implementation_for(implementation, device) -> str:
-    """The implementation to run for tensors on ``device`` (see peer_backends._implementation)."""
-    return choose("torch", implementation, {"aten": None}, list(IMPLEMENTATIONS))
+    """The implementation to run for tensors on ``device`` (see peer_backends._implementation).
+
+    "triton" can run where triton is installed, on CUDA devices, or on CPU in Triton's interpreter
+    (TRITON_INTERPRET=1); None picks it on CUDA devices, "aten" elsewhere.
+    """
+    device = torch.device(device)
+    options = {"aten": None, "triton": kernels.unavailable_reason(device)}
+    preferred = ["triton", "aten"] if device.type == "cuda" else ["aten"]
+    return choose("torch", implementation, options, preferred)
 
 
 def init(cfg, seed=0, dtype=None, device=None):
@@ -91,12 +101,13 @@ def validate(cfg, params, state, x, training, mask=None, routing=None, dy=None,
     return lead
 
 
-def forward_tensors(cfg, training, params, state, x, mask, routing, low=None):
+def forward_tensors(cfg, training, params, state, x, mask, routing, low=None, implementation="aten"):
     """The forward pass on validated tensors (all on x's device).
 
     Returns (y, new_state, indices, scores, weights) with x flattened to (T, d_model) and the
     routing tensors (T, heads, topk). Arithmetic is float32 for bfloat16 and float16 inputs
-    (SPEC §10.1); ``low`` (a torch dtype or None) is the mixed mode's (SPEC §10.3).
+    (SPEC §10.1); ``low`` (a torch dtype or None) is the mixed mode's (SPEC §10.3);
+    ``implementation`` one of IMPLEMENTATIONS, already checked (implementation_for).
     """
     compute = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
     p = {name: value.to(compute) for name, value in params.items()}
@@ -111,7 +122,12 @@ def forward_tensors(cfg, training, params, state, x, mask, routing, low=None):
     new_state, indices, scores, weights = route(cfg, training, p, state, xf, valid, routing)
 
     flat = indices.reshape(tokens, cfg.heads * cfg.topk)
-    y = expert_stage(cfg, p, xf, flat, weights.reshape(flat.shape), low)
+    if implementation == "triton":  # fused kernels; mixed mode: rows read in low by the kernels
+        y = kernels.expert_stage(xf, flat, weights.reshape(flat.shape), p["experts.down"], p["experts.up"],
+                                 p["experts.bias"] if cfg.expert_bias else None,
+                                 p["experts.gate"] if cfg.expert_glu else None, cfg.activation, low)
+    else:
+        y = expert_stage(cfg, p, xf, flat, weights.reshape(flat.shape), low)
     if mask is not None:
         y = torch.where(valid[:, None], y, 0)  # §5: masked tokens output exactly zero
     return y.to(x.dtype), new_state, indices, scores, weights
@@ -125,13 +141,14 @@ def clear_caches():
     _COMPILED.clear()
 
 
-def _runner(cfg, training, has_mask, has_routing, jit, low=None):
+def _runner(cfg, training, has_mask, has_routing, jit, low=None, implementation="aten"):
     low = None if low is None else torch_dtype(low)
+    forward = functools.partial(forward_tensors, cfg, training, low=low, implementation=implementation)
     if not jit:
-        return functools.partial(forward_tensors, cfg, training, low=low)
-    key = (cfg, training, has_mask, has_routing, low)
+        return forward
+    key = (cfg, training, has_mask, has_routing, low, implementation)
     if key not in _COMPILED:
-        _COMPILED[key] = _dynamic_tokens(cfg, torch.compile(functools.partial(forward_tensors, cfg, training, low=low)))
+        _COMPILED[key] = _dynamic_tokens(cfg, torch.compile(forward))
     return _COMPILED[key]
 
 
@@ -173,10 +190,10 @@ def _aux(cfg, lead, indices, scores, weights):
 def apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None,
           implementation=None):
     lead = validate(cfg, params, state, x, training, mask, routing, compute_dtype=compute_dtype)
-    implementation_for(implementation, x.device)
+    implementation = implementation_for(implementation, x.device)
     low = low_dtype(params, compute_dtype)
     params, state, mask, routing = _to_device(x.device, params, state, mask, routing)
-    run = _runner(cfg, bool(training), mask is not None, routing is not None, jit, low)
+    run = _runner(cfg, bool(training), mask is not None, routing is not None, jit, low, implementation)
     y, new_state, indices, scores, weights = run(params, state, x, mask, routing)
     new_state = {name: value.detach() for name, value in new_state.items()}
     return y.reshape(lead + (cfg.d_out,)), new_state, _aux(cfg, lead, indices, scores, weights)
@@ -185,12 +202,12 @@ def apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit
 def vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None,
         implementation=None):
     lead = validate(cfg, params, state, x, training, mask, routing, dy, compute_dtype=compute_dtype)
-    implementation_for(implementation, x.device)
+    implementation = implementation_for(implementation, x.device)
     low = low_dtype(params, compute_dtype)
     params, state, mask, routing = _to_device(x.device, params, state, mask, routing)
     leaves = {name: value.detach().requires_grad_(True) for name, value in params.items()}
     x_leaf = x.detach().requires_grad_(True)
-    run = _runner(cfg, bool(training), mask is not None, routing is not None, jit, low)
+    run = _runner(cfg, bool(training), mask is not None, routing is not None, jit, low, implementation)
     with torch.enable_grad():
         y = run(leaves, state, x_leaf, mask, routing)[0]
         # The cotangent of sum(y * dy) with respect to y is dy itself.
