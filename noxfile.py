@@ -49,7 +49,9 @@ def tests(session):
     # the trainer's tests load torch and JAX together.
     own = [f"tests/test_{name}_backend.py" for name in ("torch", "jax", "tensorflow")]
     own += [f"tests/test_{name}_parallel.py" for name in ("torch", "jax")] + ["tests/test_train.py"]
-    session.run("pytest", *PYTEST, *PROFILE, "tests", *(f"--ignore={path}" for path in own), *session.posargs)
+    kernel_tests = [f"--ignore=tests/test_{name}_kernels.py" for name in ("torch", "jax")]  # the kernels session's
+    session.run("pytest", *PYTEST, *PROFILE, "tests", *(f"--ignore={path}" for path in own), *kernel_tests,
+                *session.posargs)
     for path in own:
         session.run("pytest", *PYTEST, *PROFILE, path, *session.posargs)
     _conformance(session, ["numpy", "torch", "jax", "tensorflow"])
