@@ -74,6 +74,13 @@ def _ZERO():
     return jnp.int32(0)
 
 
+def _load(view, mask):
+    """A masked row read, zero where masked; ``other`` in the ref's own dtype, as Triton's
+    load needs."""
+    _, plgpu = _pallas()
+    return plgpu.load(view, mask=mask, other=jnp.zeros((), view.dtype))
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
@@ -101,13 +108,13 @@ def _row_dots(x, idx, tables):
         t = pl.program_id(0)
         columns = lax.broadcasted_iota(jnp.int32, (width_p,), 0)
         positions = lax.broadcasted_iota(jnp.int32, (slots_p,), 0)
-        x_row = plgpu.load(x_ref.at[t, pl.ds(_ZERO(), width_p)], mask=columns < width, other=0)
+        x_row = _load(x_ref.at[t, pl.ds(_ZERO(), width_p)], mask=columns < width)
 
         def one_selection(s, accs):
             i = idx_ref[t, s]
             return tuple(
-                jnp.where(positions == s, jnp.sum(x_row * plgpu.load(
-                    table.at[i, pl.ds(_ZERO(), width_p)], mask=columns < width, other=0).astype(x.dtype)), acc)
+                jnp.where(positions == s, jnp.sum(x_row * _load(
+                    table.at[i, pl.ds(_ZERO(), width_p)], mask=columns < width).astype(x.dtype)), acc)
                 for table, acc in zip(table_refs, accs))
 
         accs = lax.fori_loop(_ZERO(), jnp.int32(slots), one_selection, tuple(jnp.zeros((slots_p,), x.dtype) for _ in tables))
@@ -136,7 +143,7 @@ def _row_sums(coefs, idx, tables):
         def one_selection(s, acc):
             i = idx_ref[t, s]
             for coef, table in zip(coef_refs, table_refs):
-                row = plgpu.load(table.at[i, pl.ds(c * block, block)], mask=columns < width, other=0)
+                row = _load(table.at[i, pl.ds(c * block, block)], mask=columns < width)
                 acc = acc + coef[t, s] * row.astype(dtype)
             return acc
 
@@ -156,33 +163,45 @@ def _sorted_selections(idx, n_experts):
     return order, offsets.astype(jnp.int32)
 
 
-def _segment_rows(coefs, order, offsets, source, slots):
-    """[(N, W) per flat coef (T * S,)]: row n sums coef[p] * source[p // slots] over the
-    selections p of expert n, in the sorted order (deterministic; zero for an unselected row)."""
+def _segment_rows(pairs, order, offsets, sources, slots):
+    """[(N, W_k) per pair]: for pair (coef (T * S,), k), row n sums coef[p] * sources[k][p // slots]
+    over the selections p of expert n, in the sorted order (deterministic; zero for a row never
+    selected). A source None stands for a (T, 1) column of ones (the bias gradient: a plain sum).
+    One launch for every table gradient; its column blocks span the widest source."""
     pl, plgpu = _pallas()
     n_experts = offsets.shape[0] - 1
-    width = source.shape[1]
-    block = min(_pow2(width), _BLOCK_COLUMNS)
-    dtype = source.dtype
-    n_coefs = len(coefs)
+    widths = [1 if src is None else src.shape[1] for src in sources]
+    block = min(_pow2(max(widths)), _BLOCK_COLUMNS)
+    dtype = pairs[0][0].dtype
+    arrays = [src for src in sources if src is not None]
+    slot_of = {}  # source position -> its ref's position among the kernel's source refs
+    for k, src in enumerate(sources):
+        if src is not None:
+            slot_of[k] = len(slot_of)
 
-    def kernel(order_ref, offsets_ref, source_ref, *refs):
-        coef_refs, out_refs = refs[:n_coefs], refs[n_coefs:]
+    def kernel(order_ref, offsets_ref, *refs):
+        source_refs = refs[:len(arrays)]
+        coef_refs = refs[len(arrays):len(arrays) + len(pairs)]
+        out_refs = refs[len(arrays) + len(pairs):]
         n, c = pl.program_id(0), pl.program_id(1)
         columns = c * block + lax.broadcasted_iota(jnp.int32, (block,), 0)
 
         def one_selection(p, accs):
             q = order_ref[p]
-            row = plgpu.load(source_ref.at[q // slots, pl.ds(c * block, block)], mask=columns < width, other=0)
-            return tuple(acc + coef[q] * row for coef, acc in zip(coef_refs, accs))
+            rows = [jnp.ones((block,), dtype) if src is None else
+                    _load(source_refs[slot_of[k]].at[lax.div(q, jnp.int32(slots)), pl.ds(c * block, block)],
+                               mask=columns < widths[k])
+                    for k, src in enumerate(sources)]
+            return tuple(acc + coef[q] * rows[k] for coef, (_, k), acc in zip(coef_refs, pairs, accs))
 
-        zeros = tuple(jnp.zeros((block,), dtype) for _ in coefs)
+        zeros = tuple(jnp.zeros((block,), dtype) for _ in pairs)
         accs = lax.fori_loop(offsets_ref[n], offsets_ref[n + 1], one_selection, zeros)
-        for out, acc in zip(out_refs, accs):
-            plgpu.store(out.at[n, pl.ds(c * block, block)], acc, mask=columns < width)
+        for out, (_, k), acc in zip(out_refs, pairs, accs):
+            plgpu.store(out.at[n, pl.ds(c * block, block)], acc, mask=columns < widths[k])
 
-    out_shape = [jax.ShapeDtypeStruct((n_experts, width), dtype)] * n_coefs
-    return _call(kernel, out_shape, (n_experts, -(-width // block)), order, offsets, source, *coefs)
+    out_shape = [jax.ShapeDtypeStruct((n_experts, widths[k]), dtype) for _, k in pairs]
+    grid = (n_experts, -(-max(widths) // block))
+    return _call(kernel, out_shape, grid, order, offsets, *arrays, *(coef for coef, _ in pairs))
 
 
 # ---------------------------------------------------------------------------- the expert stage
@@ -236,20 +255,20 @@ def _backward(activation, low, residuals, dy):
     d_hidden = d_coef * w
     (d_pre,) = act_vjp(d_hidden * gate_values)
     order, offsets = _sorted_selections(idx, n_experts)
+    # Table gradients, one segmented launch: sources x, dy and (bias) ones.
+    pairs = [(d_pre.reshape(-1), 0), ((w * activated * gate_values).reshape(-1), 1)]
     if gate_r is None:
         dx = _row_sums([d_pre], idx, [down_r])
-        (d_down,) = _segment_rows([d_pre.reshape(-1)], order, offsets, x, slots)
-        d_gate = None
     else:
         d_gate_values = d_hidden * activated
         dx = _row_sums([d_pre, d_gate_values], idx, [down_r, gate_r])
-        d_down, d_gate = _segment_rows([d_pre.reshape(-1), d_gate_values.reshape(-1)], order, offsets, x, slots)
-    (d_up,) = _segment_rows([(w * activated * gate_values).reshape(-1)], order, offsets, dy, slots)
-    d_bias = None
+        pairs.append((d_gate_values.reshape(-1), 0))
     if bias is not None:
-        ones = jnp.ones((tokens, 1), x.dtype)
-        (d_bias,) = _segment_rows([d_pre.reshape(-1)], order, offsets, ones, slots)
-        d_bias = d_bias.reshape(n_experts)
+        pairs.append((d_pre.reshape(-1), 2))
+    grads = _segment_rows(pairs, order, offsets, [x, dy, None], slots)
+    d_down, d_up = grads[:2]
+    d_gate = grads[2] if gate_r is not None else None
+    d_bias = grads[-1].reshape(n_experts) if bias is not None else None
     return dx, None, d_weights, d_down, d_up, d_bias, d_gate
 
 
