@@ -22,8 +22,9 @@ Three kernels, each one launch per call, are shared by the forward and the backw
 
 Between the kernels, XLA applies the activation, its derivative and the GLU/router products to
 the (T, heads * topk) pre-activations that the forward saves for the backward: 1/width of the
-row traffic, and it keeps exact GELU (the Triton lowering has no erf) and the activations'
-derivatives identical to the "xla" path's (``jax.vjp`` of the same functions).
+row traffic, and it keeps exact GELU (the Triton lowering rules of jax 0.10,
+jax/_src/pallas/triton/lowering.py, have none for erf) and the activations' derivatives identical
+to the "xla" path's (``jax.vjp`` of the same functions).
 
 Mixed mode (SPEC §10.3, ``low`` a dtype name): the kernels read the tables from copies rounded
 to ``low`` (half the row bytes) and widen each row to the compute dtype as it is loaded; all
@@ -68,7 +69,7 @@ def interpreted() -> bool:
     return jax.default_backend() != "gpu"
 
 
-def _ZERO():
+def _zero():
     # Every index in a kernel is int32, under jax_enable_x64 too (the interpreter's dynamic
     # slices need one index type; Triton addresses with int32).
     return jnp.int32(0)
@@ -108,18 +109,18 @@ def _row_dots(x, idx, tables):
         t = pl.program_id(0)
         columns = lax.broadcasted_iota(jnp.int32, (width_p,), 0)
         positions = lax.broadcasted_iota(jnp.int32, (slots_p,), 0)
-        x_row = _load(x_ref.at[t, pl.ds(_ZERO(), width_p)], mask=columns < width)
+        x_row = _load(x_ref.at[t, pl.ds(_zero(), width_p)], mask=columns < width)
 
         def one_selection(s, accs):
             i = idx_ref[t, s]
             return tuple(
                 jnp.where(positions == s, jnp.sum(x_row * _load(
-                    table.at[i, pl.ds(_ZERO(), width_p)], mask=columns < width).astype(x.dtype)), acc)
+                    table.at[i, pl.ds(_zero(), width_p)], mask=columns < width).astype(x.dtype)), acc)
                 for table, acc in zip(table_refs, accs))
 
-        accs = lax.fori_loop(_ZERO(), jnp.int32(slots), one_selection, tuple(jnp.zeros((slots_p,), x.dtype) for _ in tables))
+        accs = lax.fori_loop(_zero(), jnp.int32(slots), one_selection, tuple(jnp.zeros((slots_p,), x.dtype) for _ in tables))
         for out, acc in zip(out_refs, accs):
-            plgpu.store(out.at[t, pl.ds(_ZERO(), slots_p)], acc, mask=positions < slots)
+            plgpu.store(out.at[t, pl.ds(_zero(), slots_p)], acc, mask=positions < slots)
 
     out_shape = [jax.ShapeDtypeStruct((tokens, slots), x.dtype)] * n_tables
     return _call(kernel, out_shape, (tokens,), x, idx, *tables)
@@ -147,7 +148,7 @@ def _row_sums(coefs, idx, tables):
                 acc = acc + coef[t, s] * row.astype(dtype)
             return acc
 
-        acc = lax.fori_loop(_ZERO(), jnp.int32(slots), one_selection, jnp.zeros((block,), dtype))
+        acc = lax.fori_loop(_zero(), jnp.int32(slots), one_selection, jnp.zeros((block,), dtype))
         plgpu.store(out.at[t, pl.ds(c * block, block)], acc, mask=columns < width)
 
     out_shape = jax.ShapeDtypeStruct((tokens, width), dtype)
