@@ -118,7 +118,8 @@ def _row_dots(x, idx, tables):
                     table.at[i, pl.ds(_zero(), width_p)], mask=columns < width).astype(x.dtype)), acc)
                 for table, acc in zip(table_refs, accs))
 
-        accs = lax.fori_loop(_zero(), jnp.int32(slots), one_selection, tuple(jnp.zeros((slots_p,), x.dtype) for _ in tables))
+        zeros = tuple(jnp.zeros((slots_p,), x.dtype) for _ in tables)
+        accs = lax.fori_loop(_zero(), jnp.int32(slots), one_selection, zeros)
         for out, acc in zip(out_refs, accs):
             plgpu.store(out.at[t, pl.ds(_zero(), slots_p)], acc, mask=positions < slots)
 
