@@ -29,7 +29,7 @@ from peer_ref.config import DTYPES
 from peer_ref.errors import PEERInputError
 
 from .core import dtype_name, from_numpy
-from .peer import apply, init_from_key
+from .peer import apply, implementation_for, init_from_key
 
 _GROUPS = ("query", "query_norm", "keys", "experts")
 
@@ -54,6 +54,9 @@ class PEER(nnx.Module):
         jax_enable_x64). The batch-norm statistics are stored in float32 for the 16-bit
         dtypes (SPEC §10).
       use_running_average: start in evaluation mode (running batch-norm statistics).
+      implementation: the expert-stage kernels every call runs, a name of
+        ``peer_backends.jax.implementations`` ("xla" or "pallas") or None (default) for the best
+        on the default device (see the functional API's ``implementation=``); checked here.
 
     A call casts x (a floating array) to the computation dtype c, as ``nnx.Linear`` does, then:
     c equal to ``param_dtype`` calls the functional API as is; c a 16-bit dtype with
@@ -65,11 +68,14 @@ class PEER(nnx.Module):
     Raises:
       PEERInputError: ``dtype`` or ``param_dtype`` given as a string or as an unsupported
         dtype; x not a floating array.
+      PEERConfigError: an unknown ``implementation``, or one that cannot run here.
     """
 
     def __init__(self, cfg, *, rngs: nnx.Rngs | None = None, seed: int = 0, dtype=None,
-                 param_dtype=jnp.float32, use_running_average: bool = False):
+                 param_dtype=jnp.float32, use_running_average: bool = False, implementation=None):
+        implementation_for(implementation)
         self.cfg = cfg
+        self.implementation = implementation
         self.dtype = None if dtype is None else _jax_dtype("dtype", dtype)
         self.param_dtype = _jax_dtype("param_dtype", param_dtype)
         self.use_running_average = use_running_average
@@ -95,7 +101,7 @@ class PEER(nnx.Module):
         training = not use_running_average
         params, state = self.params_and_state()
         x, params, state, mixed = self._promote(x, params, state)
-        kwargs = {"training": training, "mask": mask, "routing": routing}
+        kwargs = {"training": training, "mask": mask, "routing": routing, "implementation": self.implementation}
         if mixed is not None:
             kwargs["compute_dtype"] = mixed
         if self.expert_sharding is None:

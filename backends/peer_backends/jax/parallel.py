@@ -31,11 +31,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from peer_ref.errors import PEERInputError
+from peer_ref.errors import PEERConfigError, PEERInputError
 
 from .core import HIGHEST
 from .experts import _ACTIVATIONS
-from .peer import _validate
+from .peer import _validate, implementation_for
 from .routing import route
 
 # Tables of (N, width) rows sharded by columns. The first kind is dotted with x (their partial
@@ -86,19 +86,33 @@ def shard(cfg, params: dict, state: dict, mesh, axis: str = DEFAULT_AXIS) -> tup
     return jax.device_put(params, param_shardings), jax.device_put(state, state_shardings)
 
 
-def apply(cfg, params, state, x, training=False, mask=None, routing=None, *, mesh, axis: str = DEFAULT_AXIS):
+def check_implementation(implementation) -> None:
+    """The sharded expert stage is XLA's ("xla", or None for it); any other name of
+    ``peer.IMPLEMENTATIONS`` raises PEERConfigError, as does an unknown one."""
+    if implementation is None or implementation_for(implementation) == "xla":
+        return
+    raise PEERConfigError(f"implementation={implementation!r}, but the sharded apply and vjp run only 'xla' "
+                          "(or None for it): its expert stage is the column-sharded shard_map")
+
+
+def apply(cfg, params, state, x, training=False, mask=None, routing=None, *, mesh, axis: str = DEFAULT_AXIS,
+          implementation=None):
     """``peer_backends.jax.apply`` with the tables sharded by columns over ``mesh``'s ``axis``.
 
     Same arguments, results and errors as the unsharded call (SPEC §9), plus a PEERInputError
-    for a bad mesh or axis. y comes out sharded by features, ``P(None, axis)`` on its last axis.
+    for a bad mesh or axis and a PEERConfigError for an implementation other than "xla" (or None).
+    y comes out sharded by features, ``P(None, axis)`` on its last axis.
     """
+    check_implementation(implementation)
     _validate(cfg, params, state, x, training, mask, routing)
     _check_mesh(cfg, mesh, axis)
     return _forward_jit(cfg, bool(training), mesh, axis, params, state, x, mask, routing)
 
 
-def vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, mesh, axis: str = DEFAULT_AXIS):
+def vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, mesh, axis: str = DEFAULT_AXIS,
+        implementation=None):
     """``peer_backends.jax.vjp`` on the sharded layout: gradients come back in the parameters' layout."""
+    check_implementation(implementation)
     _validate(cfg, params, state, x, training, mask, routing, dy)
     _check_mesh(cfg, mesh, axis)
     return _vjp_jit(cfg, bool(training), mesh, axis, params, state, x, dy, mask, routing)
@@ -209,8 +223,10 @@ def shard_layer(layer, mesh, axis: str = DEFAULT_AXIS):
     """Shard a ``peer_backends.jax.layer.PEER``'s tables over ``mesh``'s ``axis`` in place; returns it.
 
     Its variables are placed as ``shardings`` says, and its calls (eager or under ``nnx.jit``)
-    run ``apply`` on that mesh. Raises PEERInputError like ``shard``.
+    run ``apply`` on that mesh. Raises PEERInputError like ``shard``, and PEERConfigError for a
+    layer constructed with an implementation other than "xla" (or None).
     """
+    check_implementation(layer.implementation)
     params, state = shard(layer.cfg, *layer.params_and_state(), mesh, axis)
     layer.load_params_and_state(params, state)
     layer.expert_sharding = (mesh, axis)

@@ -27,13 +27,19 @@ from .core import DTYPES, dtype_name, require_x64, round_through
 from .experts import _ROWS_PER_CHUNK, _experts
 from .routing import route
 
-# Kernels of the expert stage, the default first: "xla" is XLA's own (gathers and segment sums).
-IMPLEMENTATIONS = ("xla",)
+# Kernels of the expert stage, the default first: "xla" is XLA's own (gathers and segment sums);
+# "pallas" is peer_backends.jax.kernels (compiled through Triton on GPUs, interpreted elsewhere).
+IMPLEMENTATIONS = ("xla", "pallas")
 
 
 def implementation_for(implementation) -> str:
-    """The implementation to run on JAX's default device (see peer_backends._implementation)."""
-    return choose("jax", implementation, {"xla": None}, list(IMPLEMENTATIONS))
+    """The implementation to run on JAX's default device (see peer_backends._implementation).
+
+    None picks "pallas" when the default backend is "gpu", else "xla"; "pallas" can be forced
+    anywhere (off GPUs its kernels run in Pallas's interpreter: for testing, slow).
+    """
+    preferred = ["pallas", "xla"] if jax.default_backend() == "gpu" else ["xla", "pallas"]
+    return choose("jax", implementation, {"xla": None, "pallas": None}, preferred)
 
 
 
@@ -74,17 +80,19 @@ def _draw(cfg, dtype, key):
 def apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None,
           implementation=None):
     _validate(cfg, params, state, x, training, mask, routing, compute_dtype=compute_dtype)
-    implementation_for(implementation)
+    implementation = implementation_for(implementation)
     run = _forward if jit is False else _forward_jit
-    return run(cfg, bool(training), params, state, x, mask, routing, low=low_dtype(params, compute_dtype))
+    return run(cfg, bool(training), params, state, x, mask, routing, low=low_dtype(params, compute_dtype),
+               implementation=implementation)
 
 
 def vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None,
         implementation=None):
     _validate(cfg, params, state, x, training, mask, routing, dy, compute_dtype=compute_dtype)
-    implementation_for(implementation)
+    implementation = implementation_for(implementation)
     run = _vjp if jit is False else _vjp_jit
-    return run(cfg, bool(training), params, state, x, dy, mask, routing, low=low_dtype(params, compute_dtype))
+    return run(cfg, bool(training), params, state, x, dy, mask, routing, low=low_dtype(params, compute_dtype),
+               implementation=implementation)
 
 
 def compute_dtype_name(compute_dtype):
@@ -120,9 +128,9 @@ def _validate(cfg, params, state, x, training, mask, routing, dy=None, compute_d
         checks.check_routing_values(cfg, int(routing.min()), int(routing.max()))
 
 
-def _vjp(cfg, training, params, state, x, dy, mask, routing, low=None):
+def _vjp(cfg, training, params, state, x, dy, mask, routing, low=None, implementation="xla"):
     def output(params, x):
-        return _forward(cfg, training, params, state, x, mask, routing, low)[0]
+        return _forward(cfg, training, params, state, x, mask, routing, low, implementation)[0]
 
     _, pullback = jax.vjp(output, params, x)
     grads, dx = pullback(dy)
@@ -131,8 +139,9 @@ def _vjp(cfg, training, params, state, x, dy, mask, routing, low=None):
 
 # ---------------------------------------------------------------------------- forward
 
-def _forward(cfg, training, params, state, x, mask, routing, low=None):
-    """``peer_ref.forward`` in JAX; cfg, training and low (the mixed mode's dtype name) are static."""
+def _forward(cfg, training, params, state, x, mask, routing, low=None, implementation="xla"):
+    """``peer_ref.forward`` in JAX; cfg, training, low (the mixed mode's dtype name) and the
+    implementation name of the expert stage are static."""
     out_dtype = x.dtype
     # bfloat16/float16 policy (SPEC §10.1, §10.3): upcast once, compute in float32, round the outputs once.
     compute = jnp.float32 if out_dtype in (jnp.bfloat16, jnp.float16) else out_dtype
@@ -151,8 +160,13 @@ def _forward(cfg, training, params, state, x, mask, routing, low=None):
 
     bias = p["experts.bias"] if cfg.expert_bias else None
     gate = p["experts.gate"] if cfg.expert_glu else None
-    chunk = max(1, _ROWS_PER_CHUNK // (cfg.heads * cfg.topk))
-    y = _experts(cfg.activation, chunk, low, xf, indices, weights, p["experts.down"], p["experts.up"], bias, gate)
+    if implementation == "pallas":
+        from .kernels import experts as pallas_experts
+
+        y = pallas_experts(cfg.activation, low, xf, indices, weights, p["experts.down"], p["experts.up"], bias, gate)
+    else:
+        chunk = max(1, _ROWS_PER_CHUNK // (cfg.heads * cfg.topk))
+        y = _experts(cfg.activation, chunk, low, xf, indices, weights, p["experts.down"], p["experts.up"], bias, gate)
     y = jnp.where(valid[:, None], y, jnp.zeros((), y.dtype))  # SPEC §5: a select, so NaN never leaks
 
     routed = lead + (cfg.heads, cfg.topk)
@@ -160,5 +174,5 @@ def _forward(cfg, training, params, state, x, mask, routing, low=None):
     return y.astype(out_dtype).reshape(lead + (cfg.d_out,)), new_state, aux
 
 
-_forward_jit = jax.jit(_forward, static_argnums=(0, 1), static_argnames=("low",))
-_vjp_jit = jax.jit(_vjp, static_argnums=(0, 1), static_argnames=("low",))
+_forward_jit = jax.jit(_forward, static_argnums=(0, 1), static_argnames=("low", "implementation"))
+_vjp_jit = jax.jit(_vjp, static_argnums=(0, 1), static_argnames=("low", "implementation"))
