@@ -60,7 +60,7 @@ def tests(session):
 # The kernel paths under their interpreters (Triton: TRITON_INTERPRET=1 on CPU tensors; Pallas:
 # interpret=True off GPUs), which run every program instance in Python: the conformance modules
 # that exercise the expert stage, with the small "kernels" Hypothesis profile.
-KERNEL_MODULES = ["test_forward", "test_gradients", "test_mask", "test_routing", "test_dtypes", "test_vectors"]
+KERNEL_MODULES = ["test_forward", "test_gradients", "test_mask", "test_routing", "test_shapes", "test_vectors"]
 KERNEL_PATHS = {"torch": "triton", "jax": "pallas"}
 
 
