@@ -27,7 +27,7 @@ def _default_threads() -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m peer_bench", description=__doc__)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                   help="cpu (default, < 5 min on 2 cores), paper (N=1024^2), gpu (training-sized: d_model=1024, "
+                   help="cpu (default, about 5 min on 2 cores), paper (N=1024^2), gpu (training-sized: d_model=1024, "
                         "N=1024^2, 32768 tokens; for one GPU), smoke (seconds)")
     for field, kind in CASE_FLAGS.items():
         p.add_argument("--" + field.replace("_", "-"), type=kind, help=f"override the preset's {field}")
