@@ -22,15 +22,6 @@ CHUNKED = peer_ref.PEERConfig(d_model=8, n_experts=256, heads=8, topk=16, d_key=
 CHUNKED_TOKENS = (3, 100)
 
 
-@pytest.fixture
-def x64():
-    """Turn JAX's process-wide x64 mode on for one test and restore it after."""
-    before = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", before)
-
-
 def case(cfg, dtype, tokens=(4, 25), seed=0):
     rng = np.random.default_rng(seed)
     params, state = peer_ref.init(cfg, seed=seed, dtype=dtype)
@@ -335,16 +326,9 @@ def test_integer_activations_are_refused():
         be.layer(SMALL)(jnp.zeros((2, SMALL.d_model), jnp.int32))
 
 
-def test_readme_example_runs(tmp_path, monkeypatch):
+def test_readme_example_runs(run_readme_example):
     # The README's "Flax NNX" example under "The layers in training setups", run as written.
-    import pathlib
-    import re as regex
-
-    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("## The layers in training setups", 1)[1].split("\n#### Flax NNX\n", 1)[1]
-    code = regex.search(r"```python\n(.*?)```", section, regex.S).group(1)
-    monkeypatch.chdir(tmp_path)
-    exec(compile(code, "README.md (Flax NNX example)", "exec"), {})
+    run_readme_example("Flax NNX")
 
 
 @pytest.mark.parametrize("training, masked, jit", [(True, False, True), (True, True, False), (False, False, False),

@@ -25,14 +25,6 @@ from peer_ref.config import ACTIVATIONS  # noqa: E402
 from peer_ref.errors import PEERConfigError  # noqa: E402
 
 
-@pytest.fixture
-def x64():
-    before = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", before)
-
-
 def stage(tokens, heads, topk, n, d_model, d_out, glu, bias, dtype=jnp.float32, seed=0):
     """Random expert-stage inputs; indices drawn from few experts and one pair forced equal,
     so selections repeat within and across tokens (duplicates)."""

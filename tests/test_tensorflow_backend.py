@@ -334,16 +334,9 @@ def test_dtype_is_a_keras_dtype_policy_and_none_means_the_global_one():
         keras.config.set_dtype_policy(before)
 
 
-def test_readme_example_runs(tmp_path, monkeypatch):
+def test_readme_example_runs(run_readme_example):
     # The README's "Keras" example under "The layers in training setups", run as written.
-    import pathlib
-    import re as regex
-
-    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("## The layers in training setups", 1)[1].split("\n#### Keras\n", 1)[1]
-    code = regex.search(r"```python\n(.*?)```", section, regex.S).group(1)
-    monkeypatch.chdir(tmp_path)
-    exec(compile(code, "README.md (Keras example)", "exec"), {})
+    run_readme_example("Keras")
 
 
 @pytest.mark.parametrize("training, masked", [(True, False), (True, True), (False, False), (False, True)])

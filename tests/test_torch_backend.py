@@ -464,16 +464,9 @@ def test_module_cast_to_16_bits_trains_and_keeps_buffers_like_batchnorm1d(cast, 
         torch.testing.assert_close(param.grad, grads[name], rtol=2e-2, atol=2e-2, msg=name)
 
 
-def test_readme_example_runs(tmp_path, monkeypatch):
+def test_readme_example_runs(run_readme_example):
     # The README's "torch" example under "The layers in training setups", run as written.
-    import pathlib
-    import re as regex
-
-    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("## The layers in training setups", 1)[1].split("\n#### torch\n", 1)[1]
-    code = regex.search(r"```python\n(.*?)```", section, regex.S).group(1)
-    monkeypatch.chdir(tmp_path)
-    exec(compile(code, "README.md (torch example)", "exec"), {})
+    run_readme_example("torch")
 
 
 def test_outside_autocast_a_mismatched_x_is_refused_like_nn_linear():
