@@ -130,16 +130,23 @@ def _activation_and_grad(z, ACT: tl.constexpr):
     return a.to(z.dtype), da.to(z.dtype)
 
 
-def _forward_kernel(x_ptr, idx_ptr, w_ptr, down_ptr, up_ptr, bias_ptr, gate_ptr, y_ptr, pre_ptr, gated_ptr,
-                    T, J, D_IN, D_OUT, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr,
-                    ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One program per BLOCK_T tokens: pre, gated (saved) and y of each."""
+def _token_selections(idx_ptr, T, J, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr):
+    """The program's BLOCK_T tokens and their selections: (token offsets, token mask, (token,
+    selection) mask, flat selection offsets, selected table rows as int64)."""
     offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = offs_t < T
     offs_j = tl.arange(0, BLOCK_J)
     mask_tj = mask_t[:, None] & (offs_j < J)[None, :]
     sel = offs_t[:, None] * J + offs_j[None, :]
     rows = tl.load(idx_ptr + sel, mask=mask_tj, other=0).to(tl.int64)
+    return offs_t, mask_t, mask_tj, sel, rows
+
+
+def _forward_kernel(x_ptr, idx_ptr, w_ptr, down_ptr, up_ptr, bias_ptr, gate_ptr, y_ptr, pre_ptr, gated_ptr,
+                    T, J, D_IN, D_OUT, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr,
+                    ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program per BLOCK_T tokens: pre, gated (saved) and y of each."""
+    offs_t, mask_t, mask_tj, sel, rows = _token_selections(idx_ptr, T, J, BLOCK_T, BLOCK_J)
     pre = tl.zeros([BLOCK_T, BLOCK_J], dtype=ACC)
     gated = tl.zeros([BLOCK_T, BLOCK_J], dtype=ACC)
     for start in range(0, D_IN, BLOCK_D):
@@ -178,12 +185,7 @@ def _token_backward_kernel(dy_ptr, idx_ptr, w_ptr, down_ptr, up_ptr, gate_ptr, p
                            ACT: tl.constexpr, HAS_GATE: tl.constexpr, NEED_DX: tl.constexpr, ACC: tl.constexpr,
                            BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
     """One program per BLOCK_T tokens: d_weights, the (T, J) cotangents of pre and gated, coef, dx."""
-    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    mask_t = offs_t < T
-    offs_j = tl.arange(0, BLOCK_J)
-    mask_tj = mask_t[:, None] & (offs_j < J)[None, :]
-    sel = offs_t[:, None] * J + offs_j[None, :]
-    rows = tl.load(idx_ptr + sel, mask=mask_tj, other=0).to(tl.int64)
+    offs_t, mask_t, mask_tj, sel, rows = _token_selections(idx_ptr, T, J, BLOCK_T, BLOCK_J)
     d_coef = tl.zeros([BLOCK_T, BLOCK_J], dtype=ACC)
     for start in range(0, D_OUT, BLOCK_D):
         offs_d = start + tl.arange(0, BLOCK_D)
@@ -277,7 +279,7 @@ def _table_backward_kernel(starts_ptr, runs_ptr, experts_ptr, tok_ptr, pos_ptr, 
         tl.store(d_bias_ptr + e, tl.sum(acc, axis=1), mask=mask_r)
 
 
-_KERNELS = ("_activation_and_grad", "_segment_sums", "_forward_kernel", "_token_backward_kernel",
+_KERNELS = ("_activation_and_grad", "_token_selections", "_segment_sums", "_forward_kernel", "_token_backward_kernel",
             "_table_backward_kernel")
 
 
