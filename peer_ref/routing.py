@@ -55,6 +55,29 @@ def product_key_topk(cfg: PEERConfig, s_left: np.ndarray, s_right: np.ndarray) -
     return np.take_along_axis(experts, pos, axis=-1).astype(np.int64)
 
 
+def pruned_candidates(k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stage-two candidates worth scoring: ranks (a, b) into the two stage-one lists, each list
+    sorted by value descending. Two int64 arrays of equal length, about k ln k + k of the k*k.
+
+    Not a rule of PEER but a lemma about its search, for backends that score fewer candidates.
+    Every candidate (a', b') with a' <= a and b' <= b scores at least as much as (a, b), float
+    addition being monotone while every stage-one value is finite, so a pair with
+    (a+1)(b+1) > k has k others scoring at least as much. Kept are the pairs with
+    (a+1)(b+1) <= k, and the first dropped pair of each row a, (a, k // (a+1)), which scores at
+    least as much as the rest of its row. If the k+1 best kept sums are distinct, the k-th
+    beats every dropped pair strictly (a dropped pair among the top k would need k kept pairs
+    at least as good: a tie), so the k best kept pairs are the k best of all k*k, in the same
+    order. A row with a tie there, or a non-finite stage-one value, needs the full search.
+    Pairs come a-major, b ascending: row a's kept ranks are the prefix b <= k // (a+1).
+    """
+    if k < 1:
+        raise ValueError(f"k is {k}, but expected a positive number of experts per head")
+    # Row a keeps b < k // (a+1) and its first dropped pair, b = k // (a+1): a prefix of the row.
+    pairs = [(a, b) for a in range(k) for b in range(min(k, k // (a + 1) + 1))]
+    a, b = np.array(pairs, dtype=np.int64).T
+    return a, b
+
+
 def expert_scores(cfg: PEERConfig, s_left: np.ndarray, s_right: np.ndarray, indices: np.ndarray) -> np.ndarray:
     """Raw score of each selected expert: s_left[left] + s_right[right] (SPEC §3.7)."""
     left = indices // cfg.n_keys

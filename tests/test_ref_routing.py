@@ -7,6 +7,7 @@ score and the lower-index rule decides the order.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -100,3 +101,49 @@ def test_shared_keys_give_every_head_key_set_zero():
     s_left, s_right = peer_ref.sub_key_scores(cfg, params, queries)
     np.testing.assert_allclose(s_left, np.einsum("thd,nd->thn", queries[..., :2], params["keys.left"][0]))
     np.testing.assert_allclose(s_right, np.einsum("thd,nd->thn", queries[..., 2:], params["keys.right"][0]))
+
+
+def test_pruned_candidates_are_the_pairs_the_lemma_keeps():
+    for k in range(1, 40):
+        a, b = peer_ref.routing.pruned_candidates(k)
+        pairs = set(zip(a.tolist(), b.tolist()))
+        assert len(pairs) == a.size, f"k={k}: a pair repeats"
+        assert all(0 <= x < k and 0 <= y < k for x, y in pairs), f"k={k}: a rank outside [0, {k})"
+        assert {(x, y) for x in range(k) for y in range(k) if (x + 1) * (y + 1) <= k} <= pairs
+        assert {(x, k // (x + 1)) for x in range(1, k)} <= pairs
+    assert peer_ref.routing.pruned_candidates(16)[0].size == 50 + 15
+    with pytest.raises(ValueError, match="k is 0"):
+        peer_ref.routing.pruned_candidates(0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pruned_candidates_decide_every_row_whose_k_plus_1_best_are_distinct(dtype):
+    """The lemma of peer_ref.routing.pruned_candidates: where the k+1 best kept sums are
+    distinct (and stage one is finite), the k best kept pairs are the k best of all k*k under the
+    full order, in order; coarse values (many ties, so rows the lemma leaves open) and wide
+    ranges (float rounding makes unequal values sum equal) are both drawn."""
+    rng = np.random.default_rng(11)
+    decided = 0
+    for k in (2, 3, 4, 5, 8, 16):
+        a, b = peer_ref.routing.pruned_candidates(k)
+        n = 3 * k
+        for scale in ("coarse", "normal", "wide"):
+            values = rng.standard_normal((400, 2, n))
+            if scale == "coarse":
+                values = np.round(values * 2)
+            elif scale == "wide":
+                values = values * 10.0 ** rng.integers(-8, 9, (400, 2, 1))
+            values = values.astype(dtype)
+            index = np.broadcast_to(np.arange(n), values.shape[:-1] + (n,))
+            top, pos = topk_lower_index(values, index, k)  # (rows, 2, k)
+            sums = top[:, 0, :, None] + top[:, 1, None, :]
+            experts = pos[:, 0, :, None] * n + pos[:, 1, None, :]
+            full = np.take_along_axis(experts.reshape(-1, k * k),
+                                      topk_lower_index(sums.reshape(-1, k * k), experts.reshape(-1, k * k), k)[1], -1)
+            kept = sums[:, a, b]
+            best, chosen = topk_lower_index(kept, np.broadcast_to(np.arange(a.size), kept.shape), min(k + 1, a.size))
+            distinct = (best[:, 1:] != best[:, :-1]).all(-1)
+            pruned = experts[np.arange(len(kept))[:, None], a[chosen[:, :k]], b[chosen[:, :k]]]
+            np.testing.assert_array_equal(pruned[distinct], full[distinct], err_msg=f"k={k}, {scale}")
+            decided += distinct.sum()
+    assert decided > 1000  # the lemma decides most rows, so the check above is not vacuous

@@ -10,10 +10,12 @@ a compiled graph never breaks.
 import functools
 import typing
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from peer_ref import checks
+from peer_ref.routing import pruned_candidates
 
 from .query_norm import query_norm
 
@@ -189,20 +191,10 @@ class _SelectedScores:
 
 @functools.cache
 def _candidate_pairs(k, device):
-    """Stage-two candidates (a, b), ranks in the two sorted stage-one lists, that can matter.
-
-    Every candidate (a', b') with a' <= a and b' <= b scores at least as much as (a, b)
-    (float addition is monotone), so (a, b) with (a+1)(b+1) > k has k others scoring at least
-    as much: kept are the pairs with (a+1)(b+1) <= k, about k ln k of the k*k. Also kept is
-    the first dropped pair of each row a, (a, k // (a+1)), which scores at least as much as
-    the rest of its row. If the k+1 best kept scores are distinct, the k-th beats every
-    dropped pair strictly (a first dropped pair among the top k would need k kept pairs at
-    least as good, a tie), so the top k is the top k of all k*k pairs. Rows with a tie there
-    are redone over all k*k pairs under the full order.
-    """
-    pairs = [(a, b) for a in range(k) for b in range(k) if (a + 1) * (b + 1) <= k]
-    pairs += [(a, k // (a + 1)) for a in range(1, k)]
-    return torch.tensor(pairs, device=device).T.contiguous()
+    """(2, C) ranks (a, b) of the stage-two candidates that can matter: see
+    ``peer_ref.routing.pruned_candidates``, the lemma and its conditions (finite stage-one
+    values; the k+1 best kept sums distinct). Rows outside them are redone over all k*k pairs."""
+    return torch.tensor(np.stack(pruned_candidates(k)), device=device)
 
 
 def _all_pairs_topk(k, n, top, positions):
