@@ -349,3 +349,45 @@ def test_bfloat16_dtype_with_float32_params_is_the_mixed_mode(training, masked, 
         np.testing.assert_array_equal(_state_of(module)[name], np.asarray(value))
     grads = nnx.grad(lambda m: m(x, mask).astype(jnp.float32).sum())(module)
     assert grads["keys"]["left"].get_value().dtype == jnp.float32
+
+
+@pytest.mark.parametrize("topk", [1, 3, 8, 16])
+def test_pruned_search_equals_the_full_search_in_every_regime(topk):
+    """Stage two scores only peer_ref.routing.pruned_candidates; a row that lemma leaves open is
+    redone over all k*k pairs, one by one up to routing.redo_budget rows, else all rows (a
+    conditional). Continuous scores (nothing redone), a few coarse rows (some redone), all rows
+    coarse (all redone) and non-finite scores must all give the reference's experts."""
+    cfg = peer_ref.PEERConfig(d_model=4, n_experts=(2 * topk + 3) ** 2, heads=2, topk=topk, d_key=4)
+    rng = np.random.default_rng(topk)
+    search = jax.jit(lambda left, right: be.routing._product_key_topk(cfg, left, right))
+    tokens = 1500
+    budget = be.routing.redo_budget(tokens * cfg.heads)
+    few = budget // 4
+    for regime in ("continuous", "few coarse rows", "all coarse", "non-finite"):
+        sub = rng.standard_normal((2, tokens, cfg.heads, cfg.n_keys)).astype(np.float32)
+        if regime == "few coarse rows":
+            sub[:, :few] = np.round(sub[:, :few])
+        elif regime == "all coarse":
+            sub = np.round(sub * 2)
+        elif regime == "non-finite":
+            sub[0, 3, 1, 2], sub[1, 7, 0, :], sub[0, 9, 0, 1], sub[1, 11, 1, 0] = np.nan, -np.inf, np.inf, -np.inf
+        expected = peer_ref.product_key_topk(cfg, *sub)
+        got = np.asarray(search(jnp.asarray(sub[0]), jnp.asarray(sub[1])))
+        np.testing.assert_array_equal(got, expected, err_msg=f"k={topk}, {regime}")
+        assert got.dtype == np.int32
+        if topk > 1:  # k = 1 scores its one candidate: nothing to prune, nothing to redo
+            open_rows = _rows_the_lemma_leaves_open(sub, topk)
+            want = {"continuous": (0, budget), "few coarse rows": (1, budget), "all coarse": (budget + 1, None),
+                    "non-finite": (2, budget)}[regime]  # rows 7 and 9 hold -inf and inf in their k best
+            assert want[0] <= open_rows <= (want[1] or open_rows), f"k={topk}, {regime}: {open_rows} rows redone"
+
+
+def _rows_the_lemma_leaves_open(sub, k):
+    """Rows whose k+1 best pruned sums tie or whose stage-one lists are not all finite."""
+    rows = sub.reshape(2, -1, sub.shape[-1])
+    index = np.broadcast_to(np.arange(rows.shape[-1]), rows.shape)
+    top, _ = peer_ref.routing.topk_lower_index(np.where(np.isnan(rows), -np.inf, rows), index, k)
+    a, b = peer_ref.routing.pruned_candidates(k)
+    sums = np.sort(top[0][:, a] + top[1][:, b], axis=-1)[:, ::-1][:, : k + 1]
+    tied = (sums[:, 1:] == sums[:, :-1]).any(-1)
+    return int((tied | ~np.isfinite(top).all(-1).all(0)).sum())

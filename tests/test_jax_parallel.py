@@ -152,6 +152,30 @@ def test_data_axis_shards_tokens_and_model_axis_shards_tables(axis_type, trainin
 
 
 @needs_devices
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
+def test_tied_scores_route_like_the_reference_on_data_sharded_tokens(axis_type):
+    """Integer-valued query kernel, sub-keys and tokens tie scores everywhere, so the pruned
+    stage-two search redoes rows under the full order (SPEC §4.1), here with the tokens split
+    over the data axis (explicit sharding redoes every row, auto picks the tied ones). Without
+    query normalisation, so that the scores are exact integers in every backend."""
+    cfg = dataclasses.replace(CFG, query_norm="none")
+    params, state, x, _, _ = case(cfg, seed=3, lead=(8, 6))
+    rng = np.random.default_rng(3)
+    params = {name: np.asarray(value) for name, value in params.items()}
+    state = {name: np.asarray(value) for name, value in state.items()}
+    for name in ("query.kernel", "keys.left", "keys.right"):
+        params[name] = rng.integers(-1, 2, params[name].shape).astype(np.float64)
+    x = rng.integers(-1, 2, x.shape).astype(np.float64)
+    mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(axis_type, axis_type))
+    sharded_params, sharded_state = parallel.shard(cfg, jax.tree.map(jnp.asarray, params),
+                                                   jax.tree.map(jnp.asarray, state), mesh)
+    x_data = jax.device_put(jnp.asarray(x), NamedSharding(mesh, PartitionSpec("data")))
+    _, _, aux = parallel.apply(cfg, sharded_params, sharded_state, x_data, mesh=mesh)
+    _, _, aux_ref = peer_ref.forward(cfg, params, state, x)
+    np.testing.assert_array_equal(np.asarray(aux["indices"]), aux_ref["indices"])
+
+
+@needs_devices
 def test_nnx_layer_trains_under_nnx_jit_like_one_device():
     _, _, x, mask, dy = case(CFG, seed=2)
     mesh = jax.make_mesh((4,), ("model",))
