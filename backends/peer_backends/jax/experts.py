@@ -60,17 +60,22 @@ def _chunked(chunk, arrays):
             for a in arrays]
 
 
+# Dots of gathered rows with a token's vector are written rows-first ("thkd,td->thk"): XLA's CPU
+# dot then reads the gathered (heads*topk, d) block as it lies; written vector-first it copied
+# every gathered block into (d, heads*topk) order first (1.35x the time of the expert forward).
+
+
 def _experts_forward(activation, chunk, low, x, indices, weights, down, up, bias, gate):
     act = _ACTIVATIONS[activation]
 
     def one_chunk(args):
         x_c, idx_c, w_c = args
-        pre = jnp.einsum("td,thkd->thk", x_c, read(down[idx_c], low), precision=HIGHEST)
+        pre = jnp.einsum("thkd,td->thk", read(down[idx_c], low), x_c, precision=HIGHEST)
         if bias is not None:
             pre = pre + bias[idx_c]
         hidden = act(pre)
         if gate is not None:
-            hidden = hidden * jnp.einsum("td,thkd->thk", x_c, read(gate[idx_c], low), precision=HIGHEST)
+            hidden = hidden * jnp.einsum("thkd,td->thk", read(gate[idx_c], low), x_c, precision=HIGHEST)
         return jnp.einsum("thk,thko->to", w_c * hidden, read(up[idx_c], low), precision=HIGHEST)
 
     tokens = x.shape[0]
@@ -88,11 +93,11 @@ def _experts_backward(activation, chunk, low, x, indices, weights, down, up, bia
         d_down, d_up, d_bias, d_gate = acc
         x_c, idx_c, w_c, dy_c = args
         down_rows, up_rows = read(down[idx_c], low), read(up[idx_c], low)
-        pre = jnp.einsum("td,thkd->thk", x_c, down_rows, precision=HIGHEST)
+        pre = jnp.einsum("thkd,td->thk", down_rows, x_c, precision=HIGHEST)
         if bias is not None:
             pre = pre + bias[idx_c]
         activated, act_vjp = jax.vjp(act, pre)
-        d_coef = jnp.einsum("to,thko->thk", dy_c, up_rows, precision=HIGHEST)
+        d_coef = jnp.einsum("thko,to->thk", up_rows, dy_c, precision=HIGHEST)
         d_hidden = d_coef * w_c
         rows = idx_c.reshape(-1)
         if gate is None:
@@ -101,7 +106,7 @@ def _experts_backward(activation, chunk, low, x, indices, weights, down, up, bia
             dx_c = jnp.einsum("thk,thkd->td", d_pre, down_rows, precision=HIGHEST)
         else:
             gate_rows = read(gate[idx_c], low)
-            gate_values = jnp.einsum("td,thkd->thk", x_c, gate_rows, precision=HIGHEST)
+            gate_values = jnp.einsum("thkd,td->thk", gate_rows, x_c, precision=HIGHEST)
             hidden = activated * gate_values
             (d_pre,) = act_vjp(d_hidden * gate_values)
             d_gate_values = d_hidden * activated
