@@ -202,7 +202,7 @@ def _rows(table, indices):
 
 @jax.checkpoint
 def _dots(x_cols, indices, table):
-    return jnp.einsum("td,thkd->thk", x_cols, _rows(table, indices), precision=HIGHEST)
+    return jnp.einsum("thkd,td->thk", _rows(table, indices), x_cols, precision=HIGHEST)  # rows first: see experts.py
 
 
 def _summed_dots(axis, x_cols, indices, tables):
