@@ -1,6 +1,7 @@
 """Routing (SPEC §3.4-§3.9, §4): queries, sub-key scores, product-key top-k with its tie and NaN
 order, the selected experts' scores and the router weights."""
 
+import functools
 import math
 
 import jax
@@ -88,6 +89,7 @@ def _top_k_lower_index(scores, k):
     return jnp.take_along_axis(scores, positions, axis=-1), positions
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _product_key_topk(cfg, s_left, s_right):
     """Two-stage product-key search with the SPEC §4 tie rule; (T, heads, topk) expert indices.
 
@@ -98,7 +100,9 @@ def _product_key_topk(cfg, s_left, s_right):
     ``redo_budget(rows)`` such rows are gathered and redone, past that every row is (a real
     conditional under jit); with the rows split over a mesh (explicit sharding), any such row
     has every row redone. At the cpu benchmark preset (2048 tokens, 8 heads, k = 16, float32)
-    0 to 2 of the 16384 rows were open per call (5 draws).
+    0 to 2 of the 16384 rows were open per call (5 draws). Compiled as one program also when
+    the layer runs op by op (``jit=False``): dispatched op by op, its slices, conditionals and
+    row picks took longer than the whole compiled layer.
     """
     k, n = cfg.topk, cfg.n_keys
     lead = s_left.shape[:-1]
