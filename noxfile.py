@@ -49,7 +49,8 @@ def tests(session):
     # the trainer's tests load torch and JAX together.
     own = [f"tests/test_{name}_backend.py" for name in ("torch", "jax", "tensorflow")]
     own += [f"tests/test_{name}_parallel.py" for name in ("torch", "jax")] + ["tests/test_train.py"]
-    kernel_tests = [f"--ignore=tests/test_{name}_kernels.py" for name in ("torch", "jax")]  # the kernels session's
+    # The kernels session's:
+    kernel_tests = [f"--ignore=tests/test_{name}.py" for name in ("torch_kernels", "jax_kernels", "kernels_compile")]
     session.run("pytest", *PYTEST, *PROFILE, "tests", *(f"--ignore={path}" for path in own), *kernel_tests,
                 *session.posargs)
     for path in own:
@@ -66,9 +67,11 @@ KERNEL_PATHS = {"torch": "triton", "jax": "pallas"}
 
 @nox.session(python=PYTHON)
 def kernels(session):
-    """The fused GPU kernels (torch: Triton, JAX: Pallas) in interpreter mode: their own tests, then
-    the conformance modules above against implementation="triton" / "pallas"."""
+    """The fused GPU kernels (torch: Triton, JAX: Pallas): compiled for an sm_90 GPU ahead of time
+    (no GPU needed), then in interpreter mode their own tests and the conformance modules above
+    against implementation="triton" / "pallas"."""
     _install(session, "torch,jax,kernels")
+    session.run("pytest", *PYTEST, "tests/test_kernels_compile.py", *session.posargs, env={"TRITON_INTERPRET": "0"})
     env = {"TRITON_INTERPRET": "1"}
     session.run("pytest", *PYTEST, "tests/test_torch_kernels.py", *session.posargs, env=env)
     session.run("pytest", *PYTEST, "tests/test_jax_kernels.py", *session.posargs, env=env)
