@@ -15,6 +15,17 @@ from collections.abc import Mapping
 from peer_ref.errors import PEERConfigError
 
 
+def check_known(backend: str, implementation: object, names, usable: list[str] | None = None) -> None:
+    """Raise PEERConfigError unless ``implementation`` is None or one of ``names``, the backend's
+    implementations (whether it can run here is ``choose``'s question); ``usable``, where given,
+    is named in the message as what can run here."""
+    if implementation is None or (isinstance(implementation, str) and implementation in names):
+        return
+    here = "" if usable is None else f"; available here: {usable}"
+    raise PEERConfigError(f"implementation={implementation!r}, but backend {backend!r} has {sorted(names)} "
+                          f"(or None for the best available{here})")
+
+
 def choose(backend: str, implementation: object, options: Mapping[str, str | None], preferred: list[str]) -> str:
     """The implementation to run.
 
@@ -31,10 +42,7 @@ def choose(backend: str, implementation: object, options: Mapping[str, str | Non
             if options.get(name, "unknown") is None:
                 return name
         raise PEERConfigError(f"backend {backend!r} has no implementation that can run here: {dict(options)}")
-    if not isinstance(implementation, str) or implementation not in options:
-        raise PEERConfigError(
-            f"implementation={implementation!r}, but backend {backend!r} has {sorted(options)} "
-            f"(or None for the best available; available here: {usable})")
+    check_known(backend, implementation, options, usable)
     reason = options[implementation]
     if reason is not None:
         raise PEERConfigError(

@@ -4,6 +4,7 @@ from torch import nn
 from peer_ref import checks
 from peer_ref.errors import PEERConfigError, PEERInputError
 
+from .._implementation import check_known
 from .core import dtype_name, torch_dtype
 from .peer import IMPLEMENTATIONS, _aux, forward_tensors, implementation_for, init, kernels, validate
 
@@ -45,10 +46,7 @@ class PEER(nn.Module):
 
     def __init__(self, cfg, seed=0, dtype=None, device=None, implementation=None):
         super().__init__()
-        if implementation is not None and (not isinstance(implementation, str)
-                                           or implementation not in IMPLEMENTATIONS):
-            raise PEERConfigError(f"implementation={implementation!r}, but backend 'torch' has "
-                                  f"{sorted(IMPLEMENTATIONS)} (or None for the best available)")
+        check_known("torch", implementation, IMPLEMENTATIONS)  # whether it runs depends on each call's device
         kernels.triton_installed()  # looked up once here, so that compiled forwards read it as a constant
         self.cfg = cfg
         self.implementation = implementation
