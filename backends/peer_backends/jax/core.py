@@ -74,19 +74,18 @@ def to_numpy(tree):
 HIGHEST = lax.Precision.HIGHEST
 
 DTYPES = {"float64": jnp.float64, "float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-# ---------------------------------------------------------------------------- init
+
+
+def read(rows, low):
+    """Rows as the computation reads them: rounded to nearest-even in the dtype named ``low``
+    and widened back (exact) in the mixed mode, unchanged for ``low`` None (SPEC §10.3)."""
+    return rows if low is None else rows.astype(DTYPES[low]).astype(rows.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def round_through(value, low):
-    """value rounded to nearest-even in the dtype named ``low`` and widened back (exact); the
-    gradient passes unchanged (straight-through, SPEC §10.3)."""
-    return value.astype(DTYPES[low]).astype(value.dtype)
+    """``read(value, low)`` whose gradient passes unchanged (straight-through, SPEC §10.3)."""
+    return read(value, low)
 
 
 round_through.defvjp(lambda value, low: (round_through(value, low), None), lambda low, _, grad: (grad,))
-
-
-def read(rows, low):
-    """Rows as the computation reads them: rounded to ``low`` in the mixed mode (SPEC §10.3)."""
-    return rows if low is None else rows.astype(DTYPES[low]).astype(rows.dtype)

@@ -36,20 +36,20 @@ def dtype_name(value) -> str:
 TF_DTYPES = {"float64": tf.float64, "float32": tf.float32, "bfloat16": tf.bfloat16, "float16": tf.float16}
 
 
+def read(rows, low):
+    """Rows as the computation reads them: rounded to nearest-even in the dtype named ``low``
+    and widened back (exact) in the mixed mode, unchanged for ``low`` None (SPEC §10.3)."""
+    return rows if low is None else tf.cast(tf.cast(rows, TF_DTYPES[low]), rows.dtype)
+
+
 def round_through(value, low):
-    """value rounded to nearest-even in the dtype named ``low`` and widened back (exact); the
-    gradient passes unchanged (straight-through, SPEC §10.3)."""
+    """``read(value, low)`` whose gradient passes unchanged (straight-through, SPEC §10.3)."""
 
     @tf.custom_gradient
     def run(v):
-        return tf.cast(tf.cast(v, TF_DTYPES[low]), v.dtype), lambda grad: grad
+        return read(v, low), lambda grad: grad
 
     return run(value)
-
-
-def read(rows, low):
-    """Gathered rows as the computation reads them: rounded to ``low`` in the mixed mode (SPEC §10.3)."""
-    return rows if low is None else tf.cast(tf.cast(rows, TF_DTYPES[low]), rows.dtype)
 
 
 def zero_masked(rows, mask):

@@ -19,6 +19,7 @@ from peer_ref.routing import pruned_candidates
 
 from .query_norm import query_norm
 
+
 def _order_key(values, index, bound):
     """int64 keys whose descending order is (value descending, index ascending), with no ties.
 
