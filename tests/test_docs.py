@@ -127,3 +127,11 @@ def test_readme_is_a_front_page_with_two_quick_start_commands():
     ci = (ROOT / ".ci" / "run").read_text()
     test_command = shlex.split(commands[1].split("&&")[-1])
     assert " ".join(test_command) in ci, f"{commands[1]!r}: .ci/run must run the README's test command"
+
+
+def test_readme_names_the_releases_ci_tests():
+    readme = (ROOT / "README.md").read_text()
+    lines = [line.split("#")[0].strip() for line in (ROOT / "constraints" / "ci.txt").read_text().splitlines()]
+    pins = dict(line.split("==") for line in lines if line)
+    for name in ("torch", "jax", "flax", "tensorflow-cpu", "keras"):
+        assert f"{name} {pins[name]}" in readme, f"README.md must say CI tests {name} {pins[name]} (constraints/ci.txt)"

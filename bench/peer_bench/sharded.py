@@ -30,7 +30,7 @@ RING = {"all_reduce": lambda p: 2 * (p - 1) / p, "all_gather": lambda p: (p - 1)
 
 
 def model(case: Case, devices: int) -> dict:
-    """The analytic counts of one training step per device, d_out = d_model (README formulas).
+    """The analytic counts of one training step per device, d_out = d_model (the formulas of docs/guide/sharding.md).
 
     b is the layer's item size, c the compute item size (4 for bfloat16, SPEC §10; else b),
     g = 2 for GLU experts (SPEC §3.10: experts.gate is sharded like experts.down and its partial
