@@ -21,8 +21,7 @@ PYTHON = "3.11"
 # The Hypothesis profile: ci (200 examples per core property, derandomized) unless told otherwise.
 PROFILE = ["--hypothesis-profile", "ci"]
 PYTEST = ["-p", "no:cacheprovider", "-ra"]
-
-
+# The exact releases CI tests (pip constraints: they pin what the extras ask for, and add nothing).
 CONSTRAINTS = ["-c", "constraints/ci.txt"]
 
 
