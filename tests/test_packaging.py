@@ -66,7 +66,8 @@ def _pins(requirement: str) -> list[str]:
     from packaging.requirements import Requirement
 
     req = Requirement(requirement)
-    return [str(s) for s in req.specifier if s.operator == "===" or (s.operator == "==" and not s.version.endswith(".*"))]
+    return [str(s) for s in req.specifier
+            if s.operator == "===" or (s.operator == "==" and not s.version.endswith(".*"))]
 
 
 def test_pins_are_detected():

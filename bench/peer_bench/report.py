@@ -131,7 +131,8 @@ def headline_markdown(report: dict) -> str:
     and forward+backward median ms, forward+backward peak MiB and time over PEER-pytorch's."""
     def plain(row):
         case = row["case"]
-        return not case.get("expert_glu") and not case.get("compute_dtype") and case.get("dtype") == report["case"]["dtype"]
+        same_dtype = case.get("dtype") == report["case"]["dtype"]
+        return not case.get("expert_glu") and not case.get("compute_dtype") and same_dtype
 
     by_key = {}
     for row in report["results"]:
