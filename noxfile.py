@@ -2,10 +2,12 @@
 reference, every backend and the harnesses, `kernels` the fused GPU kernels interpreted on the CPU;
 `ref`, `torch`, `jax`, `tensorflow` one backend each;
 `bench` runs the benchmark harness (pass flags after `--`, e.g. `nox -s bench -- --preset paper`);
-`train` runs the trainer (`nox -s train -- all --quick`).
+`train` runs the trainer (`nox -s train -- all --quick`); `docs` builds the documentation site
+(`mkdocs build --strict`, into site/).
 
-Each session installs the project and only what it needs into its own virtual environment.
-torch is pinned to 2.13.0 (the CPU build) in pyproject.toml's extras.
+Each session installs the project and only what it needs into its own virtual environment, with
+the exact releases CI tests from constraints/ci.txt (pyproject.toml's extras are ranges; the pin
+of torch 2.13.0 there selects its CPU build).
 """
 
 from pathlib import Path
@@ -19,12 +21,13 @@ PYTHON = "3.11"
 # The Hypothesis profile: ci (200 examples per core property, derandomized) unless told otherwise.
 PROFILE = ["--hypothesis-profile", "ci"]
 PYTEST = ["-p", "no:cacheprovider", "-ra"]
+# The exact releases CI tests (pip constraints: they pin what the extras ask for, and add nothing).
+CONSTRAINTS = ["-c", "constraints/ci.txt"]
 
 
 def _install(session, extras: str = "", editable: bool = False) -> None:
-    session.install("--upgrade", "pip>=25.1")  # dependency groups (pyproject [dependency-groups])
-    target = f".[{extras}]" if extras else "."
-    session.install(*(["-e"] if editable else []), target, "--group", "test")
+    target = f".[{','.join(filter(None, [extras, 'test']))}]"
+    session.install(*CONSTRAINTS, *(["-e"] if editable else []), target)
 
 
 # One process per conformance module: compiled backends (XLA) keep every executable they
@@ -130,3 +133,11 @@ def train(session):
     """The trainer, `python -m peer_train` (default: all three experiments into train/results)."""
     _install(session, "train,tensorflow")
     session.run("python", "-m", "peer_train", *(session.posargs or ["all", "--out", "train/results"]))
+
+
+@nox.session(python=PYTHON)
+def docs(session):
+    """The documentation site, warnings as errors: `mkdocs build --strict` into site/ (no framework
+    needed: the API reference is read from the sources, the result tables from the committed files)."""
+    session.install(*CONSTRAINTS, ".[docs]")
+    session.run("mkdocs", "build", "--strict", "--site-dir", "site", *session.posargs)

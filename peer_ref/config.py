@@ -52,9 +52,52 @@ def _check_float(field: str, value: Any, low: float, high: float, low_open: bool
 
 @dataclasses.dataclass(frozen=True)
 class PEERConfig:
-    """Hyper-parameters of one PEER layer. Frozen and validated on construction.
+    """Hyper-parameters of one PEER layer (SPEC §1). Frozen and validated on construction.
 
-    See SPEC §1 for the meaning and the reason behind each default.
+    A layer maps ``x`` of shape ``(..., d_model)`` to ``y`` of shape ``(..., d_out)``: each token's
+    query, split into ``heads`` heads of ``d_key`` features, retrieves through product keys the
+    ``topk`` best of ``n_experts`` single-neuron experts per head, and sums their outputs weighted by
+    the router scores. ``PEERConfig.paper(d_model=...)`` gives the paper's layer.
+
+    Attributes:
+        d_model: Width of the input ``x`` (the paper's ``n``); int >= 1. Required.
+        n_experts: Size ``N`` of the expert pool; a perfect square ``n_keys**2`` (product keys,
+            SPEC §3.5–§3.8), at most ``MAX_N_KEYS**2`` = 46340² so that every expert index fits
+            int32. Required. The paper's layer has 1024² (``paper``).
+        heads: Retrieval heads ``h`` sharing one expert pool (paper §2); int >= 1. Required. The
+            query has ``heads * d_key`` features (``d_query``).
+        topk: Experts ``k`` retrieved per head; 1 <= ``topk`` <= ``n_keys``. Required. A token
+            activates ``heads * topk`` experts.
+        d_key: Query features per head, split into two halves of ``d_half = d_key // 2``, one per
+            sub-key table; an even int >= 2. Required. The paper does not report it.
+        d_out: Width of the output ``y`` (the paper's ``m``); int >= 1, or ``None`` (default) for
+            ``d_model``.
+        shared_keys: ``True`` (default, the paper's choice): one set of product keys for every
+            head; ``False``: one per head, as in PKM. ``keys.left``/``keys.right`` have
+            ``key_sets = 1 if shared_keys else heads`` sets (SPEC §2).
+        query_norm: ``"batch"`` (default): batch norm on the queries, as in the paper's
+            experiments (SPEC §3.3: biased batch variance, running statistics with PyTorch's
+            momentum convention); ``"none"``: no normalisation and no state.
+        bn_momentum: Weight of the new batch in the running statistics' update (SPEC §3.3);
+            float in [0, 1], default 0.1 (PyTorch's and PKM's).
+        bn_eps: Added to the variance inside the square root (SPEC §3.3); float > 0, default 1e-5.
+        query_bias: Whether the query projection has a bias ``query.bias`` of shape
+            ``(heads * d_key,)``; default ``False`` (under batch norm a bias has zero gradient and
+            the norm's offset plays its role).
+        activation: The experts' nonlinearity (SPEC §3.10): ``"gelu"`` (default, exact, erf),
+            ``"gelu_tanh"``, ``"relu"``, ``"silu"`` or ``"identity"``.
+        score: The router's score function over each head's ``topk`` scores (SPEC §3.9):
+            ``"softmax"`` (default, the paper's Algorithm 1), ``"sigmoid"`` or ``"none"``.
+        expert_bias: Whether each expert has a scalar hidden bias, ``experts.bias`` of shape
+            ``(n_experts,)``; default ``True`` (the paper's ``2·d_model + 1`` parameters per expert).
+        expert_glu: GLU experts (SPEC §3.10): each expert gains a gate row, ``experts.gate`` of
+            shape ``(n_experts, d_model)``, and computes ``act(u·x + b) · (g·x) · v``; default
+            ``False``, as in the paper's experiments.
+
+    Raises:
+        PEERConfigError: A field is out of its domain; the message names the field, the value
+            received and the constraint (SPEC §1), e.g. ``PEERConfig.topk=9, but expected <=
+            n_keys = isqrt(n_experts) = 8``.
     """
 
     d_model: int
@@ -102,21 +145,50 @@ class PEERConfig:
         _check_bool("expert_bias", self.expert_bias)
         _check_bool("expert_glu", self.expert_glu)
 
-    # Derived sizes (SPEC §1.2).
+    @classmethod
+    def paper(cls, d_model: int, **overrides: Any) -> "PEERConfig":
+        """The layer of the paper's experiments (He 2024, §3) for a model of width ``d_model``.
+
+        What the paper fixes: ``n_experts = 1024**2``, ``heads = 8``, ``topk = 16`` (128 active
+        experts per token), query batch norm, one set of product keys shared by every head and
+        softmax router scores. What it leaves open keeps this project's defaults (SPEC §1): exact
+        GELU experts with a hidden bias, no query bias. The paper does not report the query size
+        per head; ``d_key = 128`` here (the benchmark's ``paper`` preset uses the same).
+
+        Args:
+            d_model: Width of the input (and, unless ``d_out`` is given, of the output).
+            **overrides: Any other ``PEERConfig`` field, e.g. ``d_key=256`` or, for a small test,
+                ``n_experts=64**2``.
+
+        Returns:
+            A validated ``PEERConfig``.
+
+        Raises:
+            PEERConfigError: An override names no field, or a value is out of its domain.
+        """
+        fields = {"d_model": d_model, "n_experts": 1024**2, "heads": 8, "topk": 16, "d_key": 128,
+                  "shared_keys": True, "query_norm": "batch", "score": "softmax"}
+        return cls.from_dict({**fields, **overrides})
+
+    # Derived sizes (SPEC §1).
     @property
     def n_keys(self) -> int:
+        """Sub-keys per table, ``isqrt(n_experts)``: expert ``i = left * n_keys + right`` (SPEC §2)."""
         return math.isqrt(self.n_experts)
 
     @property
     def key_sets(self) -> int:
+        """Sets of product keys: 1 with ``shared_keys``, else ``heads``."""
         return 1 if self.shared_keys else self.heads
 
     @property
     def d_query(self) -> int:
+        """Features of a token's query over all heads, ``heads * d_key``."""
         return self.heads * self.d_key
 
     @property
     def d_half(self) -> int:
+        """Features of one sub-key, ``d_key // 2``."""
         return self.d_key // 2
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -144,10 +216,12 @@ class PEERConfig:
         return {"query_norm.mean": (self.d_query,), "query_norm.var": (self.d_query,)}
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field by name (JSON-serialisable; checkpoints store it, SPEC §12)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PEERConfig":
+        """The config of ``to_dict``'s output; unknown fields raise ``PEERConfigError``."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

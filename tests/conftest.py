@@ -1,11 +1,6 @@
 """Fixtures shared by the project's own tests (frameworks are imported only by the tests that ask)."""
 
-import pathlib
-import re
-
 import pytest
-
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
 @pytest.fixture
@@ -18,17 +13,3 @@ def x64():
     yield
     jax.config.update("jax_enable_x64", before)
 
-
-@pytest.fixture
-def run_readme_example(tmp_path, monkeypatch):
-    """run_readme_example(heading): run, as written and in a fresh folder, the first Python block
-    under ``#### heading`` in the README's "The layers in training setups" section."""
-
-    def run(heading):
-        section = README.read_text().split("## The layers in training setups", 1)[1]
-        section = section.split(f"\n#### {heading}\n", 1)[1]
-        code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-        monkeypatch.chdir(tmp_path)
-        exec(compile(code, f"README.md ({heading} example)", "exec"), {})
-
-    return run

@@ -50,7 +50,7 @@ def test_unknown_backend_names_the_choices():
 def test_missing_framework_names_the_extra(monkeypatch):
     real = _registry.importlib.util.find_spec
     monkeypatch.setattr(_registry.importlib.util, "find_spec", lambda name: None if name == "torch" else real(name))
-    with pytest.raises(ImportError, match=r"pip install 'peer-layer\[torch\]'"):
+    with pytest.raises(ImportError, match=r'pip install "peer-layer\[torch\]"'):
         peer_backends.get("pytorch")
     assert "torch" not in peer_backends.available()
 

@@ -326,11 +326,6 @@ def test_integer_activations_are_refused():
         be.layer(SMALL)(jnp.zeros((2, SMALL.d_model), jnp.int32))
 
 
-def test_readme_example_runs(run_readme_example):
-    # The README's "Flax NNX" example under "The layers in training setups", run as written.
-    run_readme_example("Flax NNX")
-
-
 @pytest.mark.parametrize("training, masked, jit", [(True, False, True), (True, True, False), (False, False, False),
                                                     (False, True, True)])
 def test_bfloat16_dtype_with_float32_params_is_the_mixed_mode(training, masked, jit):

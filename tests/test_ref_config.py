@@ -157,3 +157,29 @@ def test_to_dict_from_dict_round_trip(cfg):
                          "expert_glu"}
     assert data["d_out"] is not None, "to_dict should store the resolved d_out"
     assert peer_ref.PEERConfig.from_dict(data) == cfg
+
+
+def test_paper_defaults():
+    # He 2024, §3: N = 1024², 8 heads, top-16, query batch norm, keys shared by every head.
+    cfg = peer_ref.PEERConfig.paper(d_model=512)
+    assert (cfg.n_experts, cfg.heads, cfg.topk, cfg.query_norm, cfg.shared_keys) == (1024**2, 8, 16, "batch", True)
+    assert (cfg.d_model, cfg.d_out, cfg.d_key, cfg.score) == (512, 512, 128, "softmax")
+    default = peer_ref.PEERConfig(d_model=512, n_experts=1024**2, heads=8, topk=16, d_key=128)
+    assert cfg == default  # what the paper leaves open keeps SPEC §1's defaults
+
+
+def test_paper_takes_overrides_and_validates_them():
+    cfg = peer_ref.PEERConfig.paper(64, n_experts=32**2, d_key=32, expert_glu=True)
+    assert (cfg.n_experts, cfg.d_key, cfg.expert_glu, cfg.heads, cfg.topk) == (32**2, 32, True, 8, 16)
+    with pytest.raises(peer_ref.PEERConfigError, match=r"unknown field\(s\) \['n_head'\]"):
+        peer_ref.PEERConfig.paper(64, n_head=4)
+    with pytest.raises(peer_ref.PEERConfigError, match=r"PEERConfig.topk=16, but expected <= n_keys"):
+        peer_ref.PEERConfig.paper(64, n_experts=8**2)
+
+
+def test_docstring_documents_every_field():
+    import dataclasses
+
+    attributes = peer_ref.PEERConfig.__doc__.split("Attributes:", 1)[1].split("Raises:", 1)[0]
+    documented = re.findall(r"^ {8}(\w+): ", attributes, re.M)
+    assert documented == [f.name for f in dataclasses.fields(peer_ref.PEERConfig)]

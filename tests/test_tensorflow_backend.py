@@ -334,11 +334,6 @@ def test_dtype_is_a_keras_dtype_policy_and_none_means_the_global_one():
         keras.config.set_dtype_policy(before)
 
 
-def test_readme_example_runs(run_readme_example):
-    # The README's "Keras" example under "The layers in training setups", run as written.
-    run_readme_example("Keras")
-
-
 @pytest.mark.parametrize("training, masked", [(True, False), (True, True), (False, False), (False, True)])
 def test_mixed_bfloat16_policy_runs_the_mixed_mode(training, masked):
     rng = np.random.default_rng(10)

@@ -464,11 +464,6 @@ def test_module_cast_to_16_bits_trains_and_keeps_buffers_like_batchnorm1d(cast, 
         torch.testing.assert_close(param.grad, grads[name], rtol=2e-2, atol=2e-2, msg=name)
 
 
-def test_readme_example_runs(run_readme_example):
-    # The README's "torch" example under "The layers in training setups", run as written.
-    run_readme_example("torch")
-
-
 def test_outside_autocast_a_mismatched_x_is_refused_like_nn_linear():
     module = be.layer(COMPILED, seed=1)
     x = torch.randn(3, COMPILED.d_model, dtype=torch.bfloat16)

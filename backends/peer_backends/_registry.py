@@ -30,6 +30,12 @@ BACKENDS: dict[str, Entry] = {
 ALIASES = {"np": "numpy", "ref": "numpy", "reference": "numpy", "pytorch": "torch", "tf": "tensorflow"}
 
 
+def _missing(name: str, entry: Entry, package: str) -> ImportError:
+    command = f'pip install "peer-layer[{entry.extra}]"'
+    return ImportError(f"backend={name!r} needs the {package!r} package, which is not installed; "
+                       f"install the backend's extra: {command}")
+
+
 def canonical(name: str) -> str:
     key = name.strip().lower()
     return ALIASES.get(key, key)
@@ -55,11 +61,13 @@ def get(name: str | None = None) -> ModuleType | Any:
     if key in BACKENDS:
         entry = BACKENDS[key]
         if importlib.util.find_spec(entry.framework) is None:
-            raise ImportError(
-                f"backend={name!r} needs the '{entry.framework}' package, which is not installed; "
-                f"install it with: pip install 'peer-layer[{entry.extra}]'"
-            )
-        return importlib.import_module(entry.module)
+            raise _missing(name, entry, entry.framework)
+        try:
+            return importlib.import_module(entry.module)
+        except ModuleNotFoundError as err:  # a package the extra brings beside the framework (flax, keras)
+            if err.name is None or err.name.partition(".")[0] in ("peer_backends", "peer_ref"):
+                raise
+            raise _missing(name, entry, err.name) from err
     if "." in name or ":" in name:
         module_name, _, attribute = name.partition(":")
         try:

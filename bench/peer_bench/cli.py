@@ -179,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_from_args(args, p)
     if args.devices is not None:
         return _sharded(args, p, settings)
+    from .extras import require
 
+    require("python -m peer_bench", "bench", ("rich", "matplotlib"))
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

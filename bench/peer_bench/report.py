@@ -6,8 +6,6 @@ import json
 import math
 from pathlib import Path
 
-from rich.table import Table
-
 from .formulas import expert_stage_bytes
 from .presets import DTYPE_BYTES
 
@@ -90,7 +88,10 @@ COLUMNS = ["implementation", "path", "mode", "median ms", "IQR ms", "tokens/s", 
            "t / t(PEER-pytorch)", "t / t(dense)", "t / t(PEER)", "expert BW / copy BW", "note"]
 
 
-def terminal_table(rows: list[dict], title: str) -> Table:
+def terminal_table(rows: list[dict], title: str):
+    """A rich Table of ``rows`` (rich is imported here: the Markdown output needs only the JSON)."""
+    from rich.table import Table
+
     table = Table(title=title, header_style="bold")
     for i, name in enumerate(COLUMNS):
         table.add_column(name, justify="right" if 3 <= i <= len(COLUMNS) - 2 else "left", overflow="fold")
@@ -122,6 +123,31 @@ def sweep_table(sweep_rows: list[dict], axis: str) -> tuple[list[str], list[list
 
 def _kwargs(mapping: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in mapping["arguments"].items())
+
+
+def headline_markdown(report: dict) -> str:
+    """The short table the docs open with: each implementation of the plain layer in the run's case
+    (float32 PEER per backend and path, PEER-pytorch, the torch dense FFN of equal FLOPs), forward
+    and forward+backward median ms, forward+backward peak MiB and time over PEER-pytorch's."""
+    def plain(row):
+        case = row["case"]
+        same_dtype = case.get("dtype") == report["case"]["dtype"]
+        return not case.get("expert_glu") and not case.get("compute_dtype") and same_dtype
+
+    by_key = {}
+    for row in report["results"]:
+        if row.get("status") == "ok" and plain(row) and (row["impl"] != "dense" or row["backend"] == "torch"):
+            by_key.setdefault((label(row), row["path"]), {})[row["mode"]] = row
+    order = {"peer": 0, "peer_pytorch": 1, "dense": 2}
+    lines = ["| implementation | path | fwd ms | fwd+bwd ms | fwd+bwd peak MiB | fwd+bwd time / PEER-pytorch's |",
+             "|---|---|---:|---:|---:|---:|"]
+    for (name, path), modes in sorted(by_key.items(), key=lambda item: (
+            order[next(iter(item[1].values()))["impl"]], item[0])):
+        fwd, both = modes.get("forward", {}), modes.get("forward_backward", {})
+        lines.append(f"| {name} | {path} | {_fmt(fwd.get('median_s'), '.0f', 1e3)} | "
+                     f"{_fmt(both.get('median_s'), '.0f', 1e3)} | {_fmt(both.get('peak_mem_bytes'), '.0f', 2**-20)} | "
+                     f"{_fmt(both.get('ratio_vs_peer_pytorch'), '.2f')} |")
+    return "\n".join(lines) + "\n"
 
 
 def summary_markdown(report: dict) -> str:

@@ -30,7 +30,7 @@ RING = {"all_reduce": lambda p: 2 * (p - 1) / p, "all_gather": lambda p: (p - 1)
 
 
 def model(case: Case, devices: int) -> dict:
-    """The analytic counts of one training step per device, d_out = d_model (README formulas).
+    """The analytic counts of one training step per device, d_out = d_model (the formulas of docs/guide/sharding.md).
 
     b is the layer's item size, c the compute item size (4 for bfloat16, SPEC §10; else b),
     g = 2 for GLU experts (SPEC §3.10: experts.gate is sharded like experts.down and its partial
@@ -235,6 +235,29 @@ def run(case: Case, devices: int, backends, device: str, out_dir, glu: bool = Fa
     return results
 
 
+def rows(results: dict) -> dict[str, dict]:
+    """The formulas' counts ("model") and each measured backend, then the same with GLU experts
+    (names suffixed " GLU") when ``results`` holds them: per device, table and parameter bytes;
+    per token, payload and ring-wire bytes of the forward and backward collectives."""
+    out = {}
+    for suffix, part in (("", results), (" GLU", results.get("glu"))):
+        if part is None:
+            continue
+        counts = part["model"]
+        out["model" + suffix] = {"table_bytes_per_device": counts["table_bytes"],
+                                 "param_bytes_per_device": counts["table_bytes"] + counts["replicated_bytes"],
+                                 "payload_bytes_per_token": counts["payload_bytes_per_token"],
+                                 "wire_bytes_per_token": counts["wire_bytes_per_token"]}
+        out.update({name + suffix: r for name, r in part["measured"].items()})
+    return out
+
+
+def _cells(r: dict) -> list[float]:
+    pay, wire = r["payload_bytes_per_token"], r["wire_bytes_per_token"]
+    return [r["table_bytes_per_device"] / 2**20, r["param_bytes_per_device"] / 2**20, pay.get("forward", 0),
+            pay.get("backward", 0), wire.get("forward", 0), wire.get("backward", 0)]
+
+
 def table(results: dict) -> list[str]:
     """Plain-text lines of the report."""
     c, p = results["case"], results["devices"]
@@ -243,20 +266,45 @@ def table(results: dict) -> list[str]:
              f"N={c['n_experts']} heads={c['heads']} topk={c['topk']} tokens={c['tokens']} {c['dtype']}{glu}",
              f"{'':9} {'table MiB/dev':>14} {'params MiB/dev':>15} {'fwd B/token':>12} {'bwd B/token':>12}"
              f" {'fwd wire B/tok':>15} {'bwd wire B/tok':>15}"]
-    rows = {}
-    for suffix, part in (("", results), (" GLU", results.get("glu"))):
-        if part is None:
-            continue
-        counts = part["model"]
-        rows["model" + suffix] = {"table_bytes_per_device": counts["table_bytes"],
-                                  "param_bytes_per_device": counts["table_bytes"] + counts["replicated_bytes"],
-                                  "payload_bytes_per_token": counts["payload_bytes_per_token"],
-                                  "wire_bytes_per_token": counts["wire_bytes_per_token"]}
-        rows.update({name + suffix: r for name, r in part["measured"].items()})
-    for name, r in rows.items():
-        pay, wire = r["payload_bytes_per_token"], r["wire_bytes_per_token"]
-        lines.append(f"{name:9} {r['table_bytes_per_device'] / 2**20:>14.3f}"
-                     f" {r['param_bytes_per_device'] / 2**20:>15.3f}"
-                     f" {pay.get('forward', 0):>12.1f} {pay.get('backward', 0):>12.1f}"
-                     f" {wire.get('forward', 0):>15.1f} {wire.get('backward', 0):>15.1f}")
+    for name, r in rows(results).items():
+        table_mib, param_mib, *per_token = _cells(r)
+        lines.append(f"{name:9} {table_mib:>14.3f} {param_mib:>15.3f}" + "".join(
+            f" {v:>{w}.1f}" for v, w in zip(per_token, (12, 12, 15, 15))))
     return lines
+
+
+def markdown(results: dict) -> str:
+    """The report as a Markdown table (the docs' sharding page renders it from sharded.json)."""
+    c = results["case"]
+    lines = [f"P = {results['devices']} devices ({results['device']}); d_model {c['d_model']}, "
+             f"N = {c['n_experts']}, heads {c['heads']}, top-{c['topk']}, {c['tokens']} tokens, {c['dtype']}.", "",
+             "| | table MiB/device | params MiB/device | forward B/token | backward B/token "
+             "| forward wire B/token | backward wire B/token |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in rows(results).items():
+        label = name.replace("model", "formulas").replace(" GLU", ", GLU experts")
+        table_mib, param_mib, *per_token = _cells(r)
+        lines.append(f"| {label} | {table_mib:.3f} | {param_mib:.3f} | " + " | ".join(f"{v:.0f}" for v in per_token)
+                     + " |")
+    return "\n".join(lines) + "\n"
+
+
+def scaling_markdown(case: Case, devices: tuple[int, ...]) -> str:
+    """``model`` for ``case`` at each device count, single-neuron and GLU experts, as a Markdown table."""
+    def size(n: float) -> str:
+        for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+            if n >= scale:
+                return f"{n / scale:.3g} {unit}"
+        return f"{n:.0f} B"
+
+    lines = ["| P | experts | tables / device | replicated / device | forward payload / token "
+             "| backward payload / token | forward wire / token | backward wire / token |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for glu in (False, True):
+        for p in devices:
+            m = model(dataclasses.replace(case, expert_glu=glu), p)
+            per_token = ([m["payload_bytes_per_token"][k] for k in ("forward", "backward")]
+                         + [m["wire_bytes_per_token"][k] for k in ("forward", "backward")])
+            cells = ["—"] * 4 if p == 1 else [f"{v:,.0f} B" for v in per_token]
+            lines.append(f"| {p} | {'GLU' if glu else 'single-neuron'} | {size(m['table_bytes'])} | "
+                         f"{size(m['replicated_bytes'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

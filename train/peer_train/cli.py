@@ -165,8 +165,12 @@ def _train(args, corpus, progress) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
+    from peer_bench.extras import require
     from peer_ref.errors import PEERConfigError
 
+    needs = {"torch": ("torch",), "jax": ("jax", "flax", "optax")}
+    frameworks = needs["torch"] + needs["jax"] if args.command in ("transfer", "all") else needs[args.backend]
+    require("python -m peer_train", "train", ("rich", "matplotlib", *frameworks))
     from rich.console import Console
 
     console = Console(stderr=True)

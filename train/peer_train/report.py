@@ -74,6 +74,18 @@ def transfer_markdown(result: dict) -> list[str]:
     return lines + [""]
 
 
+MARKDOWN = {"isoflop": isoflop_markdown, "usage": usage_markdown, "transfer": transfer_markdown}
+
+
+def docs_markdown(result: dict) -> str:
+    """One experiment for the docs (which give the heading): its description and table, then the
+    run's command, date, versions and corpus."""
+    body = MARKDOWN[result["experiment"]](result)[2:]  # without its "## title" line
+    precision = result.get("precision", "float32")
+    return "\n".join(body + [f"Run ({result['size']} size, {precision} training):", "",
+                             *header(result["environment"], result["corpus"])])
+
+
 def isoflop_plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -146,7 +158,7 @@ def write(out: Path, name: str, result: dict) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.json", out / f"{name}.md"]
     write_json(paths[0], result)
-    body = {"isoflop": isoflop_markdown, "usage": usage_markdown, "transfer": transfer_markdown}[result["experiment"]]
+    body = MARKDOWN[result["experiment"]]
     precision = result.get("precision", "float32")  # results written before precision was recorded: float32
     lines = [f"# peer_train: {result['experiment']} ({result['size']} size, {precision} training)", "",
              *header(result["environment"], result["corpus"]), *body(result)]

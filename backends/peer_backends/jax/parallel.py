@@ -4,7 +4,7 @@
     params, state = parallel.shard(cfg, params, state, mesh)   # tables P(None, "model")
     y, new_state, aux = parallel.apply(cfg, params, state, x, mesh=mesh)
 
-The layout mirrors ``peer_backends.torch.parallel`` (README "Sharded expert tables"): every
+The layout mirrors ``peer_backends.torch.parallel`` (docs/guide/sharding.md): every
 device holds all N rows of ``experts.down`` (N, d_model), ``experts.gate`` (N, d_model; GLU
 experts, SPEC §3.10) and ``experts.up`` (N, d_out) for its slice of the columns,
 ``NamedSharding(mesh, PartitionSpec(None, axis))``; every other parameter and the state are

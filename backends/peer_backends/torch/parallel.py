@@ -7,7 +7,7 @@
     mesh = init_device_mesh("cuda", (8,), mesh_dim_names=("tp",))
     layer = parallelize_module(PEER(cfg), mesh, ExpertColumnParallel())
 
-The layout (README "Sharded expert tables"): every device holds all N rows of ``experts.down``
+The layout (docs/guide/sharding.md): every device holds all N rows of ``experts.down``
 (N, d_model), ``experts.gate`` (N, d_model; GLU experts, SPEC §3.10) and ``experts.up`` (N, d_out)
 for its slice of the columns (``Shard(1)``); every other parameter, ``experts.bias`` included, is
 replicated. The routing (query, batch norm, product-key top-k) runs replicated on every device.
@@ -230,7 +230,7 @@ def load_params_and_state(module, params: dict, state: dict) -> None:
 
 def _demo() -> None:
     """``torchrun --nproc-per-node P -m peer_backends.torch.parallel``: one training step of a
-    sharded layer, checked against the same layer on one device (README "Sharded expert tables")."""
+    sharded layer, checked against the same layer on one device (docs/guide/sharding.md)."""
     import copy
     import os
 
