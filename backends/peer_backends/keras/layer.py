@@ -169,9 +169,9 @@ class PEER(keras.layers.Layer):
                    "weights": keras.KerasTensor(routed, dtype=score)}
 
     def params_and_state(self):
-        """Current ``(params, state)`` as the backend's tensors keyed by canonical names (the
-        functional API's format)."""
-        snapshot = lambda variables: {name: keras.ops.convert_to_tensor(v) for name, v in variables.items()}  # noqa: E731
+        """Copies of the current ``(params, state)``, the framework's tensors keyed by canonical
+        names (the functional API's format)."""
+        snapshot = lambda variables: {name: keras.ops.copy(v.value) for name, v in variables.items()}  # noqa: E731
         return snapshot(self._params), snapshot(self._state)
 
     def load_params_and_state(self, params, state):
