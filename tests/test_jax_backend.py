@@ -413,3 +413,9 @@ def test_layer_draws_from_the_rngs_and_an_explicit_seed_gives_the_reference_tabl
 def test_repr_shows_the_config_and_the_tables():
     text = repr(be.PEER(SMALL, rngs=nnx.Rngs(0)))
     assert repr(SMALL) in text and f"shape={SMALL.param_shapes()['experts.down']}" in text
+
+
+def test_the_package_exports_its_layer_as_peer():
+    from peer_backends.jax import PEER
+
+    assert isinstance(be.layer(SMALL, rngs=nnx.Rngs(0)), PEER) and issubclass(PEER, nnx.Module)

@@ -232,3 +232,10 @@ def test_float32_means_float32_tensorfloat32_is_switched_off():
     tf.config.experimental.enable_tensor_float_32_execution(True)
     be.layer(CFG)(np.zeros((2, CFG.d_model), np.float32))
     assert not tf.config.experimental.tensor_float_32_execution_enabled()
+
+
+def test_the_package_exports_its_layer_as_peer():
+    from peer_backends.keras import PEER as keras_peer
+    from peer_backends.tensorflow import PEER
+
+    assert PEER is be.layer is keras_peer and issubclass(PEER, keras.layers.Layer)

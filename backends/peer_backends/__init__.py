@@ -43,7 +43,7 @@ def layer(cfg, backend: str | None = None, **kwargs):
     """
     if backend is None:
         raise PEERConfigError(
-            f"backend=None, but expected the framework the layer is for: one of {sorted(BACKENDS) + ['keras']} "
+            f"backend=None, but expected the framework the layer is for: one of {sorted([*BACKENDS, 'keras'])} "
             "(e.g. peer_backends.layer(cfg, backend='torch'))")
     if isinstance(backend, str) and backend.strip().lower() == "keras":
         if importlib.util.find_spec("keras") is None:
