@@ -69,7 +69,7 @@ def test_layer_dispatches_to_the_backend():
     y = layer(np.ones((3, 4)))
     assert y.shape == (3, 4) and set(layer.params) == set(CFG.param_shapes())
     assert type(layer) is peer_backends.get("numpy").PEER
-    y_again, aux = layer(np.ones((3, 4)), return_aux=True)
+    _, aux = layer(np.ones((3, 4)), return_aux=True)
     assert aux["indices"].shape == (3, CFG.heads, CFG.topk)
     assert "experts.down: (9, 4) float64" in repr(layer) and repr(CFG) in repr(layer)
 

@@ -319,8 +319,9 @@ def test_dtype_arguments_take_jax_dtypes(kwargs, message):
 
 
 def test_integer_activations_are_refused():
-    with pytest.raises(PEERInputError, match=re.escape("x.dtype=int32, but expected a floating array")):
+    with pytest.raises(PEERInputError, match=re.escape("x.dtype=int32, but expected a floating array")) as info:
         be.layer(SMALL, rngs=nnx.Rngs(0))(jnp.zeros((2, SMALL.d_model), jnp.int32))
+    assert "param_dtype=float32" in str(info.value) and "compute_dtype=" not in str(info.value)  # the layer's words
 
 
 def test_readme_example_runs(run_readme_example):

@@ -47,7 +47,7 @@ class PEER(nnx.Module):
       rngs: nnx.Rngs whose ``params`` stream draws the initial parameters, as for
         ``nnx.Linear``; give it or ``seed``.
       seed: instead of ``rngs``, an int: the reference's tables ``peer_ref.init(cfg, seed)``
-        rounded once to ``param_dtype``, the same values in every framework (SPEC §8).
+        rounded to ``param_dtype``, the same values in every framework (SPEC §8).
       dtype: the computation dtype, a JAX dtype (e.g. ``jnp.bfloat16``), or None (default)
         to promote the input with the parameters as ``nnx.Linear`` does
         (``jnp.promote_types(x.dtype, param_dtype)``: bfloat16 x with float32 parameters

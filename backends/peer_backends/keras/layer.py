@@ -35,7 +35,7 @@ class PEER(keras.layers.Layer):
       seed: None (default) draws the initial parameters through Keras's initializers, which
         follow Keras's seeding (``keras.utils.set_random_seed`` makes a model reproducible; two
         layers differ); an int gives the reference's tables ``peer_ref.init(cfg, seed)``
-        rounded once to the variable dtype, the same values in every framework (SPEC §8).
+        rounded to the variable dtype, the same values in every framework (SPEC §8).
       dtype: a Keras dtype policy, as for any Keras layer: a policy name ("float32",
         "float64", "bfloat16", "mixed_bfloat16", ...), a ``keras.DTypePolicy``, or None for the
         global policy (``keras.config.set_dtype_policy``).

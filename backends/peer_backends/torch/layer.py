@@ -30,7 +30,7 @@ class PEER(nn.Module):
       seed: None (default) draws the initial parameters from torch's default generator for
         ``device``, as ``nn.Linear`` does, so ``torch.manual_seed`` makes a model reproducible
         and two layers differ; an int gives the reference's tables ``peer_ref.init(cfg, seed)``
-        rounded once to ``dtype``, the same values in every framework (SPEC §8).
+        rounded to ``dtype``, the same values in every framework (SPEC §8).
       dtype: the parameters' dtype, a name or a torch dtype: float32 (default), float64,
         bfloat16 or float16; batch-norm statistics are float32 for the 16-bit ones (SPEC §10).
       device: where the tensors live (``"meta"`` allocates nothing; ``to_empty(device=...)``
