@@ -42,11 +42,9 @@ def _model(layer, cfg=CFG, **compile_kwargs):
     return model
 
 
-def test_the_layer_is_each_backends_and_the_tensorflow_backends():
-    assert peer_backends.layer(CFG, backend="keras").__class__ is PEER
-    from peer_backends.tensorflow import PEER as tensorflow_peer
-
-    assert tensorflow_peer is PEER and keras.saving.get_registered_name(PEER) == "peer>PEER"
+def test_peer_backends_layer_builds_it():
+    assert type(peer_backends.layer(CFG, backend="keras")) is PEER
+    assert keras.saving.get_registered_name(PEER) == "peer>PEER"
 
 
 def test_weight_paths_are_the_canonical_names():
