@@ -6,6 +6,8 @@ process of its own: Keras picks its backend once, at import. The layer must trai
 each, computing with this project's backend for that framework.
 """
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -206,3 +208,16 @@ def test_errors_name_the_dtype_policy():
     assert "compute_dtype=" not in str(info.value)
     with pytest.raises(PEERInputError, match="mask.shape"):
         layer(np.zeros((2, 3, CFG.d_model), np.float32), mask=np.ones((2, 4), bool))
+
+
+def test_only_the_computing_backend_is_imported():
+    PEER(CFG)
+    others = set(COMPUTE.values()) - {COMPUTE[BACKEND]}
+    assert COMPUTE[BACKEND] in sys.modules and not others & set(sys.modules)
+
+
+def test_a_keras_backend_without_a_peer_backend_is_refused(monkeypatch):
+    monkeypatch.setattr(keras.backend, "backend", lambda: "numpy")
+    with pytest.raises(PEERConfigError, match=r"keras.backend.backend\(\)='numpy', but the PEER Keras layer runs on "
+                                              r"\['jax', 'tensorflow', 'torch'\] \(set KERAS_BACKEND"):
+        PEER(CFG)
