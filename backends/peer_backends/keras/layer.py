@@ -94,7 +94,7 @@ class PEER(keras.layers.Layer):
     def build(self, input_shape=None):
         cfg, dtype = self.cfg, self.param_dtype
         stds, constants = peer_ref.init_std(cfg), peer_ref.init_constant(cfg)
-        tables = {} if self.seed is None else {**reference_tables(cfg, self.seed, dtype)[0]}
+        tables = {} if self.seed is None else reference_tables(cfg, self.seed, dtype)[0]
 
         def initializer(name):
             if name in tables:
