@@ -107,6 +107,24 @@ def test_fit_reduces_the_loss_and_updates_the_statistics():
     assert all(not np.allclose(after[name], before[name]) for name in before)
 
 
+def test_a_fit_step_applies_the_functional_gradients():
+    """One SGD step of fit on mean squared error moves each weight by -lr times the functional
+    vjp's gradient: Keras differentiates through the computing backend."""
+    layer = PEER(GLU, seed=5)
+    model = keras.Sequential([keras.Input((5, GLU.d_model)), layer])
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    x, _ = _data(5, (4, 5), GLU)
+    target = np.tanh(x)
+    params, state = layer.params_and_state()
+    y, _, _ = be.apply(GLU, params, state, keras.ops.convert_to_tensor(x), True)
+    dy = 2 * (_numpy(y) - target) / target.size  # the gradient of Keras's mean squared error
+    grads, _ = be.vjp(GLU, params, state, keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(dy), True)
+    model.fit(x, target, batch_size=4, epochs=1, shuffle=False, verbose=0)
+    after = _numpy(layer.params_and_state()[0])
+    for name, value in _numpy(params).items():
+        np.testing.assert_allclose(after[name], value - 0.1 * _numpy(grads[name]), rtol=1e-4, atol=1e-6, err_msg=name)
+
+
 def test_frozen_layer_runs_in_inference_mode_like_batch_normalization():
     x, mask = _data(9)
     layer = PEER(CFG, seed=2)
