@@ -52,12 +52,15 @@ def tests(session):
     # the trainer's tests load torch and JAX together.
     own = [f"tests/test_{name}_backend.py" for name in ("torch", "jax", "tensorflow")]
     own += [f"tests/test_{name}_parallel.py" for name in ("torch", "jax")] + ["tests/test_train.py"]
+    keras_layer = "tests/test_keras_layer.py"  # once per Keras backend: Keras picks it at import
     # The kernels session's:
     kernel_tests = [f"--ignore=tests/test_{name}.py" for name in ("torch_kernels", "jax_kernels", "kernels_compile")]
-    session.run("pytest", *PYTEST, *PROFILE, "tests", *(f"--ignore={path}" for path in own), *kernel_tests,
-                *session.posargs)
+    session.run("pytest", *PYTEST, *PROFILE, "tests", *(f"--ignore={path}" for path in [*own, keras_layer]),
+                *kernel_tests, *session.posargs)
     for path in own:
         session.run("pytest", *PYTEST, *PROFILE, path, *session.posargs)
+    for keras_backend in ("tensorflow", "jax", "torch"):
+        session.run("pytest", *PYTEST, *PROFILE, keras_layer, *session.posargs, env={"KERAS_BACKEND": keras_backend})
     _conformance(session, ["numpy", "torch", "jax", "tensorflow"])
 
 
@@ -103,6 +106,8 @@ def _one_backend(session, backend: str) -> None:
     session.run("pytest", *PYTEST, *PROFILE, f"tests/test_{backend}_backend.py")
     if Path(f"tests/test_{backend}_parallel.py").exists():
         session.run("pytest", *PYTEST, *PROFILE, f"tests/test_{backend}_parallel.py")
+    if backend == "tensorflow":  # the Keras layer on Keras's TensorFlow backend
+        session.run("pytest", *PYTEST, *PROFILE, "tests/test_keras_layer.py", env={"KERAS_BACKEND": "tensorflow"})
     _conformance(session, [backend])
 
 

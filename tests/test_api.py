@@ -68,6 +68,24 @@ def test_layer_dispatches_to_the_backend():
     layer = peer_backends.layer(CFG, backend="numpy", seed=1)
     y = layer(np.ones((3, 4)))
     assert y.shape == (3, 4) and set(layer.params) == set(CFG.param_shapes())
+    assert type(layer) is peer_backends.get("numpy").PEER
+    _, aux = layer(np.ones((3, 4)), return_aux=True)
+    assert aux["indices"].shape == (3, CFG.heads, CFG.topk)
+    assert "experts.down: (9, 4) float64" in repr(layer) and repr(CFG) in repr(layer)
+
+
+def test_layer_needs_the_framework_named(monkeypatch):
+    monkeypatch.setenv("PEER_BACKEND", "numpy")  # the functional API's default is not the layer's
+    with pytest.raises(PEERConfigError, match=r"backend=None, but expected the framework the layer is for: one of "
+                                              r"\['jax', 'keras', 'numpy', 'tensorflow', 'torch'\]"):
+        peer_backends.layer(CFG)
+
+
+def test_keras_layer_without_keras_names_the_extra(monkeypatch):
+    real = peer_backends.importlib.util.find_spec
+    monkeypatch.setattr(peer_backends.importlib.util, "find_spec", lambda name: None if name == "keras" else real(name))
+    with pytest.raises(ImportError, match=r"backend='keras' needs the 'keras' package.*pip install 'peer-layer\[tensorflow\]'"):
+        peer_backends.layer(CFG, backend="keras")
 
 
 # --- checkpoints -------------------------------------------------------------------------------

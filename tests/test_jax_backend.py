@@ -13,7 +13,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import peer_ref  # noqa: E402
 from peer_backends import jax as be  # noqa: E402
-from peer_ref.errors import PEERInputError  # noqa: E402
+from peer_ref.errors import PEERConfigError, PEERInputError  # noqa: E402
 
 SMALL = peer_ref.PEERConfig(d_model=12, n_experts=64, heads=3, topk=4, d_key=6, d_out=5)
 # heads * topk = 128 makes the expert chunks 256 tokens, so 300 tokens take the chunked, padded path.
@@ -137,10 +137,7 @@ def test_module_has_canonical_names_and_matches_functional():
     assert {".".join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(glu, nnx.Param))} == \
         set(CHUNKED.param_shapes())
 
-    params, state = be.init(SMALL, seed=4)
-    module_params, module_state = module.params_and_state()
-    for name in params:
-        np.testing.assert_array_equal(np.asarray(module_params[name]), np.asarray(params[name]))
+    params, state = module.params_and_state()
     _, _, x, mask, _ = case(SMALL, "float32")
     y = module(be.from_numpy(x), be.from_numpy(mask))  # training mode by default
     y_fn, new_state, _ = be.apply(SMALL, params, state, be.from_numpy(x), True, be.from_numpy(mask))
@@ -318,12 +315,13 @@ def test_dtype_is_the_computation_dtype_and_param_dtype_the_storage():
 ])
 def test_dtype_arguments_take_jax_dtypes(kwargs, message):
     with pytest.raises(PEERInputError, match=re.escape(message)):
-        be.layer(SMALL, **kwargs)
+        be.layer(SMALL, rngs=nnx.Rngs(0), **kwargs)
 
 
 def test_integer_activations_are_refused():
-    with pytest.raises(PEERInputError, match=re.escape("x.dtype=int32, but expected a floating array")):
-        be.layer(SMALL)(jnp.zeros((2, SMALL.d_model), jnp.int32))
+    with pytest.raises(PEERInputError, match=re.escape("x.dtype=int32, but expected a floating array")) as info:
+        be.layer(SMALL, rngs=nnx.Rngs(0))(jnp.zeros((2, SMALL.d_model), jnp.int32))
+    assert "param_dtype=float32" in str(info.value) and "compute_dtype=" not in str(info.value)  # the layer's words
 
 
 @pytest.mark.parametrize("training, masked, jit", [(True, False, True), (True, True, False), (False, False, False),
@@ -386,3 +384,34 @@ def _rows_the_lemma_leaves_open(sub, k):
     sums = np.sort(top[0][:, a] + top[1][:, b], axis=-1)[:, ::-1][:, : k + 1]
     tied = (sums[:, 1:] == sums[:, :-1]).any(-1)
     return int((tied | ~np.isfinite(top).all(-1).all(0)).sum())
+
+
+def test_layer_draws_from_the_rngs_and_an_explicit_seed_gives_the_reference_tables():
+    rngs = nnx.Rngs(0)
+    first, second = be.PEER(SMALL, rngs=rngs), be.PEER(SMALL, rngs=rngs)
+    again = be.PEER(SMALL, rngs=nnx.Rngs(0))
+    down = lambda module: np.asarray(module.experts.down.get_value())  # noqa: E731
+    assert not np.array_equal(down(first), down(second))
+    assert np.array_equal(down(first), down(again))
+    params, state = peer_ref.init(SMALL, seed=5, dtype="float32")
+    seeded_params, seeded_state = be.PEER(SMALL, seed=5).params_and_state()
+    for name, value in {**seeded_params, **seeded_state}.items():
+        assert np.array_equal(np.asarray(value), {**params, **state}[name]), name
+    half = be.PEER(SMALL, seed=5, param_dtype=jnp.bfloat16).params_and_state()[0]["experts.down"]
+    assert np.array_equal(np.asarray(half), params["experts.down"].astype(jnp.bfloat16))
+    for kwargs, message in [({}, "got neither of rngs= and seed="), ({"rngs": nnx.Rngs(0), "seed": 1}, "got both"),
+                            ({"rngs": 0}, "rngs is int, but expected an nnx.Rngs"),
+                            ({"seed": -2}, "seed=-2, but expected None")]:
+        with pytest.raises(PEERConfigError, match=re.escape(message)):
+            be.PEER(SMALL, **kwargs)
+
+
+def test_repr_shows_the_config_and_the_tables():
+    text = repr(be.PEER(SMALL, rngs=nnx.Rngs(0)))
+    assert repr(SMALL) in text and f"shape={SMALL.param_shapes()['experts.down']}" in text
+
+
+def test_the_package_exports_its_layer_as_peer():
+    from peer_backends.jax import PEER
+
+    assert isinstance(be.layer(SMALL, rngs=nnx.Rngs(0)), PEER) and issubclass(PEER, nnx.Module)

@@ -30,7 +30,8 @@ def wheel(tmp_path_factory):
 
 def test_wheel_contains_every_package_and_the_spec(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    for package in PACKAGES + ["peer_backends.torch", "peer_backends.jax", "peer_backends.tensorflow"]:
+    for package in PACKAGES + ["peer_backends.torch", "peer_backends.jax", "peer_backends.tensorflow",
+                               "peer_backends.keras"]:
         assert f"{package.replace('.', '/')}/__init__.py" in names, f"wheel lacks package {package}"
     assert "peer_spec/SPEC.md" in names
     assert len([n for n in names if n.startswith("peer_spec/vectors/") and n.endswith(".npz")]) >= 10

@@ -1,7 +1,8 @@
-"""TensorFlow backend specifics: Keras layer, compiled path, tie rule, errors.
+"""TensorFlow backend specifics: compiled path, tie rule, errors.
 
 Generic semantics are covered by the conformance suite; these tests pin down what only
-this backend has (Keras names and fit, XLA tracing, TF's top_k tie order).
+this backend has (XLA tracing, TF's top_k tie order). The Keras layer has its own tests
+(tests/test_keras_layer.py, run once per Keras backend).
 """
 
 import ml_dtypes
@@ -60,44 +61,6 @@ def test_init_follows_reference_distributions_and_is_seeded():
         assert np.all(tree[name].numpy() == value), name
 
 
-def test_keras_weights_carry_canonical_names():
-    layer = be.layer(CFG, name="peer_block")
-    trainable = {w.name: w.path for w in layer.trainable_weights}
-    assert trainable == {name: f"peer_block/{name}" for name in CFG.param_shapes()}
-    assert sorted(w.name for w in layer.non_trainable_weights) == sorted(CFG.state_shapes())
-    params, state = layer.params_and_state()
-    assert {k: tuple(v.shape) for k, v in params.items()} == CFG.param_shapes()
-    assert {k: tuple(v.shape) for k, v in state.items()} == CFG.state_shapes()
-    glu = PEERConfig(**{**CFG.to_dict(), "expert_glu": True})
-    glu_layer = be.layer(glu, name="glu_block")
-    assert {w.name: w.path for w in glu_layer.trainable_weights} == {n: f"glu_block/{n}" for n in glu.param_shapes()}
-
-
-def test_layer_equals_functional_equals_reference_float64():
-    cfg = PEERConfig(d_model=8, n_experts=25, heads=3, topk=2, d_key=6, shared_keys=False, query_bias=True,
-                     expert_glu=True)
-    layer = be.layer(cfg, seed=3, dtype="float64")
-    params, state = layer.params_and_state()
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((2, 5, cfg.d_model))
-    mask = rng.random((2, 5)) > 0.3
-    y_layer = layer(x, training=True, mask=mask)
-    y_fn, state_fn, aux = be.apply(cfg, params, state, be.from_numpy(x), True, be.from_numpy(mask))
-    y_ref, state_ref, aux_ref = _reference(cfg, params, state, x, training=True, mask=mask)
-    np.testing.assert_allclose(y_layer.numpy(), y_ref, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(y_fn.numpy(), y_ref, rtol=1e-12, atol=1e-12)
-    np.testing.assert_array_equal(aux["indices"].numpy(), aux_ref["indices"])
-    assert aux["indices"].dtype == tf.int64
-    _, layer_state = layer.params_and_state()
-    for name in state_ref:
-        np.testing.assert_allclose(layer_state[name].numpy(), state_ref[name], rtol=1e-12, atol=1e-15)
-        np.testing.assert_allclose(state_fn[name].numpy(), state_ref[name], rtol=1e-12, atol=1e-15)
-    # Keras passes the mask on; loading the reference's state back is exact.
-    assert layer.compute_mask(x, mask) is mask
-    layer.load_params_and_state(_numpy(params), state_ref)
-    assert np.array_equal(layer.params_and_state()[1]["query_norm.var"].numpy(), state_ref["query_norm.var"])
-
-
 def test_compiled_equals_eager_forward_and_vjp():
     params, state = be.init(CFG, seed=1)
     rng = np.random.default_rng(1)
@@ -151,21 +114,6 @@ def test_compiled_path_traces_once_for_every_token_count():
         grads, _ = be.vjp(CFG, variables, state, x, tf.ones((tokens, CFG.d_out)), False)
         assert set(grads) == set(CFG.param_shapes())
     assert tf_peer._compiled_vjp(CFG, False, False, False, "float32").experimental_get_tracing_count() == 1
-
-
-def test_model_fit_reduces_loss_and_updates_statistics():
-    inputs = keras.Input((5, CFG.d_model))
-    layer = be.layer(CFG, seed=4)
-    model = keras.Model(inputs, layer(inputs))
-    model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
-    rng = np.random.default_rng(4)
-    x = rng.standard_normal((16, 5, CFG.d_model)).astype(np.float32)
-    before = {k: v.numpy() for k, v in layer.params_and_state()[1].items()}
-    history = model.fit(x, np.tanh(x), batch_size=16, epochs=2, verbose=0)
-    loss = history.history["loss"]
-    assert loss[1] < loss[0]
-    after = layer.params_and_state()[1]
-    assert all(not np.allclose(after[name].numpy(), before[name]) for name in before)
 
 
 def _tie_problem(dtype):
@@ -269,100 +217,8 @@ def test_largest_expert_count_routes_to_exact_indices():
         s = tf.constant(scores, dtype=dtype)
         got = tf.function(lambda a: tf_routing._product_key_topk(cfg, a, a), jit_compile=True)(s)
         assert got.numpy().tolist() == expected.tolist(), f"{dtype}: got {got.numpy().tolist()}"
-def _state(layer):
-    return {name: value.numpy() for name, value in layer.params_and_state()[1].items()}
 
 
-@pytest.mark.parametrize("masked", [False, True])
-def test_frozen_layer_runs_in_inference_mode_like_batch_normalization(masked):
-    rng = np.random.default_rng(9)
-    x = rng.standard_normal((2, 5, CFG.d_model)).astype(np.float32)
-    mask = rng.random((2, 5)) < 0.7 if masked else None
-    layer = be.layer(CFG, seed=2)
-    layer(x, training=True, mask=mask)  # running statistics away from their initial values
-    layer.trainable = False
-    before = _state(layer)
-    y_frozen = layer(x, training=True, mask=mask)
-    assert all(np.array_equal(before[name], value) for name, value in _state(layer).items())
-    assert np.array_equal(y_frozen.numpy(), layer(x, training=False, mask=mask).numpy())
-    # fit() on a model holding the frozen layer: statistics and weights stay put.
-    inputs = keras.Input((5, CFG.d_model))
-    model = keras.Model(inputs, layer(inputs))
-    model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
-    weights = [w.numpy() for w in layer.weights]
-    model.fit(x, np.tanh(x), batch_size=2, epochs=1, verbose=0)
-    assert all(np.array_equal(a, w.numpy()) for a, w in zip(weights, layer.weights))
-    layer.trainable = True
-    layer(x, training=True, mask=mask)
-    assert not np.array_equal(before["query_norm.mean"], _state(layer)["query_norm.mean"])
-
-
-@pytest.mark.parametrize("trainable", [True, False])
-def test_keras_file_round_trip_is_bit_exact(tmp_path, trainable):
-    cfg = PEERConfig(d_model=8, n_experts=16, heads=2, topk=3, d_key=4, expert_glu=True, query_bias=True)
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal((4, 5, cfg.d_model)).astype(np.float32)
-    inputs = keras.Input((5, cfg.d_model))
-    layer = be.layer(cfg, seed=1, name="peer_block")
-    model = keras.Model(inputs, keras.layers.Dense(3)(layer(inputs)))
-    model(x, training=True)  # moves the statistics, so they must be saved to match
-    layer.trainable = trainable
-    path = tmp_path / "m.keras"
-    model.save(path)
-    loaded = keras.models.load_model(path)
-    again = loaded.get_layer("peer_block")
-    assert type(again) is type(layer) and again.cfg == cfg and again.trainable == trainable
-    assert [w.path for w in loaded.weights] == [w.path for w in model.weights]
-    assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(model.weights, loaded.weights))
-    assert np.array_equal(loaded(x, training=False).numpy(), model(x, training=False).numpy())
-    assert keras.saving.get_registered_name(type(layer)) == "peer>PEER"
-
-
-def test_dtype_is_a_keras_dtype_policy_and_none_means_the_global_one():
-    x = np.random.default_rng(8).standard_normal((6, CFG.d_model)).astype(np.float32)
-    layer = be.layer(CFG, seed=5, dtype=keras.DTypePolicy("bfloat16"))
-    assert {w.dtype for w in layer.trainable_weights} == {"bfloat16"}
-    y = layer(x)  # Keras casts float inputs to the compute dtype
-    params, state = layer.params_and_state()
-    want, _, _ = be.apply(CFG, params, state, tf.cast(x, tf.bfloat16))
-    assert y.dtype == tf.bfloat16 and np.array_equal(y.numpy(), want.numpy())
-    before = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("float64")
-    try:
-        assert {w.dtype for w in be.layer(CFG).weights} == {"float64"}
-    finally:
-        keras.config.set_dtype_policy(before)
-
-
-@pytest.mark.parametrize("training, masked", [(True, False), (True, True), (False, False), (False, True)])
-def test_mixed_bfloat16_policy_runs_the_mixed_mode(training, masked):
-    rng = np.random.default_rng(10)
-    x = rng.standard_normal((2, 5, CFG.d_model)).astype(np.float32)
-    mask = rng.random((2, 5)) < 0.7 if masked else None
-    layer = be.layer(CFG, seed=6, dtype="mixed_bfloat16")
-    assert {w.dtype for w in layer.weights} == {"float32"} and layer.compute_dtype == "bfloat16"
-    params, state = layer.params_and_state()
-    y = layer(x, training=training, mask=mask)
-    t = lambda v: None if v is None else tf.convert_to_tensor(v)  # noqa: E731
-    want, new_state, _ = be.apply(CFG, params, state, tf.cast(x, tf.bfloat16), training, t(mask),
-                                  compute_dtype="bfloat16")
-    assert y.dtype == tf.bfloat16 and np.array_equal(y.numpy(), want.numpy())
-    for k, v in new_state.items():  # the functional call may run compiled (XLA): float32 summation order
-        np.testing.assert_allclose(_state(layer)[k], v.numpy(), rtol=1e-6, atol=1e-7)
-    with tf.GradientTape() as tape:
-        out = tf.reduce_sum(tf.cast(layer(x, training=training, mask=mask), tf.float32))
-    grads = tape.gradient(out, layer.trainable_weights)
-    assert all(g.dtype == tf.float32 and np.all(np.isfinite(g.numpy())) for g in grads)
-
-
-def test_implementation_keyword_of_the_layer():
-    """The layer takes implementation= like apply and vjp: "tensorflow" (or None); anything else is
-    refused at construction, naming what is offered; the choice survives get_config."""
-    assert be.implementations == ("tensorflow",)
-    layer = be.layer(CFG, implementation="tensorflow")
-    assert type(layer).from_config(layer.get_config()).implementation == "tensorflow"
-    with pytest.raises(peer_ref.PEERConfigError, match=r"implementation='triton'.*\['tensorflow'\]"):
-        be.layer(CFG, implementation="triton")
 
 
 def test_float32_means_float32_tensorfloat32_is_switched_off():
@@ -375,3 +231,10 @@ def test_float32_means_float32_tensorfloat32_is_switched_off():
     tf.config.experimental.enable_tensor_float_32_execution(True)
     be.layer(CFG)(np.zeros((2, CFG.d_model), np.float32))
     assert not tf.config.experimental.tensor_float_32_execution_enabled()
+
+
+def test_the_package_exports_its_layer_as_peer():
+    from peer_backends.keras import PEER as keras_peer
+    from peer_backends.tensorflow import PEER
+
+    assert PEER is be.layer is keras_peer and issubclass(PEER, keras.layers.Layer)

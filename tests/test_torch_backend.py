@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import peer_ref
-from peer_ref import PEERConfig, PEERInputError
+from peer_ref import PEERConfig, PEERConfigError, PEERInputError
 
 torch = pytest.importorskip("torch")
 import peer_backends  # noqa: E402
@@ -59,8 +59,9 @@ def test_module_and_functional_equal_the_reference(cfg, training):
     module = be.layer(cfg, dtype="float64")
     module.load_params_and_state(be.from_numpy(params), be.from_numpy(state))
     module.train(training)
-    assert_close(module(be.from_numpy(x), mask=be.from_numpy(mask)).detach(), y_ref)
-    np.testing.assert_array_equal(be.to_numpy(module.last_aux["indices"]), aux_ref["indices"])
+    y, aux = module(be.from_numpy(x), mask=be.from_numpy(mask), return_aux=True)
+    assert_close(y.detach(), y_ref)
+    np.testing.assert_array_equal(be.to_numpy(aux["indices"]), aux_ref["indices"])
     # Training updates the module's buffers in place; evaluation leaves them alone.
     for name in state_ref:
         assert_close(module.get_buffer(name), state_ref[name])
@@ -266,10 +267,11 @@ def test_compiled_module_matches_eager():
     cfg = PEERConfig(d_model=8, n_experts=16, heads=2, topk=2, d_key=4)
     module = be.layer(cfg, seed=2).eval()
     x = torch.randn(6, cfg.d_model)
-    expected = module(x)
+    expected, aux = module(x, return_aux=True)
     compiled = torch.compile(module)
-    torch.testing.assert_close(compiled(x), expected)
-    torch.testing.assert_close(compiled.last_aux["indices"], module.last_aux["indices"])
+    y, compiled_aux = compiled(x, return_aux=True)
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(compiled_aux["indices"], aux["indices"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -360,20 +362,20 @@ def test_compiled_module_has_no_graph_breaks_nor_recompiles(training, dtype):
             # With a mask, every other call overrides the routing (its own graph).
             routing = torch.randint(0, COMPILED.n_experts, lead + (2, 2)) if masked and i % 2 else None
             if routing is not None:
-                y = compiled(*_marked(x, mask, routing))
-                y_eager = eager(x, mask, routing)
+                y, aux = compiled(*_marked(x, mask, routing), return_aux=True)
+                y_eager, aux_eager = eager(x, mask, routing, return_aux=True)
             else:
-                y = compiled(*_marked(x, mask))
-                y_eager = eager(x, mask)
+                y, aux = compiled(*_marked(x, mask), return_aux=True)
+                y_eager, aux_eager = eager(x, mask, return_aux=True)
             torch.testing.assert_close(y, y_eager)
-            torch.testing.assert_close(compiled.last_aux["indices"], eager.last_aux["indices"])
+            torch.testing.assert_close(aux["indices"], aux_eager["indices"])
             if training:
                 y.float().square().sum().backward()
                 y_eager.float().square().sum().backward()
         if masked:  # routing values are checked when the graph runs, with the reference's error
             routing[0, 0, 0, 0] = COMPILED.n_experts
             with pytest.raises(PEERInputError, match="routing contains 16"):
-                compiled(*_marked(x, mask, routing))
+                compiled(*_marked(x, mask, routing), return_aux=True)
     for name, value in module.state_dict().items():
         torch.testing.assert_close(value, eager.state_dict()[name])
     if training:
@@ -529,3 +531,63 @@ def test_autocast_casts_x_for_a_module_already_in_the_autocast_dtype():
         y = module(x)  # float32 x meets bfloat16 parameters: autocast casts x, as for nn.Linear
     torch.testing.assert_close(y, twin(x.bfloat16()), rtol=0, atol=0)
     torch.testing.assert_close(module.query_norm.var, twin.query_norm.var, rtol=0, atol=0)
+
+
+SEEDED = PEERConfig(d_model=8, n_experts=16, heads=2, topk=2, d_key=4, expert_glu=True, query_bias=True)
+
+
+def test_layer_draws_from_torchs_generator_and_an_explicit_seed_gives_the_reference_tables():
+    torch.manual_seed(1)
+    first, second = be.PEER(SEEDED), be.PEER(SEEDED)
+    torch.manual_seed(1)
+    again = be.PEER(SEEDED)
+    assert not torch.equal(first.experts.down, second.experts.down)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+    params, state = peer_ref.init(SEEDED, seed=3, dtype="float32")
+    seeded = be.PEER(SEEDED, seed=3)
+    for name, value in seeded.state_dict().items():
+        assert np.array_equal(be.to_numpy(value), {**params, **state}[name]), name
+    half = be.PEER(SEEDED, seed=3, dtype=torch.bfloat16)  # a torch dtype or its name
+    assert np.array_equal(be.to_numpy(half.experts.down), params["experts.down"].astype(ml_dtypes.bfloat16))
+    with pytest.raises(PEERConfigError, match=r"seed=1.5, but expected None \(draw from the framework"):
+        be.PEER(SEEDED, seed=1.5)
+
+
+def test_meta_device_then_reset_parameters_as_torch_modules_do():
+    torch.manual_seed(4)
+    module = be.PEER(SEEDED, device="meta")
+    assert module.experts.down.is_meta
+    module.to_empty(device="cpu")
+    torch.manual_seed(4)
+    module.reset_parameters()
+    torch.manual_seed(4)
+    assert all(torch.equal(a, b) for a, b in zip(module.state_dict().values(), be.PEER(SEEDED).state_dict().values()))
+
+
+def test_repr_shows_the_config_and_table_shapes():
+    text = repr(be.PEER(SEEDED, seed=0))
+    assert repr(SEEDED) in text and "seed=0" in text and "Module()" not in text
+    assert "(experts): Tables(down: (16, 8) float32, gate: (16, 8) float32, up: (16, 8) float32" in text
+    assert "(query_norm): Tables(scale: (8,) float32, offset: (8,) float32, mean: (8,) float32" in text
+
+
+def test_last_aux_still_reads_with_a_deprecation_warning():
+    module = be.PEER(SEEDED, seed=0)
+    _, aux = module(torch.randn(3, SEEDED.d_model), return_aux=True)
+    with pytest.warns(FutureWarning, match="return_aux=True"):
+        assert torch.equal(module.last_aux["indices"], aux["indices"])
+
+
+def test_dtype_errors_name_the_layers_remedy_not_compute_dtype():
+    module = be.PEER(SEEDED, seed=0)
+    with pytest.raises(PEERInputError, match=r"x.dtype=bfloat16, but expected float32 .*torch.autocast") as info:
+        module(torch.randn(3, SEEDED.d_model, dtype=torch.bfloat16))
+    assert "compute_dtype=" not in str(info.value)
+    with pytest.raises(PEERInputError, match=r"x.dtype=float32, but expected float64 .*\.to\(dtype\)"):
+        be.PEER(SEEDED, seed=0, dtype="float64")(torch.randn(3, SEEDED.d_model))
+
+
+def test_the_package_exports_its_layer_as_peer():
+    from peer_backends.torch import PEER
+
+    assert PEER is be.layer and isinstance(PEER(SEEDED, seed=0), torch.nn.Module)

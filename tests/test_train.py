@@ -222,6 +222,28 @@ def test_every_block_can_be_peer(corpus):
     assert sorted(record["routing"]) == ["0", "1"]
 
 
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_peer_blocks_start_from_distinct_tables_drawn_from_the_models_seed(backend):
+    """Each PEER block draws from the framework's seeded random state (torch's generator, the
+    model's nnx.Rngs): the blocks differ, and the same seed builds the same model."""
+    if backend == "jax":
+        pytest.importorskip("flax")
+        from peer_train.jax_model import Transformer
+    else:
+        from peer_train.torch_model import Transformer
+    cfg = dataclasses.replace(TINY, peer_blocks="all")
+    tables = lambda seed: [np.array(layer.params_and_state()[0]["experts.down"].tolist())  # noqa: E731
+                           for layer in _peer_layers(Transformer(cfg, seed))]
+    first, again, other = tables(0), tables(0), tables(1)
+    assert len(first) == 2 and not np.array_equal(first[0], first[1])
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert not np.array_equal(first[0], other[0])
+
+
+def _peer_layers(model):
+    return [block.ffn for block in model.blocks if hasattr(block.ffn, "params_and_state")]
+
+
 # ---- experiments and reports ----------------------------------------------------------------
 
 

@@ -49,7 +49,12 @@ from_numpy(tree), to_numpy(tree)
     to ``ml_dtypes.bfloat16`` on the NumPy side. Nothing is cast.
 layer(cfg, **kwargs)
     The framework's idiomatic layer (nn.Module, Flax module, Keras layer, ...), whose
-    parameters and statistics carry the canonical names.
+    parameters and statistics carry the canonical names; the backend module also exports its
+    class as ``PEER``. It seeds as the framework's own layers do, and ``seed=`` gives the
+    reference's tables (SPEC §8). A call takes x, ``mask`` (True keeps a token) and
+    ``routing`` and returns y, or ``(y, aux)`` with ``return_aux=True``: the routing comes back
+    as a return value in every framework, as attention layers return their weights when asked
+    (torch ``need_weights``, Keras ``return_attention_scores``), which also keeps a JAX call pure.
 
 Optional, for a backend with more than one implementation of the expert stage:
 

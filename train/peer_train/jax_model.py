@@ -36,7 +36,7 @@ class DenseFFN(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, kind: str, width: int, seed: int, rngs: nnx.Rngs, dtype=None):
+    def __init__(self, cfg: ModelConfig, kind: str, width: int, rngs: nnx.Rngs, dtype=None):
         self.n_heads = cfg.n_heads
         self.ln1 = nnx.LayerNorm(cfg.d_model, rngs=rngs)
         self.qkv = nnx.Linear(cfg.d_model, 3 * cfg.d_model, dtype=dtype, rngs=rngs)
@@ -44,7 +44,7 @@ class Block(nnx.Module):
         self.ln2 = nnx.LayerNorm(cfg.d_model, rngs=rngs)
         self.is_peer = kind == "peer"
         if self.is_peer:
-            self.ffn = peer_backends.layer(cfg.peer_config(), backend="jax", seed=seed, dtype=dtype,
+            self.ffn = peer_backends.layer(cfg.peer_config(), backend="jax", rngs=rngs, dtype=dtype,
                                            param_dtype=jnp.float32)
         else:
             self.ffn = DenseFFN(cfg.d_model, width, rngs, dtype)
@@ -72,8 +72,7 @@ class Transformer(nnx.Module):
         init = nnx.initializers.normal(0.02)
         self.embed = nnx.Embed(cfg.vocab, cfg.d_model, embedding_init=init, rngs=rngs)
         self.pos = nnx.Embed(cfg.seq, cfg.d_model, embedding_init=init, rngs=rngs)
-        self.blocks = nnx.List([Block(cfg, kind, width, seed * 1000 + i, rngs, dtype)
-                                for i, (kind, width) in enumerate(cfg.block_ffns())])
+        self.blocks = nnx.List([Block(cfg, kind, width, rngs, dtype) for kind, width in cfg.block_ffns()])
         self.ln_f = nnx.LayerNorm(cfg.d_model, rngs=rngs)
         self.head = nnx.Linear(cfg.d_model, cfg.vocab, use_bias=False, kernel_init=init, dtype=dtype, rngs=rngs)
 

@@ -33,7 +33,7 @@ class DenseFFN(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, kind: str, width: int, seed: int, device):
+    def __init__(self, cfg: ModelConfig, kind: str, width: int, device):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.ln1 = nn.LayerNorm(cfg.d_model)
@@ -41,7 +41,8 @@ class Block(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.ln2 = nn.LayerNorm(cfg.d_model)
         if kind == "peer":
-            self.ffn = peer_backends.layer(cfg.peer_config(), backend="torch", seed=seed, device=device)
+            # Drawn from torch's generator, seeded once for the whole model (Transformer).
+            self.ffn = peer_backends.layer(cfg.peer_config(), backend="torch", device=device)
         else:
             self.ffn = DenseFFN(cfg.d_model, width)
 
@@ -64,8 +65,7 @@ class Transformer(nn.Module):
         self.pos = nn.Embedding(cfg.seq, cfg.d_model)
         nn.init.normal_(self.embed.weight, std=0.02)
         nn.init.normal_(self.pos.weight, std=0.02)
-        self.blocks = nn.ModuleList(Block(cfg, kind, width, seed * 1000 + i, device)
-                                    for i, (kind, width) in enumerate(cfg.block_ffns()))
+        self.blocks = nn.ModuleList(Block(cfg, kind, width, device) for kind, width in cfg.block_ffns())
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab, bias=False)
         nn.init.normal_(self.head.weight, std=0.02)
@@ -79,6 +79,27 @@ class Transformer(nn.Module):
 
     def peer_layers(self) -> dict[int, nn.Module]:
         return {i: b.ffn for i, b in enumerate(self.blocks) if not isinstance(b.ffn, DenseFFN)}
+
+
+@contextlib.contextmanager
+def _routing_recorded(layer, record):
+    """While open, every call of the PEER ``layer`` runs with ``return_aux=True`` (a forward pre-hook)
+    and hands ``(x, y, aux)`` to ``record`` (a forward hook), the caller still receiving y alone."""
+
+    def ask(module, args, kwargs):
+        return args, {**kwargs, "return_aux": True}
+
+    def give(module, args, out):
+        y, aux = out
+        record(args[0], y, aux)
+        return y
+
+    hooks = [layer.register_forward_pre_hook(ask, with_kwargs=True), layer.register_forward_hook(give)]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 class Engine:
@@ -139,31 +160,30 @@ class Engine:
         also, per PEER block, the list of (indices, weights) NumPy arrays of each batch."""
         self.model.eval()
         total, count, aux = 0.0, 0, {i: [] for i in self.model.peer_layers()}
-        for batch in batches:
-            tokens = self._tensor(batch)
-            logits = self._logits(tokens[:, :-1])
-            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1),
-                                           reduction="sum"))
-            count += tokens[:, 1:].numel()
+        with contextlib.ExitStack() as stack:
             if routing:
                 for i, layer in self.model.peer_layers().items():
-                    aux[i].append((layer.last_aux["indices"].cpu().numpy(), layer.last_aux["weights"].cpu().numpy()))
+                    stack.enter_context(_routing_recorded(layer, lambda x, y, a, i=i: aux[i].append(
+                        (a["indices"].cpu().numpy(), a["weights"].cpu().numpy()))))
+            for batch in batches:
+                tokens = self._tensor(batch)
+                logits = self._logits(tokens[:, :-1])
+                total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1),
+                                               reduction="sum"))
+                count += tokens[:, 1:].numel()
         return (total / count, aux) if routing else total / count
 
     @torch.no_grad()
     def peer_inputs(self, batches: list[np.ndarray], block: int) -> list[np.ndarray]:
         """The inputs of block ``block``'s PEER layer on ``batches`` (evaluation mode, float32 whatever
-        the training precision: the trained float32 parameters), via a forward hook."""
+        the training precision: the trained float32 parameters), via forward hooks."""
         self.model.eval()
         seen = []
-        hook = self.model.blocks[block].ffn.register_forward_hook(lambda m, args, out: seen.append(
-            (args[0].cpu().numpy().copy(), out.cpu().numpy().copy(),
-             m.last_aux["indices"].cpu().numpy(), m.last_aux["weights"].cpu().numpy())))
-        try:
+        with _routing_recorded(self.model.blocks[block].ffn, lambda x, y, a: seen.append(
+                (x.cpu().numpy().copy(), y.cpu().numpy().copy(), a["indices"].cpu().numpy(),
+                 a["weights"].cpu().numpy()))):
             for batch in batches:
                 self.model(self._tensor(batch)[:, :-1])
-        finally:
-            hook.remove()
         return seen
 
     def peer_layer(self, block: int):

@@ -16,6 +16,7 @@ default_path = "compiled"  # what jit=None runs
 capabilities = frozenset(
     {"float64", "float32", "bfloat16", "float16", "mixed", "grad", "jit"} | ({"gpu"} if jax.default_backend() == "gpu" else set())
 )
+PEER = _layer_module.PEER  # the layer class: from peer_backends.jax import PEER
 layer = _layer_module.layer
 
 
@@ -32,4 +33,4 @@ def clear_caches() -> None:
     jax.clear_caches()
 
 
-__all__ = ["apply", "capabilities", "default_path", "implementations", "clear_caches", "enable_float64", "from_numpy", "init", "layer", "name", "to_numpy", "version", "vjp"]
+__all__ = ["PEER", "apply", "capabilities", "default_path", "implementations", "clear_caches", "enable_float64", "from_numpy", "init", "layer", "name", "to_numpy", "version", "vjp"]

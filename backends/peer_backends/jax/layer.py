@@ -26,9 +26,10 @@ from flax.nnx.nn import dtypes as nnx_dtypes
 
 from peer_ref import checks
 from peer_ref.config import DTYPES
-from peer_ref.errors import PEERInputError
+from peer_ref.errors import PEERConfigError, PEERInputError
 
-from .core import dtype_name, from_numpy
+from .._layer import check_seed, reference_tables
+from .core import dtype_name, from_numpy, require_x64
 from .peer import apply, implementation_for, init_from_key
 
 _GROUPS = ("query", "query_norm", "keys", "experts")
@@ -43,8 +44,10 @@ class PEER(nnx.Module):
 
     Args:
       cfg: the PEERConfig.
-      rngs: nnx.Rngs whose ``params`` stream draws the initial parameters; without it,
-        ``seed`` does, giving the same parameters as ``peer_backends.jax.init(cfg, seed)``.
+      rngs: nnx.Rngs whose ``params`` stream draws the initial parameters, as for
+        ``nnx.Linear``; give it or ``seed``.
+      seed: instead of ``rngs``, an int: the reference's tables ``peer_ref.init(cfg, seed)``
+        rounded to ``param_dtype``, the same values in every framework (SPEC §8).
       dtype: the computation dtype, a JAX dtype (e.g. ``jnp.bfloat16``), or None (default)
         to promote the input with the parameters as ``nnx.Linear`` does
         (``jnp.promote_types(x.dtype, param_dtype)``: bfloat16 x with float32 parameters
@@ -65,13 +68,17 @@ class PEER(nnx.Module):
     the parameters and statistics to c for the call (differentiably) and writes the updated
     statistics back in their storage dtype. y has dtype c.
 
+    The routing of a call comes back with ``return_aux=True`` (a return value, not a
+    side effect, so the call stays a pure function under ``nnx.jit``).
+
     Raises:
       PEERInputError: ``dtype`` or ``param_dtype`` given as a string or as an unsupported
         dtype; x not a floating array.
-      PEERConfigError: an unknown ``implementation``, or one that cannot run here.
+      PEERConfigError: neither or both of ``rngs`` and ``seed``, a seed that is not an int >= 0,
+        an unknown ``implementation``, or one that cannot run here.
     """
 
-    def __init__(self, cfg, *, rngs: nnx.Rngs | None = None, seed: int = 0, dtype=None,
+    def __init__(self, cfg, *, rngs: nnx.Rngs | None = None, seed: int | None = None, dtype=None,
                  param_dtype=jnp.float32, use_running_average: bool = False, implementation=None):
         implementation_for(implementation)
         self.cfg = cfg
@@ -81,8 +88,22 @@ class PEER(nnx.Module):
         self.use_running_average = use_running_average
         # (mesh, axis) once peer_backends.jax.parallel.shard_layer has sharded the expert tables.
         self.expert_sharding = None
-        key = rngs.params() if rngs is not None else jax.random.key(seed)
-        params, state = init_from_key(cfg, key, self.param_dtype.name)
+        self.seed = check_seed(seed)
+        if (rngs is None) == (seed is None):
+            given = "neither" if rngs is None else "both"
+            raise PEERConfigError(
+                f"PEER(cfg) got {given} of rngs= and seed=, but expected one: rngs=nnx.Rngs(...) to draw the "
+                "parameters as nnx.Linear does, or seed=<int> for the reference's tables (SPEC §8)")
+        if rngs is not None:
+            if not isinstance(rngs, nnx.Rngs):
+                raise PEERConfigError(f"rngs is {type(rngs).__name__}, but expected an nnx.Rngs, e.g. nnx.Rngs(0)")
+            params, state = init_from_key(cfg, rngs.params(), self.param_dtype.name)
+        else:
+            if self.param_dtype.name == "float64":
+                require_x64("param_dtype")
+            params, state = reference_tables(cfg, self.seed, self.param_dtype.name)
+            params = {name: jnp.asarray(value).astype(self.param_dtype) for name, value in params.items()}
+            state = {name: jnp.asarray(value) for name, value in state.items()}
         for group in _GROUPS:
             setattr(self, group, _Group())
         for name, value in params.items():
@@ -94,7 +115,24 @@ class PEER(nnx.Module):
                  return_aux: bool = False):
         """y = PEER(x); in training mode the running statistics are updated in place.
 
-        ``return_aux=True`` returns ``(y, aux)`` with the routing indices, scores and weights.
+        Args:
+          x: (..., d_model) floating array, cast to the computation dtype (class doc).
+          mask: optional bool array of shape ``x.shape[:-1]``; **True keeps a token**, False
+            drops it (zero output, left out of the batch-norm statistics; SPEC §5), as the
+            ``mask`` of ``nnx.MultiHeadAttention`` (True attends) and the opposite of torch's
+            ``key_padding_mask``.
+          routing: optional int array (..., heads, topk) of expert indices that replaces the
+            product-key search (SPEC §4).
+          use_running_average: overrides the module's mode for this call (True: evaluation).
+          return_aux: also return the routing of this call.
+
+        Returns:
+          y, (..., d_out) in the computation dtype; with ``return_aux=True``, ``(y, aux)`` where
+          aux holds "indices" (int32), "scores" and "weights", each (..., heads, topk).
+
+        Raises:
+          PEERInputError: x not floating, or x, mask or routing of the wrong shape or dtype
+            (SPEC §9).
         """
         if use_running_average is None:
             use_running_average = self.use_running_average

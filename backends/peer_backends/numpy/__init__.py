@@ -8,6 +8,7 @@ from .peer import apply, init, vjp
 name = "numpy"
 default_path = "eager"  # what jit=None runs
 capabilities = frozenset({"float64", "float32", "grad", "mixed"})
-layer = _layer_module.PEERLayer
+PEER = _layer_module.PEER  # the layer class: from peer_backends.numpy import PEER
+layer = _layer_module.PEER
 
-__all__ = ["apply", "capabilities", "default_path", "implementations", "from_numpy", "init", "layer", "name", "to_numpy", "version", "vjp"]
+__all__ = ["PEER", "apply", "capabilities", "default_path", "implementations", "from_numpy", "init", "layer", "name", "to_numpy", "version", "vjp"]

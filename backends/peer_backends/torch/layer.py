@@ -1,23 +1,47 @@
+import warnings
+
 import torch
 from torch import nn
 
+import peer_ref
 from peer_ref import checks
 from peer_ref.errors import PEERConfigError, PEERInputError
 
 from .._implementation import check_known
+from .._layer import check_seed, reference_tables
 from .core import dtype_name, torch_dtype
-from .peer import IMPLEMENTATIONS, _aux, forward_tensors, implementation_for, init, kernels, validate
+from .peer import IMPLEMENTATIONS, _aux, compute_dtype_name, forward_tensors, implementation_for, kernels, validate
+
+
+class Tables(nn.Module):
+    """The tensors of one canonical-name prefix (``query``, ``query_norm``, ``keys``, ``experts``);
+    its repr lists their shapes and dtypes."""
+
+    def extra_repr(self):
+        tensors = [*self._parameters.items(), *self._buffers.items()]
+        return ", ".join(f"{name}: {tuple(value.shape)} {dtype_name(value)}" for name, value in tensors)
 
 
 class PEER(nn.Module):
     """PEER as an nn.Module whose state_dict keys are the canonical names.
 
-    Parameters live in plain submodules named after the first part of each canonical name
+    Args:
+      cfg: the PEERConfig.
+      seed: None (default) draws the initial parameters from torch's default generator for
+        ``device``, as ``nn.Linear`` does, so ``torch.manual_seed`` makes a model reproducible
+        and two layers differ; an int gives the reference's tables ``peer_ref.init(cfg, seed)``
+        rounded to ``dtype``, the same values in every framework (SPEC §8).
+      dtype: the parameters' dtype, a name or a torch dtype: float32 (default), float64,
+        bfloat16 or float16; batch-norm statistics are float32 for the 16-bit ones (SPEC §10).
+      device: where the tensors live (``"meta"`` allocates nothing; ``to_empty(device=...)``
+        then ``reset_parameters()`` draws them, as for torch's own modules).
+      implementation: the kernels of the expert stage (below).
+
+    Parameters live in submodules named after the first part of each canonical name
     (``query``, ``query_norm``, ``keys``, ``experts``), so ``keys.left`` or
     ``query_norm.mean`` come out of ``state_dict()`` and go into ``load_state_dict()`` as is.
-    ``forward`` returns y only; the routing of the last call is kept on ``self.last_aux``
-    ({"indices", "scores", "weights"}, detached). In training mode the batch-norm buffers
-    are updated in place.
+    ``forward`` returns y, and ``(y, aux)`` with ``return_aux=True``. In training mode the
+    batch-norm buffers are updated in place.
 
     Casting (``.to(dtype)``, ``.half()``, ``.bfloat16()``, ``.double()``) casts parameters and
     batch-norm buffers together, as ``nn.BatchNorm1d`` does with its running statistics: they
@@ -42,30 +66,59 @@ class PEER(nn.Module):
     ("triton" on CUDA devices where triton is installed, else "aten"); a name forces it, and a
     call on a device where it cannot run raises PEERConfigError. An unknown name raises
     PEERConfigError at construction. Sharded expert tables (``ExpertColumnParallel``) run "aten".
+
+    Raises:
+      PEERConfigError: a seed that is not None or an int >= 0; an unknown implementation.
+      PEERInputError: an unsupported dtype.
     """
 
-    def __init__(self, cfg, seed=0, dtype=None, device=None, implementation=None):
+    def __init__(self, cfg, seed=None, dtype=None, device=None, implementation=None):
         super().__init__()
         check_known("torch", implementation, IMPLEMENTATIONS)  # whether it runs depends on each call's device
         kernels.triton_installed()  # looked up once here, so that compiled forwards read it as a constant
         self.cfg = cfg
+        self.seed = check_seed(seed)
         self.implementation = implementation
-        params, state = init(cfg, seed=seed, dtype=dtype, device=device)
-        for name, value in params.items():
-            self._owner(name).register_parameter(name.split(".")[1], nn.Parameter(value))
-        for name, value in state.items():
-            self._owner(name).register_buffer(name.split(".")[1], value)
-        self.last_aux = None
+        name = checks.check_dtype_name(compute_dtype_name(dtype) or "float32")
+        for group in ("query", "query_norm", "keys", "experts"):
+            self.add_module(group, Tables())
+        for key, shape in cfg.param_shapes().items():
+            value = torch.empty(shape, dtype=torch_dtype(name), device=device)
+            self._owner(key).register_parameter(key.split(".")[1], nn.Parameter(value))
+        s_dtype = torch_dtype(checks.state_dtype(name))
+        for key, shape in cfg.state_shapes().items():
+            self._owner(key).register_buffer(key.split(".")[1], torch.empty(shape, dtype=s_dtype, device=device))
+        self._last_aux = None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Draw the parameters afresh and reset the batch-norm statistics (SPEC §8).
+
+        With ``seed=None``: normal draws from torch's default generator for the parameters'
+        device, in float32 (float64 for float64 parameters) rounded once to their dtype. With a
+        seed: the reference's tables ``peer_ref.init(cfg, seed)``.
+        """
+        stds, constants = peer_ref.init_std(self.cfg), peer_ref.init_constant(self.cfg)
+        dtype = dtype_name(self.experts.down)
+        reference = None if self.seed is None else reference_tables(self.cfg, self.seed, dtype)[0]
+        draw = torch.float64 if dtype == "float64" else torch.float32
+        with torch.no_grad():
+            for key, param in self.named_parameters():
+                if key not in stds:
+                    param.fill_(constants[key])
+                elif reference is not None:
+                    param.copy_(torch.from_numpy(reference[key]))
+                else:
+                    param.copy_(torch.randn(param.shape, dtype=draw, device=param.device) * stds[key])
+            for key, buffer in self.named_buffers():
+                buffer.fill_(constants[key])
 
     # (cfg, training, params, state, x, mask, routing) -> (y, new_state, indices, scores, weights);
     # peer_backends.torch.parallel.ExpertColumnParallel puts its sharded version here.
     _forward_tensors = staticmethod(forward_tensors)
 
     def _owner(self, name):
-        group = name.split(".")[0]
-        if group not in self._modules:
-            self.add_module(group, nn.Module())
-        return self._modules[group]
+        return self._modules[name.split(".")[0]]
 
     def params_and_state(self):
         """The functional ``(params, state)`` dicts.
@@ -87,13 +140,43 @@ class PEER(nn.Module):
             raise PEERInputError(f"params dtype={dtype}, but expected {own} (the module's; nothing is cast)")
         self.load_state_dict({**params, **state}, strict=True)
 
-    def forward(self, x, mask=None, routing=None):
+    def forward(self, x, mask=None, routing=None, *, return_aux=False):
+        """y = PEER(x), and in training mode (``module.train()``) the batch-norm statistics updated.
+
+        Args:
+          x: (..., d_model) floating tensor of the parameters' dtype (under ``torch.autocast``
+            any floating dtype but float64, cast as autocast casts a matmul input; see the
+            class doc).
+          mask: optional bool tensor of shape ``x.shape[:-1]``; **True keeps a token**, False
+            drops it (its output is zero and it is left out of the batch-norm statistics,
+            SPEC §5). This is the opposite of ``nn.MultiheadAttention``'s
+            ``key_padding_mask``, where True marks padding: pass ``~key_padding_mask``.
+          routing: optional int tensor (..., heads, topk) of expert indices to use instead of
+            the product-key search (SPEC §4).
+          return_aux: also return the routing of this call, as ``nn.MultiheadAttention``
+            returns its attention weights with ``need_weights=True``.
+
+        Returns:
+          y, (..., d_out) in x's dtype (the autocast dtype under autocast); with
+          ``return_aux=True``, ``(y, aux)`` where aux holds "indices" (int64), "scores" and
+          "weights" (float), each (..., heads, topk) and detached.
+
+        Raises:
+          PEERInputError: x, mask or routing of the wrong shape or dtype (SPEC §9).
+          PEERConfigError: an implementation that cannot run on x's device.
+        """
         params, state = self.params_and_state()
         device_type = x.device.type if isinstance(x, torch.Tensor) else "cpu"
-        x, low = self._autocast(device_type, x, params["experts.down"].dtype)
+        param_dtype = params["experts.down"].dtype
+        x, low = self._autocast(device_type, x, param_dtype)
         if low is not None and "_forward_tensors" in self.__dict__:
             raise PEERInputError(f"torch.autocast(dtype={low}) with sharded expert tables, but expected no "
                                  "autocast: the sharded forward computes in the parameters' dtype only")
+        if low is None and isinstance(x, torch.Tensor) and x.dtype != param_dtype:
+            raise PEERInputError(
+                f"x.dtype={dtype_name(x)}, but expected {compute_dtype_name(param_dtype)} (the layer's parameters' "
+                "dtype; nothing is cast implicitly): cast x, cast the layer with .to(dtype), or for mixed "
+                "precision run a float32 layer under torch.autocast(device_type, dtype=torch.bfloat16)")
         extra = {} if low is None else {"low": low}
         if "_forward_tensors" in self.__dict__:
             if self.implementation not in (None, "aten"):
@@ -111,8 +194,17 @@ class PEER(nn.Module):
             with torch.no_grad():
                 for name, value in new_state.items():
                     self.get_buffer(name).copy_(value)  # rounds to the buffer's dtype (see class doc)
-        self.last_aux = _aux(self.cfg, lead, indices, scores, weights)
-        return y.reshape(lead + (self.cfg.d_out,))
+        aux = _aux(self.cfg, lead, indices, scores, weights)
+        self._last_aux = aux
+        y = y.reshape(lead + (self.cfg.d_out,))
+        return (y, aux) if return_aux else y
+
+    @property
+    def last_aux(self):
+        """Deprecated: the routing of the last call; call the layer with ``return_aux=True``."""
+        warnings.warn("PEER.last_aux is deprecated: call the layer with return_aux=True, which returns "
+                      "(y, aux)", FutureWarning, stacklevel=2)
+        return self._last_aux
 
     @staticmethod
     def _autocast(device_type, x, param_dtype):
@@ -133,6 +225,4 @@ class PEER(nn.Module):
         return x, (amp if param_dtype == torch.float32 and amp != torch.float32 else None)
 
     def extra_repr(self):
-        if self.implementation is None:
-            return repr(self.cfg)
-        return f"{self.cfg!r}, implementation={self.implementation!r}"
+        return f"{self.cfg!r}, seed={self.seed!r}, implementation={self.implementation!r}"
