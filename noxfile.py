@@ -2,7 +2,7 @@
 reference, every backend and the harnesses, `kernels` the fused GPU kernels interpreted on the CPU;
 `ref`, `torch`, `jax`, `tensorflow` one backend each;
 `bench` runs the benchmark harness (pass flags after `--`, e.g. `nox -s bench -- --preset paper`);
-`train` runs the trainer (`nox -s train -- all --quick`).
+`train` runs the trainer (`nox -s train -- all --quick`); `lint` runs ruff (check and format check).
 
 Each session installs the project and only what it needs into its own virtual environment.
 torch is pinned to 2.13.0 (the CPU build) in pyproject.toml's extras.
@@ -116,6 +116,14 @@ def jax_session(session):
 @nox.session(python=PYTHON, name="tensorflow")
 def tensorflow_session(session):
     _one_backend(session, "tensorflow")
+
+
+@nox.session(python=PYTHON)
+def lint(session):
+    """ruff: the linter and the formatter's check (configured in pyproject.toml [tool.ruff])."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
 
 
 @nox.session(python=PYTHON)
