@@ -36,20 +36,18 @@ def validate(cfg, params, state, x, training, mask=None, routing=None, dy=None,
              compute_dtype=None) -> tuple[tuple[int, ...], str | None]:
     """Check every argument (SPEC §9); returns the leading shape of x and the mixed mode's
     low dtype (None outside the mixed mode, SPEC §10.3)."""
-    meta = lambda tree: {k: (np.shape(v), _dtype_name(v)) for k, v in tree.items()}  # noqa: E731
-    for arg, value in (("params", params), ("state", state)):
-        if not isinstance(value, dict):
-            raise PEERInputError(f"{arg} is {type(value).__name__}, but expected a dict of arrays")
-    dtype = checks.check_params_state(cfg, meta(params), meta(state))
-    low = checks.check_compute_dtype(dtype, compute_dtype)
-    checks.check_dtype_name(dtype, ("float64", "float32"))
-    arr = lambda v: None if v is None else (np.shape(v), _dtype_name(v))  # noqa: E731
+    # The reference computes in float64 and float32 only, and on NumPy arrays only.
+    checks.check_dtype_name(checks.check_trees(cfg, params, state, meta), ("float64", "float32"))
     if not isinstance(x, np.ndarray):
         raise PEERInputError(f"x is {type(x).__name__}, but expected a numpy.ndarray")
-    lead = checks.check_call(cfg, dtype, arr(x), training, arr(mask), arr(routing), arr(dy), compute_dtype=low)
-    if routing is not None and np.size(routing):
-        checks.check_routing_values(cfg, int(np.min(routing)), int(np.max(routing)))
+    lead, _, low = checks.check_arguments(cfg, params, state, x, training, mask, routing, dy, compute_dtype,
+                                          meta=meta, routing_range=lambda r: (int(np.min(r)), int(np.max(r))))
     return lead, low
+
+
+def meta(value) -> checks.Meta:
+    """(shape, dtype name) of an array, as peer_ref.checks reads it."""
+    return np.shape(value), _dtype_name(value)
 
 
 def low_numpy_dtype(name: str) -> np.dtype:

@@ -63,7 +63,7 @@ def triton_launches():
     torch = pytest.importorskip("torch")
     from peer_backends.torch import kernels
 
-    triton = kernels._load()
+    triton = kernels.triton
     launches = {}
     real = {name: getattr(kernels, name) for name in ("_forward_kernel", "_token_backward_kernel",
                                                       "_table_backward_kernel")}

@@ -107,14 +107,14 @@ def test_module_gradients_reach_an_optimizer():
     assert not torch.equal(before, module.experts.up)
 
 
-@pytest.mark.parametrize("projection", ["_DownProjection", "_UpProjection"])
+@pytest.mark.parametrize("projection", ["down_projection", "up_projection"])
 def test_expert_projections_pass_gradcheck(projection):
     # Repeated experts, within a token and across tokens, must accumulate.
     indices = torch.tensor([[0, 6, 6, 2], [6, 1, 0, 3], [5, 5, 5, 5]])
     # The down projection's first input is x (T, d); the up projection's the weights (T, heads*topk).
-    first = torch.randn(3, 2 if projection == "_DownProjection" else 4, dtype=torch.float64, requires_grad=True)
+    first = torch.randn(3, 2 if projection == "down_projection" else 4, dtype=torch.float64, requires_grad=True)
     table = torch.randn(7, 2, dtype=torch.float64, requires_grad=True)
-    fn = getattr(torch_experts, projection).apply
+    fn = getattr(torch_experts, projection)
     groups = torch_experts.expert_groups(indices, table.shape[0])
     assert torch.autograd.gradcheck(lambda a, t: fn(a, t, indices, groups), (first, table))
 
@@ -144,9 +144,9 @@ def test_expert_kernels_equal_gather_and_scatter():
     indices = torch.randint(0, 8, (7, 4))  # table row 8 is never selected: its gradient row must be 0
     weights = torch.randn(7, 4, dtype=torch.float64)
     groups = torch_experts.expert_groups(indices, 9)
-    torch.testing.assert_close(torch_experts._DownProjection.apply(rows, table, indices, groups),
+    torch.testing.assert_close(torch_experts.down_projection(rows, table, indices, groups),
                                torch.einsum("tjd,td->tj", table[indices], rows))
-    torch.testing.assert_close(torch_experts._UpProjection.apply(weights, table, indices),
+    torch.testing.assert_close(torch_experts.up_projection(weights, table, indices),
                                torch.einsum("tjd,tj->td", table[indices], weights))
     outer = torch.ops.peer.row_outer(weights, rows, *groups)
     expected_outer = torch.zeros(9, 3, dtype=torch.float64).index_add_(

@@ -2,11 +2,11 @@ import torch
 from torch import nn
 
 from peer_ref import checks
-from peer_ref.errors import PEERConfigError, PEERInputError
+from peer_ref.errors import PEERInputError
 
 from .._implementation import check_known
-from .core import dtype_name, torch_dtype
-from .peer import IMPLEMENTATIONS, _aux, forward_tensors, implementation_for, init, kernels, validate
+from .core import dtype_name, meta, native_dtype
+from .peer import IMPLEMENTATIONS, choose_implementation, forward_tensors, init, routing_aux, validate
 
 
 class PEER(nn.Module):
@@ -41,13 +41,12 @@ class PEER(nn.Module):
     IMPLEMENTATIONS``): None (default) picks, at each call, the best available for x's device
     ("triton" on CUDA devices where triton is installed, else "aten"); a name forces it, and a
     call on a device where it cannot run raises PEERConfigError. An unknown name raises
-    PEERConfigError at construction. Sharded expert tables (``ExpertColumnParallel``) run "aten".
+    PEERConfigError at construction. Sharded expert tables (``ExpertColumnParallel``) run "sharded".
     """
 
     def __init__(self, cfg, seed=0, dtype=None, device=None, implementation=None):
         super().__init__()
         check_known("torch", implementation, IMPLEMENTATIONS)  # whether it runs depends on each call's device
-        kernels.triton_installed()  # looked up once here, so that compiled forwards read it as a constant
         self.cfg = cfg
         self.implementation = implementation
         params, state = init(cfg, seed=seed, dtype=dtype, device=device)
@@ -56,10 +55,6 @@ class PEER(nn.Module):
         for name, value in state.items():
             self._owner(name).register_buffer(name.split(".")[1], value)
         self.last_aux = None
-
-    # (cfg, training, params, state, x, mask, routing) -> (y, new_state, indices, scores, weights);
-    # peer_backends.torch.parallel.ExpertColumnParallel puts its sharded version here.
-    _forward_tensors = staticmethod(forward_tensors)
 
     def _owner(self, name):
         group = name.split(".")[0]
@@ -75,13 +70,12 @@ class PEER(nn.Module):
         else float32 copies (a module cast to bfloat16/float16 after construction).
         """
         params = dict(self.named_parameters())
-        want = torch_dtype(checks.state_dtype(dtype_name(self.experts.down)))
+        want = native_dtype(checks.state_dtype(dtype_name(self.experts.down)))
         return params, {name: value.to(want) for name, value in self.named_buffers()}
 
     def load_params_and_state(self, params, state):
         """Load functional dicts (canonical names) after checking names, shapes and dtypes."""
-        meta = lambda tree: {k: (tuple(v.shape), dtype_name(v)) for k, v in tree.items()}  # noqa: E731
-        dtype = checks.check_params_state(self.cfg, meta(params), meta(state))
+        dtype = checks.check_trees(self.cfg, params, state, meta)
         own = dtype_name(self.experts.down)
         if dtype != own:
             raise PEERInputError(f"params dtype={dtype}, but expected {own} (the module's; nothing is cast)")
@@ -91,27 +85,18 @@ class PEER(nn.Module):
         params, state = self.params_and_state()
         device_type = x.device.type if isinstance(x, torch.Tensor) else "cpu"
         x, low = self._autocast(device_type, x, params["experts.down"].dtype)
-        if low is not None and "_forward_tensors" in self.__dict__:
-            raise PEERInputError(f"torch.autocast(dtype={low}) with sharded expert tables, but expected no "
-                                 "autocast: the sharded forward computes in the parameters' dtype only")
-        extra = {} if low is None else {"low": low}
-        if "_forward_tensors" in self.__dict__:
-            if self.implementation not in (None, "aten"):
-                raise PEERConfigError(f"implementation={self.implementation!r} with sharded expert tables, but "
-                                      "the sharded forward runs 'aten' only (implementation=None or 'aten')")
-        else:
-            extra["implementation"] = implementation_for(self.implementation, x.device if isinstance(
-                x, torch.Tensor) else "cpu")
+        implementation = choose_implementation(self.implementation, x.device if isinstance(x, torch.Tensor)
+                                               else "cpu", params)
         # PEER prescribes its own precision per step; autocast must not re-cast its matmuls and batch norm.
         with torch.autocast(device_type, enabled=False):
-            lead = validate(self.cfg, params, state, x, self.training, mask, routing, compute_dtype=low)
-            y, new_state, indices, scores, weights = self._forward_tensors(
-                self.cfg, self.training, params, state, x, mask, routing, **extra)
+            lead = validate(self.cfg, params, state, x, self.training, mask, routing, compute_dtype=low).lead
+            y, new_state, indices, scores, weights = forward_tensors(
+                self.cfg, self.training, params, state, x, mask, routing, low=low, implementation=implementation)
         if self.training and new_state:
             with torch.no_grad():
                 for name, value in new_state.items():
                     self.get_buffer(name).copy_(value)  # rounds to the buffer's dtype (see class doc)
-        self.last_aux = _aux(self.cfg, lead, indices, scores, weights)
+        self.last_aux = routing_aux(self.cfg, lead, indices, scores, weights)
         return y.reshape(lead + (self.cfg.d_out,))
 
     @staticmethod
