@@ -158,11 +158,15 @@ def check_call(
 
 def check_routing_values(cfg: PEERConfig, low: int, high: int) -> None:
     """Routing indices must lie in [0, n_experts); call with the min and max of a non-empty routing."""
-    if low < 0 or high >= cfg.n_experts:
+    check_expert_indices(cfg.n_experts, low, high)
+
+
+def check_expert_indices(n_experts: int, low: int, high: int) -> None:
+    """``check_routing_values`` given the expert count alone (where a compiled graph checks the
+    values, with the config's ints as its constants)."""
+    if low < 0 or high >= n_experts:
         bad = low if low < 0 else high
-        raise PEERInputError(
-            f"routing contains {bad}, but expected expert indices in [0, n_experts={cfg.n_experts})"
-        )
+        raise PEERInputError(f"routing contains {bad}, but expected expert indices in [0, n_experts={n_experts})")
 
 
 def check_dtype_name(dtype: str, allowed: Sequence[str] = DTYPES) -> str:

@@ -67,8 +67,8 @@ def test_functional_matches_reference_float64(cfg, x64):
 
 def test_chunked_config_really_spans_several_chunks():
     tokens = int(np.prod(CHUNKED_TOKENS))
-    assert tokens > be.experts._ROWS_PER_CHUNK // (CHUNKED.heads * CHUNKED.topk)  # more than one chunk
-    assert tokens % (be.experts._ROWS_PER_CHUNK // (CHUNKED.heads * CHUNKED.topk))  # and a padded last one
+    assert tokens > be.experts.ROWS_PER_CHUNK // (CHUNKED.heads * CHUNKED.topk)  # more than one chunk
+    assert tokens % (be.experts.ROWS_PER_CHUNK // (CHUNKED.heads * CHUNKED.topk))  # and a padded last one
 
 
 def test_eager_path_equals_jit_path():
@@ -240,7 +240,7 @@ def test_jit_specialises_on_the_token_count_and_padding_to_a_bucket_is_exact():
     params, state = be.init(SMALL, seed=1)
     rng = np.random.default_rng(1)
     bucket = 8
-    be.peer._forward_jit.clear_cache()
+    be.peer.forward_jit.clear_cache()
     for tokens in (3, 5, 8):
         x = rng.standard_normal((tokens, SMALL.d_model)).astype(np.float32)
         y, new_state, _ = be.apply(SMALL, params, state, be.from_numpy(x), True)
@@ -252,7 +252,7 @@ def test_jit_specialises_on_the_token_count_and_padding_to_a_bucket_is_exact():
         for name in new_state:
             assert_close(state_pad[name], new_state[name], 1e-6, f"{name}, {tokens} tokens")
     # Three unpadded token counts, three compilations; the padded calls share one.
-    assert be.peer._forward_jit._cache_size() == 3 + 1
+    assert be.peer.forward_jit._cache_size() == 3 + 1
 
 
 def test_largest_expert_count_routes_to_positive_int32_indices():
@@ -391,3 +391,8 @@ def _rows_the_lemma_leaves_open(sub, k):
     sums = np.sort(top[0][:, a] + top[1][:, b], axis=-1)[:, ::-1][:, : k + 1]
     tied = (sums[:, 1:] == sums[:, :-1]).any(-1)
     return int((tied | ~np.isfinite(top).all(-1).all(0)).sum())
+
+
+def test_every_role_has_its_name(unresolved_roles):
+    """peer_backends.contract.ROLES is true of this backend: one name per role in every backend."""
+    assert unresolved_roles('jax') == []

@@ -19,8 +19,8 @@ import peer_ref  # noqa: E402
 from peer_backends import jax as be  # noqa: E402
 from peer_backends.jax import kernels, parallel  # noqa: E402
 from peer_backends.jax.layer import PEER  # noqa: E402
-from peer_backends.jax.experts import _experts  # noqa: E402
-from peer_backends.jax.peer import implementation_for  # noqa: E402
+from peer_backends.jax.experts import chunked_experts  # noqa: E402
+from peer_backends.jax.peer import choose_implementation  # noqa: E402
 from peer_ref.config import ACTIVATIONS  # noqa: E402
 from peer_ref.errors import PEERConfigError  # noqa: E402
 
@@ -45,9 +45,9 @@ def run(path, activation, low, inputs, dy):
     def f(diff):
         args = {**inputs, **diff}
         if path == "pallas":
-            return kernels.experts(activation, low, args["x"], args["indices"], args["weights"], args["down"],
+            return kernels.pallas_experts(activation, low, args["x"], args["indices"], args["weights"], args["down"],
                                    args["up"], args["bias"], args["gate"])
-        return _experts(activation, 7, low, args["x"], args["indices"], args["weights"], args["down"], args["up"],
+        return chunked_experts(activation, 7, low, args["x"], args["indices"], args["weights"], args["down"], args["up"],
                         args["bias"], args["gate"])
 
     @jax.jit
@@ -171,21 +171,25 @@ def test_layer_keyword():
 
 
 def test_choice_and_errors():
-    assert be.implementations == ("xla", "pallas")
-    assert implementation_for(None) == ("pallas" if jax.default_backend() == "gpu" else "xla")
-    assert implementation_for("pallas") == "pallas"
+    assert be.implementations == ("xla", "pallas", "sharded")
+    assert choose_implementation(None) == ("pallas" if jax.default_backend() == "gpu" else "xla")
+    assert choose_implementation("pallas") == "pallas"
     params, state, x, mask, dy = layer_case(CFG)
     for bad in ("triton", "PALLAS", 3):
-        with pytest.raises(PEERConfigError, match=r"implementation=.*has \['pallas', 'xla'\]"):
+        with pytest.raises(PEERConfigError, match=r"implementation=.*has \['pallas', 'sharded', 'xla'\]"):
             be.apply(CFG, params, state, x, implementation=bad)
-        with pytest.raises(PEERConfigError, match=r"implementation=.*has \['pallas', 'xla'\]"):
+        with pytest.raises(PEERConfigError, match=r"implementation=.*has \['pallas', 'sharded', 'xla'\]"):
             be.vjp(CFG, params, state, x, dy, implementation=bad)
+    with pytest.raises(PEERConfigError, match=r"implementation='sharded' is not available here: the expert tables "
+                                              r"are not sharded"):
+        be.apply(CFG, params, state, x, implementation="sharded")
     mesh = jax.make_mesh((1,), ("model",))
-    with pytest.raises(PEERConfigError, match=r"implementation='pallas'.*sharded.*only 'xla'"):
+    sharded_run = r"implementation='pallas' is not available here: the expert tables are sharded .* run 'sharded'"
+    with pytest.raises(PEERConfigError, match=sharded_run):
         parallel.apply(CFG, params, state, x, mesh=mesh, implementation="pallas")
-    with pytest.raises(PEERConfigError, match=r"implementation='pallas'.*sharded.*only 'xla'"):
+    with pytest.raises(PEERConfigError, match=sharded_run):
         parallel.vjp(CFG, params, state, x, dy, mesh=mesh, implementation="pallas")
-    with pytest.raises(PEERConfigError, match=r"implementation='pallas'.*sharded.*only 'xla'"):
+    with pytest.raises(PEERConfigError, match=r"implementation='pallas', but sharded expert tables run 'sharded'"):
         parallel.shard_layer(PEER(CFG, implementation="pallas"), mesh)
     with pytest.raises(PEERConfigError, match=r"implementation='triton'"):
         parallel.apply(CFG, params, state, x, mesh=mesh, implementation="triton")

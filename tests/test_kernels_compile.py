@@ -163,9 +163,9 @@ def test_pallas_kernels_lower_to_triton_for_cuda(case, monkeypatch):
               jax.random.normal(keys[5], (cfg.n_experts, cfg.d_model)) if glu else None]
 
     def loss(x, weights, tables):
-        return kernels.experts(activation, low, x, indices, weights, *tables).sum()
+        return kernels.pallas_experts(activation, low, x, indices, weights, *tables).sum()
 
-    forward = jax.jit(lambda x, weights, tables: kernels.experts(activation, low, x, indices, weights, *tables))
+    forward = jax.jit(lambda x, weights, tables: kernels.pallas_experts(activation, low, x, indices, weights, *tables))
     backward = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     # Forward: row dots, row sums. Backward: those again (the forward's), then row dots of dy with
     # the up rows, row sums into dx, segment rows into the tables (peer_backends.jax.kernels).

@@ -380,3 +380,8 @@ def test_float32_means_float32_tensorfloat32_is_switched_off():
     tf.config.experimental.enable_tensor_float_32_execution(True)
     be.layer(CFG)(np.zeros((2, CFG.d_model), np.float32))
     assert not tf.config.experimental.tensor_float_32_execution_enabled()
+
+
+def test_every_role_has_its_name(unresolved_roles):
+    """peer_backends.contract.ROLES is true of this backend: one name per role in every backend."""
+    assert unresolved_roles('tensorflow') == []

@@ -133,7 +133,7 @@ def test_selected_scores_pass_gradcheck(monkeypatch, key_sets):
         per_head = [keys_.expand(heads, n, d_half) for keys_ in (left, right)]
         sub = torch.stack([torch.einsum("thd,hnd->thn", q[..., side * d_half:(side + 1) * d_half], per_head[side])
                            for side in range(2)])
-        return torch_routing._SelectedScores.apply(q, left, right, halves, sub.detach())
+        return torch_routing.selected_scores(q, left, right, halves, sub.detach())
 
     assert torch.autograd.gradcheck(selected, (queries, *keys))
 
@@ -534,3 +534,8 @@ def test_autocast_casts_x_for_a_module_already_in_the_autocast_dtype():
         y = module(x)  # float32 x meets bfloat16 parameters: autocast casts x, as for nn.Linear
     torch.testing.assert_close(y, twin(x.bfloat16()), rtol=0, atol=0)
     torch.testing.assert_close(module.query_norm.var, twin.query_norm.var, rtol=0, atol=0)
+
+
+def test_every_role_has_its_name(unresolved_roles):
+    """peer_backends.contract.ROLES is true of this backend: one name per role in every backend."""
+    assert unresolved_roles('torch') == []

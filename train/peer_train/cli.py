@@ -26,7 +26,7 @@ from peer_ref.config import QUERY_NORMS
 
 from .config import FFNS, PEER_BLOCKS, PRECISION_ALIASES, ConfigError, ModelConfig, TrainConfig
 from .data import DataError
-from .train import BACKENDS, DEVICES, ResumeError
+from .train import TRAIN_BACKENDS, DEVICES, ResumeError
 
 EXPERIMENTS = ("isoflop", "usage", "transfer")
 
@@ -40,7 +40,7 @@ def parser() -> argparse.ArgumentParser:
                         help="a text file or a directory of text files (default: this Python's standard library)")
     common.add_argument("--out", default=None, metavar="DIR", help="output folder (default: peer_train_out/<command>)")
     common.add_argument("--device", default="cpu", choices=DEVICES)
-    common.add_argument("--backend", default="torch", choices=BACKENDS,
+    common.add_argument("--backend", default="torch", choices=TRAIN_BACKENDS,
                         help="framework of the model (transfer always trains in torch)")
     common.add_argument("--threads", type=int, default=1,
                         help="CPU threads per framework (default 1: these models' operations are too small "

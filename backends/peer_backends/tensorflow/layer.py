@@ -3,8 +3,8 @@ import tensorflow as tf
 
 from peer_ref import PEERConfig, checks
 
-from .core import dtype_name, from_numpy
-from .peer import check_implementation, float32_means_float32, forward, init
+from .core import from_numpy, meta
+from .peer import choose_implementation, float32_means_float32, forward, init
 
 
 @keras.saving.register_keras_serializable(package="peer")
@@ -46,7 +46,7 @@ class PEER(keras.layers.Layer):
 
     def __init__(self, cfg: PEERConfig, seed: int = 0, dtype=None, implementation=None, **kwargs):
         super().__init__(dtype=dtype, **kwargs)
-        check_implementation(implementation)
+        choose_implementation(implementation)
         self.cfg, self.seed, self.implementation = cfg, seed, implementation
         self.param_dtype = checks.check_dtype_name(self.dtype_policy.variable_dtype)
         compute = self.dtype_policy.compute_dtype
@@ -69,10 +69,10 @@ class PEER(keras.layers.Layer):
         # None: no Keras training context, so inference. A frozen layer runs in inference mode,
         # as keras.layers.BatchNormalization does ("training and self.trainable").
         cfg, training = self.cfg, bool(training) and self.trainable
-        meta = lambda v: None if v is None else (tuple(v.shape), dtype_name(v))  # noqa: E731
         low = self.mixed_dtype
         float32_means_float32()
-        checks.check_call(cfg, self.param_dtype, meta(x), training, meta(mask), meta(routing), compute_dtype=low)
+        checks.check_call(cfg, self.param_dtype, meta(x), training, *(None if v is None else meta(v) for v in (mask, routing)),
+                          compute_dtype=low)
         flat = lambda t, tail: None if t is None else tf.reshape(t, (-1,) + tail)  # noqa: E731
         y, new_state, _ = forward(cfg, self._params, self._state, flat(x, (cfg.d_model,)), training,
                                   flat(mask, ()), flat(routing, (cfg.heads, cfg.topk)), low=low)
@@ -95,8 +95,7 @@ class PEER(keras.layers.Layer):
     def load_params_and_state(self, params, state):
         """Assign ``(params, state)`` (tensors or NumPy arrays keyed by canonical names), validated first."""
         params, state = from_numpy(dict(params)), from_numpy(dict(state))
-        meta = lambda tree: {k: (tuple(v.shape), dtype_name(v)) for k, v in tree.items()}  # noqa: E731
-        dtype = checks.check_params_state(self.cfg, meta(params), meta(state))
+        dtype = checks.check_trees(self.cfg, params, state, meta)
         checks.check_dtype_name(dtype, (self.param_dtype,))
         for variables, values in ((self._params, params), (self._state, state)):
             for name, variable in variables.items():

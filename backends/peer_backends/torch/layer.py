@@ -6,7 +6,7 @@ from peer_ref.errors import PEERInputError
 
 from .._implementation import check_known
 from .core import dtype_name, meta, native_dtype
-from .peer import IMPLEMENTATIONS, choose_implementation, forward_tensors, init, routing_aux, validate
+from .peer import IMPLEMENTATIONS, choose_implementation, forward, init, routing_aux, validate
 
 
 class PEER(nn.Module):
@@ -90,7 +90,7 @@ class PEER(nn.Module):
         # PEER prescribes its own precision per step; autocast must not re-cast its matmuls and batch norm.
         with torch.autocast(device_type, enabled=False):
             lead = validate(self.cfg, params, state, x, self.training, mask, routing, compute_dtype=low).lead
-            y, new_state, indices, scores, weights = forward_tensors(
+            y, new_state, indices, scores, weights = forward(
                 self.cfg, self.training, params, state, x, mask, routing, low=low, implementation=implementation)
         if self.training and new_state:
             with torch.no_grad():

@@ -3,7 +3,7 @@
 The parts live in modules named after the spec's: query_norm (§3.3), routing (§3.4-§3.9, §4),
 experts (§3.10-§3.11, implementation "aten"), kernels (the same in Triton kernels, implementation
 "triton"), parallel (the same on expert tables sharded by columns, implementation "sharded"); this
-module validates, assembles the forward pass once for every implementation (``forward_tensors``),
+module validates, assembles the forward pass once for every implementation (``forward``),
 compiles it (torch.compile) and differentiates it (torch.autograd).
 """
 
@@ -12,6 +12,7 @@ import importlib.util
 import os
 import sys
 import typing
+import warnings
 
 import torch
 
@@ -123,7 +124,7 @@ def compute_dtype_name(compute_dtype):
 
 def _routing_range(routing):
     # Under torch.compile the values are checked where they are known, when the graph runs
-    # (peer::checked_routing in forward_tensors), so that reading them does not break the graph.
+    # (peer::checked_routing in forward), so that reading them does not break the graph.
     return None if torch.compiler.is_compiling() else (int(routing.min()), int(routing.max()))
 
 
@@ -143,7 +144,7 @@ def validate(cfg, params, state, x, training, mask=None, routing=None, dy=None,
                                   compute_dtype_name(compute_dtype), meta=meta, routing_range=_routing_range)
 
 
-def forward_tensors(cfg, training, params, state, x, mask, routing, low=None, implementation="aten"):
+def forward(cfg, training, params, state, x, mask, routing, low=None, implementation="aten"):
     """The forward pass on validated tensors (all on x's device): the one assembly of routing and
     expert stage, whatever the implementation.
 
@@ -177,6 +178,13 @@ def forward_tensors(cfg, training, params, state, x, mask, routing, low=None, im
 _COMPILED: dict = {}
 
 
+def forward_tensors(*args, **kwargs):
+    """Deprecated: ``forward`` (the name of the forward's one assembly in every backend)."""
+    warnings.warn("peer_backends.torch.peer.forward_tensors is deprecated; use forward", DeprecationWarning,
+                  stacklevel=2)
+    return forward(*args, **kwargs)
+
+
 def clear_caches():
     """Drop the compiled forward functions (one per config, training flag and argument set)."""
     _COMPILED.clear()
@@ -184,12 +192,12 @@ def clear_caches():
 
 def _runner(cfg, training, has_mask, has_routing, jit, low=None, implementation="aten"):
     low = None if low is None else native_dtype(low)
-    forward = functools.partial(forward_tensors, cfg, training, low=low, implementation=implementation)
+    run = functools.partial(forward, cfg, training, low=low, implementation=implementation)
     if not jit:
-        return forward
+        return run
     key = (cfg, training, has_mask, has_routing, low, implementation)
     if key not in _COMPILED:
-        _COMPILED[key] = _dynamic_tokens(cfg, torch.compile(forward))
+        _COMPILED[key] = _dynamic_tokens(cfg, torch.compile(run))
     return _COMPILED[key]
 
 
