@@ -88,7 +88,9 @@ def _inputs(case: VectorCase):
         state = {k: np.abs(v + 0.3 * rng.standard_normal(v.shape)) for k, v in state.items()}
     dy = rng.standard_normal(case.lead + (cfg.d_out,))
     mask = rng.random(case.lead) < 0.67 if case.mask else None
-    cast = lambda tree: {k: v.astype(case.dtype) for k, v in tree.items()}  # noqa: E731
+    def cast(tree):
+        return {k: v.astype(case.dtype) for k, v in tree.items()}
+
     return cfg, cast(params), cast(state), x.astype(case.dtype), dy.astype(case.dtype), mask
 
 

@@ -9,11 +9,11 @@ jax = pytest.importorskip("jax")
 nnx = pytest.importorskip("flax.nnx")
 optax = pytest.importorskip("optax")
 
-import jax.numpy as jnp  # noqa: E402
+import jax.numpy as jnp
 
-import peer_ref  # noqa: E402
-from peer_backends import jax as be  # noqa: E402
-from peer_ref.errors import PEERInputError  # noqa: E402
+import peer_ref
+from peer_backends import jax as be
+from peer_ref.errors import PEERInputError
 
 SMALL = peer_ref.PEERConfig(d_model=12, n_experts=64, heads=3, topk=4, d_key=6, d_out=5)
 # heads * topk = 128 makes the expert chunks 256 tokens, so 300 tokens take the chunked, padded path.
@@ -87,12 +87,16 @@ def test_eager_path_equals_jit_path():
 
 def test_bfloat16_computes_in_float32_and_rounds_once():
     params, state, x, mask, _ = case(SMALL, "float32")
-    bf16 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), be.from_numpy(tree))  # noqa: E731
+    def bf16(tree):
+        return jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), be.from_numpy(tree))
+
     params_bf, x_bf = bf16(params), bf16(x)
     y, new_state, aux = be.apply(SMALL, params_bf, be.from_numpy(state), x_bf, True, be.from_numpy(mask))
     assert y.dtype == jnp.bfloat16 and aux["weights"].dtype == jnp.float32
     assert new_state["query_norm.mean"].dtype == jnp.float32
-    widened = lambda tree: jax.tree.map(lambda a: np.asarray(a, np.float32), tree)  # noqa: E731
+    def widened(tree):
+        return jax.tree.map(lambda a: np.asarray(a, np.float32), tree)
+
     y_ref, _, _ = peer_ref.forward(SMALL, widened(params_bf), state, widened(x_bf), True, mask)
     assert_close(y.astype(jnp.float32), y_ref, 2e-2, "bfloat16 y")
 

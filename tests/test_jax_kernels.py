@@ -13,23 +13,25 @@ import pytest
 jax = pytest.importorskip("jax")
 nnx = pytest.importorskip("flax.nnx")
 
-import jax.numpy as jnp  # noqa: E402
+import jax.numpy as jnp
 
-import peer_ref  # noqa: E402
-from peer_backends import jax as be  # noqa: E402
-from peer_backends.jax import kernels, parallel  # noqa: E402
-from peer_backends.jax.layer import PEER  # noqa: E402
-from peer_backends.jax.experts import chunked_experts  # noqa: E402
-from peer_backends.jax.peer import choose_implementation  # noqa: E402
-from peer_ref.config import ACTIVATIONS  # noqa: E402
-from peer_ref.errors import PEERConfigError  # noqa: E402
+import peer_ref
+from peer_backends import jax as be
+from peer_backends.jax import kernels, parallel
+from peer_backends.jax.experts import chunked_experts
+from peer_backends.jax.layer import PEER
+from peer_backends.jax.peer import choose_implementation
+from peer_ref.config import ACTIVATIONS
+from peer_ref.errors import PEERConfigError
 
 
 def stage(tokens, heads, topk, n, d_model, d_out, glu, bias, dtype=jnp.float32, seed=0):
     """Random expert-stage inputs; indices drawn from few experts and one pair forced equal,
     so selections repeat within and across tokens (duplicates)."""
     rng = np.random.default_rng(seed)
-    arr = lambda *shape: jnp.asarray(rng.standard_normal(shape), dtype)  # noqa: E731
+    def arr(*shape):
+        return jnp.asarray(rng.standard_normal(shape), dtype)
+
     indices = rng.integers(0, n, (tokens, heads, topk))
     if heads * topk > 1 and tokens:
         indices.reshape(tokens, -1)[:, 1] = indices.reshape(tokens, -1)[:, 0]
@@ -62,7 +64,9 @@ def assert_same(pallas, xla, tol):
     y, grads = pallas
     y_ref, grads_ref = xla
     assert y.dtype == y_ref.dtype and y.shape == y_ref.shape
-    scale = lambda a: max(1.0, float(jnp.max(jnp.abs(a), initial=0.0)))  # noqa: E731
+    def scale(a):
+        return max(1.0, float(jnp.max(jnp.abs(a), initial=0.0)))
+
     assert float(jnp.max(jnp.abs(y - y_ref), initial=0.0)) <= tol * scale(y_ref), "y"
     for name, g in grads_ref.items():
         assert grads[name].dtype == g.dtype and grads[name].shape == g.shape, name

@@ -33,14 +33,14 @@ def test_in_a_process_of_its_own():
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
 
 
-import jax.numpy as jnp  # noqa: E402
-from jax.sharding import AxisType, NamedSharding, PartitionSpec  # noqa: E402
+import jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-import peer_ref  # noqa: E402
-from peer_backends import jax as be  # noqa: E402
-from peer_backends.jax import parallel  # noqa: E402
-from peer_backends.jax.layer import PEER  # noqa: E402
-from peer_ref.errors import PEERInputError  # noqa: E402
+import peer_ref
+from peer_backends import jax as be
+from peer_backends.jax import parallel
+from peer_backends.jax.layer import PEER
+from peer_ref.errors import PEERInputError
 
 if ENOUGH:
     jax.config.update("jax_enable_x64", True)  # this process only: float64 compares to 1e-12
@@ -195,7 +195,9 @@ def test_nnx_layer_trains_under_nnx_jit_like_one_device():
         value, grads = step(sharded, x, mask, dy)
         value_ref, grads_ref = step(reference, x, mask, dy)
         np.testing.assert_allclose(float(value), float(value_ref), **TOL)
-        flat = lambda g: {".".join(map(str, k)): v.get_value() for k, v in nnx.to_flat_state(g)}  # noqa: E731
+        def flat(g):
+            return {".".join(map(str, k)): v.get_value() for k, v in nnx.to_flat_state(g)}
+
         assert_trees_close(flat(grads), flat(grads_ref))
         assert_trees_close(sharded.params_and_state()[1], reference.params_and_state()[1])
     sharded.eval()

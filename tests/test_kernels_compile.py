@@ -29,7 +29,7 @@ if "tensorflow" in sys.modules:
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("TRITON_INTERPRET=1 replaces Triton's compiler by its interpreter", allow_module_level=True)
 
-from peer_ref import PEERConfig  # noqa: E402
+from peer_ref import PEERConfig
 
 # A block's shared memory on compute capability 9.0 (CUDA C Programming Guide, "Technical
 # Specifications per Compute Capability": 227 KB per thread block).

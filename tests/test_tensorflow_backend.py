@@ -11,14 +11,14 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-import peer_backends  # noqa: E402
-import peer_ref  # noqa: E402
-from peer_ref import PEERConfig, PEERInputError  # noqa: E402
+import peer_backends
+import peer_ref
+from peer_ref import PEERConfig, PEERInputError
 
 be = peer_backends.get("tensorflow")
-from peer_backends.tensorflow import experts as tf_experts  # noqa: E402
-from peer_backends.tensorflow import peer as tf_peer  # noqa: E402
-from peer_backends.tensorflow import routing as tf_routing  # noqa: E402
+from peer_backends.tensorflow import experts as tf_experts
+from peer_backends.tensorflow import peer as tf_peer
+from peer_backends.tensorflow import routing as tf_routing
 
 CFG = PEERConfig(d_model=8, n_experts=16, heads=2, topk=3, d_key=4)
 
@@ -107,7 +107,7 @@ def test_compiled_equals_eager_forward_and_vjp():
     compiled = be.apply(CFG, params, state, x, True, jit=True)
     for a, b in zip(_numpy(eager), _numpy(compiled)):
         for key in a if isinstance(a, dict) else [None]:
-            pick = (lambda t: t[key]) if key else (lambda t: t)
+            pick = (lambda t, key=key: t[key]) if key else (lambda t: t)
             np.testing.assert_allclose(pick(a), pick(b), rtol=1e-5, atol=1e-6)
     (g_eager, dx_eager), (g_jit, dx_jit) = (be.vjp(CFG, params, state, x, dy, True, jit=j) for j in (False, None))
     np.testing.assert_allclose(dx_eager.numpy(), dx_jit.numpy(), rtol=1e-4, atol=1e-5)
@@ -224,7 +224,9 @@ def test_bfloat16_stores_bfloat16_and_computes_in_float32():
     grads, dx = be.vjp(CFG, params, state, be.from_numpy(x), be.from_numpy(np.ones((6, 8), ml_dtypes.bfloat16)))
     assert y.dtype == dx.dtype == tf.bfloat16 and aux["scores"].dtype == tf.float32
     assert all(g.dtype == tf.bfloat16 for g in grads.values())
-    as64 = lambda tree: {k: np.asarray(v, np.float64) for k, v in _numpy(tree).items()}  # noqa: E731
+    def as64(tree):
+        return {k: np.asarray(v, np.float64) for k, v in _numpy(tree).items()}
+
     y_ref, _, _ = peer_ref.forward(CFG, as64(params), as64(state), x.astype(np.float64), training=True)
     np.testing.assert_allclose(y.numpy().astype(np.float64), y_ref, rtol=2e-2, atol=2e-2)
 
@@ -348,7 +350,9 @@ def test_mixed_bfloat16_policy_runs_the_mixed_mode(training, masked):
     assert {w.dtype for w in layer.weights} == {"float32"} and layer.compute_dtype == "bfloat16"
     params, state = layer.params_and_state()
     y = layer(x, training=training, mask=mask)
-    t = lambda v: None if v is None else tf.convert_to_tensor(v)  # noqa: E731
+    def t(v):
+        return None if v is None else tf.convert_to_tensor(v)
+
     want, new_state, _ = be.apply(CFG, params, state, tf.cast(x, tf.bfloat16), training, t(mask),
                                   compute_dtype="bfloat16")
     assert y.dtype == tf.bfloat16 and np.array_equal(y.numpy(), want.numpy())

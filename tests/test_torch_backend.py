@@ -8,10 +8,10 @@ import peer_ref
 from peer_ref import PEERConfig, PEERInputError
 
 torch = pytest.importorskip("torch")
-import peer_backends  # noqa: E402
-from peer_backends.torch import experts as torch_experts  # noqa: E402
-from peer_backends.torch import peer as torch_peer  # noqa: E402
-from peer_backends.torch import routing as torch_routing  # noqa: E402
+import peer_backends
+from peer_backends.torch import experts as torch_experts
+from peer_backends.torch import peer as torch_peer
+from peer_backends.torch import routing as torch_routing
 
 be = peer_backends.get("torch")
 
@@ -217,7 +217,9 @@ def test_bfloat16_follows_the_dtype_policy():
     y, new_state, aux = be.apply(FULL, params, state, x, training=True)
     assert y.dtype == torch.bfloat16 and aux["scores"].dtype == torch.float32
     assert new_state["query_norm.mean"].dtype == torch.float32
-    widen = lambda tree: {k: v.astype(np.float64) for k, v in be.to_numpy(tree).items()}  # noqa: E731
+    def widen(tree):
+        return {k: v.astype(np.float64) for k, v in be.to_numpy(tree).items()}
+
     y_ref, _, _ = peer_ref.forward(FULL, widen(params), widen(state), be.to_numpy(x).astype(np.float64),
                                    True, routing=be.to_numpy(aux["indices"]))
     np.testing.assert_allclose(be.to_numpy(y).astype(np.float64), y_ref, rtol=2e-2, atol=2e-2)

@@ -18,14 +18,14 @@ os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 torch = pytest.importorskip("torch")
 
-import peer_backends  # noqa: E402
-from peer_backends.torch import experts as torch_experts  # noqa: E402
-from peer_backends.torch import kernels  # noqa: E402
-from peer_backends.torch import peer as torch_peer  # noqa: E402
-from peer_backends.torch.core import round_through  # noqa: E402
-from peer_backends.torch.parallel import ExpertColumnParallel  # noqa: E402
-from peer_ref import PEERConfig, PEERConfigError  # noqa: E402
-from peer_ref.config import ACTIVATIONS  # noqa: E402
+import peer_backends
+from peer_backends.torch import experts as torch_experts
+from peer_backends.torch import kernels
+from peer_backends.torch import peer as torch_peer
+from peer_backends.torch.core import round_through
+from peer_backends.torch.parallel import ExpertColumnParallel
+from peer_ref import PEERConfig, PEERConfigError
+from peer_ref.config import ACTIVATIONS
 
 be = peer_backends.get("torch")
 
@@ -112,7 +112,9 @@ def test_triton_equals_aten_in_16_bits(dtype, compute_dtype):
 
 def _stage_inputs(n, t, j, d_in, d_out, dtype, glu, bias, seed=0):
     g = torch.Generator().manual_seed(seed)
-    rand = lambda *shape: torch.randn(shape, generator=g, dtype=dtype).requires_grad_(True)  # noqa: E731
+    def rand(*shape):
+        return torch.randn(shape, generator=g, dtype=dtype).requires_grad_(True)
+
     indices = torch.randint(0, n, (t, j), generator=g)
     return dict(x=rand(t, d_in), indices=indices, weights=rand(t, j), down=rand(n, d_in), up=rand(n, d_out),
                 bias=rand(n) if bias else None, gate=rand(n, d_in) if glu else None)

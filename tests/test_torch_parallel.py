@@ -15,20 +15,20 @@ import pytest
 from peer_ref import PEERConfig, PEERConfigError, PEERInputError
 
 torch = pytest.importorskip("torch")
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
-from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
-from torch.distributed.tensor import DTensor, Replicate, Shard  # noqa: E402
-from torch.distributed.tensor.debug import CommDebugMode  # noqa: E402
-from torch.distributed.tensor.parallel import parallelize_module  # noqa: E402
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.debug import CommDebugMode
+from torch.distributed.tensor.parallel import parallelize_module
 
-import peer_backends  # noqa: E402
-from peer_backends.torch.layer import PEER  # noqa: E402
-from peer_backends.torch.parallel import (  # noqa: E402
+import peer_backends
+from peer_backends.torch.layer import PEER
+from peer_backends.torch.parallel import (
     ExpertColumnParallel,
     gather_params_and_state,
     load_params_and_state,

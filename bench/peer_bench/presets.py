@@ -40,7 +40,7 @@ class BenchCase:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "BenchCase":
+    def from_dict(cls, data: dict[str, Any]) -> BenchCase:
         # Results written before a field existed lack it: it takes its default.
         return cls(**{k: data[k] for k in CASE_FIELDS if k in data})
 

@@ -81,7 +81,9 @@ def _dense_params(case: BenchCase, seed: int) -> dict:
     width = dense_width(peer_flops_per_token(**case.config())["total"], case.d_model)
     rng = np.random.default_rng(seed + 1)
     dtype = _numpy_dtype(case.dtype)
-    draw = lambda shape, fan_in: (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(dtype)  # noqa: E731
+    def draw(shape, fan_in):
+        return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(dtype)
+
     return {"w1": draw((case.d_model, width), case.d_model), "b1": np.zeros(width, dtype),
             "w2": draw((width, case.d_model), width), "b2": np.zeros(case.d_model, dtype)}
 
@@ -150,7 +152,7 @@ def run_sweep(job, fw, backend, meter) -> list[dict]:
     for case_dict, axes in zip(job["cases"], job["axes"]):
         case = BenchCase.from_dict(case_dict)
         row = _timed_row(job, case, job["impl"], "forward",
-                         lambda x, dy: _peer_call(job, case, fw, backend, x, dy, "forward"), fw, meter)
+                         lambda x, dy, case=case: _peer_call(job, case, fw, backend, x, dy, "forward"), fw, meter)
         rows.append({**row, "axes": axes})
         gc.collect()
     return rows

@@ -26,7 +26,7 @@ from peer_ref.config import QUERY_NORMS
 
 from .config import FFNS, PEER_BLOCKS, PRECISION_ALIASES, ConfigError, ModelConfig, TrainConfig
 from .data import DataError
-from .train import TRAIN_BACKENDS, DEVICES, ResumeError
+from .train import DEVICES, TRAIN_BACKENDS, ResumeError
 
 EXPERIMENTS = ("isoflop", "usage", "transfer")
 
@@ -142,8 +142,14 @@ def environment(argv: list[str], threads: int) -> dict:
 
 
 def _progress(disabled: bool):
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[tps]:>7,.0f} tok/s"),
@@ -165,9 +171,9 @@ def _train(args, corpus, progress) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
-    from peer_ref.errors import PEERConfigError
-
     from rich.console import Console
+
+    from peer_ref.errors import PEERConfigError
 
     console = Console(stderr=True)
     try:

@@ -6,7 +6,6 @@ import math
 import time
 from pathlib import Path
 
-
 from peer_ref import metrics
 
 from . import data

@@ -257,7 +257,9 @@ def _backward(activation, low, residuals, dy):
     tokens, slots = idx.shape
     n_experts = down_r.shape[0]
     if tokens == 0:  # no kernel launch on an empty grid
-        zeros = lambda a: None if a is None else jnp.zeros(a.shape, x.dtype)  # noqa: E731
+        def zeros(a):
+            return None if a is None else jnp.zeros(a.shape, x.dtype)
+
         return jnp.zeros_like(x), None, jnp.zeros_like(weights), zeros(down_r), zeros(up_r), zeros(bias), zeros(gate_r)
     w = weights.reshape(idx.shape)
     (d_coef,) = _row_dots(dy, idx, [up_r])

@@ -71,8 +71,8 @@ class PEER(keras.layers.Layer):
         cfg, training = self.cfg, bool(training) and self.trainable
         low = self.mixed_dtype
         float32_means_float32()
-        checks.check_call(cfg, self.param_dtype, meta(x), training, *(None if v is None else meta(v) for v in (mask, routing)),
-                          compute_dtype=low)
+        optional = (None if v is None else meta(v) for v in (mask, routing))
+        checks.check_call(cfg, self.param_dtype, meta(x), training, *optional, compute_dtype=low)
         flat = lambda t, tail: None if t is None else tf.reshape(t, (-1,) + tail)  # noqa: E731
         y, new_state, _ = forward(cfg, self._params, self._state, flat(x, (cfg.d_model,)), training,
                                   flat(mask, ()), flat(routing, (cfg.heads, cfg.topk)), low=low)

@@ -414,7 +414,9 @@ def _experts_backward(ctx, dy, _d_pre, _d_gated):
     need_tables = need[3] or need[4] or need[5] or need[6]
     dx, d_weights, d_down, d_up, d_bias, d_gate = torch.ops.peer.triton_experts_backward(
         dy, x, indices, weights, down, up, bias, gate, pre, gated, ctx.activation, ctx.low, need[0], need_tables)
-    keep = lambda g, needed: g if needed else None  # noqa: E731
+    def keep(g, needed):
+        return g if needed else None
+
     return (keep(dx, need[0]), None, keep(d_weights, need[2]), keep(d_down, need[3]), keep(d_up, need[4]),
             keep(d_bias, need[5] and ctx.has_bias), keep(d_gate, need[6] and ctx.has_gate), None, None)
 
