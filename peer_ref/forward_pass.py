@@ -119,8 +119,10 @@ def zero_masked(rows: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return np.where(valid[:, None], rows, rows.dtype.type(0))
 
 
-def _forward(cfg: PEERConfig, params, state, x, training=False, mask=None, routing=None, dy=None,
-             compute_dtype=None):
+def forward_with_tape(cfg: PEERConfig, params, state, x, training=False, mask=None, routing=None, dy=None,
+                      compute_dtype=None):
+    """``forward`` after validating ``dy`` too, returning (y, new_state, aux, tape): the Tape of
+    intermediates that ``peer_ref.backward_pass`` differentiates."""
     lead, low = validate(cfg, params, state, x, training, mask, routing, dy, compute_dtype)
     if low is not None:
         # §10.3 mixed mode: x (exact in the low dtype) widens exactly to the parameters' float32.
@@ -182,7 +184,7 @@ def forward(cfg: PEERConfig, params: dict, state: dict, x: np.ndarray, training:
     x in that dtype, y in that dtype, state and aux scores/weights float32.
     Raises PEERInputError for any other combination.
     """
-    y, new_state, aux, _ = _forward(cfg, params, state, x, training, mask, routing, compute_dtype=compute_dtype)
+    y, new_state, aux, _ = forward_with_tape(cfg, params, state, x, training, mask, routing, compute_dtype=compute_dtype)
     return y, new_state, aux
 
 
@@ -193,7 +195,7 @@ def routing_scores(cfg: PEERConfig, params: dict, state: dict, x: np.ndarray, tr
     Expert i = left * n_keys + right scores s_left[left] + s_right[right] (SPEC §3.7).
     Conformance uses it to judge near ties against the reference's float64 scores.
     """
-    _, _, _, tape = _forward(cfg, params, state, x, training, mask, compute_dtype=compute_dtype)
+    _, _, _, tape = forward_with_tape(cfg, params, state, x, training, mask, compute_dtype=compute_dtype)
     s_left, s_right = sub_key_scores(cfg, tape.params, tape.queries)
     full = s_left[..., :, None] + s_right[..., None, :]
     return full.reshape(tape.lead + (cfg.heads, cfg.n_experts))

@@ -7,9 +7,12 @@ is a package with the same files — ``__init__.py`` (the attributes below),
 idiomatic layer) — and the torch, JAX and TensorFlow backends split the layer into modules
 named after the spec's parts: ``query_norm.py`` (§3.3), ``routing.py`` (§3.4-§3.9, §4) and
 ``experts.py`` (§3.10-§3.11, on the framework's own kernels), with ``kernels.py`` beside
-them where fused GPU kernels replace ``experts.py`` (torch: Triton; JAX: Pallas). (The NumPy
-backend's parts are the reference's own modules, ``peer_ref.forward_pass``, ``.routing``,
-``.backward_pass``.) A reader who knows one backend knows where everything is in the others.
+them where fused GPU kernels replace ``experts.py`` (torch: Triton; JAX: Pallas) and
+``parallel.py`` where expert tables sharded by columns do (torch, JAX). ``peer.py`` assembles
+the forward once; the expert stage is its one seam, chosen by the ``implementation`` name. (The
+NumPy backend's parts are the reference's own modules, ``peer_ref.forward_pass``, ``.routing``,
+``.backward_pass``.) The same role has the same name in every backend: ``ROLES`` below. A
+reader who knows one backend knows where everything is in the others.
 A third-party backend only needs the attributes.
 
 Semantics are those of spec/SPEC.md and ``peer_ref``; a backend implements them and
@@ -55,7 +58,8 @@ Optional, for a backend with more than one implementation of the expert stage:
 
 implementations : tuple[str, ...]
     Every implementation name the backend knows, the default first where it can run: numpy
-    ("numpy",), torch ("aten", "triton"), jax ("xla", "pallas"), tensorflow ("tensorflow",).
+    ("numpy",), torch ("aten", "triton", "sharded"), jax ("xla", "pallas", "sharded"), tensorflow
+    ("tensorflow",). "sharded" runs where, and only where, the expert tables are sharded.
     apply and vjp then take ``implementation=`` (above); the conformance suite runs against
     one with ``--peer-implementation NAME``.
 

@@ -25,6 +25,13 @@ Backward, the DTensor redistributions' adjoints give: the coefficient gradient a
 from its column slices, the table gradients local (``Shard(1)``), the replicated parameters'
 gradients replicated.
 
+Where the tables live chooses the expert stage: for DTensor tables ``peer.choose_implementation``
+picks implementation "sharded", whose stage (``expert_stage``) and input, output and cotangent
+hooks (``local_inputs``, ``sharded_output``, ``sharded_cotangent``) are this module's; the
+layer's forward and the functional ``apply``/``vjp`` are the one-device ones, unchanged, and so
+is the mixed mode (SPEC §10.3: each device reads its table columns rounded to the low dtype;
+``torch.autocast`` for the layer, ``compute_dtype=`` for the functional API).
+
 Checkpoints: ``gather_params_and_state`` (a collective) returns whole tensors for
 ``peer_backends.save``; ``load_params_and_state`` shards whole tensors (e.g. from
 ``peer_backends.load``) into a parallelized layer. ``torch.distributed.checkpoint`` saves and
