@@ -36,8 +36,11 @@ def validate(cfg, params, state, x, training, mask=None, routing=None, dy=None,
              compute_dtype=None) -> tuple[tuple[int, ...], str | None]:
     """Check every argument (SPEC §9); returns the leading shape of x and the mixed mode's
     low dtype (None outside the mixed mode, SPEC §10.3)."""
-    # The reference computes in float64 and float32 only, and on NumPy arrays only.
-    checks.check_dtype_name(checks.check_trees(cfg, params, state, meta), ("float64", "float32"))
+    # The reference computes in float64 and float32 only, and on NumPy arrays only: checked after
+    # the parameters and compute_dtype, before x (the order every backend's checks follow).
+    dtype = checks.check_trees(cfg, params, state, meta)
+    checks.check_compute_dtype(dtype, compute_dtype)
+    checks.check_dtype_name(dtype, ("float64", "float32"))
     if not isinstance(x, np.ndarray):
         raise PEERInputError(f"x is {type(x).__name__}, but expected a numpy.ndarray")
     lead, _, low = checks.check_arguments(cfg, params, state, x, training, mask, routing, dy, compute_dtype,
