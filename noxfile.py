@@ -3,7 +3,8 @@ reference, every backend and the harnesses, `kernels` the fused GPU kernels inte
 `ref`, `torch`, `jax`, `tensorflow` one backend each;
 `bench` runs the benchmark harness (pass flags after `--`, e.g. `nox -s bench -- --preset paper`);
 `train` runs the trainer (`nox -s train -- all --quick`); `docs` builds the documentation site
-(`mkdocs build --strict`, into site/).
+(`mkdocs build --strict`, into site/);
+`lint` runs ruff (check and format check).
 
 Each session installs the project and only what it needs into its own virtual environment, with
 the exact releases CI tests from constraints/ci.txt (pyproject.toml's extras are ranges; the pin
@@ -124,6 +125,14 @@ def jax_session(session):
 @nox.session(python=PYTHON, name="tensorflow")
 def tensorflow_session(session):
     _one_backend(session, "tensorflow")
+
+
+@nox.session(python=PYTHON)
+def lint(session):
+    """ruff: the linter and the formatter's check (configured in pyproject.toml [tool.ruff])."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
 
 
 @nox.session(python=PYTHON)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import PEERConfig
-from .forward_pass import _forward, low_numpy_dtype
+from .forward_pass import forward_with_tape, low_numpy_dtype
 from .functions import activation, activation_grad, score_weights_vjp
 
 
@@ -24,7 +24,7 @@ def vjp(cfg: PEERConfig, params: dict, state: dict, x: np.ndarray, dy: np.ndarra
     In the mixed mode (``compute_dtype``, SPEC §10.3) dy has x's low dtype, every rounding of the
     forward counts as the identity, grads are float32 and dx is rounded once to the low dtype.
     """
-    _, _, _, tape = _forward(cfg, params, state, x, training, mask, routing, dy=dy, compute_dtype=compute_dtype)
+    _, _, _, tape = forward_with_tape(cfg, params, state, x, training, mask, routing, dy=dy, compute_dtype=compute_dtype)
     read = tape.params  # the values the forward used: rounded ones in the mixed mode
     if tape.low is not None:
         dy = dy.astype(tape.x.dtype)

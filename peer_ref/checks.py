@@ -7,7 +7,8 @@ same errors. Nothing is silently cast, broadcast or truncated.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -15,6 +16,14 @@ from .config import DTYPES, LOW_DTYPES, PEERConfig
 from .errors import PEERInputError
 
 Meta = tuple[tuple[int, ...], str]  # (shape, dtype name)
+
+
+class Arguments(NamedTuple):
+    """What :func:`check_arguments` learns from a valid call."""
+
+    lead: tuple[int, ...]  # x.shape[:-1], the token shape
+    dtype: str  # the parameters' dtype name
+    low: str | None  # the mixed mode's low dtype name (SPEC §10.3), or None
 
 
 def state_dtype(param_dtype: str) -> str:
@@ -149,14 +158,61 @@ def check_call(
 
 def check_routing_values(cfg: PEERConfig, low: int, high: int) -> None:
     """Routing indices must lie in [0, n_experts); call with the min and max of a non-empty routing."""
-    if low < 0 or high >= cfg.n_experts:
+    check_expert_indices(cfg.n_experts, low, high)
+
+
+def check_expert_indices(n_experts: int, low: int, high: int) -> None:
+    """``check_routing_values`` given the expert count alone (where a compiled graph checks the
+    values, with the config's ints as its constants)."""
+    if low < 0 or high >= n_experts:
         bad = low if low < 0 else high
-        raise PEERInputError(
-            f"routing contains {bad}, but expected expert indices in [0, n_experts={cfg.n_experts})"
-        )
+        raise PEERInputError(f"routing contains {bad}, but expected expert indices in [0, n_experts={n_experts})")
 
 
 def check_dtype_name(dtype: str, allowed: Sequence[str] = DTYPES) -> str:
     if dtype not in allowed:
         raise PEERInputError(f"dtype={dtype!r}, but expected one of {tuple(allowed)}")
     return dtype
+
+
+def check_trees(cfg: PEERConfig, params: object, state: object, meta: Callable[[Any], Meta]) -> str:
+    """``params`` and ``state`` as dicts of arrays with the config's names, shapes and one dtype
+    (SPEC §9); ``meta`` reads (shape, dtype name) of one of the backend's arrays. Returns the
+    parameters' dtype name. Raises PEERInputError."""
+    for arg, value in (("params", params), ("state", state)):
+        if not isinstance(value, dict):
+            raise PEERInputError(f"{arg} is {type(value).__name__}, but expected a dict of arrays")
+    return check_params_state(cfg, {k: meta(v) for k, v in params.items()}, {k: meta(v) for k, v in state.items()})
+
+
+def check_arguments(
+    cfg: PEERConfig,
+    params: object,
+    state: object,
+    x: Any,
+    training: object,
+    mask: Any = None,
+    routing: Any = None,
+    dy: Any = None,
+    compute_dtype: object = None,
+    *,
+    meta: Callable[[Any], Meta],
+    routing_range: Callable[[Any], tuple[int, int] | None],
+) -> Arguments:
+    """Every check of an apply or vjp call (SPEC §9), in the one order every backend follows.
+
+    ``meta`` reads (shape, dtype name) of one of the backend's arrays; ``routing_range`` reads
+    (min, max) of a non-empty routing array, or returns None where its values cannot be read
+    yet (a traced or compiled call, which checks them where they are known). ``compute_dtype`` is a
+    dtype name or None (a backend converts its own dtype objects to names first).
+    Raises PEERInputError naming the argument, the value and what was expected.
+    """
+    dtype = check_trees(cfg, params, state, meta)
+    low = check_compute_dtype(dtype, compute_dtype)
+    optional = [None if value is None else meta(value) for value in (mask, routing, dy)]
+    lead = check_call(cfg, dtype, meta(x), training, *optional, compute_dtype=low)
+    if routing is not None and 0 not in tuple(optional[1][0]):
+        bounds = routing_range(routing)
+        if bounds is not None:
+            check_routing_values(cfg, *bounds)
+    return Arguments(lead, dtype, low)

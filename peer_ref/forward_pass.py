@@ -36,20 +36,21 @@ def validate(cfg, params, state, x, training, mask=None, routing=None, dy=None,
              compute_dtype=None) -> tuple[tuple[int, ...], str | None]:
     """Check every argument (SPEC §9); returns the leading shape of x and the mixed mode's
     low dtype (None outside the mixed mode, SPEC §10.3)."""
-    meta = lambda tree: {k: (np.shape(v), _dtype_name(v)) for k, v in tree.items()}  # noqa: E731
-    for arg, value in (("params", params), ("state", state)):
-        if not isinstance(value, dict):
-            raise PEERInputError(f"{arg} is {type(value).__name__}, but expected a dict of arrays")
-    dtype = checks.check_params_state(cfg, meta(params), meta(state))
-    low = checks.check_compute_dtype(dtype, compute_dtype)
+    # The reference computes in float64 and float32 only, and on NumPy arrays only: checked after
+    # the parameters and compute_dtype, before x (the order every backend's checks follow).
+    dtype = checks.check_trees(cfg, params, state, meta)
+    checks.check_compute_dtype(dtype, compute_dtype)
     checks.check_dtype_name(dtype, ("float64", "float32"))
-    arr = lambda v: None if v is None else (np.shape(v), _dtype_name(v))  # noqa: E731
     if not isinstance(x, np.ndarray):
         raise PEERInputError(f"x is {type(x).__name__}, but expected a numpy.ndarray")
-    lead = checks.check_call(cfg, dtype, arr(x), training, arr(mask), arr(routing), arr(dy), compute_dtype=low)
-    if routing is not None and np.size(routing):
-        checks.check_routing_values(cfg, int(np.min(routing)), int(np.max(routing)))
+    lead, _, low = checks.check_arguments(cfg, params, state, x, training, mask, routing, dy, compute_dtype,
+                                          meta=meta, routing_range=lambda r: (int(np.min(r)), int(np.max(r))))
     return lead, low
+
+
+def meta(value) -> checks.Meta:
+    """(shape, dtype name) of an array, as peer_ref.checks reads it."""
+    return np.shape(value), _dtype_name(value)
 
 
 def low_numpy_dtype(name: str) -> np.dtype:
@@ -121,8 +122,10 @@ def zero_masked(rows: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return np.where(valid[:, None], rows, rows.dtype.type(0))
 
 
-def _forward(cfg: PEERConfig, params, state, x, training=False, mask=None, routing=None, dy=None,
-             compute_dtype=None):
+def forward_with_tape(cfg: PEERConfig, params, state, x, training=False, mask=None, routing=None, dy=None,
+                      compute_dtype=None):
+    """``forward`` after validating ``dy`` too, returning (y, new_state, aux, tape): the Tape of
+    intermediates that ``peer_ref.backward_pass`` differentiates."""
     lead, low = validate(cfg, params, state, x, training, mask, routing, dy, compute_dtype)
     if low is not None:
         # §10.3 mixed mode: x (exact in the low dtype) widens exactly to the parameters' float32.
@@ -184,7 +187,7 @@ def forward(cfg: PEERConfig, params: dict, state: dict, x: np.ndarray, training:
     x in that dtype, y in that dtype, state and aux scores/weights float32.
     Raises PEERInputError for any other combination.
     """
-    y, new_state, aux, _ = _forward(cfg, params, state, x, training, mask, routing, compute_dtype=compute_dtype)
+    y, new_state, aux, _ = forward_with_tape(cfg, params, state, x, training, mask, routing, compute_dtype=compute_dtype)
     return y, new_state, aux
 
 
@@ -195,7 +198,7 @@ def routing_scores(cfg: PEERConfig, params: dict, state: dict, x: np.ndarray, tr
     Expert i = left * n_keys + right scores s_left[left] + s_right[right] (SPEC §3.7).
     Conformance uses it to judge near ties against the reference's float64 scores.
     """
-    _, _, _, tape = _forward(cfg, params, state, x, training, mask, compute_dtype=compute_dtype)
+    _, _, _, tape = forward_with_tape(cfg, params, state, x, training, mask, compute_dtype=compute_dtype)
     s_left, s_right = sub_key_scores(cfg, tape.params, tape.queries)
     full = s_left[..., :, None] + s_right[..., None, :]
     return full.reshape(tape.lead + (cfg.heads, cfg.n_experts))

@@ -13,3 +13,25 @@ def x64():
     yield
     jax.config.update("jax_enable_x64", before)
 
+
+@pytest.fixture
+def unresolved_roles():
+    """unresolved_roles(backend): the names of peer_backends.contract.ROLES that ``backend``
+    ("numpy", "torch", "jax", "tensorflow") lacks; imports that backend's modules only."""
+    return _unresolved_roles
+
+
+def _unresolved_roles(backend: str) -> list[str]:
+    import importlib
+
+    from peer_backends.contract import ROLES
+
+    missing = []
+    for role in ROLES:
+        path = role.numpy if backend == "numpy" else f"peer_backends.{backend}.{role.name}"
+        if path is None:
+            continue
+        module, _, attribute = path.rpartition(".")
+        if not hasattr(importlib.import_module(module), attribute):
+            missing.append(f"{path} ({role.role})")
+    return missing

@@ -184,3 +184,8 @@ def test_round_trip_keeps_bfloat16_bits(tmp_path):
     for name, value in params.items():
         assert loaded[name].dtype == value.dtype and loaded[name].tobytes() == value.tobytes()
     assert loaded_state["query_norm.var"].dtype == np.float32
+
+
+def test_every_role_has_its_name(unresolved_roles):
+    """peer_backends.contract.ROLES is true of this backend: one name per role in every backend."""
+    assert unresolved_roles('numpy') == []

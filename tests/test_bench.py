@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from peer_bench import formulas, report
-from peer_bench.presets import PRESETS, Case, sweep_cases
+from peer_bench.presets import PRESETS, BenchCase, sweep_cases
 
 
 def test_peer_flops_per_term():
@@ -28,14 +28,14 @@ def test_glu_experts_add_a_gate_term_equal_to_the_down_term():
     # One more (tokens*h*k, d_model) gather of gate rows.
     assert formulas.expert_stage_bytes(3, 2, 4, 5, 7, 4, expert_glu=True) - formulas.expert_stage_bytes(3, 2, 4, 5, 7, 4) \
         == 3 * 2 * 4 * 5 * 4
-    glu_case = Case(d_model=8, n_experts=64, heads=1, topk=2, d_key=4, tokens=32, expert_glu=True)
+    glu_case = BenchCase(d_model=8, n_experts=64, heads=1, topk=2, d_key=4, tokens=32, expert_glu=True)
     assert formulas.case_counts(glu_case)["peer_flops_per_token"]["gate"] == 2 * 1 * 2 * 8
 
 
 def test_case_from_results_written_before_expert_glu():
-    case = Case(d_model=8, n_experts=64, heads=1, topk=2, d_key=4, tokens=32)
+    case = BenchCase(d_model=8, n_experts=64, heads=1, topk=2, d_key=4, tokens=32)
     old = {k: v for k, v in case.to_dict().items() if k != "expert_glu"}
-    assert Case.from_dict(old) == case and case.config()["expert_glu"] is False
+    assert BenchCase.from_dict(old) == case and case.config()["expert_glu"] is False
 
 
 def test_peer_flops_grow_with_sqrt_n_and_d_out():
@@ -68,7 +68,7 @@ def test_expert_stage_bytes_and_mode_factor():
 
 
 def test_sweep_cases_measure_the_base_case_once():
-    base = Case(d_model=8, n_experts=64, heads=1, topk=2, d_key=4, tokens=32)
+    base = BenchCase(d_model=8, n_experts=64, heads=1, topk=2, d_key=4, tokens=32)
     pairs = sweep_cases(base, {"experts": (16, 64, 256), "tokens": (8,)})
     cases = [c for c, _ in pairs]
     assert len(cases) == len(set(cases)) == 4
@@ -81,7 +81,7 @@ def _row(impl, backend, path, mode, median, case):
 
 
 def test_ratios_pair_like_with_like():
-    case = Case(d_model=8, n_experts=64, heads=1, topk=2, d_key=4, tokens=32).to_dict()
+    case = BenchCase(d_model=8, n_experts=64, heads=1, topk=2, d_key=4, tokens=32).to_dict()
     rows = [_row("peer", "jax", "compiled", "forward", 2.0, case),
             _row("dense", "jax", "compiled", "forward", 0.5, case),
             _row("dense", "jax", "eager", "forward", 0.25, case),
@@ -101,7 +101,7 @@ def test_ratios_pair_like_with_like():
 
 
 def test_glu_rows_are_labelled_and_timed_against_the_plain_row():
-    plain_case = Case(d_model=8, n_experts=64, heads=1, topk=2, d_key=4, tokens=32)
+    plain_case = BenchCase(d_model=8, n_experts=64, heads=1, topk=2, d_key=4, tokens=32)
     glu_case = dataclasses.replace(plain_case, expert_glu=True).to_dict()
     rows = [_row("peer", "torch", "eager", "forward", 2.0, plain_case.to_dict()),
             _row("peer", "torch", "eager", "forward", 3.0, glu_case),
@@ -115,7 +115,7 @@ def test_glu_rows_are_labelled_and_timed_against_the_plain_row():
 
 
 def test_mixed_rows_are_labelled_and_timed_against_float32_and_peer_pytorch_bfloat16():
-    plain_case = Case(d_model=8, n_experts=64, heads=1, topk=2, d_key=4, tokens=32)
+    plain_case = BenchCase(d_model=8, n_experts=64, heads=1, topk=2, d_key=4, tokens=32)
     mixed_case = dataclasses.replace(plain_case, compute_dtype="bfloat16").to_dict()
     baseline_case = dataclasses.replace(plain_case, dtype="bfloat16").to_dict()
     rows = [_row("peer", "torch", "eager", "forward", 2.0, plain_case.to_dict()),
@@ -130,7 +130,7 @@ def test_mixed_rows_are_labelled_and_timed_against_float32_and_peer_pytorch_bflo
     assert plain["ratio_vs_peer_pytorch"] == 2.0 / 6.0
     # the mixed mode's expert rows are counted at bfloat16's 2 bytes
     assert mixed["expert_stage_bytes"] == formulas.expert_stage_bytes(32, 1, 2, 8, None, 2)
-    assert Case.from_dict(mixed_case).activation_dtype == "bfloat16" and plain_case.activation_dtype == "float32"
+    assert BenchCase.from_dict(mixed_case).activation_dtype == "bfloat16" and plain_case.activation_dtype == "float32"
 
 
 def _bench(*args, timeout=120):
@@ -222,7 +222,7 @@ def test_smoke_rows_are_complete(smoke):
             assert ("expert_bandwidth_fraction" in row) == (mode == "forward")
             glu_row = glu[0]
             assert glu_row["status"] == "ok" and glu_row["ratio_vs_plain"] > 0, glu_row
-            glu_case = Case.from_dict(glu_row["case"])
+            glu_case = BenchCase.from_dict(glu_row["case"])
             assert glu_row["flops"] == formulas.case_counts(glu_case)["peer_flops_forward"] * formulas.mode_factor(mode)
             assert "ratio_vs_dense" not in glu_row and "PEER-GLU" in report.label(glu_row)
             mixed_row = mixed[0]
@@ -252,21 +252,21 @@ def test_sharded_model_counts_by_hand():
 
     # d_model=4, N=9, heads=2, topk=2, d_key=6, float32 over P=2: tables 9*(4+4)*4/2 bytes;
     # replicated query.kernel 4*2*6, sub-keys 3*6, bias 9, batch norm 2*2*6 elements.
-    counts = sharded.model(Case(d_model=4, n_experts=9, heads=2, topk=2, d_key=6, tokens=1), 2)
+    counts = sharded.model(BenchCase(d_model=4, n_experts=9, heads=2, topk=2, d_key=6, tokens=1), 2)
     assert counts["table_bytes"] == 144 and counts["replicated_bytes"] == (48 + 18 + 9 + 24) * 4
     assert counts["payload_bytes_per_token"] == {"forward": (4 + 4) * 4, "backward": (4 + 4) * 4}
     assert counts["wire_bytes_per_token"] == {"forward": (4 * 1 + 4 * 0.5) * 4, "backward": (4 * 1 + 4 * 0.5) * 4}
-    bf16 = sharded.model(Case(d_model=4, n_experts=9, heads=2, topk=2, d_key=6, tokens=1, dtype="bfloat16"), 2)
+    bf16 = sharded.model(BenchCase(d_model=4, n_experts=9, heads=2, topk=2, d_key=6, tokens=1, dtype="bfloat16"), 2)
     assert bf16["payload_bytes_per_token"] == {"forward": 4 * 4 + 4 * 2, "backward": (4 + 4) * 4}
     # GLU experts: experts.gate is a third table of 9*4, its 4 partial dots ride the forward
     # all-reduce with down's (2*h*k); backward is unchanged (one h*k coefficient gradient).
-    glu = sharded.model(Case(d_model=4, n_experts=9, heads=2, topk=2, d_key=6, tokens=1, expert_glu=True), 2)
+    glu = sharded.model(BenchCase(d_model=4, n_experts=9, heads=2, topk=2, d_key=6, tokens=1, expert_glu=True), 2)
     assert glu["table_bytes"] == 9 * (4 + 4 + 4) * 4 / 2 and glu["replicated_bytes"] == counts["replicated_bytes"]
     assert glu["payload_bytes_per_token"] == {"forward": (8 + 4) * 4, "backward": (4 + 4) * 4}
     assert glu["wire_bytes_per_token"] == {"forward": (8 * 1 + 4 * 0.5) * 4, "backward": (4 * 1 + 4 * 0.5) * 4}
-    lines = sharded.table({"case": Case(4, 9, 2, 2, 6, 1).to_dict(), "device": "cpu", "devices": 2,
+    lines = sharded.table({"case": BenchCase(4, 9, 2, 2, 6, 1).to_dict(), "device": "cpu", "devices": 2,
                            "model": counts, "measured": {},
-                           "glu": {"case": Case(4, 9, 2, 2, 6, 1, expert_glu=True).to_dict(), "model": glu,
+                           "glu": {"case": BenchCase(4, 9, 2, 2, 6, 1, expert_glu=True).to_dict(), "model": glu,
                                    "measured": {}}})
     assert [line[:9].strip() for line in lines[2:]] == ["model", "model GLU"]
     assert [float(line.split()[-6]) for line in lines[2:]] == [round(144 / 2**20, 3), round(216 / 2**20, 3)]
@@ -296,6 +296,6 @@ def test_gpu_preset_is_training_sized():
     """The gpu preset: d_model=1024, N=1024², heads=8, topk=16, d_key=128, 32768 tokens per call,
     with a token sweep from 2048 to 65536 in the default run."""
     preset = PRESETS["gpu"]
-    assert preset.case == Case(d_model=1024, n_experts=1024**2, heads=8, topk=16, d_key=128, tokens=32768)
+    assert preset.case == BenchCase(d_model=1024, n_experts=1024**2, heads=8, topk=16, d_key=128, tokens=32768)
     assert preset.sweep_reduced["tokens"][0] == 2048 and preset.sweep_reduced["tokens"][-1] == 65536
     assert preset.case.tokens in preset.sweep_reduced["tokens"]

@@ -9,11 +9,11 @@ jax = pytest.importorskip("jax")
 nnx = pytest.importorskip("flax.nnx")
 optax = pytest.importorskip("optax")
 
-import jax.numpy as jnp  # noqa: E402
+import jax.numpy as jnp
 
-import peer_ref  # noqa: E402
-from peer_backends import jax as be  # noqa: E402
-from peer_ref.errors import PEERConfigError, PEERInputError  # noqa: E402
+import peer_ref
+from peer_backends import jax as be
+from peer_ref.errors import PEERConfigError, PEERInputError
 
 SMALL = peer_ref.PEERConfig(d_model=12, n_experts=64, heads=3, topk=4, d_key=6, d_out=5)
 # heads * topk = 128 makes the expert chunks 256 tokens, so 300 tokens take the chunked, padded path.
@@ -67,8 +67,8 @@ def test_functional_matches_reference_float64(cfg, x64):
 
 def test_chunked_config_really_spans_several_chunks():
     tokens = int(np.prod(CHUNKED_TOKENS))
-    assert tokens > be.experts._ROWS_PER_CHUNK // (CHUNKED.heads * CHUNKED.topk)  # more than one chunk
-    assert tokens % (be.experts._ROWS_PER_CHUNK // (CHUNKED.heads * CHUNKED.topk))  # and a padded last one
+    assert tokens > be.experts.ROWS_PER_CHUNK // (CHUNKED.heads * CHUNKED.topk)  # more than one chunk
+    assert tokens % (be.experts.ROWS_PER_CHUNK // (CHUNKED.heads * CHUNKED.topk))  # and a padded last one
 
 
 def test_eager_path_equals_jit_path():
@@ -87,12 +87,16 @@ def test_eager_path_equals_jit_path():
 
 def test_bfloat16_computes_in_float32_and_rounds_once():
     params, state, x, mask, _ = case(SMALL, "float32")
-    bf16 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), be.from_numpy(tree))  # noqa: E731
+    def bf16(tree):
+        return jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), be.from_numpy(tree))
+
     params_bf, x_bf = bf16(params), bf16(x)
     y, new_state, aux = be.apply(SMALL, params_bf, be.from_numpy(state), x_bf, True, be.from_numpy(mask))
     assert y.dtype == jnp.bfloat16 and aux["weights"].dtype == jnp.float32
     assert new_state["query_norm.mean"].dtype == jnp.float32
-    widened = lambda tree: jax.tree.map(lambda a: np.asarray(a, np.float32), tree)  # noqa: E731
+    def widened(tree):
+        return jax.tree.map(lambda a: np.asarray(a, np.float32), tree)
+
     y_ref, _, _ = peer_ref.forward(SMALL, widened(params_bf), state, widened(x_bf), True, mask)
     assert_close(y.astype(jnp.float32), y_ref, 2e-2, "bfloat16 y")
 
@@ -237,7 +241,7 @@ def test_jit_specialises_on_the_token_count_and_padding_to_a_bucket_is_exact():
     params, state = be.init(SMALL, seed=1)
     rng = np.random.default_rng(1)
     bucket = 8
-    be.peer._forward_jit.clear_cache()
+    be.peer.forward_jit.clear_cache()
     for tokens in (3, 5, 8):
         x = rng.standard_normal((tokens, SMALL.d_model)).astype(np.float32)
         y, new_state, _ = be.apply(SMALL, params, state, be.from_numpy(x), True)
@@ -249,7 +253,7 @@ def test_jit_specialises_on_the_token_count_and_padding_to_a_bucket_is_exact():
         for name in new_state:
             assert_close(state_pad[name], new_state[name], 1e-6, f"{name}, {tokens} tokens")
     # Three unpadded token counts, three compilations; the padded calls share one.
-    assert be.peer._forward_jit._cache_size() == 3 + 1
+    assert be.peer.forward_jit._cache_size() == 3 + 1
 
 
 def test_largest_expert_count_routes_to_positive_int32_indices():
@@ -415,3 +419,8 @@ def test_the_package_exports_its_layer_as_peer():
     from peer_backends.jax import PEER
 
     assert isinstance(be.layer(SMALL, rngs=nnx.Rngs(0)), PEER) and issubclass(PEER, nnx.Module)
+
+
+def test_every_role_has_its_name(unresolved_roles):
+    """peer_backends.contract.ROLES is true of this backend: one name per role in every backend."""
+    assert unresolved_roles('jax') == []

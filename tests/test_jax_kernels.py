@@ -13,23 +13,25 @@ import pytest
 jax = pytest.importorskip("jax")
 nnx = pytest.importorskip("flax.nnx")
 
-import jax.numpy as jnp  # noqa: E402
+import jax.numpy as jnp
 
-import peer_ref  # noqa: E402
-from peer_backends import jax as be  # noqa: E402
-from peer_backends.jax import kernels, parallel  # noqa: E402
-from peer_backends.jax.layer import PEER  # noqa: E402
-from peer_backends.jax.experts import _experts  # noqa: E402
-from peer_backends.jax.peer import implementation_for  # noqa: E402
-from peer_ref.config import ACTIVATIONS  # noqa: E402
-from peer_ref.errors import PEERConfigError  # noqa: E402
+import peer_ref
+from peer_backends import jax as be
+from peer_backends.jax import kernels, parallel
+from peer_backends.jax.experts import chunked_experts
+from peer_backends.jax.layer import PEER
+from peer_backends.jax.peer import choose_implementation
+from peer_ref.config import ACTIVATIONS
+from peer_ref.errors import PEERConfigError
 
 
 def stage(tokens, heads, topk, n, d_model, d_out, glu, bias, dtype=jnp.float32, seed=0):
     """Random expert-stage inputs; indices drawn from few experts and one pair forced equal,
     so selections repeat within and across tokens (duplicates)."""
     rng = np.random.default_rng(seed)
-    arr = lambda *shape: jnp.asarray(rng.standard_normal(shape), dtype)  # noqa: E731
+    def arr(*shape):
+        return jnp.asarray(rng.standard_normal(shape), dtype)
+
     indices = rng.integers(0, n, (tokens, heads, topk))
     if heads * topk > 1 and tokens:
         indices.reshape(tokens, -1)[:, 1] = indices.reshape(tokens, -1)[:, 0]
@@ -45,9 +47,9 @@ def run(path, activation, low, inputs, dy):
     def f(diff):
         args = {**inputs, **diff}
         if path == "pallas":
-            return kernels.experts(activation, low, args["x"], args["indices"], args["weights"], args["down"],
+            return kernels.pallas_experts(activation, low, args["x"], args["indices"], args["weights"], args["down"],
                                    args["up"], args["bias"], args["gate"])
-        return _experts(activation, 7, low, args["x"], args["indices"], args["weights"], args["down"], args["up"],
+        return chunked_experts(activation, 7, low, args["x"], args["indices"], args["weights"], args["down"], args["up"],
                         args["bias"], args["gate"])
 
     @jax.jit
@@ -62,7 +64,9 @@ def assert_same(pallas, xla, tol):
     y, grads = pallas
     y_ref, grads_ref = xla
     assert y.dtype == y_ref.dtype and y.shape == y_ref.shape
-    scale = lambda a: max(1.0, float(jnp.max(jnp.abs(a), initial=0.0)))  # noqa: E731
+    def scale(a):
+        return max(1.0, float(jnp.max(jnp.abs(a), initial=0.0)))
+
     assert float(jnp.max(jnp.abs(y - y_ref), initial=0.0)) <= tol * scale(y_ref), "y"
     for name, g in grads_ref.items():
         assert grads[name].dtype == g.dtype and grads[name].shape == g.shape, name
@@ -171,21 +175,25 @@ def test_layer_keyword():
 
 
 def test_choice_and_errors():
-    assert be.implementations == ("xla", "pallas")
-    assert implementation_for(None) == ("pallas" if jax.default_backend() == "gpu" else "xla")
-    assert implementation_for("pallas") == "pallas"
+    assert be.implementations == ("xla", "pallas", "sharded")
+    assert choose_implementation(None) == ("pallas" if jax.default_backend() == "gpu" else "xla")
+    assert choose_implementation("pallas") == "pallas"
     params, state, x, mask, dy = layer_case(CFG)
     for bad in ("triton", "PALLAS", 3):
-        with pytest.raises(PEERConfigError, match=r"implementation=.*has \['pallas', 'xla'\]"):
+        with pytest.raises(PEERConfigError, match=r"implementation=.*has \['pallas', 'sharded', 'xla'\]"):
             be.apply(CFG, params, state, x, implementation=bad)
-        with pytest.raises(PEERConfigError, match=r"implementation=.*has \['pallas', 'xla'\]"):
+        with pytest.raises(PEERConfigError, match=r"implementation=.*has \['pallas', 'sharded', 'xla'\]"):
             be.vjp(CFG, params, state, x, dy, implementation=bad)
+    with pytest.raises(PEERConfigError, match=r"implementation='sharded' is not available here: the expert tables "
+                                              r"are not sharded"):
+        be.apply(CFG, params, state, x, implementation="sharded")
     mesh = jax.make_mesh((1,), ("model",))
-    with pytest.raises(PEERConfigError, match=r"implementation='pallas'.*sharded.*only 'xla'"):
+    sharded_run = r"implementation='pallas' is not available here: the expert tables are sharded .* run 'sharded'"
+    with pytest.raises(PEERConfigError, match=sharded_run):
         parallel.apply(CFG, params, state, x, mesh=mesh, implementation="pallas")
-    with pytest.raises(PEERConfigError, match=r"implementation='pallas'.*sharded.*only 'xla'"):
+    with pytest.raises(PEERConfigError, match=sharded_run):
         parallel.vjp(CFG, params, state, x, dy, mesh=mesh, implementation="pallas")
-    with pytest.raises(PEERConfigError, match=r"implementation='pallas'.*sharded.*only 'xla'"):
+    with pytest.raises(PEERConfigError, match=r"implementation='pallas', but sharded expert tables run 'sharded'"):
         parallel.shard_layer(PEER(CFG, implementation="pallas"), mesh)
     with pytest.raises(PEERConfigError, match=r"implementation='triton'"):
         parallel.apply(CFG, params, state, x, mesh=mesh, implementation="triton")

@@ -33,14 +33,14 @@ def test_in_a_process_of_its_own():
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
 
 
-import jax.numpy as jnp  # noqa: E402
-from jax.sharding import AxisType, NamedSharding, PartitionSpec  # noqa: E402
+import jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-import peer_ref  # noqa: E402
-from peer_backends import jax as be  # noqa: E402
-from peer_backends.jax import parallel  # noqa: E402
-from peer_backends.jax.layer import PEER  # noqa: E402
-from peer_ref.errors import PEERInputError  # noqa: E402
+import peer_ref
+from peer_backends import jax as be
+from peer_backends.jax import parallel
+from peer_backends.jax.layer import PEER
+from peer_ref.errors import PEERInputError
 
 if ENOUGH:
     jax.config.update("jax_enable_x64", True)  # this process only: float64 compares to 1e-12
@@ -119,10 +119,11 @@ def test_no_collective_moves_a_table(cfg):
     tokens = x.shape[0] * x.shape[1]
     dots, activations = tokens * cfg.heads * cfg.topk, tokens * max(cfg.d_model, cfg.d_out)
     forward_dots = (2 if cfg.expert_glu else 1) * dots
-    forward = parallel._forward_jit.lower(cfg, True, mesh, "model", sharded_params, sharded_state,
-                                          x, mask, None).compile().as_text()
-    step = parallel._vjp_jit.lower(cfg, True, mesh, "model", sharded_params, sharded_state,
-                                   x, dy, mask, None).compile().as_text()
+    sharded = dict(implementation="sharded", layout=(mesh, "model"))
+    forward = be.peer.forward_jit.lower(cfg, True, sharded_params, sharded_state, x, mask, None,
+                                         **sharded).compile().as_text()
+    step = be.peer.vjp_jit.lower(cfg, True, sharded_params, sharded_state, x, dy, mask, None,
+                                  **sharded).compile().as_text()
     found_forward, found_step = collectives(forward), collectives(step)
     # Forward: one all-reduce, of the stacked partial dots; y stays sharded by features.
     assert found_forward == [("all-reduce", forward_dots)], found_forward
@@ -194,7 +195,9 @@ def test_nnx_layer_trains_under_nnx_jit_like_one_device():
         value, grads = step(sharded, x, mask, dy)
         value_ref, grads_ref = step(reference, x, mask, dy)
         np.testing.assert_allclose(float(value), float(value_ref), **TOL)
-        flat = lambda g: {".".join(map(str, k)): v.get_value() for k, v in nnx.to_flat_state(g)}  # noqa: E731
+        def flat(g):
+            return {".".join(map(str, k)): v.get_value() for k, v in nnx.to_flat_state(g)}
+
         assert_trees_close(flat(grads), flat(grads_ref))
         assert_trees_close(sharded.params_and_state()[1], reference.params_and_state()[1])
     sharded.eval()
@@ -216,3 +219,36 @@ def test_bad_mesh_and_axis_are_refused():
         parallel.shard(odd, *be.init(odd), mesh)
     with pytest.raises(PEERInputError, match="x"):
         parallel.apply(CFG, params, state, x[..., :5], mesh=mesh)
+
+
+@needs_devices
+@pytest.mark.parametrize("low", ["bfloat16", "float16"])
+def test_mixed_precision_runs_sharded_like_one_device(low):
+    """SPEC §10.3 on sharded tables: float32 parameters, x and dy in the low dtype, each device's
+    table columns read rounded to it; the functional API and the NNX layer (dtype=low) alike."""
+    params, state = be.init(GLU, seed=5)
+    _, _, x, mask, dy = case(GLU, seed=5)
+    x, dy = x.astype(low), dy.astype(low)
+    mesh = jax.make_mesh((4,), ("model",))
+    sharded_params, sharded_state = parallel.shard(GLU, params, state, mesh)
+    y, new_state, aux = be.apply(GLU, sharded_params, sharded_state, x, True, mask, compute_dtype=low)
+    y_ref, state_ref, aux_ref = be.apply(GLU, params, state, x, True, mask, compute_dtype=low)
+    assert y.dtype == jnp.dtype(low) and tuple(y.sharding.spec)[-1] == "model"
+    np.testing.assert_array_equal(np.asarray(aux["indices"]), np.asarray(aux_ref["indices"]))
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_ref, np.float32), rtol=1e-2, atol=1e-2)
+    for name in state_ref:
+        np.testing.assert_allclose(np.asarray(new_state[name]), np.asarray(state_ref[name]), rtol=1e-6, atol=1e-6)
+    grads, dx = be.vjp(GLU, sharded_params, sharded_state, x, dy, True, mask, compute_dtype=low)
+    grads_ref, dx_ref = be.vjp(GLU, params, state, x, dy, True, mask, compute_dtype=low)
+    assert dx.dtype == jnp.dtype(low)
+    np.testing.assert_allclose(np.asarray(dx, np.float32), np.asarray(dx_ref, np.float32), rtol=1e-2, atol=1e-2)
+    for name in grads_ref:
+        assert grads[name].dtype == jnp.float32, name
+        np.testing.assert_allclose(np.asarray(grads[name]), np.asarray(grads_ref[name]), rtol=1e-2, atol=1e-2,
+                                   err_msg=name)
+    layer = parallel.shard_layer(PEER(GLU, seed=5, dtype=jnp.dtype(low)), mesh)
+    reference = PEER(GLU, seed=5, dtype=jnp.dtype(low))
+    got = nnx.jit(lambda m, x: m(x, mask=mask))(layer, x)
+    want = nnx.jit(lambda m, x: m(x, mask=mask))(reference, x)
+    assert got.dtype == jnp.dtype(low) and tuple(got.sharding.spec)[-1] == "model"
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-2, atol=1e-2)

@@ -29,7 +29,7 @@ if "tensorflow" in sys.modules:
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("TRITON_INTERPRET=1 replaces Triton's compiler by its interpreter", allow_module_level=True)
 
-from peer_ref import PEERConfig  # noqa: E402
+from peer_ref import PEERConfig
 
 # A block's shared memory on compute capability 9.0 (CUDA C Programming Guide, "Technical
 # Specifications per Compute Capability": 227 KB per thread block).
@@ -63,7 +63,7 @@ def triton_launches():
     torch = pytest.importorskip("torch")
     from peer_backends.torch import kernels
 
-    triton = kernels._load()
+    triton = kernels.triton
     launches = {}
     real = {name: getattr(kernels, name) for name in ("_forward_kernel", "_token_backward_kernel",
                                                       "_table_backward_kernel")}
@@ -163,9 +163,9 @@ def test_pallas_kernels_lower_to_triton_for_cuda(case, monkeypatch):
               jax.random.normal(keys[5], (cfg.n_experts, cfg.d_model)) if glu else None]
 
     def loss(x, weights, tables):
-        return kernels.experts(activation, low, x, indices, weights, *tables).sum()
+        return kernels.pallas_experts(activation, low, x, indices, weights, *tables).sum()
 
-    forward = jax.jit(lambda x, weights, tables: kernels.experts(activation, low, x, indices, weights, *tables))
+    forward = jax.jit(lambda x, weights, tables: kernels.pallas_experts(activation, low, x, indices, weights, *tables))
     backward = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     # Forward: row dots, row sums. Backward: those again (the forward's), then row dots of dy with
     # the up rows, row sums into dx, segment rows into the tables (peer_backends.jax.kernels).

@@ -20,7 +20,7 @@ EPS = 1e-6
 TOL = 1e-6
 
 
-class Case(NamedTuple):
+class BackwardCase(NamedTuple):
     cfg: peer_ref.PEERConfig
     params: dict
     state: dict
@@ -58,10 +58,10 @@ def cases(draw):
     x = rng.standard_normal(lead + (cfg.d_model,))
     dy = rng.standard_normal(lead + (cfg.d_out,))
     mask = rng.random(lead) < 0.7 if draw(st.booleans()) else None
-    return Case(cfg, params, state, x, dy, draw(st.booleans()), mask)
+    return BackwardCase(cfg, params, state, x, dy, draw(st.booleans()), mask)
 
 
-def _loss(case: Case, params, x, routing) -> float:
+def _loss(case: BackwardCase, params, x, routing) -> float:
     y, _, _ = peer_ref.forward(case.cfg, params, case.state, x, case.training, case.mask, routing)
     return float(np.sum(y * case.dy))
 
@@ -79,7 +79,7 @@ def _central_difference(f, value: np.ndarray) -> np.ndarray:
     return grad
 
 
-def _assert_close(name: str, got: np.ndarray, want: np.ndarray, case: Case) -> None:
+def _assert_close(name: str, got: np.ndarray, want: np.ndarray, case: BackwardCase) -> None:
     bound = TOL * max(1.0, float(np.max(np.abs(want), initial=0.0)))
     err = float(np.max(np.abs(got - want), initial=0.0))
     assert err <= bound, (
@@ -89,7 +89,7 @@ def _assert_close(name: str, got: np.ndarray, want: np.ndarray, case: Case) -> N
     )
 
 
-def _check(case: Case) -> None:
+def _check(case: BackwardCase) -> None:
     _, _, aux = peer_ref.forward(case.cfg, case.params, case.state, case.x, case.training, case.mask)
     routing = aux["indices"]
     grads, dx = peer_ref.vjp(case.cfg, case.params, case.state, case.x, case.dy, case.training, case.mask)
@@ -112,14 +112,14 @@ def test_vjp_matches_finite_differences(case):
     _check(case)
 
 
-def _fixed_case(training: bool, mask: bool, **options) -> Case:
+def _fixed_case(training: bool, mask: bool, **options) -> BackwardCase:
     cfg = peer_ref.PEERConfig(d_model=3, n_experts=9, heads=2, topk=2, d_key=4, d_out=2, **options)
     rng = np.random.default_rng(7)
     params, state = peer_ref.init(cfg, seed=7)
     params = {k: v + 0.3 * rng.standard_normal(v.shape) for k, v in params.items()}
     x = rng.standard_normal((5, 3))
     dy = rng.standard_normal((5, 2))
-    return Case(cfg, params, state, x, dy, training, np.array([True, False, True, True, False]) if mask else None)
+    return BackwardCase(cfg, params, state, x, dy, training, np.array([True, False, True, True, False]) if mask else None)
 
 
 # Every option value explicitly at least once, so coverage does not depend on the draw.

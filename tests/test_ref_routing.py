@@ -30,7 +30,8 @@ def routing_case(draw, integer_valued: bool):
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     if integer_valued:
         # Values in {-1, 0, 1}: sums are exact in float64 and ties are everywhere.
-        sample = lambda shape: rng.integers(-1, 2, size=shape).astype(np.float64)  # noqa: E731
+        def sample(shape):
+            return rng.integers(-1, 2, size=shape).astype(np.float64)
     else:
         sample = rng.standard_normal
     params = {

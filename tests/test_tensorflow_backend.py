@@ -12,14 +12,14 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-import peer_backends  # noqa: E402
-import peer_ref  # noqa: E402
-from peer_ref import PEERConfig, PEERInputError  # noqa: E402
+import peer_backends
+import peer_ref
+from peer_ref import PEERConfig, PEERInputError
 
 be = peer_backends.get("tensorflow")
-from peer_backends.tensorflow import experts as tf_experts  # noqa: E402
-from peer_backends.tensorflow import peer as tf_peer  # noqa: E402
-from peer_backends.tensorflow import routing as tf_routing  # noqa: E402
+from peer_backends.tensorflow import experts as tf_experts
+from peer_backends.tensorflow import peer as tf_peer
+from peer_backends.tensorflow import routing as tf_routing
 
 CFG = PEERConfig(d_model=8, n_experts=16, heads=2, topk=3, d_key=4)
 
@@ -70,7 +70,7 @@ def test_compiled_equals_eager_forward_and_vjp():
     compiled = be.apply(CFG, params, state, x, True, jit=True)
     for a, b in zip(_numpy(eager), _numpy(compiled)):
         for key in a if isinstance(a, dict) else [None]:
-            pick = (lambda t: t[key]) if key else (lambda t: t)
+            pick = (lambda t, key=key: t[key]) if key else (lambda t: t)
             np.testing.assert_allclose(pick(a), pick(b), rtol=1e-5, atol=1e-6)
     (g_eager, dx_eager), (g_jit, dx_jit) = (be.vjp(CFG, params, state, x, dy, True, jit=j) for j in (False, None))
     np.testing.assert_allclose(dx_eager.numpy(), dx_jit.numpy(), rtol=1e-4, atol=1e-5)
@@ -172,7 +172,9 @@ def test_bfloat16_stores_bfloat16_and_computes_in_float32():
     grads, dx = be.vjp(CFG, params, state, be.from_numpy(x), be.from_numpy(np.ones((6, 8), ml_dtypes.bfloat16)))
     assert y.dtype == dx.dtype == tf.bfloat16 and aux["scores"].dtype == tf.float32
     assert all(g.dtype == tf.bfloat16 for g in grads.values())
-    as64 = lambda tree: {k: np.asarray(v, np.float64) for k, v in _numpy(tree).items()}  # noqa: E731
+    def as64(tree):
+        return {k: np.asarray(v, np.float64) for k, v in _numpy(tree).items()}
+
     y_ref, _, _ = peer_ref.forward(CFG, as64(params), as64(state), x.astype(np.float64), training=True)
     np.testing.assert_allclose(y.numpy().astype(np.float64), y_ref, rtol=2e-2, atol=2e-2)
 
@@ -238,3 +240,8 @@ def test_the_package_exports_its_layer_as_peer():
     from peer_backends.tensorflow import PEER
 
     assert PEER is be.layer is keras_peer and issubclass(PEER, keras.layers.Layer)
+
+
+def test_every_role_has_its_name(unresolved_roles):
+    """peer_backends.contract.ROLES is true of this backend: one name per role in every backend."""
+    assert unresolved_roles('tensorflow') == []

@@ -8,10 +8,10 @@ import peer_ref
 from peer_ref import PEERConfig, PEERConfigError, PEERInputError
 
 torch = pytest.importorskip("torch")
-import peer_backends  # noqa: E402
-from peer_backends.torch import experts as torch_experts  # noqa: E402
-from peer_backends.torch import peer as torch_peer  # noqa: E402
-from peer_backends.torch import routing as torch_routing  # noqa: E402
+import peer_backends
+from peer_backends.torch import experts as torch_experts
+from peer_backends.torch import peer as torch_peer
+from peer_backends.torch import routing as torch_routing
 
 be = peer_backends.get("torch")
 
@@ -108,14 +108,14 @@ def test_module_gradients_reach_an_optimizer():
     assert not torch.equal(before, module.experts.up)
 
 
-@pytest.mark.parametrize("projection", ["_DownProjection", "_UpProjection"])
+@pytest.mark.parametrize("projection", ["down_projection", "up_projection"])
 def test_expert_projections_pass_gradcheck(projection):
     # Repeated experts, within a token and across tokens, must accumulate.
     indices = torch.tensor([[0, 6, 6, 2], [6, 1, 0, 3], [5, 5, 5, 5]])
     # The down projection's first input is x (T, d); the up projection's the weights (T, heads*topk).
-    first = torch.randn(3, 2 if projection == "_DownProjection" else 4, dtype=torch.float64, requires_grad=True)
+    first = torch.randn(3, 2 if projection == "down_projection" else 4, dtype=torch.float64, requires_grad=True)
     table = torch.randn(7, 2, dtype=torch.float64, requires_grad=True)
-    fn = getattr(torch_experts, projection).apply
+    fn = getattr(torch_experts, projection)
     groups = torch_experts.expert_groups(indices, table.shape[0])
     assert torch.autograd.gradcheck(lambda a, t: fn(a, t, indices, groups), (first, table))
 
@@ -134,7 +134,7 @@ def test_selected_scores_pass_gradcheck(monkeypatch, key_sets):
         per_head = [keys_.expand(heads, n, d_half) for keys_ in (left, right)]
         sub = torch.stack([torch.einsum("thd,hnd->thn", q[..., side * d_half:(side + 1) * d_half], per_head[side])
                            for side in range(2)])
-        return torch_routing._SelectedScores.apply(q, left, right, halves, sub.detach())
+        return torch_routing.selected_scores(q, left, right, halves, sub.detach())
 
     assert torch.autograd.gradcheck(selected, (queries, *keys))
 
@@ -145,9 +145,9 @@ def test_expert_kernels_equal_gather_and_scatter():
     indices = torch.randint(0, 8, (7, 4))  # table row 8 is never selected: its gradient row must be 0
     weights = torch.randn(7, 4, dtype=torch.float64)
     groups = torch_experts.expert_groups(indices, 9)
-    torch.testing.assert_close(torch_experts._DownProjection.apply(rows, table, indices, groups),
+    torch.testing.assert_close(torch_experts.down_projection(rows, table, indices, groups),
                                torch.einsum("tjd,td->tj", table[indices], rows))
-    torch.testing.assert_close(torch_experts._UpProjection.apply(weights, table, indices),
+    torch.testing.assert_close(torch_experts.up_projection(weights, table, indices),
                                torch.einsum("tjd,tj->td", table[indices], weights))
     outer = torch.ops.peer.row_outer(weights, rows, *groups)
     expected_outer = torch.zeros(9, 3, dtype=torch.float64).index_add_(
@@ -218,7 +218,9 @@ def test_bfloat16_follows_the_dtype_policy():
     y, new_state, aux = be.apply(FULL, params, state, x, training=True)
     assert y.dtype == torch.bfloat16 and aux["scores"].dtype == torch.float32
     assert new_state["query_norm.mean"].dtype == torch.float32
-    widen = lambda tree: {k: v.astype(np.float64) for k, v in be.to_numpy(tree).items()}  # noqa: E731
+    def widen(tree):
+        return {k: v.astype(np.float64) for k, v in be.to_numpy(tree).items()}
+
     y_ref, _, _ = peer_ref.forward(FULL, widen(params), widen(state), be.to_numpy(x).astype(np.float64),
                                    True, routing=be.to_numpy(aux["indices"]))
     np.testing.assert_allclose(be.to_numpy(y).astype(np.float64), y_ref, rtol=2e-2, atol=2e-2)
@@ -591,3 +593,8 @@ def test_the_package_exports_its_layer_as_peer():
     from peer_backends.torch import PEER
 
     assert PEER is be.layer and isinstance(PEER(SEEDED, seed=0), torch.nn.Module)
+
+
+def test_every_role_has_its_name(unresolved_roles):
+    """peer_backends.contract.ROLES is true of this backend: one name per role in every backend."""
+    assert unresolved_roles('torch') == []

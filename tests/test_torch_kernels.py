@@ -18,14 +18,14 @@ os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 torch = pytest.importorskip("torch")
 
-import peer_backends  # noqa: E402
-from peer_backends.torch import experts as torch_experts  # noqa: E402
-from peer_backends.torch import kernels  # noqa: E402
-from peer_backends.torch import peer as torch_peer  # noqa: E402
-from peer_backends.torch.core import RoundThrough  # noqa: E402
-from peer_backends.torch.parallel import ExpertColumnParallel  # noqa: E402
-from peer_ref import PEERConfig, PEERConfigError  # noqa: E402
-from peer_ref.config import ACTIVATIONS  # noqa: E402
+import peer_backends
+from peer_backends.torch import experts as torch_experts
+from peer_backends.torch import kernels
+from peer_backends.torch import peer as torch_peer
+from peer_backends.torch.core import round_through
+from peer_backends.torch.parallel import ExpertColumnParallel
+from peer_ref import PEERConfig, PEERConfigError
+from peer_ref.config import ACTIVATIONS
 
 be = peer_backends.get("torch")
 
@@ -112,7 +112,9 @@ def test_triton_equals_aten_in_16_bits(dtype, compute_dtype):
 
 def _stage_inputs(n, t, j, d_in, d_out, dtype, glu, bias, seed=0):
     g = torch.Generator().manual_seed(seed)
-    rand = lambda *shape: torch.randn(shape, generator=g, dtype=dtype).requires_grad_(True)  # noqa: E731
+    def rand(*shape):
+        return torch.randn(shape, generator=g, dtype=dtype).requires_grad_(True)
+
     indices = torch.randint(0, n, (t, j), generator=g)
     return dict(x=rand(t, d_in), indices=indices, weights=rand(t, j), down=rand(n, d_in), up=rand(n, d_out),
                 bias=rand(n) if bias else None, gate=rand(n, d_in) if glu else None)
@@ -120,11 +122,13 @@ def _stage_inputs(n, t, j, d_in, d_out, dtype, glu, bias, seed=0):
 
 def _einsum_stage(x, indices, weights, down, up, bias, gate, activation, low):
     # Rows rounded to low, the gradient passing unchanged (straight-through, SPEC §10.3).
-    read = (lambda t: t) if low is None else (lambda t: RoundThrough.apply(t, low))  # noqa: E731
+    def read(table):
+        return table if low is None else round_through(table, low)
+
     pre = torch.einsum("td,tjd->tj", x, read(down)[indices])
     if bias is not None:
         pre = pre + bias[indices]
-    hidden = torch_experts._activation(activation, pre)
+    hidden = torch_experts.activation(activation, pre)
     if gate is not None:
         hidden = hidden * torch.einsum("td,tjd->tj", x, read(gate)[indices])
     return torch.einsum("tj,tjo->to", weights * hidden, read(up)[indices])
@@ -141,7 +145,7 @@ def test_expert_stage_with_duplicates_equals_its_formula(activation, low, blocks
     if blocks == "gpu":
         monkeypatch.setattr(kernels, "_interpreted", lambda device: False)
     args = _stage_inputs(3, 23, 6, 517, 9, torch.float64 if low is None else torch.float32, True, True)
-    y = kernels.expert_stage(**args, activation=activation, low=low)
+    y = kernels.triton_experts(**args, activation=activation, low=low)
     expected = _einsum_stage(**args, activation=activation, low=low)
     tol = {"rtol": 1e-10, "atol": 1e-10} if low is None else {"rtol": 1e-4, "atol": 1e-3}
     torch.testing.assert_close(y, expected, **tol)
@@ -226,27 +230,28 @@ def test_triton_without_a_device_is_refused(monkeypatch):
     with pytest.raises(PEERConfigError, match=r"implementation='triton' is not available here: .*TRITON_INTERPRET=1"
                                               r".*available here: \['aten'\]"):
         be.apply(cfg, params, state, x, implementation="triton")
-    assert torch_peer.implementation_for(None, "cpu") == "aten"
+    assert torch_peer.choose_implementation(None, "cpu") == "aten"
     module = be.layer(cfg, implementation="triton")
     with pytest.raises(PEERConfigError, match="TRITON_INTERPRET"):
         module(x)
-    monkeypatch.setitem(kernels._installed, "triton", False)
+    find_spec = torch_peer.importlib.util.find_spec
+    monkeypatch.setattr(torch_peer.importlib.util, "find_spec", lambda name: None if name == "triton" else find_spec(name))
     with pytest.raises(PEERConfigError, match="triton is not installed"):
-        torch_peer.implementation_for("triton", "cuda")
-    assert torch_peer.implementation_for(None, "cuda") == "aten"
+        torch_peer.choose_implementation("triton", "cuda")
+    assert torch_peer.choose_implementation(None, "cuda") == "aten"
 
 
 def test_none_prefers_triton_on_cuda_devices():
-    assert torch_peer.implementation_for(None, "cuda") == "triton"
-    assert torch_peer.implementation_for(None, "cpu") == "aten"
-    assert torch_peer.implementation_for("triton", "cpu") == "triton"
+    assert torch_peer.choose_implementation(None, "cuda") == "triton"
+    assert torch_peer.choose_implementation(None, "cpu") == "aten"
+    assert torch_peer.choose_implementation("triton", "cpu") == "triton"
     with pytest.raises(PEERConfigError, match="triton kernels run on CUDA devices, but x is on 'meta'"):
-        torch_peer.implementation_for("triton", "meta")
+        torch_peer.choose_implementation("triton", "meta")
 
 
 def test_layer_keyword(monkeypatch):
     cfg = CONFIGS[1]
-    with pytest.raises(PEERConfigError, match=r"implementation='cuda', but backend 'torch' has \['aten', 'triton'\]"):
+    with pytest.raises(PEERConfigError, match=r"implementation='cuda', but backend 'torch' has \['aten', 'sharded', 'triton'\]"):
         be.layer(cfg, implementation="cuda")
     module = be.layer(cfg, seed=3, implementation="triton")
     assert module.implementation == "triton" and "implementation='triton'" in repr(module)
@@ -264,12 +269,8 @@ def test_layer_keyword(monkeypatch):
 
 def test_sharded_layer_refuses_triton():
     module = be.layer(CONFIGS[0], implementation="triton")
-    with pytest.raises(PEERConfigError, match="sharded expert tables run 'aten' only"):
+    with pytest.raises(PEERConfigError, match="sharded expert tables run 'sharded'"):
         ExpertColumnParallel()._apply(module, None)
-    module.implementation = "triton"
-    module._forward_tensors = lambda *args, **kwargs: None  # as ExpertColumnParallel installs it
-    with pytest.raises(PEERConfigError, match="the sharded forward runs 'aten' only"):
-        module(torch.randn(2, CONFIGS[0].d_model))
 
 
 def test_importing_the_backend_does_not_import_triton():

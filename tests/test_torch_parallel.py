@@ -12,23 +12,23 @@ import socket
 
 import pytest
 
-from peer_ref import PEERConfig, PEERInputError
+from peer_ref import PEERConfig, PEERConfigError, PEERInputError
 
 torch = pytest.importorskip("torch")
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
-from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
-from torch.distributed.tensor import DTensor, Replicate, Shard  # noqa: E402
-from torch.distributed.tensor.debug import CommDebugMode  # noqa: E402
-from torch.distributed.tensor.parallel import parallelize_module  # noqa: E402
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.debug import CommDebugMode
+from torch.distributed.tensor.parallel import parallelize_module
 
-import peer_backends  # noqa: E402
-from peer_backends.torch.layer import PEER  # noqa: E402
-from peer_backends.torch.parallel import (  # noqa: E402
+import peer_backends
+from peer_backends.torch.layer import PEER
+from peer_backends.torch.parallel import (
     ExpertColumnParallel,
     gather_params_and_state,
     load_params_and_state,
@@ -189,6 +189,42 @@ def _shard_output_and_checkpoint(rank, world, path):
     sharded.train()
     reference.train()
 
+    # Mixed precision (SPEC §10.3) runs sharded: under torch.autocast a float32 layer reads x and the
+    # expert rows in the low dtype, like the one-device layer; so does the functional API's compute_dtype.
+    single = PEER(CFG, seed=6).train()
+    single_sharded = parallelize_module(copy.deepcopy(single), mesh, ExpertColumnParallel()).train()
+    functional = peer_backends.get("torch")
+    for low in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", dtype=low):
+            got = _step(single_sharded, x.float(), mask, dy.to(low))
+            expected = _step(single, x.float(), mask, dy.to(low))
+        for a, e in zip(got, expected):
+            for name in (e if isinstance(e, dict) else [None]):
+                actual, wanted = (a[name], e[name]) if name else (a, e)
+                assert actual.dtype == wanted.dtype, name
+                torch.testing.assert_close(actual.float(), wanted.float(), rtol=1e-2, atol=1e-2, msg=name)
+        assert got[0].dtype == low
+        sharded_params, sharded_state = single_sharded.params_and_state()
+        whole_params, whole_state = single.params_and_state()
+        y_sharded, _, aux = functional.apply(CFG, sharded_params, sharded_state, x.to(low), mask=mask,
+                                             compute_dtype=low)
+        y_whole, _, aux_whole = functional.apply(CFG, whole_params, whole_state, x.to(low), mask=mask,
+                                                 compute_dtype=low)
+        assert isinstance(y_sharded, DTensor) and y_sharded.placements == (Shard(2),)
+        with pytest.raises(PEERConfigError, match="the expert tables are sharded DTensors, which run 'sharded'"):
+            functional.apply(CFG, sharded_params, sharded_state, x.to(low), compute_dtype=low, implementation="aten")
+        torch.testing.assert_close(aux["indices"], aux_whole["indices"], rtol=0, atol=0)
+        torch.testing.assert_close(y_sharded.full_tensor().float(), y_whole.float(), rtol=1e-2, atol=1e-2)
+        grads, dx = functional.vjp(CFG, sharded_params, sharded_state, x.to(low), dy.to(low), mask=mask,
+                                   compute_dtype=low)
+        grads_whole, dx_whole = functional.vjp(CFG, whole_params, whole_state, x.to(low), dy.to(low), mask=mask,
+                                               compute_dtype=low)
+        torch.testing.assert_close(dx.float(), dx_whole.float(), rtol=1e-2, atol=1e-2)
+        for name, value in grads.items():
+            full = value.full_tensor() if isinstance(value, DTensor) else value
+            assert full.dtype == torch.float32, name
+            torch.testing.assert_close(full, grads_whole[name], rtol=1e-2, atol=1e-2, msg=name)
+
     # Checkpoint: gather on every rank, write on rank 0, load the whole file into a sharded layer.
     with pytest.raises(PEERInputError, match="gather_params_and_state"):
         peer_backends.save(path + ".refused", CFG, *sharded.params_and_state())
@@ -284,12 +320,16 @@ def test_four_devices_uneven_columns_and_fully_shard_on_a_2x2_mesh():
 
 
 def test_unsharded_params_are_refused():
-    from peer_backends.torch.parallel import sharded_forward_tensors
+    from peer_backends.torch.parallel import local_inputs
 
     module = PEER(CFG)
     params, state = module.params_and_state()
     with pytest.raises(PEERInputError, match=r"params\['query.kernel'\] is a Parameter, but expected a DTensor"):
-        sharded_forward_tensors(None, CFG, False, params, state, torch.zeros(2, CFG.d_model), None, None)
+        local_inputs(CFG, params, torch.zeros(2, CFG.d_model), None, None)
+    # The "sharded" expert stage is chosen by where the tables live: plain tensors cannot run it.
+    with pytest.raises(PEERConfigError, match=r"implementation='sharded' is not available here: the expert "
+                                              r"tables are not DTensors"):
+        peer_backends.get("torch").apply(CFG, params, state, torch.zeros(2, CFG.d_model), implementation="sharded")
 
 
 def test_output_layout_is_checked():

@@ -98,9 +98,8 @@ def load(path, backend: str | None = None):
     extra = sorted(set(arrays) - param_names - state_names)
     if extra:
         raise PEERCheckpointError(f"checkpoint has tensors {extra} that config {cfg} does not define")
-    meta = lambda tree: {k: (v.shape, _dtype_name(v)) for k, v in tree.items()}  # noqa: E731
     try:
-        checks.check_params_state(cfg, meta(params), meta(state))
+        checks.check_trees(cfg, params, state, lambda array: (array.shape, _dtype_name(array)))
     except PEERInputError as err:
         raise PEERCheckpointError(f"checkpoint does not fit its config: {err}") from None
     be = get(backend)

@@ -7,9 +7,12 @@ is a package with the same files — ``__init__.py`` (the attributes below),
 idiomatic layer) — and the torch, JAX and TensorFlow backends split the layer into modules
 named after the spec's parts: ``query_norm.py`` (§3.3), ``routing.py`` (§3.4-§3.9, §4) and
 ``experts.py`` (§3.10-§3.11, on the framework's own kernels), with ``kernels.py`` beside
-them where fused GPU kernels replace ``experts.py`` (torch: Triton; JAX: Pallas). (The NumPy
-backend's parts are the reference's own modules, ``peer_ref.forward_pass``, ``.routing``,
-``.backward_pass``.) A reader who knows one backend knows where everything is in the others.
+them where fused GPU kernels replace ``experts.py`` (torch: Triton; JAX: Pallas) and
+``parallel.py`` where expert tables sharded by columns do (torch, JAX). ``peer.py`` assembles
+the forward once; the expert stage is its one seam, chosen by the ``implementation`` name. (The
+NumPy backend's parts are the reference's own modules, ``peer_ref.forward_pass``, ``.routing``,
+``.backward_pass``.) The same role has the same name in every backend: ``ROLES`` below. A
+reader who knows one backend knows where everything is in the others.
 A third-party backend only needs the attributes.
 
 Semantics are those of spec/SPEC.md and ``peer_ref``; a backend implements them and
@@ -60,7 +63,8 @@ Optional, for a backend with more than one implementation of the expert stage:
 
 implementations : tuple[str, ...]
     Every implementation name the backend knows, the default first where it can run: numpy
-    ("numpy",), torch ("aten", "triton"), jax ("xla", "pallas"), tensorflow ("tensorflow",).
+    ("numpy",), torch ("aten", "triton", "sharded"), jax ("xla", "pallas", "sharded"), tensorflow
+    ("tensorflow",). "sharded" runs where, and only where, the expert tables are sharded.
     apply and vjp then take ``implementation=`` (above); the conformance suite runs against
     one with ``--peer-implementation NAME``.
 
@@ -78,5 +82,47 @@ clear_caches()
     does not accumulate thousands of compiled executables.
 """
 
-CAPABILITIES = frozenset({"float64", "float32", "bfloat16", "float16", "mixed", "grad", "jit", "gpu"})
+from __future__ import annotations
+
+from typing import NamedTuple
+
 ATTRIBUTES = ("name", "version", "capabilities", "init", "apply", "vjp", "from_numpy", "to_numpy", "layer")
+
+
+# ---------------------------------------------------------------------------- roles
+#
+# Inside the built-in backends one role has one name (as across Keras 3's ``backend/*``): the
+# table below gives, for each role, the attribute every one of the torch, JAX and TensorFlow
+# backends defines (relative to the backend's package), and what the NumPy backend uses instead
+# (an absolute path into the reference, or None where the role does not arise). Roles shared by
+# every backend live once outside them: argument checks in ``peer_ref.checks``
+# (``check_arguments``), the implementation choice in ``peer_backends._implementation``, the
+# sharded tables' layout in ``peer_backends.sharding``. tests/test_api.py checks the table.
+
+
+class Role(NamedTuple):
+    role: str
+    name: str  # "module.attribute" inside peer_backends.{torch,jax,tensorflow}
+    numpy: str | None  # the NumPy backend's: "peer_backends.numpy..." or "peer_ref...", or None
+
+
+ROLES = (
+    Role("expert-stage implementation names, the default first", "peer.IMPLEMENTATIONS", "peer_backends.numpy.peer.IMPLEMENTATIONS"),
+    Role("choose the implementation (peer_backends._implementation.choose)", "peer.choose_implementation",
+         "peer_backends.numpy.peer.choose_implementation"),
+    Role("validate the arguments of apply/vjp (peer_ref.checks.check_arguments)", "peer.validate",
+         "peer_ref.forward_pass.validate"),
+    Role("a compute_dtype given as a framework dtype, as a name", "peer.compute_dtype_name", None),
+    Role("the forward, routing and expert stage assembled once for every implementation", "peer.forward",
+         "peer_ref.forward_pass.forward"),
+    Role("drop compiled functions (the contract's clear_caches)", "peer.clear_caches", None),
+    Role("the query batch norm (SPEC §3.3)", "query_norm.query_norm", "peer_ref.forward_pass.query_norm"),
+    Role("the routing (SPEC §3.4-§3.9, §4)", "routing.route", None),
+    Role("the expert stage of the default implementation (SPEC §3.10-§3.11)", "experts.expert_stage", None),
+    Role("the activations of the expert stage", "experts.activation", "peer_ref.functions.activation"),
+    Role("the framework dtype of a dtype name", "core.native_dtype", None),
+    Role("an array's dtype name", "core.dtype_name", "peer_backends.numpy.core.dtype_name"),
+    Role("an array's (shape, dtype name) for peer_ref.checks", "core.meta", "peer_ref.forward_pass.meta"),
+    Role("round to the mixed mode's low dtype, straight-through gradient (SPEC §10.3)", "core.round_through",
+         None),
+)

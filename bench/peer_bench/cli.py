@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from .presets import PRESETS, Case, sweep_values
+from .presets import PRESETS, BenchCase, sweep_values
 
 OUR_BACKENDS = ("numpy", "torch", "jax", "tensorflow")
 ALL_BACKENDS = OUR_BACKENDS + ("peer_pytorch",)
@@ -109,7 +109,7 @@ def settings_from_args(args, p):
                     mixed=args.mixed)
 
 
-def _valid_sweep(axes, case: Case):
+def _valid_sweep(axes, case: BenchCase):
     # N values whose n_keys is below topk cannot hold the layer; drop them rather than fail.
     if "experts" in axes:
         axes["experts"] = tuple(n for n in axes["experts"] if math.isqrt(n) >= case.topk)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 
-from .presets import DTYPE_BYTES, Case
+from .presets import DTYPE_BYTES, BenchCase
 
 FLOP_TERMS = ("query", "sub_keys", "candidates", "down", "gate", "up")
 
@@ -76,7 +76,7 @@ def expert_stage_bytes(tokens: int, heads: int, topk: int, d_model: int, d_out: 
     return (tokens * heads * topk * row + tokens * (d_model + d_out)) * itemsize
 
 
-def case_counts(case: Case) -> dict[str, int]:
+def case_counts(case: BenchCase) -> dict[str, int]:
     """Every derived count of a case, for the JSON report."""
     per_token = peer_flops_per_token(case.d_model, case.n_experts, case.heads, case.topk, case.d_key,
                                      expert_glu=case.expert_glu)

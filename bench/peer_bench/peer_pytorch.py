@@ -10,13 +10,13 @@ batch norm, no expert bias, and (b, n, h, k, d) gathers of both expert tables.
 
 from __future__ import annotations
 
-from .presets import Case
+from .presets import BenchCase
 
 DIFFERENCES = ("per-head keys (ours: shared)", "no query batch norm (ours: batch norm)",
                "no expert bias (ours: bias)", "gathers (b,n,h,k,d) tables (ours: backend-specific)")
 
 
-def mapping(case: Case) -> dict:
+def mapping(case: BenchCase) -> dict:
     """Constructor arguments of PEER-pytorch for `case`."""
     return {
         "dim": case.d_model,
@@ -29,7 +29,7 @@ def mapping(case: Case) -> dict:
     }
 
 
-def build(case: Case, fw, seed: int, x, dy, mode: str):
+def build(case: BenchCase, fw, seed: int, x, dy, mode: str):
     """A zero-argument callable running PEER-pytorch on x (tokens, d_model) in `mode`.
 
     `fw` is the worker's set-up Torch framework (device, dtype conversion)."""

@@ -11,7 +11,7 @@ SWEEP_AXES = {"experts": "n_experts", "tokens": "tokens"}
 
 
 @dataclasses.dataclass(frozen=True)
-class Case:
+class BenchCase:
     """One layer shape to time. Every other PEERConfig field keeps its default (the paper's layer:
     shared keys, query batch norm, GELU experts with a bias, softmax scores); ``expert_glu`` turns
     the experts into GEGLU experts (SPEC §3.10). ``compute_dtype`` ("bfloat16" or "float16", with
@@ -40,7 +40,7 @@ class Case:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Case":
+    def from_dict(cls, data: dict[str, Any]) -> BenchCase:
         # Results written before a field existed lack it: it takes its default.
         return cls(**{k: data[k] for k in CASE_FIELDS if k in data})
 
@@ -62,7 +62,7 @@ class Timing:
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
-    case: Case
+    case: BenchCase
     timing: Timing
     # Values of each sweep axis: "full" for --sweep experts|tokens, "reduced" for the default run.
     # Sweeps time the forward pass only, with their own (shorter) timing.
@@ -74,7 +74,7 @@ class Preset:
 
 
 _FULL = {"experts": (128**2, 256**2, 512**2, 1024**2), "tokens": (256, 512, 1024, 2048, 4096, 8192)}
-_CPU_CASE = Case(d_model=256, n_experts=256**2, heads=8, topk=16, d_key=128, tokens=2048)
+_CPU_CASE = BenchCase(d_model=256, n_experts=256**2, heads=8, topk=16, d_key=128, tokens=2048)
 
 PRESETS: dict[str, Preset] = {
     # Sized so that the whole default run (matrix and reduced sweeps, every backend) takes about
@@ -98,7 +98,7 @@ PRESETS: dict[str, Preset] = {
     # count with a 1024-wide model and 32768 tokens per call, so that launch latency is small
     # next to the work. The token sweep shows where each implementation saturates.
     "gpu": Preset(
-        case=Case(d_model=1024, n_experts=1024**2, heads=8, topk=16, d_key=128, tokens=32768),
+        case=BenchCase(d_model=1024, n_experts=1024**2, heads=8, topk=16, d_key=128, tokens=32768),
         timing=Timing(warmup=2, repeats=10, min_repeats=5, budget_s=2.0),
         sweep_full={"experts": (256**2, 512**2, 1024**2), "tokens": (2048, 4096, 8192, 16384, 32768, 65536)},
         sweep_reduced={"tokens": (2048, 8192, 32768, 65536)},
@@ -107,7 +107,7 @@ PRESETS: dict[str, Preset] = {
         bandwidth_bytes=1024 * 2**20,
     ),
     "smoke": Preset(
-        case=Case(d_model=16, n_experts=8**2, heads=2, topk=4, d_key=8, tokens=32),
+        case=BenchCase(d_model=16, n_experts=8**2, heads=2, topk=4, d_key=8, tokens=32),
         timing=Timing(warmup=1, repeats=3, min_repeats=2, budget_s=0.2),
         sweep_full={"experts": (4**2, 8**2, 16**2), "tokens": (8, 32, 128)},
         sweep_reduced={"experts": (16**2,), "tokens": (128,)},
@@ -131,9 +131,9 @@ def sweep_values(preset: Preset, sweep: str) -> dict[str, tuple[int, ...]]:
     raise ValueError(f"sweep={sweep!r}, but expected one of ['reduced', 'experts', 'tokens', 'all', 'none']")
 
 
-def sweep_cases(case: Case, axes: dict[str, tuple[int, ...]]) -> list[tuple[Case, list[str]]]:
+def sweep_cases(case: BenchCase, axes: dict[str, tuple[int, ...]]) -> list[tuple[BenchCase, list[str]]]:
     """Each distinct case of the sweeps, with the axes it lies on (the base case lies on all)."""
-    found: dict[Case, list[str]] = {}
+    found: dict[BenchCase, list[str]] = {}
     for axis, values in axes.items():
         for value in sorted(set(values) | {getattr(case, SWEEP_AXES[axis])}):
             found.setdefault(dataclasses.replace(case, **{SWEEP_AXES[axis]: value}), []).append(axis)

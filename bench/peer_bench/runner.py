@@ -17,7 +17,7 @@ import time
 
 from peer_backends import BACKENDS
 
-from .presets import Case, Timing, sweep_cases
+from .presets import BenchCase, Timing, sweep_cases
 from .worker import RESULT_MARK
 
 PEER_PYTORCH = "peer_pytorch"
@@ -31,7 +31,7 @@ CELLS = (("eager", "forward"), ("eager", "forward_backward"),
 @dataclasses.dataclass
 class Settings:
     preset: str
-    case: Case
+    case: BenchCase
     timing: Timing
     device: str  # "cpu" | "gpu"
     threads: int

@@ -23,13 +23,13 @@ import socket
 import subprocess
 import sys
 
-from .presets import DTYPE_BYTES, Case
+from .presets import DTYPE_BYTES, BenchCase
 
 RING = {"all_reduce": lambda p: 2 * (p - 1) / p, "all_gather": lambda p: (p - 1) / p,
         "reduce_scatter": lambda p: (p - 1) / p}
 
 
-def model(case: Case, devices: int) -> dict:
+def model(case: BenchCase, devices: int) -> dict:
     """The analytic counts of one training step per device, d_out = d_model (the formulas of docs/guide/sharding.md).
 
     b is the layer's item size, c the compute item size (4 for bfloat16, SPEC §10; else b),
@@ -95,7 +95,7 @@ def _torch_rank(rank, devices, case_dict, device, port, result_path):
         torch.cuda.set_device(rank)
     dist.init_process_group("nccl" if on_gpu else "gloo", rank=rank, world_size=devices)
     try:
-        case = Case.from_dict(case_dict)
+        case = BenchCase.from_dict(case_dict)
         mesh = init_device_mesh("cuda" if on_gpu else "cpu", (devices,))
         layer = PEER(PEERConfig(**case.config()), dtype=case.dtype, device="cuda" if on_gpu else None).train()
         layer = parallelize_module(layer, mesh, ExpertColumnParallel())
@@ -130,7 +130,7 @@ def _torch_rank(rank, devices, case_dict, device, port, result_path):
         dist.destroy_process_group()
 
 
-def measure_torch(case: Case, devices: int, device: str, tmp: str) -> dict:
+def measure_torch(case: BenchCase, devices: int, device: str, tmp: str) -> dict:
     import torch.multiprocessing as mp
 
     with socket.socket() as s:
@@ -165,18 +165,18 @@ def _jax_child(devices: int, case_dict: dict) -> dict:
     import jax
 
     from peer_backends.jax import parallel
-    from peer_backends.jax.peer import init
+    from peer_backends.jax.peer import forward_jit, init, vjp_jit
     from peer_ref.config import PEERConfig
 
-    case = Case.from_dict(case_dict)
+    case = BenchCase.from_dict(case_dict)
     cfg = PEERConfig(**case.config())
     mesh = jax.make_mesh((devices,), ("model",))
     params, state = parallel.shard(cfg, *init(cfg, dtype=case.dtype), mesh)
     x = jax.random.normal(jax.random.key(0), (case.tokens, case.d_model), params["experts.down"].dtype)
     x = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))  # replicated
-    forward = parallel._forward_jit.lower(cfg, True, mesh, "model", params, state, x, None, None).compile()
-    step = parallel._vjp_jit.lower(cfg, True, mesh, "model", params, state, x, x[:, : cfg.d_out], None,
-                                   None).compile()
+    sharded = dict(implementation="sharded", layout=(mesh, "model"))
+    forward = forward_jit.lower(cfg, True, params, state, x, None, None, **sharded).compile()
+    step = vjp_jit.lower(cfg, True, params, state, x, x[:, : cfg.d_out], None, None, **sharded).compile()
     # XLA schedules the step as a whole (it may merge or drop the forward's collectives), so
     # the backward's bytes are the step's less the forward's.
     fwd = _hlo_collectives(forward.as_text(), "forward")
@@ -191,7 +191,7 @@ def _jax_child(devices: int, case_dict: dict) -> dict:
     return out
 
 
-def measure_jax(case: Case, devices: int, device: str) -> dict:
+def measure_jax(case: BenchCase, devices: int, device: str) -> dict:
     env = dict(os.environ)
     if device == "cpu":
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}").strip()
@@ -204,7 +204,7 @@ def measure_jax(case: Case, devices: int, device: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run(case: Case, devices: int, backends, device: str, out_dir, glu: bool = False) -> dict:
+def run(case: BenchCase, devices: int, backends, device: str, out_dir, glu: bool = False) -> dict:
     """Measure each backend of ``backends`` (torch, jax) on ``devices`` devices; writes sharded.json.
 
     ``glu``: also the same case with GLU experts (``expert_glu=True``), under ``results["glu"]``
@@ -213,7 +213,7 @@ def run(case: Case, devices: int, backends, device: str, out_dir, glu: bool = Fa
     import tempfile
     from pathlib import Path
 
-    def measured(one: Case, tmp: str) -> dict:
+    def measured(one: BenchCase, tmp: str) -> dict:
         out = {}
         for name in backends:
             if name == "torch":

@@ -21,7 +21,7 @@ import numpy as np
 
 from .formulas import case_counts, dense_width, mode_factor, peer_flops_per_token
 from .memory import cpu_meter
-from .presets import Case, Timing
+from .presets import BenchCase, Timing
 
 RESULT_MARK = "PEER_BENCH_RESULT "
 
@@ -61,7 +61,7 @@ def measure(call, fw, mode, timing: Timing, meter) -> dict:
     }
 
 
-def _inputs(case: Case, seed: int):
+def _inputs(case: BenchCase, seed: int):
     rng = np.random.default_rng(seed)
     dtype = _numpy_dtype(case.activation_dtype)
     x = rng.standard_normal((case.tokens, case.d_model), dtype=np.float32).astype(dtype)
@@ -77,11 +77,13 @@ def _numpy_dtype(name):
     return np.dtype(name)
 
 
-def _dense_params(case: Case, seed: int) -> dict:
+def _dense_params(case: BenchCase, seed: int) -> dict:
     width = dense_width(peer_flops_per_token(**case.config())["total"], case.d_model)
     rng = np.random.default_rng(seed + 1)
     dtype = _numpy_dtype(case.dtype)
-    draw = lambda shape, fan_in: (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(dtype)  # noqa: E731
+    def draw(shape, fan_in):
+        return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(dtype)
+
     return {"w1": draw((case.d_model, width), case.d_model), "b1": np.zeros(width, dtype),
             "w2": draw((width, case.d_model), width), "b2": np.zeros(case.d_model, dtype)}
 
@@ -133,7 +135,7 @@ def _timed_row(job, case, impl, mode, build, fw, meter) -> dict:
 
 
 def run_cell(job, fw, backend, meter) -> list[dict]:
-    case = Case.from_dict(job["cases"][0])
+    case = BenchCase.from_dict(job["cases"][0])
     mode = job["mode"]
     rows = [_timed_row(job, case, job["impl"], mode,
                        lambda x, dy: _peer_call(job, case, fw, backend, x, dy, mode), fw, meter)]
@@ -148,9 +150,9 @@ def run_cell(job, fw, backend, meter) -> list[dict]:
 def run_sweep(job, fw, backend, meter) -> list[dict]:
     rows = []
     for case_dict, axes in zip(job["cases"], job["axes"]):
-        case = Case.from_dict(case_dict)
+        case = BenchCase.from_dict(case_dict)
         row = _timed_row(job, case, job["impl"], "forward",
-                         lambda x, dy: _peer_call(job, case, fw, backend, x, dy, "forward"), fw, meter)
+                         lambda x, dy, case=case: _peer_call(job, case, fw, backend, x, dy, "forward"), fw, meter)
         rows.append({**row, "axes": axes})
         gc.collect()
     return rows

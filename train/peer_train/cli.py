@@ -26,7 +26,7 @@ from peer_ref.config import QUERY_NORMS
 
 from .config import FFNS, PEER_BLOCKS, PRECISION_ALIASES, ConfigError, ModelConfig, TrainConfig
 from .data import DataError
-from .train import BACKENDS, DEVICES, ResumeError
+from .train import DEVICES, TRAIN_BACKENDS, ResumeError
 
 EXPERIMENTS = ("isoflop", "usage", "transfer")
 
@@ -40,7 +40,7 @@ def parser() -> argparse.ArgumentParser:
                         help="a text file or a directory of text files (default: this Python's standard library)")
     common.add_argument("--out", default=None, metavar="DIR", help="output folder (default: peer_train_out/<command>)")
     common.add_argument("--device", default="cpu", choices=DEVICES)
-    common.add_argument("--backend", default="torch", choices=BACKENDS,
+    common.add_argument("--backend", default="torch", choices=TRAIN_BACKENDS,
                         help="framework of the model (transfer always trains in torch)")
     common.add_argument("--threads", type=int, default=1,
                         help="CPU threads per framework (default 1: these models' operations are too small "
@@ -142,8 +142,14 @@ def environment(argv: list[str], threads: int) -> dict:
 
 
 def _progress(disabled: bool):
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[tps]:>7,.0f} tok/s"),
@@ -166,12 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
     from peer_bench.extras import require
-    from peer_ref.errors import PEERConfigError
 
     needs = {"torch": ("torch",), "jax": ("jax", "flax", "optax")}
     frameworks = needs["torch"] + needs["jax"] if args.command in ("transfer", "all") else needs[args.backend]
     require("python -m peer_train", "train", ("rich", "matplotlib", *frameworks))
     from rich.console import Console
+
+    from peer_ref.errors import PEERConfigError
 
     console = Console(stderr=True)
     try:

@@ -6,7 +6,6 @@ Each returns a JSON-ready dict; ``report`` turns it into Markdown and plots. Siz
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -207,9 +206,3 @@ def _child_env() -> dict:
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     return env
 
-
-def configs_used(size: str) -> dict:
-    spec = SIZES[size]
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in spec.items()} | {
-        "variants": VARIANTS,
-        "model_defaults": dataclasses.asdict(ModelConfig()), "train_defaults": dataclasses.asdict(TrainConfig())}

@@ -126,8 +126,13 @@ class Engine:
                               "trainer implements for torch only (torch.amp.GradScaler)")
         self.model = Transformer(model_cfg, train_cfg.seed, COMPUTE_DTYPES[train_cfg.precision])
         table = jnp.asarray([train_cfg.lr_at(s) for s in range(train_cfg.steps)], jnp.float32)
-        schedule = lambda count: table[jnp.minimum(count, train_cfg.steps - 1)]  # noqa: E731
-        decay = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+
+        def schedule(count):
+            return table[jnp.minimum(count, train_cfg.steps - 1)]
+
+        def decay(params):
+            return jax.tree.map(lambda p: p.ndim >= 2, params)
+
         parts = [optax.clip_by_global_norm(train_cfg.grad_clip)] if train_cfg.grad_clip > 0 else []
         tx = optax.chain(*parts, optax.adamw(schedule, b1=0.9, b2=train_cfg.beta2,
                                              weight_decay=train_cfg.weight_decay, mask=decay))

@@ -6,13 +6,12 @@ import math
 import time
 from pathlib import Path
 
-
 from peer_ref import metrics
 
 from . import data
 from .config import ModelConfig, TrainConfig
 
-BACKENDS = ("torch", "jax")
+TRAIN_BACKENDS = ("torch", "jax")
 DEVICES = ("cpu", "cuda")
 LN2 = math.log(2)
 
@@ -28,7 +27,7 @@ def engine(backend: str, model_cfg: ModelConfig, train_cfg: TrainConfig, device:
     elif backend == "jax":
         from .jax_model import Engine
     else:
-        raise ValueError(f"backend={backend!r}, but expected one of {BACKENDS}")
+        raise ValueError(f"backend={backend!r}, but expected one of {TRAIN_BACKENDS}")
     return Engine(model_cfg, train_cfg, device)
 
 

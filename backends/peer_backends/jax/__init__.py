@@ -9,7 +9,7 @@ import jax
 from . import layer as _layer_module
 from .core import from_numpy, to_numpy, version
 from .peer import IMPLEMENTATIONS as implementations
-from .peer import apply, init, vjp
+from .peer import apply, clear_caches, init, vjp
 
 name = "jax"
 default_path = "compiled"  # what jit=None runs
@@ -24,13 +24,6 @@ def enable_float64() -> None:
     """Switch on JAX's x64 mode (process-wide), which float64 arrays need; the conformance
     plugin calls this, and a user who wants float64 calls it (or sets JAX_ENABLE_X64=1)."""
     jax.config.update("jax_enable_x64", True)
-
-
-def clear_caches() -> None:
-    """Drop every compiled specialisation. A long process that compiles thousands of them
-    (the conformance suite) calls this between test modules: each XLA CPU executable holds
-    memory mappings, and the kernel's per-process limit on them ends in a crash."""
-    jax.clear_caches()
 
 
 __all__ = ["PEER", "apply", "capabilities", "default_path", "implementations", "clear_caches", "enable_float64", "from_numpy", "init", "layer", "name", "to_numpy", "version", "vjp"]

@@ -6,6 +6,7 @@ array (or asking for float64 parameters) with x64 off is refused, naming the fix
 """
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +45,11 @@ def dtype_name(array) -> str:
     return np.dtype(dtype).name if dtype is not None else np.asarray(array).dtype.name
 
 
+def meta(value) -> tuple[tuple[int, ...], str]:
+    """(shape, dtype name) of an array, as peer_ref.checks reads it."""
+    return tuple(np.shape(value)), dtype_name(value)
+
+
 def _to_jax(value):
     array = np.asarray(value)
     if not x64_enabled():
@@ -73,13 +79,26 @@ def to_numpy(tree):
 # float32 means float32 (SPEC §10.1): on GPUs XLA would otherwise use TF32 in matrix products.
 HIGHEST = lax.Precision.HIGHEST
 
-DTYPES = {"float64": jnp.float64, "float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_NATIVE_DTYPES = {"float64": jnp.float64, "float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def native_dtype(name: str):
+    """The JAX dtype of a dtype name of peer_ref.config.DTYPES ("float32" -> jnp.float32)."""
+    return _NATIVE_DTYPES[name]
+
+
+def __getattr__(name):
+    if name == "DTYPES":  # the old name of the dtype map, which clashed with peer_ref.config.DTYPES (names)
+        warnings.warn("peer_backends.jax.core.DTYPES is deprecated; use native_dtype(name)", DeprecationWarning,
+                      stacklevel=2)
+        return dict(_NATIVE_DTYPES)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def read(rows, low):
     """Rows as the computation reads them: rounded to nearest-even in the dtype named ``low``
     and widened back (exact) in the mixed mode, unchanged for ``low`` None (SPEC §10.3)."""
-    return rows if low is None else rows.astype(DTYPES[low]).astype(rows.dtype)
+    return rows if low is None else rows.astype(native_dtype(low)).astype(rows.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))

@@ -13,9 +13,9 @@ from .core import HIGHEST, read
 # Gathered expert rows per chunk of tokens (tokens * heads * topk): bounds each
 # (chunk, heads, topk, d) gather at 32 MiB for d = 256 in float32. On CPU, 8192 rows
 # ran about 1.7x slower per step and 65536 no faster (d_model=256, h=8, k=16, 2048 tokens).
-_ROWS_PER_CHUNK = 32768
+ROWS_PER_CHUNK = 32768
 
-_ACTIVATIONS = {
+ACTIVATIONS = {
     "gelu": lambda z: jax.nn.gelu(z, approximate=False),
     "gelu_tanh": lambda z: jax.nn.gelu(z, approximate=True),
     "relu": jax.nn.relu,  # its derivative at 0 is 0, as SPEC §7 requires
@@ -24,8 +24,23 @@ _ACTIVATIONS = {
 }
 
 
+def expert_stage(cfg, p, xf, indices, weights, low=None):
+    """The expert stage of implementation "xla" (``peer.expert_stage_for``): y (T, d_out) for p the
+    parameters in the compute dtype, xf (T, d_model), indices and weights (T, heads, topk) and
+    ``low`` the mixed mode's dtype name or None (SPEC §10.3)."""
+    chunk = max(1, ROWS_PER_CHUNK // (cfg.heads * cfg.topk))
+    return chunked_experts(cfg.activation, chunk, low, xf, indices, weights, p["experts.down"], p["experts.up"],
+                           p["experts.bias"] if cfg.expert_bias else None,
+                           p["experts.gate"] if cfg.expert_glu else None)
+
+
+def activation(name, z):
+    """The activation ``name`` of peer_ref.functions (SPEC §3.10) on z."""
+    return ACTIVATIONS[name](z)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _experts(activation, chunk, low, x, indices, weights, down, up, bias, gate):
+def chunked_experts(activation, chunk, low, x, indices, weights, down, up, bias, gate):
     """y[t] = sum_{h,k} weights * act(x[t] . down[i] + bias[i]) * up[i], i = indices[t, h, k],
     with act(...) times the linear gate x[t] . gate[i] when ``gate`` is given (SPEC §3.10).
 
@@ -49,7 +64,7 @@ def _experts_recomputing(activation, chunk, low, residuals, dy):
     return dx, None, d_weights, d_down, d_up, d_bias, d_gate
 
 
-_experts.defvjp(_experts_saving_inputs, _experts_recomputing)
+chunked_experts.defvjp(_experts_saving_inputs, _experts_recomputing)
 
 
 def _chunked(chunk, arrays):
@@ -66,7 +81,7 @@ def _chunked(chunk, arrays):
 
 
 def _experts_forward(activation, chunk, low, x, indices, weights, down, up, bias, gate):
-    act = _ACTIVATIONS[activation]
+    act = ACTIVATIONS[activation]
 
     def one_chunk(args):
         x_c, idx_c, w_c = args
@@ -87,7 +102,7 @@ def _experts_forward(activation, chunk, low, x, indices, weights, down, up, bias
 
 
 def _experts_backward(activation, chunk, low, x, indices, weights, down, up, bias, gate, dy):
-    act = _ACTIVATIONS[activation]
+    act = ACTIVATIONS[activation]
 
     def one_chunk(acc, args):
         d_down, d_up, d_bias, d_gate = acc
@@ -121,7 +136,9 @@ def _experts_backward(activation, chunk, low, x, indices, weights, down, up, bia
             d_bias = d_bias.at[rows].add(d_pre.reshape(-1))
         return (d_down, d_up, d_bias, d_gate), (dx_c, d_coef * hidden)
 
-    zeros = lambda a: None if a is None else jnp.zeros_like(a)  # noqa: E731
+    def zeros(a):
+        return None if a is None else jnp.zeros_like(a)
+
     acc = (jnp.zeros_like(down), jnp.zeros_like(up), zeros(bias), zeros(gate))
     tokens = x.shape[0]
     if tokens <= chunk:

@@ -1,6 +1,6 @@
 """Pallas kernels of the expert stage (SPEC §3.10-§3.11) and its backward: ``implementation="pallas"``.
 
-``experts`` computes the same function as ``peer._experts`` (the "xla" path), with no
+``pallas_experts`` computes the same function as ``experts.chunked_experts`` (the "xla" path), with no
 (tokens, heads * topk, width) tensor in memory, forward or backward:
 
     pre[t, j]  = x[t] . down[i] + bias[i]          i = indices[t, j], j over heads * topk
@@ -48,8 +48,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .core import DTYPES as _DTYPES
-from .experts import _ACTIVATIONS
+from .core import native_dtype
+from .experts import ACTIVATIONS
 
 # Columns per program of _row_sums and _segment_rows (a power of two): wider outputs take a
 # second grid axis, so a program's accumulator stays within registers for any width.
@@ -211,12 +211,20 @@ def _segment_rows(pairs, order, offsets, sources, slots):
 
 def _read_copy(table, low):
     """The table as the kernels read it: itself, or rounded to ``low`` in the mixed mode."""
-    return table if table is None or low is None else table.astype(_DTYPES[low])
+    return table if table is None or low is None else table.astype(native_dtype(low))
+
+
+def expert_stage(cfg, p, xf, indices, weights, low=None):
+    """The expert stage of implementation "pallas" (``peer.expert_stage_for``), with the role's
+    arguments: see ``experts.expert_stage``."""
+    return pallas_experts(cfg.activation, low, xf, indices, weights, p["experts.down"], p["experts.up"],
+                          p["experts.bias"] if cfg.expert_bias else None,
+                          p["experts.gate"] if cfg.expert_glu else None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def experts(activation, low, x, indices, weights, down, up, bias, gate):
-    """The expert stage with Pallas kernels (SPEC §3.10-§3.11); ``peer._experts``'s function.
+def pallas_experts(activation, low, x, indices, weights, down, up, bias, gate):
+    """The expert stage with Pallas kernels (SPEC §3.10-§3.11); ``experts.chunked_experts``'s function.
 
     activation: a name of ``peer_ref.config.ACTIVATIONS``; low: the mixed mode's dtype name or
     None (SPEC §10.3). x (T, d_model) and weights (T, heads, topk) in the compute dtype
@@ -239,7 +247,7 @@ def _forward(activation, low, x, indices, weights, down, up, bias, gate):
     dots = _row_dots(x, idx, [down_r] if gate is None else [down_r, gate_r])
     pre = dots[0] if bias is None else dots[0] + bias[idx]
     gate_values = dots[1] if gate is not None else jnp.ones_like(pre)
-    hidden = _ACTIVATIONS[activation](pre) * gate_values
+    hidden = ACTIVATIONS[activation](pre) * gate_values
     y = _row_sums([w * hidden], idx, [up_r])
     return y, (x, idx, weights, pre, gate_values, down_r, up_r, bias, gate_r)
 
@@ -249,11 +257,13 @@ def _backward(activation, low, residuals, dy):
     tokens, slots = idx.shape
     n_experts = down_r.shape[0]
     if tokens == 0:  # no kernel launch on an empty grid
-        zeros = lambda a: None if a is None else jnp.zeros(a.shape, x.dtype)  # noqa: E731
+        def zeros(a):
+            return None if a is None else jnp.zeros(a.shape, x.dtype)
+
         return jnp.zeros_like(x), None, jnp.zeros_like(weights), zeros(down_r), zeros(up_r), zeros(bias), zeros(gate_r)
     w = weights.reshape(idx.shape)
     (d_coef,) = _row_dots(dy, idx, [up_r])
-    activated, act_vjp = jax.vjp(_ACTIVATIONS[activation], pre)
+    activated, act_vjp = jax.vjp(ACTIVATIONS[activation], pre)
     d_weights = (d_coef * activated * gate_values).reshape(weights.shape)
     d_hidden = d_coef * w
     (d_pre,) = act_vjp(d_hidden * gate_values)
@@ -279,4 +289,4 @@ def _forward_saving(activation, low, x, indices, weights, down, up, bias, gate):
     return _forward(activation, low, x, indices, weights, down, up, bias, gate)
 
 
-experts.defvjp(_forward_saving, _backward)
+pallas_experts.defvjp(_forward_saving, _backward)

@@ -28,9 +28,10 @@ from peer_ref import checks
 from peer_ref.config import DTYPES
 from peer_ref.errors import PEERConfigError, PEERInputError
 
+from .._implementation import check_known
 from .._layer import check_seed, reference_tables
-from .core import dtype_name, from_numpy, require_x64
-from .peer import apply, implementation_for, init_from_key
+from .core import dtype_name, from_numpy, meta, require_x64
+from .peer import IMPLEMENTATIONS, apply, init_from_key
 
 _GROUPS = ("query", "query_norm", "keys", "experts")
 
@@ -80,14 +81,12 @@ class PEER(nnx.Module):
 
     def __init__(self, cfg, *, rngs: nnx.Rngs | None = None, seed: int | None = None, dtype=None,
                  param_dtype=jnp.float32, use_running_average: bool = False, implementation=None):
-        implementation_for(implementation)
+        check_known("jax", implementation, IMPLEMENTATIONS)  # whether it runs depends on where the tables live
         self.cfg = cfg
         self.implementation = implementation
         self.dtype = None if dtype is None else _jax_dtype("dtype", dtype)
         self.param_dtype = _jax_dtype("param_dtype", param_dtype)
         self.use_running_average = use_running_average
-        # (mesh, axis) once peer_backends.jax.parallel.shard_layer has sharded the expert tables.
-        self.expert_sharding = None
         self.seed = check_seed(seed)
         if (rngs is None) == (seed is None):
             given = "neither" if rngs is None else "both"
@@ -142,16 +141,7 @@ class PEER(nnx.Module):
         kwargs = {"training": training, "mask": mask, "routing": routing, "implementation": self.implementation}
         if mixed is not None:
             kwargs["compute_dtype"] = mixed
-        if self.expert_sharding is None:
-            y, new_state, aux = apply(self.cfg, params, state, x, **kwargs)
-        elif mixed is not None:
-            raise PEERInputError(f"dtype={mixed} with float32 parameters and sharded expert tables, but expected "
-                                 "the parameters' dtype: the sharded apply has no mixed mode")
-        else:
-            from .parallel import apply as sharded_apply
-
-            mesh, axis = self.expert_sharding
-            y, new_state, aux = sharded_apply(self.cfg, params, state, x, mesh=mesh, axis=axis, **kwargs)
+        y, new_state, aux = apply(self.cfg, params, state, x, **kwargs)
         if training:
             for name, value in new_state.items():
                 variable = self._variable(name)
@@ -187,11 +177,7 @@ class PEER(nnx.Module):
 
         Checked like a call: exact names, shapes and one float dtype (SPEC §9).
         """
-        meta = lambda tree: {name: (np.shape(v), dtype_name(v)) for name, v in tree.items()}  # noqa: E731
-        for arg, value in (("params", params), ("state", state)):
-            if not isinstance(value, dict):
-                raise PEERInputError(f"{arg} is {type(value).__name__}, but expected a dict of arrays")
-        checks.check_params_state(self.cfg, meta(params), meta(state))
+        checks.check_trees(self.cfg, params, state, meta)
         for name, value in {**params, **state}.items():
             self._variable(name).set_value(value if isinstance(value, jax.Array) else from_numpy(value))
 

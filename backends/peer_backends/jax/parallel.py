@@ -2,29 +2,33 @@
 
     mesh = jax.make_mesh((8,), ("model",))
     params, state = parallel.shard(cfg, params, state, mesh)   # tables P(None, "model")
-    y, new_state, aux = parallel.apply(cfg, params, state, x, mesh=mesh)
+    y, new_state, aux = peer_backends.jax.apply(cfg, params, state, x)   # runs "sharded"
 
 The layout mirrors ``peer_backends.torch.parallel`` (docs/guide/sharding.md): every
 device holds all N rows of ``experts.down`` (N, d_model), ``experts.gate`` (N, d_model; GLU
 experts, SPEC §3.10) and ``experts.up`` (N, d_out) for its slice of the columns,
 ``NamedSharding(mesh, PartitionSpec(None, axis))``; every other parameter and the state are
-replicated over ``axis``. The routing (query, batch norm, product-key top-k) is computed
-replicated, as ``peer._forward`` does. In a ``shard_map`` over ``axis`` each device dots its
-columns of x with its columns of the selected down rows (and gate rows) and one explicit
-``lax.psum`` sums the stacked partial dots (T * heads * topk scalars per table); a second ``shard_map``
-sums the selected up rows' columns into the output's columns, ``PartitionSpec(None, axis)``.
-No table row crosses devices, forward or backward: the transposes JAX derives are an
-all-reduce of the coefficient gradient and an all-gather of x's gradient columns. Other mesh
-axes (e.g. a data axis sharding the tokens) stay under the compiler's automatic partitioning.
+replicated over ``axis``. Where the tables live chooses the expert stage: ``peer.apply`` and
+``peer.vjp`` run implementation "sharded" (``expert_stage`` here) for tables in this layout,
+with the routing computed replicated by the one assembly of the forward (``peer.forward``). In
+a ``shard_map`` over ``axis`` each device dots its columns of x with its columns of the
+selected down rows (and gate rows) and one explicit ``lax.psum`` sums the stacked partial dots
+(T * heads * topk scalars per table); a second ``shard_map`` sums the selected up rows' columns
+into the output's columns, ``PartitionSpec(None, axis)``. No table row crosses devices, forward
+or backward: the transposes JAX derives are an all-reduce of the coefficient gradient and an
+all-gather of x's gradient columns. Other mesh axes (e.g. a data axis sharding the tokens) stay
+under the compiler's automatic partitioning. Mixed precision (SPEC §10.3) reads each device's
+table columns rounded to the low dtype.
 
-For the Flax NNX layer, ``shard_layer(layer, mesh)`` places its variables and makes its calls
-take this path, under ``nnx.jit`` or eagerly.
+Under a transform the layout is read from the arrays' types, which carry it on Explicit mesh
+axes (``jax.make_mesh``'s default); ``apply``/``vjp`` here place whole arrays first and run the
+same functions. For the Flax NNX layer, ``shard_layer(layer, mesh)`` places its variables, and
+its calls (under ``nnx.jit`` or eagerly) then run "sharded".
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -33,24 +37,14 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from peer_ref.errors import PEERConfigError, PEERInputError
 
-from .core import HIGHEST
-from .experts import _ACTIVATIONS
-from .peer import _validate, implementation_for
-from .routing import route
+from ..sharding import OUTPUT_TABLES, column_tables, dot_tables
+from . import peer
+from .core import HIGHEST, round_through
+from .experts import ACTIVATIONS
 
-# Tables of (N, width) rows sharded by columns. The first kind is dotted with x (their partial
-# dots are summed over the axis in one psum); the second is summed into the output.
-OUTPUT_TABLES = ("experts.up",)
+__all__ = ["DEFAULT_AXIS", "OUTPUT_TABLES", "apply", "column_tables", "dot_tables", "expert_stage", "shard",
+           "shard_layer", "shardings", "vjp"]
 
-
-def dot_tables(cfg) -> tuple[str, ...]:
-    """The tables dotted with x: ``experts.down``, and ``experts.gate`` for GLU experts (SPEC §3.10)."""
-    return ("experts.down", "experts.gate") if cfg.expert_glu else ("experts.down",)
-
-
-def column_tables(cfg) -> tuple[str, ...]:
-    """Every table sharded by columns, ``PartitionSpec(None, axis)``, for ``cfg``."""
-    return dot_tables(cfg) + OUTPUT_TABLES
 DEFAULT_AXIS = "model"
 
 
@@ -70,8 +64,8 @@ def _check_mesh(cfg, mesh, axis):
 def shardings(cfg, mesh, axis: str = DEFAULT_AXIS) -> tuple[dict, dict]:
     """``(params, state)`` dicts of ``NamedSharding``: tables ``P(None, axis)``, the rest ``P()``."""
     _check_mesh(cfg, mesh, axis)
-    spec = lambda name: PartitionSpec(None, axis) if name in column_tables(cfg) else PartitionSpec()  # noqa: E731
-    return ({name: NamedSharding(mesh, spec(name)) for name in cfg.param_shapes()},
+    columns, whole = PartitionSpec(None, axis), PartitionSpec()
+    return ({name: NamedSharding(mesh, columns if name in column_tables(cfg) else whole) for name in cfg.param_shapes()},
             {name: NamedSharding(mesh, PartitionSpec()) for name in cfg.state_shapes()})
 
 
@@ -86,84 +80,53 @@ def shard(cfg, params: dict, state: dict, mesh, axis: str = DEFAULT_AXIS) -> tup
     return jax.device_put(params, param_shardings), jax.device_put(state, state_shardings)
 
 
-def check_implementation(implementation) -> None:
-    """The sharded expert stage is XLA's ("xla", or None for it); any other name of
-    ``peer.IMPLEMENTATIONS`` raises PEERConfigError, as does an unknown one."""
-    if implementation is None or implementation_for(implementation) == "xla":
-        return
-    raise PEERConfigError(f"implementation={implementation!r}, but the sharded apply and vjp run only 'xla' "
-                          "(or None for it): its expert stage is the column-sharded shard_map")
-
-
 def apply(cfg, params, state, x, training=False, mask=None, routing=None, *, mesh, axis: str = DEFAULT_AXIS,
-          implementation=None):
-    """``peer_backends.jax.apply`` with the tables sharded by columns over ``mesh``'s ``axis``.
+          jit=None, compute_dtype=None, implementation=None):
+    """``peer_backends.jax.apply`` with the tables placed by columns over ``mesh``'s ``axis`` first
+    (``shard``; nothing moves for arrays already there), so that it runs "sharded".
 
     Same arguments, results and errors as the unsharded call (SPEC §9), plus a PEERInputError
-    for a bad mesh or axis and a PEERConfigError for an implementation other than "xla" (or None).
-    y comes out sharded by features, ``P(None, axis)`` on its last axis.
+    for a bad mesh or axis and a PEERConfigError for an implementation other than "sharded" (or
+    None). y comes out sharded by features, ``P(None, axis)`` on its last axis.
     """
-    check_implementation(implementation)
-    _validate(cfg, params, state, x, training, mask, routing)
-    _check_mesh(cfg, mesh, axis)
-    return _forward_jit(cfg, bool(training), mesh, axis, params, state, x, mask, routing)
+    peer.validate(cfg, params, state, x, training, mask, routing, compute_dtype=compute_dtype)
+    params, state = shard(cfg, params, state, mesh, axis)
+    return peer.apply(cfg, params, state, x, training, mask, routing, jit=jit, compute_dtype=compute_dtype,
+                      implementation=implementation)
 
 
 def vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, mesh, axis: str = DEFAULT_AXIS,
-        implementation=None):
-    """``peer_backends.jax.vjp`` on the sharded layout: gradients come back in the parameters' layout."""
-    check_implementation(implementation)
-    _validate(cfg, params, state, x, training, mask, routing, dy)
-    _check_mesh(cfg, mesh, axis)
-    return _vjp_jit(cfg, bool(training), mesh, axis, params, state, x, dy, mask, routing)
+        jit=None, compute_dtype=None, implementation=None):
+    """``peer_backends.jax.vjp`` on the sharded layout (see ``apply``): gradients come back in the
+    parameters' layout."""
+    peer.validate(cfg, params, state, x, training, mask, routing, dy, compute_dtype=compute_dtype)
+    params, state = shard(cfg, params, state, mesh, axis)
+    return peer.vjp(cfg, params, state, x, dy, training, mask, routing, jit=jit, compute_dtype=compute_dtype,
+                    implementation=implementation)
 
 
-def _vjp(cfg, training, mesh, axis, params, state, x, dy, mask, routing):
-    def output(params, x):
-        return _forward(cfg, training, mesh, axis, params, state, x, mask, routing)[0]
-
-    _, pullback = jax.vjp(output, params, x)
-    return pullback(_reshard(dy, mesh, axis, dy.ndim - 1))  # the cotangent in y's layout
-
-
-def _forward(cfg, training, mesh, axis, params, state, x, mask, routing):
-    """``peer._forward`` with the experts of SPEC §3.9-§3.11 computed column-sharded."""
-    out_dtype = x.dtype
-    compute = jnp.float32 if out_dtype in (jnp.bfloat16, jnp.float16) else out_dtype  # SPEC §10.1
-    p = {name: value.astype(compute) for name, value in params.items()}
-    lead = x.shape[:-1]
-    tokens = math.prod(lead)
-    xf = x.reshape(tokens, cfg.d_model).astype(compute)
-    valid = jnp.ones(tokens, bool) if mask is None else mask.reshape(tokens)
-    if mask is not None:
-        xf = jnp.where(valid[:, None], xf, jnp.zeros((), xf.dtype))  # SPEC §5
-
-    # Routing, replicated over the axis: SPEC §3.2-§3.9, the one-device layer's own function.
-    new_state, indices, scores, weights = route(cfg, training, p, state, xf, valid, routing)
-
+def expert_stage(mesh, axis, cfg, p, xf, indices, weights, low=None):
+    """The expert stage of implementation "sharded" (``peer.expert_stage_for``, with the tables'
+    ``mesh`` and ``axis`` bound): SPEC §3.9-§3.11 on each device's columns of the tables; the
+    role's other arguments as ``experts.expert_stage``. y (T, d_out) comes out ``P(None, axis)``."""
     columns, whole = PartitionSpec(None, axis), PartitionSpec()
     tables = tuple(p[name] for name in dot_tables(cfg))
     partial_dots = jax.shard_map(
-        functools.partial(_summed_dots, axis), mesh=mesh, axis_names={axis},
+        functools.partial(_summed_dots, axis, low), mesh=mesh, axis_names={axis},
         in_specs=(columns, whole, (columns,) * len(tables)), out_specs=whole)
     dots = partial_dots(_reshard(xf, mesh, axis, 1), _reshard(indices, mesh, axis),
                         tuple(_reshard(t, mesh, axis, 1) for t in tables))
     pre = dots[0]
     if cfg.expert_bias:
         pre = pre + _rows(p["experts.bias"], indices)
-    hidden = _ACTIVATIONS[cfg.activation](pre)
+    hidden = ACTIVATIONS[cfg.activation](pre)
     if cfg.expert_glu:  # SPEC §3.10: times the linear gate x . experts.gate[i]
         hidden = hidden * dots[1]
     coef = weights * hidden
-    summed_rows = jax.shard_map(_row_sums, mesh=mesh, axis_names={axis},
+    summed_rows = jax.shard_map(functools.partial(_row_sums, low), mesh=mesh, axis_names={axis},
                                 in_specs=(whole, whole, columns), out_specs=columns)
-    y = summed_rows(_reshard(coef, mesh, axis), _reshard(indices, mesh, axis),
-                    _reshard(p["experts.up"], mesh, axis, 1))
-    y = jnp.where(valid[:, None], y, jnp.zeros((), y.dtype))  # SPEC §5
-
-    routed = lead + (cfg.heads, cfg.topk)
-    aux = {"indices": indices.reshape(routed), "scores": scores.reshape(routed), "weights": weights.reshape(routed)}
-    return y.astype(out_dtype).reshape(lead + (cfg.d_out,)), new_state, aux
+    return summed_rows(_reshard(coef, mesh, axis), _reshard(indices, mesh, axis),
+                       _reshard(p["experts.up"], mesh, axis, 1))
 
 
 def _reshard(value, mesh, axis, dim=None):
@@ -200,34 +163,38 @@ def _rows(table, indices):
     return table[indices]
 
 
-@jax.checkpoint
-def _dots(x_cols, indices, table):
-    return jnp.einsum("thkd,td->thk", _rows(table, indices), x_cols, precision=HIGHEST)  # rows first: see experts.py
+def _read(table, low):
+    # The mixed mode reads each device's columns rounded to low (rounding is elementwise, so a
+    # column slice rounds as the whole table does); the gradient passes unchanged (SPEC §10.3).
+    return table if low is None else round_through(table, low)
 
 
-def _summed_dots(axis, x_cols, indices, tables):
+@functools.partial(jax.checkpoint, static_argnums=(0,))
+def _dots(low, x_cols, indices, table):
+    return jnp.einsum("thkd,td->thk", _rows(_read(table, low), indices), x_cols, precision=HIGHEST)  # rows first
+
+
+def _summed_dots(axis, low, x_cols, indices, tables):
     """(len(tables), T, heads, topk): every table's dots, partial over columns, summed over the axis."""
-    return lax.psum(jnp.stack([_dots(x_cols, indices, table) for table in tables]), axis)
+    return lax.psum(jnp.stack([_dots(low, x_cols, indices, table) for table in tables]), axis)
 
 
-@jax.checkpoint
-def _row_sums(coef, indices, table):
-    return jnp.einsum("thk,thko->to", coef, _rows(table, indices), precision=HIGHEST)
-
-
-_forward_jit = jax.jit(_forward, static_argnums=(0, 1, 2, 3))
-_vjp_jit = jax.jit(_vjp, static_argnums=(0, 1, 2, 3))
+@functools.partial(jax.checkpoint, static_argnums=(0,))
+def _row_sums(low, coef, indices, table):
+    return jnp.einsum("thk,thko->to", coef, _rows(_read(table, low), indices), precision=HIGHEST)
 
 
 def shard_layer(layer, mesh, axis: str = DEFAULT_AXIS):
     """Shard a ``peer_backends.jax.layer.PEER``'s tables over ``mesh``'s ``axis`` in place; returns it.
 
-    Its variables are placed as ``shardings`` says, and its calls (eager or under ``nnx.jit``)
-    run ``apply`` on that mesh. Raises PEERInputError like ``shard``, and PEERConfigError for a
-    layer constructed with an implementation other than "xla" (or None).
+    Its variables are placed as ``shardings`` says; its calls (eager, or under ``nnx.jit`` on
+    Explicit mesh axes, ``jax.make_mesh``'s default) then run implementation "sharded", chosen
+    by where the tables live. Raises PEERInputError like ``shard``, and PEERConfigError for a
+    layer constructed with an implementation other than "sharded" (or None).
     """
-    check_implementation(layer.implementation)
+    if layer.implementation not in (None, "sharded"):
+        raise PEERConfigError(f"implementation={layer.implementation!r}, but sharded expert tables run 'sharded' "
+                              "(build the layer with implementation=None or 'sharded')")
     params, state = shard(layer.cfg, *layer.params_and_state(), mesh, axis)
     layer.load_params_and_state(params, state)
-    layer.expert_sharding = (mesh, axis)
     return layer

@@ -1,12 +1,15 @@
 """PEER as pure JAX functions: init, apply (jax.jit-compiled by default) and vjp (jax.vjp).
 
 The parts live in modules named after the spec's: query_norm (§3.3), routing (§3.4-§3.9, §4),
-experts (§3.10-§3.11, implementation "xla"); this module validates and assembles them.
+experts (§3.10-§3.11, implementation "xla"), kernels (the same in Pallas kernels, implementation
+"pallas"), parallel (the same on expert tables sharded by columns over a mesh axis,
+implementation "sharded"); this module validates and assembles them, once for every
+implementation (``forward``).
 
 Arguments are validated outside the compiled function through ``peer_ref.checks``,
 so errors are the reference's own. The traced body follows ``peer_ref.forward``
-step by step and is differentiated by jax.vjp; only the expert MLP (``_experts``) has a
-hand-written backward, so that gathered expert rows are recomputed rather than kept.
+step by step and is differentiated by jax.vjp; only the expert stage has a hand-written
+backward, so that gathered expert rows are recomputed rather than kept.
 """
 
 from __future__ import annotations
@@ -18,29 +21,68 @@ import zlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AxisType, NamedSharding
+
 import peer_ref
 from peer_ref import checks
 from peer_ref.errors import PEERInputError
 
 from .._implementation import choose
-from .core import DTYPES, dtype_name, require_x64, round_through
-from .experts import _ROWS_PER_CHUNK, _experts
+from . import experts
+from .core import meta, native_dtype, require_x64, round_through
 from .routing import route
 
 # Kernels of the expert stage, the default first: "xla" is XLA's own (gathers and segment sums);
-# "pallas" is peer_backends.jax.kernels (compiled through Triton on GPUs, interpreted elsewhere).
-IMPLEMENTATIONS = ("xla", "pallas")
+# "pallas" is peer_backends.jax.kernels (compiled through Triton on GPUs, interpreted elsewhere);
+# "sharded" is XLA's on tables sharded by columns over a mesh axis (peer_backends.jax.parallel),
+# chosen by where the tables live.
+IMPLEMENTATIONS = ("xla", "pallas", "sharded")
 
 
-def implementation_for(implementation) -> str:
+def tables_layout(params):
+    """(mesh, axis) where ``experts.down`` is sharded by columns over a mesh axis
+    (``parallel.shard``), else None. Read from the array, or under a transform from its type,
+    which carries the sharding on Explicit mesh axes (``jax.make_mesh``'s default)."""
+    down = params.get("experts.down") if isinstance(params, dict) else None
+    if isinstance(down, jax.core.Tracer):
+        sharding = jax.typeof(down).sharding
+    else:
+        sharding = getattr(down, "sharding", None)
+    spec = tuple(sharding.spec) if isinstance(sharding, NamedSharding) else ()
+    if len(spec) < 2 or not isinstance(spec[1], str):
+        return None
+    return sharding.mesh, spec[1]
+
+
+def choose_implementation(implementation, params=None) -> str:
     """The implementation to run on JAX's default device (see peer_backends._implementation).
 
-    None picks "pallas" when the default backend is "gpu", else "xla"; "pallas" can be forced
-    anywhere (off GPUs its kernels run in Pallas's interpreter: for testing, slow).
+    "sharded" runs, and only it, where the expert tables in ``params`` are sharded by columns
+    (``tables_layout``); otherwise None picks "pallas" when the default backend is "gpu", else
+    "xla", and "pallas" can be forced anywhere (off GPUs its kernels run in Pallas's
+    interpreter: for testing, slow).
     """
+    if params is not None and tables_layout(params) is not None:
+        refused = "the expert tables are sharded by columns over a mesh axis, which run 'sharded'"
+        return choose("jax", implementation, {"xla": refused, "pallas": refused, "sharded": None}, ["sharded"])
+    options = {"xla": None, "pallas": None,
+               "sharded": "the expert tables are not sharded by columns over a mesh axis (parallel.shard)"}
     preferred = ["pallas", "xla"] if jax.default_backend() == "gpu" else ["xla", "pallas"]
-    return choose("jax", implementation, {"xla": None, "pallas": None}, preferred)
+    return choose("jax", implementation, options, preferred)
 
+
+def expert_stage_for(implementation, layout=None):
+    """The expert stage of ``implementation``, (cfg, p, xf, indices, weights, low) -> y (T, d_out);
+    ``layout`` the tables' (mesh, axis) for "sharded". Pallas and shard_map load only when asked for."""
+    if implementation == "pallas":
+        from . import kernels
+
+        return kernels.expert_stage
+    if implementation == "sharded":
+        from . import parallel
+
+        return functools.partial(parallel.expert_stage, *layout)
+    return experts.expert_stage
 
 
 def init(cfg, seed=0, dtype=None):
@@ -67,10 +109,10 @@ def _draw(cfg, dtype, key):
             # One stream per name: adding an optional parameter leaves the others' draws unchanged.
             name_key = jax.random.fold_in(key, zlib.crc32(name.encode()))
             draw = jax.random.normal(name_key, shape, draw_dtype) * stds[name]
-            params[name] = draw.astype(DTYPES[dtype])
+            params[name] = draw.astype(native_dtype(dtype))
         else:
-            params[name] = jnp.full(shape, constants[name], DTYPES[dtype])
-    state_dtype = DTYPES[checks.state_dtype(dtype)]
+            params[name] = jnp.full(shape, constants[name], native_dtype(dtype))
+    state_dtype = native_dtype(checks.state_dtype(dtype))
     state = {name: jnp.full(shape, constants[name], state_dtype) for name, shape in cfg.state_shapes().items()}
     return params, state
 
@@ -79,20 +121,29 @@ def _draw(cfg, dtype, key):
 
 def apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None,
           implementation=None):
-    _validate(cfg, params, state, x, training, mask, routing, compute_dtype=compute_dtype)
-    implementation = implementation_for(implementation)
-    run = _forward if jit is False else _forward_jit
-    return run(cfg, bool(training), params, state, x, mask, routing, low=low_dtype(params, compute_dtype),
-               implementation=implementation)
+    low = validate(cfg, params, state, x, training, mask, routing, compute_dtype=compute_dtype).low
+    implementation = choose_implementation(implementation, params)
+    layout = tables_layout(params) if implementation == "sharded" else None
+    run = forward if jit is False else forward_jit
+    return run(cfg, bool(training), params, state, x, mask, routing, low=low, implementation=implementation,
+               layout=layout)
 
 
 def vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None,
         implementation=None):
-    _validate(cfg, params, state, x, training, mask, routing, dy, compute_dtype=compute_dtype)
-    implementation = implementation_for(implementation)
-    run = _vjp if jit is False else _vjp_jit
-    return run(cfg, bool(training), params, state, x, dy, mask, routing, low=low_dtype(params, compute_dtype),
-               implementation=implementation)
+    low = validate(cfg, params, state, x, training, mask, routing, dy, compute_dtype=compute_dtype).low
+    implementation = choose_implementation(implementation, params)
+    layout = tables_layout(params) if implementation == "sharded" else None
+    run = _vjp if jit is False else vjp_jit
+    return run(cfg, bool(training), params, state, x, dy, mask, routing, low=low, implementation=implementation,
+               layout=layout)
+
+
+def clear_caches() -> None:
+    """Drop every compiled specialisation. A long process that compiles thousands of them
+    (the conformance suite) calls this between test modules: each XLA CPU executable holds
+    memory mappings, and the kernel's per-process limit on them ends in a crash."""
+    jax.clear_caches()
 
 
 def compute_dtype_name(compute_dtype):
@@ -104,44 +155,57 @@ def compute_dtype_name(compute_dtype):
     return compute_dtype
 
 
-def low_dtype(params, compute_dtype):
-    """The mixed mode's low dtype name for validated params, or None (SPEC §10.3)."""
-    return checks.check_compute_dtype(dtype_name(params["query.kernel"]), compute_dtype_name(compute_dtype))
+def _routing_range(routing):
+    # Under an outer jax transform routing is abstract and its values cannot be read here.
+    return None if isinstance(routing, jax.core.Tracer) else (int(routing.min()), int(routing.max()))
 
 
-def _validate(cfg, params, state, x, training, mask, routing, dy=None, compute_dtype=None):
+def validate(cfg, params, state, x, training, mask=None, routing=None, dy=None,
+             compute_dtype=None) -> checks.Arguments:
+    """Check every argument through peer_ref.checks (SPEC §9); returns (lead, dtype, low): the
+    leading shape of x, the parameters' dtype name and the mixed mode's low dtype name or None."""
     for arg, value in (("params", params), ("state", state)):
         if not isinstance(value, dict):
             raise PEERInputError(f"{arg} is {type(value).__name__}, but expected a dict of arrays")
     for arg, value in (("x", x), ("mask", mask), ("routing", routing), ("dy", dy)):
         if value is not None and not isinstance(value, (jax.Array, np.ndarray)):
             raise PEERInputError(f"{arg} is {type(value).__name__}, but expected a jax.Array")
-    meta = lambda tree: {name: (np.shape(v), dtype_name(v)) for name, v in tree.items()}  # noqa: E731
-    dtype = checks.check_params_state(cfg, meta(params), meta(state))
-    if dtype == "float64":
+    if checks.check_trees(cfg, params, state, meta) == "float64":
         require_x64("params")
-    low = checks.check_compute_dtype(dtype, compute_dtype_name(compute_dtype))
-    arr = lambda v: None if v is None else (np.shape(v), dtype_name(v))  # noqa: E731
-    checks.check_call(cfg, dtype, arr(x), training, arr(mask), arr(routing), arr(dy), compute_dtype=low)
-    # Under an outer jax transform routing is abstract and its values cannot be read here.
-    if routing is not None and np.size(routing) and not isinstance(routing, jax.core.Tracer):
-        checks.check_routing_values(cfg, int(routing.min()), int(routing.max()))
+    return checks.check_arguments(cfg, params, state, x, training, mask, routing, dy,
+                                  compute_dtype_name(compute_dtype), meta=meta, routing_range=_routing_range)
 
 
-def _vjp(cfg, training, params, state, x, dy, mask, routing, low=None, implementation="xla"):
+def _vjp(cfg, training, params, state, x, dy, mask, routing, low=None, implementation="xla", layout=None):
     def output(params, x):
-        return _forward(cfg, training, params, state, x, mask, routing, low, implementation)[0]
+        return forward(cfg, training, params, state, x, mask, routing, low, implementation, layout)[0]
 
-    _, pullback = jax.vjp(output, params, x)
-    grads, dx = pullback(dy)
+    y, pullback = jax.vjp(output, params, x)
+    grads, dx = pullback(_like(y, dy))
     return grads, dx
+
+
+def _like(y, dy):
+    """dy in y's layout: on Explicit mesh axes an array's type carries its sharding, and the
+    cotangent's must be y's (on Auto axes the compiler places it)."""
+    sharding = jax.typeof(y).sharding
+    if not isinstance(sharding, NamedSharding):
+        return dy
+    mesh = sharding.mesh
+    names = [n for entry in sharding.spec for n in ((entry,) if isinstance(entry, str) else (entry or ()))]
+    explicit = any(mesh.axis_types[mesh.axis_names.index(n)] == AxisType.Explicit for n in names)
+    if explicit and tuple(jax.typeof(dy).sharding.spec) != tuple(sharding.spec):
+        return jax.reshard(dy, sharding)
+    return dy
 
 
 # ---------------------------------------------------------------------------- forward
 
-def _forward(cfg, training, params, state, x, mask, routing, low=None, implementation="xla"):
-    """``peer_ref.forward`` in JAX; cfg, training, low (the mixed mode's dtype name) and the
-    implementation name of the expert stage are static."""
+def forward(cfg, training, params, state, x, mask, routing, low=None, implementation="xla", layout=None):
+    """``peer_ref.forward`` in JAX: the one assembly of routing and expert stage, whatever the
+    implementation. cfg, training, low (the mixed mode's dtype name), the implementation name of
+    the expert stage and layout (the tables' (mesh, axis) for "sharded") are static."""
+    stage = expert_stage_for(implementation, layout)
     out_dtype = x.dtype
     # bfloat16/float16 policy (SPEC §10.1, §10.3): upcast once, compute in float32, round the outputs once.
     compute = jnp.float32 if out_dtype in (jnp.bfloat16, jnp.float16) else out_dtype
@@ -158,15 +222,7 @@ def _forward(cfg, training, params, state, x, mask, routing, low=None, implement
 
     new_state, indices, scores, weights = route(cfg, training, p, state, xf, valid, routing)
 
-    bias = p["experts.bias"] if cfg.expert_bias else None
-    gate = p["experts.gate"] if cfg.expert_glu else None
-    if implementation == "pallas":
-        from .kernels import experts as pallas_experts
-
-        y = pallas_experts(cfg.activation, low, xf, indices, weights, p["experts.down"], p["experts.up"], bias, gate)
-    else:
-        chunk = max(1, _ROWS_PER_CHUNK // (cfg.heads * cfg.topk))
-        y = _experts(cfg.activation, chunk, low, xf, indices, weights, p["experts.down"], p["experts.up"], bias, gate)
+    y = stage(cfg, p, xf, indices, weights, low)
     y = jnp.where(valid[:, None], y, jnp.zeros((), y.dtype))  # SPEC §5: a select, so NaN never leaks
 
     routed = lead + (cfg.heads, cfg.topk)
@@ -174,5 +230,7 @@ def _forward(cfg, training, params, state, x, mask, routing, low=None, implement
     return y.astype(out_dtype).reshape(lead + (cfg.d_out,)), new_state, aux
 
 
-_forward_jit = jax.jit(_forward, static_argnums=(0, 1), static_argnames=("low", "implementation"))
-_vjp_jit = jax.jit(_vjp, static_argnums=(0, 1), static_argnames=("low", "implementation"))
+# The compiled forward and vjp (jit=None and True); every argument after training is traced but
+# low, implementation and layout, which are static like cfg and training.
+forward_jit = jax.jit(forward, static_argnums=(0, 1), static_argnames=("low", "implementation", "layout"))
+vjp_jit = jax.jit(_vjp, static_argnums=(0, 1), static_argnames=("low", "implementation", "layout"))

@@ -7,6 +7,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
+
 from peer_ref.routing import pruned_candidates
 
 from .core import HIGHEST, index_dtype

@@ -171,16 +171,19 @@ class PEER(keras.layers.Layer):
     def params_and_state(self):
         """Copies of the current ``(params, state)``, the framework's tensors keyed by canonical
         names (the functional API's format)."""
-        snapshot = lambda variables: {name: keras.ops.copy(v.value) for name, v in variables.items()}  # noqa: E731
+        def snapshot(variables):
+            return {name: keras.ops.copy(v.value) for name, v in variables.items()}
+
         return snapshot(self._params), snapshot(self._state)
 
     def load_params_and_state(self, params, state):
         """Assign ``(params, state)`` (tensors or NumPy arrays keyed by canonical names), validated first."""
         params, state = self._compute.from_numpy(self._compute.to_numpy(dict(params))), self._compute.from_numpy(
             self._compute.to_numpy(dict(state)))
-        meta = lambda tree: {k: (tuple(v.shape), keras.backend.standardize_dtype(v.dtype))  # noqa: E731
-                             for k, v in tree.items()}
-        dtype = checks.check_params_state(self.cfg, meta(params), meta(state))
+        def meta(value):
+            return tuple(value.shape), keras.backend.standardize_dtype(value.dtype)
+
+        dtype = checks.check_trees(self.cfg, params, state, meta)
         checks.check_dtype_name(dtype, (self.param_dtype,))
         for variables, values in ((self._params, params), (self._state, state)):
             for name, variable in variables.items():
@@ -211,14 +214,18 @@ def _apply(compute, cfg, params, state, x, training, mask, routing, low, impleme
     # compiled function and its reading of routing values.
     import tensorflow as tf
 
-    from ..tensorflow.peer import check_implementation, float32_means_float32, forward
+    from ..tensorflow.core import meta
+    from ..tensorflow.peer import choose_implementation, float32_means_float32, forward
 
-    check_implementation(implementation)
+    choose_implementation(implementation)
     float32_means_float32()
     dtype = checks.check_dtype_name(params["experts.down"].dtype.name)
-    meta = lambda v: None if v is None else (tuple(v.shape), v.dtype.name)  # noqa: E731
-    checks.check_call(cfg, dtype, meta(x), training, meta(mask), meta(routing), compute_dtype=low)
-    flat = lambda t, tail: None if t is None else tf.reshape(t, (-1,) + tail)  # noqa: E731
+    optional = (None if v is None else meta(v) for v in (mask, routing))
+    checks.check_call(cfg, dtype, meta(x), training, *optional, compute_dtype=low)
+
+    def flat(t, tail):
+        return None if t is None else tf.reshape(t, (-1,) + tail)
+
     y, new_state, aux = forward(cfg, params, state, flat(x, (cfg.d_model,)), training, flat(mask, ()),
                                 flat(routing, (cfg.heads, cfg.topk)), low=low)
     lead = tf.shape(x)[:-1]

@@ -1,3 +1,6 @@
+"""The reference (peer_ref) behind the backend contract: its own modules are the parts
+(``peer_ref.forward_pass``, ``.routing``, ``.backward_pass``), validation included."""
+
 import peer_ref
 from peer_ref.errors import PEERConfigError
 
@@ -6,7 +9,8 @@ from .._implementation import choose
 IMPLEMENTATIONS = ("numpy",)
 
 
-def _implementation(implementation):
+def choose_implementation(implementation) -> str:
+    """The implementation to run (only "numpy"); see peer_backends._implementation."""
     return choose("numpy", implementation, {"numpy": None}, list(IMPLEMENTATIONS))
 
 
@@ -22,7 +26,7 @@ def init(cfg, seed=0, dtype=None):
 def apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None,
           implementation=None):
     _no_jit(jit)
-    _implementation(implementation)
+    choose_implementation(implementation)
     return peer_ref.forward(cfg, params, state, x, training=training, mask=mask, routing=routing,
                             compute_dtype=compute_dtype)
 
@@ -30,6 +34,6 @@ def apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit
 def vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None,
         implementation=None):
     _no_jit(jit)
-    _implementation(implementation)
+    choose_implementation(implementation)
     return peer_ref.vjp(cfg, params, state, x, dy, training=training, mask=mask, routing=routing,
                         compute_dtype=compute_dtype)

@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import tensorflow as tf
 
@@ -33,13 +35,31 @@ def dtype_name(value) -> str:
     return np.asarray(value).dtype.name
 
 
-TF_DTYPES = {"float64": tf.float64, "float32": tf.float32, "bfloat16": tf.bfloat16, "float16": tf.float16}
+_NATIVE_DTYPES = {"float64": tf.float64, "float32": tf.float32, "bfloat16": tf.bfloat16, "float16": tf.float16}
+
+
+def native_dtype(name: str) -> tf.DType:
+    """The TensorFlow dtype of a dtype name of peer_ref.config.DTYPES ("float32" -> tf.float32)."""
+    return _NATIVE_DTYPES[name]
+
+
+def meta(value) -> tuple[tuple[int, ...], str]:
+    """(shape, dtype name) of a tensor (or NumPy array), as peer_ref.checks reads it."""
+    return tuple(value.shape), dtype_name(value)
+
+
+def __getattr__(name):
+    if name == "TF_DTYPES":  # the old name of the dtype map
+        warnings.warn("peer_backends.tensorflow.core.TF_DTYPES is deprecated; use native_dtype(name)",
+                      DeprecationWarning, stacklevel=2)
+        return dict(_NATIVE_DTYPES)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def read(rows, low):
     """Rows as the computation reads them: rounded to nearest-even in the dtype named ``low``
     and widened back (exact) in the mixed mode, unchanged for ``low`` None (SPEC §10.3)."""
-    return rows if low is None else tf.cast(tf.cast(rows, TF_DTYPES[low]), rows.dtype)
+    return rows if low is None else tf.cast(tf.cast(rows, native_dtype(low)), rows.dtype)
 
 
 def round_through(value, low):

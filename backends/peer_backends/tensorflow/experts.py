@@ -12,7 +12,8 @@ from .core import read
 CHUNK_ELEMENTS = 2**22
 
 
-def _activation(name, z):
+def activation(name, z):
+    """The activation ``name`` of peer_ref.functions (SPEC §3.10) on z."""
     if name == "gelu":
         return 0.5 * z * (1.0 + tf.math.erf(z / math.sqrt(2.0)))
     if name == "gelu_tanh":
@@ -29,13 +30,21 @@ def _expert_chunk(cfg, x, weights, down_rows, up_rows, bias_rows=None, gate_rows
     pre = tf.einsum("td,thkd->thk", x, down_rows)
     if bias_rows is not None:
         pre = pre + bias_rows
-    hidden = _activation(cfg.activation, pre)
+    hidden = activation(cfg.activation, pre)
     if gate_rows is not None:  # GLU experts (SPEC §3.10): times the linear gate
         hidden = hidden * tf.einsum("td,thkd->thk", x, gate_rows)
     return tf.einsum("thk,thko->to", weights * hidden, up_rows)
 
 
-def _experts(cfg, x, weights, indices, down, up, bias, gate, low=None):
+def expert_stage(cfg, p, xf, indices, weights, low=None):
+    """The expert stage of implementation "tensorflow": y (T, d_out) for p the parameters in the
+    compute dtype, xf (T, d_model), indices and weights (T, heads, topk) and ``low`` the mixed
+    mode's dtype name or None (SPEC §10.3)."""
+    return chunked_experts(cfg, xf, weights, indices, p["experts.down"], p["experts.up"], p.get("experts.bias"),
+                           p.get("experts.gate"), low)
+
+
+def chunked_experts(cfg, x, weights, indices, down, up, bias, gate, low=None):
     """The expert MLP over token chunks, so gathered rows never exceed CHUNK_ELEMENTS.
 
     The custom gradient recomputes each chunk's gathers instead of letting autodiff
@@ -49,8 +58,10 @@ def _experts(cfg, x, weights, indices, down, up, bias, gate, low=None):
     # At least one (padding) chunk: XLA compiles the loop body even when it would never run.
     n_chunks = tf.maximum((tokens + chunk - 1) // chunk, 1)
     pad = n_chunks * chunk - tokens
-    chunked = lambda t: tf.reshape(  # noqa: E731
-        tf.pad(t, [[0, pad]] + [[0, 0]] * (t.shape.rank - 1)), tf.concat([[n_chunks, chunk], tf.shape(t)[1:]], 0))
+    def chunked(t):
+        return tf.reshape(tf.pad(t, [[0, pad]] + [[0, 0]] * (t.shape.rank - 1)),
+                          tf.concat([[n_chunks, chunk], tf.shape(t)[1:]], 0))
+
     idx = chunked(indices)  # padding tokens read expert 0 with weight 0
     # The optional tables present, by name: experts.bias and experts.gate.
     optional_names = [name for name, table in (("bias", bias), ("gate", gate)) if table is not None]

@@ -22,8 +22,8 @@ from peer_ref import checks
 from peer_ref.errors import PEERInputError
 
 from .._implementation import choose
-from .core import TF_DTYPES, dtype_name, round_through, zero_masked
-from .experts import _experts
+from . import experts
+from .core import meta, native_dtype, round_through, zero_masked
 from .routing import route
 
 # The expert stage runs on TensorFlow's own kernels (XLA-compiled on the default path).
@@ -40,10 +40,10 @@ def init(cfg, seed=0, dtype=None):
             # (query.bias, experts.bias) leaves every other parameter's values unchanged.
             stream = tf.constant([seed, zlib.crc32(name.encode())], tf.int64)
             draw = tf.random.stateless_normal(shape, seed=stream, dtype=draw_dtype) * stds[name]
-            params[name] = tf.cast(draw, TF_DTYPES[dtype])
+            params[name] = tf.cast(draw, native_dtype(dtype))
         else:
-            params[name] = tf.constant(constants[name], TF_DTYPES[dtype], shape=shape)
-    s_dtype = TF_DTYPES[checks.state_dtype(dtype)]
+            params[name] = tf.constant(constants[name], native_dtype(dtype), shape=shape)
+    s_dtype = native_dtype(checks.state_dtype(dtype))
     state = {name: tf.constant(constants[name], s_dtype, shape=shape) for name, shape in cfg.state_shapes().items()}
     return params, state
 
@@ -88,7 +88,7 @@ def compute_dtype_name(compute_dtype):
     return compute_dtype
 
 
-def check_implementation(implementation) -> str:
+def choose_implementation(implementation) -> str:
     """The implementation to run (only "tensorflow"); see peer_backends._implementation."""
     return choose("tensorflow", implementation, {"tensorflow": None}, list(IMPLEMENTATIONS))
 
@@ -102,28 +102,30 @@ def float32_means_float32() -> None:
         tf.config.experimental.enable_tensor_float_32_execution(False)
 
 
+def validate(cfg, params, state, x, training, mask=None, routing=None, dy=None,
+             compute_dtype=None) -> checks.Arguments:
+    """Check every argument (tensors) through peer_ref.checks (SPEC §9); returns (lead, dtype,
+    low): the leading shape of x, the parameters' dtype name and the mixed mode's low dtype name or None."""
+    return checks.check_arguments(cfg, params, state, x, training, mask, routing, dy,
+                                  compute_dtype_name(compute_dtype), meta=meta,
+                                  routing_range=lambda r: (int(tf.reduce_min(r)), int(tf.reduce_max(r))))
+
+
 def _prepare(cfg, params, state, x, training, mask, routing, dy=None, compute_dtype=None, implementation=None):
     """Validate like the reference; return (leading shape, dtype name, training, flat arguments,
     the mixed mode's low dtype name or None)."""
-    check_implementation(implementation)
+    choose_implementation(implementation)
     float32_means_float32()
     for arg, tree in (("params", params), ("state", state)):
         if not isinstance(tree, dict):
             raise PEERInputError(f"{arg} is {type(tree).__name__}, but expected a dict of arrays")
     params = {name: _as_tensor(f"params[{name!r}]", value) for name, value in params.items()}
     state = {name: _as_tensor(f"state[{name!r}]", value) for name, value in state.items()}
-    meta = lambda tree: {k: (tuple(v.shape), dtype_name(v)) for k, v in tree.items()}  # noqa: E731
-    dtype = checks.check_params_state(cfg, meta(params), meta(state))
-    low = checks.check_compute_dtype(dtype, compute_dtype_name(compute_dtype))
-    x = _as_tensor("x", x)
-    mask = None if mask is None else _as_tensor("mask", mask)
-    routing = None if routing is None else _as_tensor("routing", routing)
-    dy = None if dy is None else _as_tensor("dy", dy)
-    arr = lambda v: None if v is None else (tuple(v.shape), dtype_name(v))  # noqa: E731
-    lead = checks.check_call(cfg, dtype, arr(x), training, arr(mask), arr(routing), arr(dy), compute_dtype=low)
+    checks.check_trees(cfg, params, state, meta)  # names, shapes and dtypes before x is looked at
+    x, mask, routing, dy = (None if value is None else _as_tensor(arg, value)
+                            for arg, value in (("x", x), ("mask", mask), ("routing", routing), ("dy", dy)))
+    lead, dtype, low = validate(cfg, params, state, x, training, mask, routing, dy, compute_dtype)
     training = bool(training)  # a NumPy bool is accepted too
-    if routing is not None and routing.shape.num_elements():
-        checks.check_routing_values(cfg, int(tf.reduce_min(routing)), int(tf.reduce_max(routing)))
     args = [params, state, tf.reshape(x, (-1, cfg.d_model))]
     if mask is not None:
         args.append(tf.reshape(mask, (-1,)))
@@ -136,8 +138,8 @@ def _prepare(cfg, params, state, x, training, mask, routing, dy=None, compute_dt
 
 def _signature(cfg, dtype, has_mask, has_routing, has_dy, low=None):
     """Shapes with a free token axis, so one trace serves every token count."""
-    p_dtype, s_dtype = TF_DTYPES[dtype], TF_DTYPES[checks.state_dtype(dtype)]
-    x_dtype = p_dtype if low is None else TF_DTYPES[low]
+    p_dtype, s_dtype = native_dtype(dtype), native_dtype(checks.state_dtype(dtype))
+    x_dtype = p_dtype if low is None else native_dtype(low)
     signature = [
         {name: tf.TensorSpec(shape, p_dtype) for name, shape in cfg.param_shapes().items()},
         {name: tf.TensorSpec(shape, s_dtype) for name, shape in cfg.state_shapes().items()},
@@ -165,7 +167,7 @@ def clear_caches() -> None:
     _compiled_vjp.cache_clear()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled_apply(cfg, training, has_mask, has_routing, dtype, *, low=None):
     def run(params, state, x, *extras):
         mask, routing, _ = _unpack(extras, has_mask, has_routing)
@@ -175,7 +177,7 @@ def _compiled_apply(cfg, training, has_mask, has_routing, dtype, *, low=None):
     return tf.function(run, input_signature=signature, jit_compile=True)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled_vjp(cfg, training, has_mask, has_routing, dtype, *, low=None):
     def run(params, state, x, *extras):
         mask, routing, (dy,) = _unpack(extras, has_mask, has_routing)
@@ -210,8 +212,7 @@ def forward(cfg, params, state, x, training=False, mask=None, routing=None, low=
 
     new_state, indices, scores, weights = route(cfg, training, p, state, x, mask, routing)
 
-    y = _experts(cfg, x, weights, indices, p["experts.down"], p["experts.up"], p.get("experts.bias"),
-                 p.get("experts.gate"), low)
+    y = experts.expert_stage(cfg, p, x, indices, weights, low)
     if mask is not None:
         y = zero_masked(y, mask)
     aux = {"indices": indices, "scores": scores, "weights": weights}

@@ -1,3 +1,5 @@
+import warnings
+
 import ml_dtypes
 import numpy as np
 import torch
@@ -50,8 +52,24 @@ def dtype_name(tensor) -> str:
     return str(tensor.dtype).removeprefix("torch.")
 
 
-def torch_dtype(name: str) -> torch.dtype:
+def meta(value) -> tuple[tuple[int, ...], str]:
+    """(shape, dtype name) of a tensor (or NumPy array), as peer_ref.checks reads it."""
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape), dtype_name(value)
+    array = np.asarray(value)
+    return array.shape, array.dtype.name
+
+
+def native_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a dtype name of peer_ref.config.DTYPES ("float32" -> torch.float32)."""
     return getattr(torch, name)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """Deprecated: ``native_dtype`` (the name every backend's core module uses)."""
+    warnings.warn("peer_backends.torch.core.torch_dtype is deprecated; use native_dtype", DeprecationWarning,
+                  stacklevel=2)
+    return native_dtype(name)
 
 
 @torch.library.custom_op("peer::round_through", mutates_args=())
@@ -72,9 +90,7 @@ def _(value, dtype):
 _round_through_op.register_autograd(lambda ctx, grad: (grad, None), setup_context=lambda ctx, inputs, output: None)
 
 
-class RoundThrough:
-    """Round to a low dtype and widen back; the gradient passes unchanged (SPEC §10.3)."""
-
-    @staticmethod
-    def apply(value, dtype):
-        return torch.ops.peer.round_through(value, dtype)
+def round_through(value, low):
+    """``value`` rounded to nearest-even in ``low`` (a torch dtype) and widened back; the gradient
+    passes unchanged (straight-through, SPEC §10.3). The operator peer::round_through."""
+    return torch.ops.peer.round_through(value, low)

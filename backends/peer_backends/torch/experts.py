@@ -8,7 +8,9 @@ import typing
 import torch
 import torch.nn.functional as F
 
-from .core import RoundThrough
+from peer_ref.forward_pass import ROUNDED_PARAMS
+
+from .core import round_through
 
 # Three kernels over the selections indices (T, heads*topk) of rows of a table (N, d):
 #   row_sums:  out[t]    = sum_j weights[t, j] * table[indices[t, j]]        (T, d)
@@ -132,25 +134,26 @@ _down_projection_op.register_autograd(_down_projection_backward, setup_context=_
 _up_projection_op.register_autograd(_up_projection_backward, setup_context=_projection_setup)
 
 
-class _DownProjection:
-    """pre[t, j] = x[t] . down[indices[t, j]] (the op peer::down_projection); groups None: computed here."""
+def down_projection(x, down, indices, groups=None):
+    """pre[t, j] = x[t] . down[indices[t, j]]: x (T, d), down (N, d), indices (T, J) int64 -> (T, J).
 
-    @staticmethod
-    def apply(x, down, indices, groups=None):
-        groups = expert_groups(indices, down.shape[0]) if groups is None else groups
-        return torch.ops.peer.down_projection(x, down, indices, *groups)
-
-
-class _UpProjection:
-    """y[t] = sum_j coef[t, j] * up[indices[t, j]] (the op peer::up_projection); groups None: computed here."""
-
-    @staticmethod
-    def apply(coef, up, indices, groups=None):
-        groups = expert_groups(indices, up.shape[0]) if groups is None else groups
-        return torch.ops.peer.up_projection(coef, up, indices, *groups)
+    The operator peer::down_projection; ``groups`` (ExpertGroups) None: computed here.
+    """
+    groups = expert_groups(indices, down.shape[0]) if groups is None else groups
+    return torch.ops.peer.down_projection(x, down, indices, *groups)
 
 
-def _activation(name, z):
+def up_projection(coef, up, indices, groups=None):
+    """y[t] = sum_j coef[t, j] * up[indices[t, j]]: coef (T, J), up (N, d), indices (T, J) -> (T, d).
+
+    The operator peer::up_projection; ``groups`` (ExpertGroups) None: computed here.
+    """
+    groups = expert_groups(indices, up.shape[0]) if groups is None else groups
+    return torch.ops.peer.up_projection(coef, up, indices, *groups)
+
+
+def activation(name, z):
+    """The activation ``name`` of peer_ref.functions (SPEC §3.10) on z."""
     if name == "gelu":
         return F.gelu(z)
     if name == "gelu_tanh":
@@ -169,18 +172,21 @@ def _read_rows(table, flat, low):
     whose embedding-bag kernels need the table and the token rows in one dtype; a fused kernel
     would read the rows in the low dtype straight from a low-dtype copy of the table.
     """
-    return RoundThrough.apply(F.embedding(flat, table), low)
+    return round_through(F.embedding(flat, table), low)
 
 
-def _expert_bias(bias, flat, groups):
+def expert_bias(bias, flat, groups=None):
     """bias[flat], (T, heads*topk), read through the row-dot op (a (N, 1) table dotted with ones):
     its gradient is then the op's grouped sum, where a plain index's backward (an index_put into
     the (N,) gradient) is miscompiled by inductor's CPU code generator when N = 1."""
-    return _DownProjection.apply(bias.new_ones((flat.shape[0], 1)), bias[:, None], flat, groups)
+    return down_projection(bias.new_ones((flat.shape[0], 1)), bias[:, None], flat, groups)
 
 
-# The tables whose rows the mixed mode rounds as they are read (SPEC §10.3); the bias is not rounded.
-ROUNDED_TABLES = ("experts.down", "experts.gate", "experts.up")
+def round_tables(p, low):
+    """``p`` with the expert tables that SPEC §10.3 reads in ``low`` (peer_ref.forward_pass.ROUNDED_PARAMS)
+    rounded to it, straight-through; the bias is not rounded."""
+    return {**p, **{name: round_through(p[name], low) for name in ROUNDED_PARAMS if name.startswith("experts.")
+                    and name in p}}
 
 
 def expert_stage(cfg, p, xf, flat, weights, low=None):
@@ -192,20 +198,21 @@ def expert_stage(cfg, p, xf, flat, weights, low=None):
         # Rounding each whole table once reads no more rows than gathering the T * heads*topk
         # selected ones, and leaves the grouped kernels their full speed: the same values
         # (rounding is elementwise) and the same straight-through gradient.
-        rounded = {name: RoundThrough.apply(p[name], low) for name in ROUNDED_TABLES if name in p}
-        return expert_stage(cfg, {**p, **rounded}, xf, flat, weights)
-    if low is None:
-        groups = expert_groups(flat, cfg.n_experts)
-        down = lambda name: _DownProjection.apply(xf, p[name], flat, groups)  # noqa: E731
-    else:
-        down = lambda name: torch.einsum("td,tjd->tj", xf, _read_rows(p[name], flat, low))  # noqa: E731
+        return expert_stage(cfg, round_tables(p, low), xf, flat, weights)
+    groups = expert_groups(flat, cfg.n_experts) if low is None else None
+
+    def down(name):
+        if low is None:
+            return down_projection(xf, p[name], flat, groups)
+        return torch.einsum("td,tjd->tj", xf, _read_rows(p[name], flat, low))
+
     pre = down("experts.down")
     if cfg.expert_bias:
-        pre = pre + _expert_bias(p["experts.bias"], flat, groups if low is None else None)
-    hidden = _activation(cfg.activation, pre)
+        pre = pre + expert_bias(p["experts.bias"], flat, groups)
+    hidden = activation(cfg.activation, pre)
     if cfg.expert_glu:  # SPEC §3.10: a linear gate read like the down projection
         hidden = hidden * down("experts.gate")
     coef = weights * hidden
     if low is None:
-        return _UpProjection.apply(coef, p["experts.up"], flat, groups)
+        return up_projection(coef, p["experts.up"], flat, groups)
     return torch.einsum("tj,tjo->to", coef, _read_rows(p["experts.up"], flat, low))

@@ -28,22 +28,23 @@ float32. The table gradients are float32, those with respect to the rounded rows
 Arithmetic is in x's dtype (float32, or float64 for float64 inputs). The kernels run on CUDA
 devices; on CPU they run in Triton's interpreter (``TRITON_INTERPRET=1`` in the environment
 before triton is first imported), for testing: the interpreter runs every program in Python,
-so there a program takes a block of tokens or runs. Triton is imported on first use only.
+so there a program takes a block of tokens or runs. This module imports triton; the backend
+imports it only when implementation "triton" runs (``peer.expert_stage_for``).
 
-The entry point is ``expert_stage``, the custom operator ``peer::triton_experts`` with its
+The entry points are ``expert_stage`` (the backend's expert-stage role) and ``triton_experts``,
+the custom operator ``peer::triton_experts`` with its
 backward ``peer::triton_experts_backward``: opaque to torch.compile, with fake (meta)
 implementations, so compiled graphs call the kernels without breaking.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
-import threading
-from typing import Optional
 
 import torch
+import triton
+import triton.language as tl
 
 # Activation codes of the kernels, for peer_ref.config's activation names.
 ACTIVATION_CODES = {"identity": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4}
@@ -57,48 +58,17 @@ SEGMENT_BLOCK = 32
 INTERPRETER_TILE = 1 << 16
 INTERPRETER_BLOCK = 64
 
-# Constants of the activations, rebound as tl.constexpr when the kernels are compiled (_load).
-_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-_GELU_TANH_C = 0.044715
-_CONSTANTS = ("_INV_SQRT_2", "_INV_SQRT_2PI", "_SQRT_2_OVER_PI", "_GELU_TANH_C")
-
-_installed: dict = {}
-
-
-def triton_installed() -> bool:
-    """Whether triton can be imported (looked up once, without importing it)."""
-    if "triton" not in _installed:
-        _installed["triton"] = importlib.util.find_spec("triton") is not None
-    return _installed["triton"]
-
-
-def unavailable_reason(device) -> str | None:
-    """None where the kernels can run on tensors on ``device``, else why not."""
-    if not triton_installed():
-        return "triton is not installed (pip install triton)"
-    device = torch.device(device)
-    if device.type == "cuda":
-        return None
-    if device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            return None
-        return ("triton kernels run on CUDA devices; on CPU only in Triton's interpreter "
-                "(TRITON_INTERPRET=1 in the environment before triton is imported)")
-    return f"triton kernels run on CUDA devices, but x is on {device.type!r}"
+# Constants of the activations.
+_INV_SQRT_2 = tl.constexpr(1.0 / math.sqrt(2.0))
+_INV_SQRT_2PI = tl.constexpr(1.0 / math.sqrt(2.0 * math.pi))
+_SQRT_2_OVER_PI = tl.constexpr(math.sqrt(2.0 / math.pi))
+_GELU_TANH_C = tl.constexpr(0.044715)
 
 
 # ---------------------------------------------------------------- kernels
-#
-# Plain functions here, compiled by triton.jit on first use (_load): triton and triton.language
-# (the name ``tl`` below) are imported then, not when this module is imported.
-
-tl = None
-_lock = threading.Lock()
-_loaded: dict = {}
 
 
+@triton.jit
 def _activation_and_grad(z, ACT: tl.constexpr):
     """(act(z), act'(z)) elementwise for the activation code ACT (peer_ref.functions).
 
@@ -130,6 +100,7 @@ def _activation_and_grad(z, ACT: tl.constexpr):
     return a.to(z.dtype), da.to(z.dtype)
 
 
+@triton.jit
 def _token_selections(idx_ptr, T, J, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr):
     """The program's BLOCK_T tokens and their selections: (token offsets, token mask, (token,
     selection) mask, flat selection offsets, selected table rows as int64)."""
@@ -142,6 +113,7 @@ def _token_selections(idx_ptr, T, J, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexp
     return offs_t, mask_t, mask_tj, sel, rows
 
 
+@triton.jit
 def _forward_kernel(x_ptr, idx_ptr, w_ptr, down_ptr, up_ptr, bias_ptr, gate_ptr, y_ptr, pre_ptr, gated_ptr,
                     T, J, D_IN, D_OUT, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr,
                     ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -180,6 +152,7 @@ def _forward_kernel(x_ptr, idx_ptr, w_ptr, down_ptr, up_ptr, bias_ptr, gate_ptr,
                  mask=mask_t[:, None] & mask_d[None, :])
 
 
+@triton.jit
 def _token_backward_kernel(dy_ptr, idx_ptr, w_ptr, down_ptr, up_ptr, gate_ptr, pre_ptr, gated_ptr,
                            dx_ptr, dw_ptr, dpre_ptr, dgated_ptr, coef_ptr, T, J, D_IN, D_OUT,
                            ACT: tl.constexpr, HAS_GATE: tl.constexpr, NEED_DX: tl.constexpr, ACC: tl.constexpr,
@@ -231,6 +204,7 @@ def _token_backward_kernel(dy_ptr, idx_ptr, w_ptr, down_ptr, up_ptr, gate_ptr, p
             tl.store(dx_ptr + offs_t[:, None] * D_IN + offs_d[None, :], dx, mask=mask_t[:, None] & mask_d[None, :])
 
 
+@triton.jit
 def _segment_sums(out_ptr, e, mask_r, rows_ptr, sel_ptr, tok_ptr, pos_ptr, start, length, longest, D,
                   ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     """out[e[r]] = sum over the sorted selections s of run r (start[r] + [0, length[r]), in order)
@@ -251,6 +225,7 @@ def _segment_sums(out_ptr, e, mask_r, rows_ptr, sel_ptr, tok_ptr, pos_ptr, start
         tl.store(out_ptr + e[:, None] * D + offs_d[None, :], acc, mask=mask_r[:, None] & mask_d[None, :])
 
 
+@triton.jit
 def _table_backward_kernel(starts_ptr, runs_ptr, experts_ptr, tok_ptr, pos_ptr, x_ptr, dy_ptr, dpre_ptr,
                            dgated_ptr, coef_ptr, d_down_ptr, d_up_ptr, d_bias_ptr, d_gate_ptr, D_IN, D_OUT,
                            HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, ACC: tl.constexpr,
@@ -277,27 +252,6 @@ def _table_backward_kernel(starts_ptr, runs_ptr, experts_ptr, tok_ptr, pos_ptr, 
             at = start[:, None] + offs_s[None, :]
             acc += tl.load(dpre_ptr + tl.load(pos_ptr + at, mask=mask_rs, other=0), mask=mask_rs, other=0.0)
         tl.store(d_bias_ptr + e, tl.sum(acc, axis=1), mask=mask_r)
-
-
-_KERNELS = ("_activation_and_grad", "_token_selections", "_segment_sums", "_forward_kernel", "_token_backward_kernel",
-            "_table_backward_kernel")
-
-
-def _load():
-    """Import triton and compile (jit-wrap) the kernels above, once per process."""
-    with _lock:
-        if not _loaded:
-            import triton
-            import triton.language
-
-            namespace = globals()
-            namespace["tl"] = triton.language
-            for name in _CONSTANTS:
-                namespace[name] = triton.language.constexpr(namespace[name])
-            for name in _KERNELS:
-                namespace[name] = triton.jit(namespace[name])
-            _loaded["triton"] = triton
-    return _loaded["triton"]
 
 
 def _pow2(n):
@@ -347,7 +301,6 @@ def _forward(x, indices, weights, down, up, bias, gate, activation, low):
     gated = x.new_empty((tokens, j) if gate is not None else (0,))
     if tokens == 0:
         return y, pre, gated
-    _load()
     block_t, block_j, block_d = _token_blocks(tokens, j, max(x.shape[1], up.shape[1]), x.device)
     _forward_kernel[(_cdiv(tokens, block_t),)](
         x.contiguous(), indices.contiguous(), weights.contiguous(), _rows(down, low), _rows(up, low),
@@ -360,8 +313,8 @@ def _forward(x, indices, weights, down, up, bias, gate, activation, low):
 
 @torch.library.custom_op("peer::triton_experts", mutates_args=())
 def _experts_op(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, down: torch.Tensor,
-                up: torch.Tensor, bias: Optional[torch.Tensor], gate: Optional[torch.Tensor], activation: str,
-                low: Optional[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                up: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor | None, activation: str,
+                low: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y (T, d_out), pre (T, J), gated (T, J), empty without a gate) of the expert stage."""
     return _forward(x, indices, weights, down, up, bias, gate, activation, low)
 
@@ -394,9 +347,9 @@ def _sorted_runs(indices, n_rows):
 
 @torch.library.custom_op("peer::triton_experts_backward", mutates_args=())
 def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
-                         down: torch.Tensor, up: torch.Tensor, bias: Optional[torch.Tensor],
-                         gate: Optional[torch.Tensor], pre: torch.Tensor, gated: torch.Tensor, activation: str,
-                         low: Optional[torch.dtype], need_x: bool,
+                         down: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None,
+                         gate: torch.Tensor | None, pre: torch.Tensor, gated: torch.Tensor, activation: str,
+                         low: torch.dtype | None, need_x: bool,
                          need_tables: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                      torch.Tensor, torch.Tensor]:
     """Gradients (x, weights, down, up, bias, gate) of sum(y * dy); x's empty unless need_x, the
@@ -411,7 +364,6 @@ def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tenso
     d_down, d_up, d_bias, d_gate = table(down), table(up), table(bias), table(gate)
     if tokens == 0:
         return dx, d_weights, d_down, d_up, d_bias, d_gate
-    _load()
     block_t, block_j, block_d = _token_blocks(tokens, j, max(x.shape[1], up.shape[1]), x.device)
     d_pre = x.new_empty((tokens, j), dtype=acc)
     d_gated = x.new_empty((tokens, j) if gate is not None else (0,), dtype=acc)
@@ -462,7 +414,9 @@ def _experts_backward(ctx, dy, _d_pre, _d_gated):
     need_tables = need[3] or need[4] or need[5] or need[6]
     dx, d_weights, d_down, d_up, d_bias, d_gate = torch.ops.peer.triton_experts_backward(
         dy, x, indices, weights, down, up, bias, gate, pre, gated, ctx.activation, ctx.low, need[0], need_tables)
-    keep = lambda g, needed: g if needed else None  # noqa: E731
+    def keep(g, needed):
+        return g if needed else None
+
     return (keep(dx, need[0]), None, keep(d_weights, need[2]), keep(d_down, need[3]), keep(d_up, need[4]),
             keep(d_bias, need[5] and ctx.has_bias), keep(d_gate, need[6] and ctx.has_gate), None, None)
 
@@ -470,7 +424,16 @@ def _experts_backward(ctx, dy, _d_pre, _d_gated):
 _experts_op.register_autograd(_experts_backward, setup_context=_experts_setup)
 
 
-def expert_stage(x, indices, weights, down, up, bias=None, gate=None, activation="gelu", low=None):
+def expert_stage(cfg, p, xf, flat, weights, low=None):
+    """The expert stage of the backend (``peer.ExpertStage``) in the Triton kernels: y (T, d_out)
+    for p the parameters in the compute dtype, xf (T, d_model), flat (T, heads*topk) selections,
+    weights (T, heads*topk) and ``low`` the mixed mode's torch dtype or None (SPEC §10.3)."""
+    return triton_experts(xf, flat, weights, p["experts.down"], p["experts.up"],
+                          p["experts.bias"] if cfg.expert_bias else None,
+                          p["experts.gate"] if cfg.expert_glu else None, cfg.activation, low)
+
+
+def triton_experts(x, indices, weights, down, up, bias=None, gate=None, activation="gelu", low=None):
     """y (T, d_out) of the expert stage (SPEC §3.10-§3.11) in the Triton kernels.
 
     x (T, d_model) float32 or float64; indices (T, J) int64 rows of the tables; weights (T, J)

@@ -5,12 +5,12 @@ from torch import nn
 
 import peer_ref
 from peer_ref import checks
-from peer_ref.errors import PEERConfigError, PEERInputError
+from peer_ref.errors import PEERInputError
 
 from .._implementation import check_known
 from .._layer import check_seed, reference_tables
-from .core import dtype_name, torch_dtype
-from .peer import IMPLEMENTATIONS, _aux, compute_dtype_name, forward_tensors, implementation_for, kernels, validate
+from .core import dtype_name, meta, native_dtype
+from .peer import IMPLEMENTATIONS, choose_implementation, compute_dtype_name, forward, routing_aux, validate
 
 
 class Tables(nn.Module):
@@ -65,7 +65,7 @@ class PEER(nn.Module):
     IMPLEMENTATIONS``): None (default) picks, at each call, the best available for x's device
     ("triton" on CUDA devices where triton is installed, else "aten"); a name forces it, and a
     call on a device where it cannot run raises PEERConfigError. An unknown name raises
-    PEERConfigError at construction. Sharded expert tables (``ExpertColumnParallel``) run "aten".
+    PEERConfigError at construction. Sharded expert tables (``ExpertColumnParallel``) run "sharded".
 
     Raises:
       PEERConfigError: a seed that is not None or an int >= 0; an unknown implementation.
@@ -75,7 +75,6 @@ class PEER(nn.Module):
     def __init__(self, cfg, seed=None, dtype=None, device=None, implementation=None):
         super().__init__()
         check_known("torch", implementation, IMPLEMENTATIONS)  # whether it runs depends on each call's device
-        kernels.triton_installed()  # looked up once here, so that compiled forwards read it as a constant
         self.cfg = cfg
         self.seed = check_seed(seed)
         self.implementation = implementation
@@ -83,9 +82,9 @@ class PEER(nn.Module):
         for group in ("query", "query_norm", "keys", "experts"):
             self.add_module(group, Tables())
         for key, shape in cfg.param_shapes().items():
-            value = torch.empty(shape, dtype=torch_dtype(name), device=device)
+            value = torch.empty(shape, dtype=native_dtype(name), device=device)
             self._owner(key).register_parameter(key.split(".")[1], nn.Parameter(value))
-        s_dtype = torch_dtype(checks.state_dtype(name))
+        s_dtype = native_dtype(checks.state_dtype(name))
         for key, shape in cfg.state_shapes().items():
             self._owner(key).register_buffer(key.split(".")[1], torch.empty(shape, dtype=s_dtype, device=device))
         self._last_aux = None
@@ -113,10 +112,6 @@ class PEER(nn.Module):
             for key, buffer in self.named_buffers():
                 buffer.fill_(constants[key])
 
-    # (cfg, training, params, state, x, mask, routing) -> (y, new_state, indices, scores, weights);
-    # peer_backends.torch.parallel.ExpertColumnParallel puts its sharded version here.
-    _forward_tensors = staticmethod(forward_tensors)
-
     def _owner(self, name):
         return self._modules[name.split(".")[0]]
 
@@ -128,13 +123,12 @@ class PEER(nn.Module):
         else float32 copies (a module cast to bfloat16/float16 after construction).
         """
         params = dict(self.named_parameters())
-        want = torch_dtype(checks.state_dtype(dtype_name(self.experts.down)))
+        want = native_dtype(checks.state_dtype(dtype_name(self.experts.down)))
         return params, {name: value.to(want) for name, value in self.named_buffers()}
 
     def load_params_and_state(self, params, state):
         """Load functional dicts (canonical names) after checking names, shapes and dtypes."""
-        meta = lambda tree: {k: (tuple(v.shape), dtype_name(v)) for k, v in tree.items()}  # noqa: E731
-        dtype = checks.check_params_state(self.cfg, meta(params), meta(state))
+        dtype = checks.check_trees(self.cfg, params, state, meta)
         own = dtype_name(self.experts.down)
         if dtype != own:
             raise PEERInputError(f"params dtype={dtype}, but expected {own} (the module's; nothing is cast)")
@@ -169,32 +163,23 @@ class PEER(nn.Module):
         device_type = x.device.type if isinstance(x, torch.Tensor) else "cpu"
         param_dtype = params["experts.down"].dtype
         x, low = self._autocast(device_type, x, param_dtype)
-        if low is not None and "_forward_tensors" in self.__dict__:
-            raise PEERInputError(f"torch.autocast(dtype={low}) with sharded expert tables, but expected no "
-                                 "autocast: the sharded forward computes in the parameters' dtype only")
         if low is None and isinstance(x, torch.Tensor) and x.dtype != param_dtype:
             raise PEERInputError(
                 f"x.dtype={dtype_name(x)}, but expected {compute_dtype_name(param_dtype)} (the layer's parameters' "
                 "dtype; nothing is cast implicitly): cast x, cast the layer with .to(dtype), or for mixed "
                 "precision run a float32 layer under torch.autocast(device_type, dtype=torch.bfloat16)")
-        extra = {} if low is None else {"low": low}
-        if "_forward_tensors" in self.__dict__:
-            if self.implementation not in (None, "aten"):
-                raise PEERConfigError(f"implementation={self.implementation!r} with sharded expert tables, but "
-                                      "the sharded forward runs 'aten' only (implementation=None or 'aten')")
-        else:
-            extra["implementation"] = implementation_for(self.implementation, x.device if isinstance(
-                x, torch.Tensor) else "cpu")
+        implementation = choose_implementation(self.implementation, x.device if isinstance(x, torch.Tensor)
+                                               else "cpu", params)
         # PEER prescribes its own precision per step; autocast must not re-cast its matmuls and batch norm.
         with torch.autocast(device_type, enabled=False):
-            lead = validate(self.cfg, params, state, x, self.training, mask, routing, compute_dtype=low)
-            y, new_state, indices, scores, weights = self._forward_tensors(
-                self.cfg, self.training, params, state, x, mask, routing, **extra)
+            lead = validate(self.cfg, params, state, x, self.training, mask, routing, compute_dtype=low).lead
+            y, new_state, indices, scores, weights = forward(
+                self.cfg, self.training, params, state, x, mask, routing, low=low, implementation=implementation)
         if self.training and new_state:
             with torch.no_grad():
                 for name, value in new_state.items():
                     self.get_buffer(name).copy_(value)  # rounds to the buffer's dtype (see class doc)
-        aux = _aux(self.cfg, lead, indices, scores, weights)
+        aux = routing_aux(self.cfg, lead, indices, scores, weights)
         self._last_aux = aux
         y = y.reshape(lead + (self.cfg.d_out,))
         return (y, aux) if return_aux else y

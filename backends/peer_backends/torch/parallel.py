@@ -25,6 +25,13 @@ Backward, the DTensor redistributions' adjoints give: the coefficient gradient a
 from its column slices, the table gradients local (``Shard(1)``), the replicated parameters'
 gradients replicated.
 
+Where the tables live chooses the expert stage: for DTensor tables ``peer.choose_implementation``
+picks implementation "sharded", whose stage (``expert_stage``) and input, output and cotangent
+hooks (``local_inputs``, ``sharded_output``, ``sharded_cotangent``) are this module's; the
+layer's forward and the functional ``apply``/``vjp`` are the one-device ones, unchanged, and so
+is the mixed mode (SPEC §10.3: each device reads its table columns rounded to the low dtype;
+``torch.autocast`` for the layer, ``compute_dtype=`` for the functional API).
+
 Checkpoints: ``gather_params_and_state`` (a collective) returns whole tensors for
 ``peer_backends.save``; ``load_params_and_state`` shards whole tensors (e.g. from
 ``peer_backends.load``) into a parallelized layer. ``torch.distributed.checkpoint`` saves and
@@ -42,23 +49,12 @@ from torch.distributed.tensor.parallel import ParallelStyle
 from peer_ref import checks
 from peer_ref.errors import PEERConfigError, PEERInputError
 
-from .core import dtype_name
-from .experts import _activation, _DownProjection, _UpProjection, expert_groups
-from .routing import route
+from ..sharding import OUTPUT_TABLES, column_tables, dot_tables
+from .core import dtype_name, meta
+from .experts import activation, down_projection, expert_bias, expert_groups, round_tables, up_projection
 
-# Tables of (N, width) rows sharded by columns. The first kind is dotted with x (their partial
-# dots are summed over the mesh in one all-reduce); the second is summed into the output.
-OUTPUT_TABLES = ("experts.up",)
-
-
-def dot_tables(cfg) -> tuple[str, ...]:
-    """The tables dotted with x: ``experts.down``, and ``experts.gate`` for GLU experts (SPEC §3.10)."""
-    return ("experts.down", "experts.gate") if cfg.expert_glu else ("experts.down",)
-
-
-def column_tables(cfg) -> tuple[str, ...]:
-    """Every table sharded by columns (``Shard(1)``) for ``cfg``."""
-    return dot_tables(cfg) + OUTPUT_TABLES
+__all__ = ["OUTPUT_TABLES", "ExpertColumnParallel", "column_tables", "dot_tables", "expert_stage",
+           "gather_params_and_state", "load_params_and_state", "local_inputs", "sharded_cotangent", "sharded_output"]
 
 
 class ExpertColumnParallel(ParallelStyle):
@@ -89,14 +85,16 @@ class ExpertColumnParallel(ParallelStyle):
         self.use_local_output = use_local_output
 
     def _apply(self, module, device_mesh: DeviceMesh):
-        cfg = getattr(module, "cfg", None)
-        if cfg is None or not hasattr(module, "params_and_state") or not hasattr(module, "_forward_tensors"):
+        from .layer import PEER
+
+        if not isinstance(module, PEER):
             raise PEERInputError(
                 f"module is {type(module).__name__}, but expected a peer_backends.torch PEER layer")
-        if getattr(module, "implementation", None) not in (None, "aten"):
+        cfg = module.cfg
+        if module.implementation not in (None, "sharded"):
             raise PEERConfigError(
-                f"implementation={module.implementation!r}, but sharded expert tables run 'aten' only "
-                "(build the layer with implementation=None or 'aten')")
+                f"implementation={module.implementation!r}, but sharded expert tables run 'sharded' "
+                "(build the layer with implementation=None or 'sharded')")
         if device_mesh.ndim != 1:
             raise PEERInputError(
                 f"device_mesh has {device_mesh.ndim} dimensions, but expected a 1-D mesh (e.g. mesh['tp'])")
@@ -112,7 +110,8 @@ class ExpertColumnParallel(ParallelStyle):
             value = distribute_tensor(param.data, device_mesh, [placement], src_data_rank=self.src_data_rank)
             module.get_submodule(owner).register_parameter(
                 leaf, torch.nn.Parameter(value, requires_grad=param.requires_grad))
-        module._forward_tensors = functools.partial(sharded_forward_tensors, device_mesh)
+        # The layer's forward is unchanged: its expert stage is "sharded" because its tables are DTensors
+        # (peer.choose_implementation); only y's layout over the mesh is set here, on the way out.
         module.register_forward_hook(functools.partial(_prepare_output, self.output_layouts, self.use_local_output))
         return module
 
@@ -133,60 +132,68 @@ def _local(value, mesh):
     return value
 
 
-def sharded_forward_tensors(mesh, cfg, training, params, state, x, mask, routing):
-    """``peer.forward_tensors`` with the expert tables sharded by columns over ``mesh``.
+def local_inputs(cfg, params, x, mask, routing):
+    """The input hook of the "sharded" expert stage (``peer.ExpertStage``): the replicated
+    parameters and x, mask and routing as local tensors (x a plain tensor equal on every rank, or
+    a DTensor, redistributed to Replicate), the column tables kept as DTensors ``Shard(1)``.
 
-    params: DTensors, ``experts.down`` (N, d_model), ``experts.gate`` (N, d_model; GLU experts) and
-    ``experts.up`` (N, d_out) ``Shard(1)``, the rest replicated. Returns (y, new_state, indices,
-    scores, weights): y a DTensor (T, d_out) ``Shard(-1)`` over ``mesh``; the rest local tensors,
-    equal on every rank.
+    Raises PEERInputError for a parameter that is not a DTensor in this layout.
     """
-    x = _local(x, mesh)
-    mask, routing = _local(mask, mesh), _local(routing, mesh)
-    compute = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype  # SPEC §10.1
-    p = {name: _local_param(cfg, value, name).to(compute) for name, value in params.items()}
-    xf = x.reshape(-1, cfg.d_model).to(compute)
-    tokens = xf.shape[0]
-    valid = None if mask is None else mask.reshape(tokens)
-    if mask is not None:
-        xf = torch.where(valid[:, None], xf, 0)  # SPEC §5
+    local = {}
+    for name, value in params.items():
+        if not isinstance(value, DTensor):
+            raise PEERInputError(
+                f"params[{name!r}] is a {type(value).__name__}, but expected a DTensor (apply ExpertColumnParallel)")
+        sharded = name in column_tables(cfg)
+        expected = (Shard(1),) if sharded else (Replicate(),)
+        if tuple(value.placements) != expected:
+            raise PEERInputError(f"params[{name!r}] has placements {value.placements}, but expected {expected}")
+        local[name] = value if sharded else value.to_local()
+    mesh = params["experts.down"].device_mesh
+    return local, _local(x, mesh), _local(mask, mesh), _local(routing, mesh)
 
-    # Routing, replicated: SPEC §3.2-§3.9, the one-device layer's own function.
-    new_state, indices, scores, weights = route(cfg, training, p, state, xf, valid, routing)
-    flat = indices.reshape(tokens, cfg.heads * cfg.topk)
+
+def expert_stage(cfg, p, xf, flat, weights, low=None):
+    """The expert stage (SPEC §3.9-§3.11) on this rank's columns of the tables (implementation
+    "sharded"): p holds the column tables as DTensors ``Shard(1)`` and the rest as local tensors,
+    in the compute dtype; xf (T, d_model), flat and weights (T, heads*topk) are replicated; ``low``
+    the mixed mode's torch dtype or None (SPEC §10.3: the tables' rows are read rounded to it).
+    Returns this rank's columns of y, (T, d_out / P).
+    """
+    mesh = p["experts.down"].device_mesh
+    tables = {name: p[name].to_local() for name in column_tables(cfg)}
+    if low is not None:  # rounding is elementwise: a column slice rounds as its whole table does
+        tables = round_tables(tables, low)
     groups = expert_groups(flat, cfg.n_experts)
-
-    # Experts, SPEC §3.9-§3.11, on this rank's columns.
     replicate, shard = [Replicate()], [Shard(1)]
     x_cols = DTensor.from_local(xf, mesh, replicate, run_check=False).redistribute(mesh, shard).to_local()
     # One all-reduce for every dot table: (1 or 2, T, heads * topk) partial dots, stacked.
-    partial = torch.stack([_DownProjection.apply(x_cols, p[name], flat, groups) for name in dot_tables(cfg)])
+    partial = torch.stack([down_projection(x_cols, tables[name], flat, groups) for name in dot_tables(cfg)])
     dots = DTensor.from_local(partial, mesh, [Partial()], run_check=False).redistribute(mesh, replicate).to_local()
     pre = dots[0]
     if cfg.expert_bias:
-        pre = pre + p["experts.bias"][flat]
-    hidden = _activation(cfg.activation, pre)
+        pre = pre + expert_bias(p["experts.bias"], flat, groups)
+    hidden = activation(cfg.activation, pre)
     if cfg.expert_glu:  # SPEC §3.10: times the linear gate x . experts.gate[i]
         hidden = hidden * dots[1]
-    coef = weights.reshape(flat.shape) * hidden
+    coef = weights * hidden
     # Each rank's output columns see all of coef: its gradient is the sum over the mesh.
     coef = DTensor.from_local(coef, mesh, replicate, run_check=False).to_local(grad_placements=[Partial()])
-    y = _UpProjection.apply(coef, p["experts.up"], flat, groups)
-    if mask is not None:
-        y = torch.where(valid[:, None], y, 0)  # SPEC §5
-    y = DTensor.from_local(y.to(x.dtype), mesh, [Shard(1)], run_check=False,
-                           shape=torch.Size((tokens, cfg.d_out)), stride=(cfg.d_out, 1))
-    return y, new_state, indices, scores, weights
+    return up_projection(coef, tables["experts.up"], flat, groups)
 
 
-def _local_param(cfg, value, name):
-    if not isinstance(value, DTensor):
-        raise PEERInputError(
-            f"params[{name!r}] is a {type(value).__name__}, but expected a DTensor (apply ExpertColumnParallel)")
-    expected = (Shard(1),) if name in column_tables(cfg) else (Replicate(),)
-    if tuple(value.placements) != expected:
-        raise PEERInputError(f"params[{name!r}] has placements {value.placements}, but expected {expected}")
-    return value.to_local()
+def sharded_output(params, y):
+    """The output hook of the "sharded" expert stage: this rank's columns of y (T, d_out / P) as
+    the DTensor (T, d_out) ``Shard(1)`` over the tables' mesh."""
+    up = params["experts.up"]
+    shape = torch.Size((y.shape[0], up.shape[1]))
+    return DTensor.from_local(y, up.device_mesh, [Shard(1)], run_check=False, shape=shape, stride=(shape[1], 1))
+
+
+def sharded_cotangent(y, dy):
+    """The cotangent hook of the "sharded" expert stage: a whole dy (equal on every rank) as the
+    DTensor of y's layout, each rank keeping its columns (nothing is communicated)."""
+    return distribute_tensor(dy, y.device_mesh, y.placements, src_data_rank=None)
 
 
 def gather_params_and_state(module) -> tuple[dict, dict]:
@@ -208,11 +215,7 @@ def load_params_and_state(module, params: dict, state: dict) -> None:
     Every rank passes the same whole tensors (e.g. from ``peer_backends.load``); nothing is
     communicated. Checked like a call (SPEC §9): names, shapes, one dtype, the module's dtype.
     """
-    meta = lambda tree: {k: (tuple(v.shape), dtype_name(v)) for k, v in tree.items()}  # noqa: E731
-    for arg, value in (("params", params), ("state", state)):
-        if not isinstance(value, dict):
-            raise PEERInputError(f"{arg} is {type(value).__name__}, but expected a dict of arrays")
-    dtype = checks.check_params_state(module.cfg, meta(params), meta(state))
+    dtype = checks.check_trees(module.cfg, params, state, meta)
     own_params, own_state = module.params_and_state()
     own = dtype_name(own_params["experts.down"])
     if dtype != own:

@@ -2,13 +2,18 @@
 
 The parts live in modules named after the spec's: query_norm (§3.3), routing (§3.4-§3.9, §4),
 experts (§3.10-§3.11, implementation "aten"), kernels (the same in Triton kernels, implementation
-"triton"); this module validates, assembles the forward pass,
+"triton"), parallel (the same on expert tables sharded by columns, implementation "sharded"); this
+module validates, assembles the forward pass once for every implementation (``forward``),
 compiles it (torch.compile) and differentiates it (torch.autograd).
 """
 
 import functools
+import importlib.util
+import os
+import sys
+import typing
+import warnings
 
-import numpy as np
 import torch
 
 import peer_ref
@@ -16,26 +21,81 @@ from peer_ref import checks
 from peer_ref.errors import PEERInputError
 
 from .._implementation import choose
-from . import kernels
-from .core import RoundThrough, dtype_name, torch_dtype
-from .experts import expert_stage
+from . import experts
+from .core import meta, native_dtype, round_through
 from .routing import route
 
-# Kernels of the expert stage, the default first: "aten" is PyTorch's own (embedding-bag) kernels,
-# "triton" the fused Triton kernels of peer_backends.torch.kernels.
-IMPLEMENTATIONS = ("aten", "triton")
+# Kernels of the expert stage, the default first: "aten" is PyTorch's own (embedding-bag) kernels
+# (peer_backends.torch.experts), "triton" the fused Triton kernels (peer_backends.torch.kernels),
+# "sharded" PyTorch's kernels on expert tables sharded by columns as DTensors
+# (peer_backends.torch.parallel), chosen by where the tables live.
+IMPLEMENTATIONS = ("aten", "triton", "sharded")
 
 
-def implementation_for(implementation, device) -> str:
+def triton_unavailable(device) -> str | None:
+    """None where the Triton kernels can run on tensors on ``device``, else why not (triton is
+    looked up, not imported)."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    device = torch.device(device)
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+        return ("triton kernels run on CUDA devices; on CPU only in Triton's interpreter "
+                "(TRITON_INTERPRET=1 in the environment before triton is imported)")
+    return f"triton kernels run on CUDA devices, but x is on {device.type!r}"
+
+
+def sharded_tables(params) -> bool:
+    """Whether the expert tables are DTensors (sharded by ``parallel.ExpertColumnParallel``)."""
+    module = sys.modules.get("torch.distributed.tensor")  # no DTensor exists before it is imported
+    return module is not None and isinstance(params.get("experts.down"), module.DTensor)
+
+
+def choose_implementation(implementation, device, params=None) -> str:
     """The implementation to run for tensors on ``device`` (see peer_backends._implementation).
 
+    "sharded" runs, and only it, where the expert tables in ``params`` are DTensors; otherwise
     "triton" can run where triton is installed, on CUDA devices, or on CPU in Triton's interpreter
-    (TRITON_INTERPRET=1); None picks it on CUDA devices, "aten" elsewhere.
+    (TRITON_INTERPRET=1), and None picks it on CUDA devices, "aten" elsewhere.
     """
     device = torch.device(device)
-    options = {"aten": None, "triton": kernels.unavailable_reason(device)}
-    preferred = ["triton", "aten"] if device.type == "cuda" else ["aten"]
-    return choose("torch", implementation, options, preferred)
+    if params is not None and sharded_tables(params):
+        refused = "the expert tables are sharded DTensors, which run 'sharded'"
+        return choose("torch", implementation, {"aten": refused, "triton": refused, "sharded": None}, ["sharded"])
+    options = {"aten": None, "triton": triton_unavailable(device),
+               "sharded": "the expert tables are not DTensors (shard them with parallel.ExpertColumnParallel)"}
+    return choose("torch", implementation, options, ["triton", "aten"] if device.type == "cuda" else ["aten"])
+
+
+class ExpertStage(typing.NamedTuple):
+    """An implementation of the expert stage, in the style of ``distribute_module``: ``run`` is
+    the stage, (cfg, p, xf, flat, weights, low) -> y (T, d_out); ``inputs`` turns the call's
+    (params, x, mask, routing) into what the routing reads, ``output`` y (T, d_out) into the
+    call's result, given the params, and ``cotangent`` a whole dy into the layout of that result
+    (identities but for "sharded")."""
+
+    run: typing.Callable
+    inputs: typing.Callable = lambda cfg, params, x, mask, routing: (params, x, mask, routing)
+    output: typing.Callable = lambda params, y: y
+    cotangent: typing.Callable = lambda y, dy: dy
+
+
+def expert_stage_for(implementation) -> ExpertStage:
+    """The expert stage of ``implementation``; its module is imported here, so that triton and
+    torch.distributed load only when asked for."""
+    if implementation == "triton":
+        from . import kernels
+
+        return ExpertStage(kernels.expert_stage)
+    if implementation == "sharded":
+        from . import parallel
+
+        return ExpertStage(parallel.expert_stage, parallel.local_inputs, parallel.sharded_output,
+                           parallel.sharded_cotangent)
+    return ExpertStage(experts.expert_stage)
 
 
 def init(cfg, seed=0, dtype=None, device=None):
@@ -50,18 +110,11 @@ def init(cfg, seed=0, dtype=None, device=None):
             value = torch.randn(shape, generator=generator, dtype=draw) * stds[name]
         else:
             value = torch.full(shape, constants[name], dtype=draw)
-        params[name] = value.to(device=device, dtype=torch_dtype(dtype))
-    s_dtype = torch_dtype(checks.state_dtype(dtype))
+        params[name] = value.to(device=device, dtype=native_dtype(dtype))
+    s_dtype = native_dtype(checks.state_dtype(dtype))
     state = {name: torch.full(shape, constants[name], dtype=s_dtype, device=device)
              for name, shape in cfg.state_shapes().items()}
     return params, state
-
-
-def _meta(value):
-    if isinstance(value, torch.Tensor):
-        return tuple(value.shape), dtype_name(value)
-    array = np.asarray(value)
-    return array.shape, array.dtype.name
 
 
 def compute_dtype_name(compute_dtype):
@@ -69,23 +122,17 @@ def compute_dtype_name(compute_dtype):
     return str(compute_dtype).removeprefix("torch.") if isinstance(compute_dtype, torch.dtype) else compute_dtype
 
 
-def low_dtype(params, compute_dtype):
-    """The mixed mode's low dtype name for validated params, or None (SPEC §10.3)."""
-    return checks.check_compute_dtype(dtype_name(params["query.kernel"]), compute_dtype_name(compute_dtype))
+def _routing_range(routing):
+    # Under torch.compile the values are checked where they are known, when the graph runs
+    # (peer::checked_routing in forward), so that reading them does not break the graph.
+    return None if torch.compiler.is_compiling() else (int(routing.min()), int(routing.max()))
 
 
 def validate(cfg, params, state, x, training, mask=None, routing=None, dy=None,
-             compute_dtype=None) -> tuple[int, ...]:
-    """Check every argument through peer_ref.checks (SPEC §9); returns the leading shape of x.
-
-    Under torch.compile the routing values are checked where they are known, when the graph runs
-    (peer::checked_routing in forward_tensors), so that reading them does not break the graph.
-    """
-    for arg, value in (("params", params), ("state", state)):
-        if not isinstance(value, dict):
-            raise PEERInputError(f"{arg} is {type(value).__name__}, but expected a dict of arrays")
-    dtype = checks.check_params_state(
-        cfg, {k: _meta(v) for k, v in params.items()}, {k: _meta(v) for k, v in state.items()})
+             compute_dtype=None) -> checks.Arguments:
+    """Check every argument through peer_ref.checks (SPEC §9); returns (lead, dtype, low): the
+    leading shape of x, the parameters' dtype name and the mixed mode's low dtype name or None."""
+    checks.check_trees(cfg, params, state, meta)
     for arg, tree in (("params", params), ("state", state)):
         for key, value in tree.items():
             if not isinstance(value, torch.Tensor):
@@ -93,26 +140,26 @@ def validate(cfg, params, state, x, training, mask=None, routing=None, dy=None,
     for arg, value in (("x", x), ("mask", mask), ("routing", routing), ("dy", dy)):
         if value is not None and not isinstance(value, torch.Tensor):
             raise PEERInputError(f"{arg} is {type(value).__name__}, but expected a torch.Tensor")
-    low = checks.check_compute_dtype(dtype, compute_dtype_name(compute_dtype))
-    meta = lambda v: None if v is None else _meta(v)  # noqa: E731
-    lead = checks.check_call(cfg, dtype, _meta(x), training, meta(mask), meta(routing), meta(dy), compute_dtype=low)
-    if routing is not None and routing.numel() and not torch.compiler.is_compiling():
-        checks.check_routing_values(cfg, int(routing.min()), int(routing.max()))
-    return lead
+    return checks.check_arguments(cfg, params, state, x, training, mask, routing, dy,
+                                  compute_dtype_name(compute_dtype), meta=meta, routing_range=_routing_range)
 
 
-def forward_tensors(cfg, training, params, state, x, mask, routing, low=None, implementation="aten"):
-    """The forward pass on validated tensors (all on x's device).
+def forward(cfg, training, params, state, x, mask, routing, low=None, implementation="aten"):
+    """The forward pass on validated tensors (all on x's device): the one assembly of routing and
+    expert stage, whatever the implementation.
 
     Returns (y, new_state, indices, scores, weights) with x flattened to (T, d_model) and the
     routing tensors (T, heads, topk). Arithmetic is float32 for bfloat16 and float16 inputs
     (SPEC §10.1); ``low`` (a torch dtype or None) is the mixed mode's (SPEC §10.3);
-    ``implementation`` one of IMPLEMENTATIONS, already checked (implementation_for).
+    ``implementation`` one of IMPLEMENTATIONS, already checked (choose_implementation).
     """
+    stage = expert_stage_for(implementation)
+    given = params
+    params, x, mask, routing = stage.inputs(cfg, params, x, mask, routing)
     compute = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
     p = {name: value.to(compute) for name, value in params.items()}
     if low is not None:
-        p["query.kernel"] = RoundThrough.apply(p["query.kernel"], low)
+        p["query.kernel"] = round_through(p["query.kernel"], low)
     xf = x.reshape(-1, cfg.d_model).to(compute)
     tokens = xf.shape[0]
     valid = None if mask is None else mask.reshape(tokens)
@@ -122,18 +169,20 @@ def forward_tensors(cfg, training, params, state, x, mask, routing, low=None, im
     new_state, indices, scores, weights = route(cfg, training, p, state, xf, valid, routing)
 
     flat = indices.reshape(tokens, cfg.heads * cfg.topk)
-    if implementation == "triton":  # fused kernels; mixed mode: rows read in low by the kernels
-        y = kernels.expert_stage(xf, flat, weights.reshape(flat.shape), p["experts.down"], p["experts.up"],
-                                 p["experts.bias"] if cfg.expert_bias else None,
-                                 p["experts.gate"] if cfg.expert_glu else None, cfg.activation, low)
-    else:
-        y = expert_stage(cfg, p, xf, flat, weights.reshape(flat.shape), low)
+    y = stage.run(cfg, p, xf, flat, weights.reshape(flat.shape), low)
     if mask is not None:
         y = torch.where(valid[:, None], y, 0)  # §5: masked tokens output exactly zero
-    return y.to(x.dtype), new_state, indices, scores, weights
+    return stage.output(given, y.to(x.dtype)), new_state, indices, scores, weights
 
 
 _COMPILED: dict = {}
+
+
+def forward_tensors(*args, **kwargs):
+    """Deprecated: ``forward`` (the name of the forward's one assembly in every backend)."""
+    warnings.warn("peer_backends.torch.peer.forward_tensors is deprecated; use forward", DeprecationWarning,
+                  stacklevel=2)
+    return forward(*args, **kwargs)
 
 
 def clear_caches():
@@ -142,13 +191,13 @@ def clear_caches():
 
 
 def _runner(cfg, training, has_mask, has_routing, jit, low=None, implementation="aten"):
-    low = None if low is None else torch_dtype(low)
-    forward = functools.partial(forward_tensors, cfg, training, low=low, implementation=implementation)
+    low = None if low is None else native_dtype(low)
+    run = functools.partial(forward, cfg, training, low=low, implementation=implementation)
     if not jit:
-        return forward
+        return run
     key = (cfg, training, has_mask, has_routing, low, implementation)
     if key not in _COMPILED:
-        _COMPILED[key] = _dynamic_tokens(cfg, torch.compile(forward))
+        _COMPILED[key] = _dynamic_tokens(cfg, torch.compile(run))
     return _COMPILED[key]
 
 
@@ -176,12 +225,14 @@ def _dynamic_tokens(cfg, compiled):
 
 
 def _to_device(device, params, state, mask, routing):
-    move = lambda v: None if v is None else v.to(device)  # noqa: E731
+    def move(value):
+        return None if value is None else value.to(device)
+
     return ({k: move(v) for k, v in params.items()}, {k: move(v) for k, v in state.items()},
             move(mask), move(routing))
 
 
-def _aux(cfg, lead, indices, scores, weights):
+def routing_aux(cfg, lead, indices, scores, weights):
     shape = lead + (cfg.heads, cfg.topk)
     return {"indices": indices.detach().reshape(shape), "scores": scores.detach().reshape(shape),
             "weights": weights.detach().reshape(shape)}
@@ -189,21 +240,19 @@ def _aux(cfg, lead, indices, scores, weights):
 
 def apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None,
           implementation=None):
-    lead = validate(cfg, params, state, x, training, mask, routing, compute_dtype=compute_dtype)
-    implementation = implementation_for(implementation, x.device)
-    low = low_dtype(params, compute_dtype)
+    lead, _, low = validate(cfg, params, state, x, training, mask, routing, compute_dtype=compute_dtype)
+    implementation = choose_implementation(implementation, x.device, params)
     params, state, mask, routing = _to_device(x.device, params, state, mask, routing)
     run = _runner(cfg, bool(training), mask is not None, routing is not None, jit, low, implementation)
     y, new_state, indices, scores, weights = run(params, state, x, mask, routing)
     new_state = {name: value.detach() for name, value in new_state.items()}
-    return y.reshape(lead + (cfg.d_out,)), new_state, _aux(cfg, lead, indices, scores, weights)
+    return y.reshape(lead + (cfg.d_out,)), new_state, routing_aux(cfg, lead, indices, scores, weights)
 
 
 def vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None,
         implementation=None):
-    lead = validate(cfg, params, state, x, training, mask, routing, dy, compute_dtype=compute_dtype)
-    implementation = implementation_for(implementation, x.device)
-    low = low_dtype(params, compute_dtype)
+    lead, _, low = validate(cfg, params, state, x, training, mask, routing, dy, compute_dtype=compute_dtype)
+    implementation = choose_implementation(implementation, x.device, params)
     params, state, mask, routing = _to_device(x.device, params, state, mask, routing)
     leaves = {name: value.detach().requires_grad_(True) for name, value in params.items()}
     x_leaf = x.detach().requires_grad_(True)
@@ -212,6 +261,7 @@ def vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, j
         y = run(leaves, state, x_leaf, mask, routing)[0]
         # The cotangent of sum(y * dy) with respect to y is dy itself.
         *d_params, dx = torch.autograd.grad(
-            y, [*leaves.values(), x_leaf], grad_outputs=dy.reshape(y.shape).to(y.device),
+            y, [*leaves.values(), x_leaf],
+            grad_outputs=expert_stage_for(implementation).cotangent(y, dy.reshape(y.shape).to(y.device)),
             allow_unused=True, materialize_grads=True)
     return dict(zip(leaves, d_params)), dx.reshape(lead + (cfg.d_model,))

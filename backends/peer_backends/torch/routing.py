@@ -8,7 +8,6 @@ a compiled graph never breaks.
 """
 
 import functools
-import typing
 
 import numpy as np
 import torch
@@ -80,7 +79,7 @@ def _top_positions(values, index, bound, k):
 def _sub_key_scores(cfg, params, queries):
     """(2, T, heads, n_keys) scores of each query half (left, right) against its sub-keys.
 
-    Called without autograd: _SelectedScores carries the gradient of the selected scores.
+    Called without autograd: selected_scores carries the gradient of the selected scores.
     """
     halves = queries.unflatten(-1, (2, cfg.d_half))  # (T, heads, 2, d_half)
     keys = torch.stack((params["keys.left"], params["keys.right"]))  # (2, key_sets, n_keys, d_half)
@@ -160,7 +159,9 @@ def _selected_scores_backward_op(d_scores: torch.Tensor, queries: torch.Tensor, 
 
 @_selected_scores_backward_op.register_fake
 def _(d_scores, queries, keys_left, keys_right, halves, need_queries, need_left, need_right):
-    like = lambda t, needed: t.new_empty(t.shape if needed else (0,))  # noqa: E731
+    def like(t, needed):
+        return t.new_empty(t.shape if needed else (0,))
+
     return like(queries, need_queries), like(keys_left, need_left), like(keys_right, need_right)
 
 
@@ -179,15 +180,12 @@ def _selected_scores_backward(ctx, d_scores):
 _selected_scores_op.register_autograd(_selected_scores_backward, setup_context=_selected_scores_setup)
 
 
-class _SelectedScores:
+def selected_scores(queries, keys_left, keys_right, halves, sub_scores):
     """scores[t, j, i] = left[t, j] . keys.left[g, a] + right[t, j] . keys.right[g, b] for each
     selected expert i = a*n_keys + b (halves = (a, b)), read from the sub-key scores; the
     gradient flows to queries and sub-keys (not to sub_scores). The op peer::selected_scores.
     """
-
-    @staticmethod
-    def apply(queries, keys_left, keys_right, halves, sub_scores):
-        return torch.ops.peer.selected_scores(queries, keys_left, keys_right, halves, sub_scores)
+    return torch.ops.peer.selected_scores(queries, keys_left, keys_right, halves, sub_scores)
 
 
 @functools.cache
@@ -237,15 +235,11 @@ def _product_key_topk(cfg, sub_scores):
     return torch.ops.peer.product_key_topk(sub_scores.detach(), cfg.topk)
 
 
-class _ExpertCount(typing.NamedTuple):
-    n_experts: int
-
-
 @torch.library.custom_op("peer::checked_routing", mutates_args=())
 def _checked_routing_op(routing: torch.Tensor, n_experts: int) -> torch.Tensor:
     """The routing override as int64, after checking its values (SPEC §9) where they are known."""
     if routing.numel():
-        checks.check_routing_values(_ExpertCount(n_experts), int(routing.min()), int(routing.max()))
+        checks.check_expert_indices(n_experts, int(routing.min()), int(routing.max()))
     return routing.to(torch.int64, copy=True)
 
 
@@ -275,7 +269,7 @@ def route(cfg, training, p, state, xf, valid, routing):
         q = q + p["query.bias"]
     q, new_state = query_norm(cfg, p, state, q, valid, training)
     queries = q.reshape(tokens, cfg.heads, cfg.d_key)
-    with torch.no_grad():  # _SelectedScores carries the gradient of the selected scores
+    with torch.no_grad():  # selected_scores carries the gradient of the selected scores
         sub_scores = _sub_key_scores(cfg, p, queries)
         if routing is None:
             indices = _product_key_topk(cfg, sub_scores)
@@ -283,5 +277,5 @@ def route(cfg, training, p, state, xf, valid, routing):
             indices = torch.ops.peer.checked_routing(routing.reshape(tokens, cfg.heads, cfg.topk), cfg.n_experts)
     n = cfg.n_keys
     halves = torch.stack((indices // n, indices % n))
-    scores = _SelectedScores.apply(queries, p["keys.left"], p["keys.right"], halves, sub_scores)
+    scores = selected_scores(queries, p["keys.left"], p["keys.right"], halves, sub_scores)
     return new_state, indices, scores, _score_weights(cfg.score, scores)
