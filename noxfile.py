@@ -16,8 +16,8 @@ nox.options.sessions = ["tests", "kernels"]
 nox.options.reuse_existing_virtualenvs = True
 
 PYTHON = "3.11"
-# The Hypothesis profile: ci (200 examples per core property, derandomized) unless told otherwise.
-PROFILE = ["--hypothesis-profile", "ci"]
+# The Hypothesis profile: peer-ci (200 examples per core property, derandomized) unless told otherwise.
+PROFILE = ["--hypothesis-profile", "peer-ci"]
 PYTEST = ["-p", "no:cacheprovider", "-ra"]
 
 
@@ -60,7 +60,7 @@ def tests(session):
 
 # The kernel paths under their interpreters (Triton: TRITON_INTERPRET=1 on CPU tensors; Pallas:
 # interpret=True off GPUs), which run every program instance in Python: the conformance modules
-# that exercise the expert stage, with the small "kernels" Hypothesis profile.
+# that exercise the expert stage, with the small "peer-kernels" Hypothesis profile.
 KERNEL_MODULES = ["test_forward", "test_gradients", "test_mask", "test_routing", "test_shapes", "test_vectors"]
 KERNEL_PATHS = {"torch": "triton", "jax": "pallas"}
 
@@ -77,7 +77,7 @@ def kernels(session):
     session.run("pytest", *PYTEST, "tests/test_jax_kernels.py", *session.posargs, env=env)
     for backend, implementation in KERNEL_PATHS.items():
         for module in KERNEL_MODULES:
-            session.run("pytest", *PYTEST, "--hypothesis-profile", "kernels", "-q", "--pyargs",
+            session.run("pytest", *PYTEST, "--hypothesis-profile", "peer-kernels", "-q", "--pyargs",
                         f"peer_conformance.{module}", "--peer-backend", backend,
                         "--peer-implementation", implementation, *session.posargs, env=env)
 
