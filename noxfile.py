@@ -1,6 +1,7 @@
 """Sessions: `nox -s tests kernels` runs everything (the README's test command): `tests` the
 reference, every backend and the harnesses, `kernels` the fused GPU kernels interpreted on the CPU;
 `ref`, `torch`, `jax`, `tensorflow` one backend each;
+`verdict` writes PEER-pytorch's conformance verdict into docs/conformance;
 `bench` runs the benchmark harness (pass flags after `--`, e.g. `nox -s bench -- --preset paper`);
 `train` runs the trainer (`nox -s train -- all --quick`).
 
@@ -39,6 +40,15 @@ def _conformance(session, backends: list[str]) -> None:
                         "--peer-backend", backend, *session.posargs)
 
 
+# The first public verdict: PEER-pytorch through its adapter, every module in one process, its known
+# divergences as strict xfails (a verdict that changes fails the run); the `verdict` session writes it
+# to docs/conformance/.
+PEER_PYTORCH = ["-q", "--hypothesis-profile", "peer-dev", "--hypothesis-seed", "0", "--pyargs", "peer_conformance",
+                "--peer-backend", "peer_conformance.adapters.peer_pytorch",
+                "--peer-divergences", "conformance/peer_conformance/adapters/peer_pytorch.toml"]
+VERDICT = "docs/conformance/peer-pytorch-verdict"
+
+
 @nox.session(python=PYTHON)
 def tests(session):
     """The whole suite: reference, packaging, every backend's own tests and conformance, bench smoke."""
@@ -56,6 +66,15 @@ def tests(session):
     for path in own:
         session.run("pytest", *PYTEST, *PROFILE, path, *session.posargs)
     _conformance(session, ["numpy", "torch", "jax", "tensorflow"])
+    session.run("pytest", *PYTEST, *PEER_PYTORCH, *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def verdict(session):
+    """PEER-pytorch's conformance verdict, written to docs/conformance/peer-pytorch-verdict.{json,md}."""
+    _install(session, "all")
+    session.run("pytest", *PYTEST, *PEER_PYTORCH, "--peer-verdict-json", f"{VERDICT}.json",
+                "--peer-verdict-md", f"{VERDICT}.md", *session.posargs)
 
 
 # The kernel paths under their interpreters (Triton: TRITON_INTERPRET=1 on CPU tensors; Pallas:

@@ -54,9 +54,8 @@ class Section:
         return "not supported" if self.not_supported else "not run"
 
     def lacking(self) -> list[str]:
-        """Every option value or capability this section could not check, sorted."""
-        atoms = {part for reason in self.not_supported.values() for part in reason.split(", ")}
-        return sorted(self.left_out | atoms)
+        """The option values and capabilities its tests skipped as not supported need, sorted."""
+        return sorted({part for reason in self.not_supported.values() for part in reason.split(", ")})
 
     def as_dict(self) -> dict:
         return {"section": self.title, "module": self.module, "status": self.status,
@@ -157,6 +156,7 @@ class Verdict:
                 "capabilities": sorted(getattr(module, "capabilities", ())),
                 "errors_judged_by": error_level(self.config, name),
                 "hypothesis_profile": settings.get_current_profile_name(),
+                "command": " ".join(["pytest", *self.config.invocation_params.args]),
                 "sections": [s.as_dict() for s in sorted(sections.values(), key=lambda s: _section_key(s.title))],
             })
         return out
@@ -182,7 +182,8 @@ def _counts(section: dict) -> str:
 
 
 def text_lines(verdict: dict) -> list[str]:
-    """The terminal form: one line per section, then its failures and what it could not check."""
+    """The terminal form: one line per section, then its failures and what it could not check
+    (the rules skipped as not supported, the option values left out of its draws)."""
     width = max((len(s["section"]) for s in verdict["sections"]), default=0)
     lines = []
     for section in verdict["sections"]:
@@ -193,6 +194,8 @@ def text_lines(verdict: dict) -> list[str]:
             lines.extend(f"        {line}" for line in failure["input"].splitlines())
         if section["lacking"]:
             lines.append(f"    not supported: {'; '.join(section['lacking'])}")
+        if section["not_exercised"]:
+            lines.append(f"    not drawn: {'; '.join(section['not_exercised'])}")
     return lines
 
 
@@ -202,12 +205,18 @@ def markdown(verdicts: list[dict]) -> str:
     for v in verdicts:
         out += [f"# Conformance verdict: {v['backend']} {v['version']}", "",
                 f"Backend module `{v['module']}`; capabilities {', '.join(v['capabilities']) or 'none'}; "
-                f"errors judged by {v['errors_judged_by']}; Hypothesis profile `{v['hypothesis_profile']}`.", ""]
+                f"errors judged by {v['errors_judged_by']}; Hypothesis profile `{v['hypothesis_profile']}`. "
+                "Produced by:", "",
+                "```bash", v["command"], "```", ""]
         if v["declared_options"]:
             out += ["Declared options (the values it supports; every other option supports every value):", ""]
             out += [f"- `{k}`: {', '.join(repr(x) for x in values)}" for k, values in v["declared_options"].items()]
             out.append("")
-        out += ["| Section | Verdict | Tests | Not supported |", "|---|---|---|---|"]
+        not_drawn = sorted({x for s in v["sections"] for x in s["not_exercised"]})
+        if not_drawn:
+            out += ["Configs and calls were drawn from the supported values only; left out: "
+                    + ", ".join(f"`{x}`" for x in not_drawn) + ".", ""]
+        out += ["| Section | Verdict | Tests | Tests not supported, for |", "|---|---|---|---|"]
         for s in v["sections"]:
             lacking = "; ".join(s["lacking"]) or "-"
             out.append(f"| {s['section']} | **{s['status']}** | {_counts(s)} | {lacking} |")
@@ -216,9 +225,12 @@ def markdown(verdicts: list[dict]) -> str:
             out += ["", "## Failures", ""]
         for s in failed:
             out += [f"### {s['section']}", ""]
+            reason = None
             for failure in s["failed"]:
-                known = f" (known divergence: {failure['known']})" if failure.get("known") else ""
-                out += [f"- `{failure['test']}`{known}: {failure['message']}", "", "  ```text"]
+                if failure.get("known") and failure["known"] != reason:
+                    reason = failure["known"]
+                    out += [f"Known divergence: {reason}", ""]
+                out += [f"- `{failure['test']}`: {failure['message']}", "", "  ```text"]
                 out += [f"  {line}" for line in failure["input"].splitlines()]
                 out += ["  ```", ""]
         out.append("")
