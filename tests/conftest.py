@@ -1,9 +1,8 @@
 """Fixtures shared by the project's own tests (frameworks are imported only by the tests that ask)."""
 
+import os
 import pathlib
 import re
-
-import os
 
 import pytest
 from hypothesis import settings

@@ -30,8 +30,6 @@ import contextlib
 import importlib.metadata
 import sys
 
-import numpy as np
-
 import peer_ref
 from peer_backends import options as _options
 
