@@ -33,10 +33,12 @@ ERROR_LEVELS = ("message", "kind")
 
 def register_profiles() -> None:
     """Register the suite's Hypothesis profiles (``PROFILES``); loads none."""
-    from hypothesis import HealthCheck, settings
+    from hypothesis import HealthCheck, Phase, settings
 
     suppress = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
-    common = dict(deadline=None, suppress_health_check=suppress)
+    # No explain phase: it re-runs a failing test many times to annotate the failing input, which
+    # costs a minute on an implementation whose error path is slow (einx's shape solver, say).
+    common = dict(deadline=None, suppress_health_check=suppress, phases=[p for p in Phase if p is not Phase.explain])
     settings.register_profile("peer-dev", max_examples=25, **common)
     settings.register_profile("peer-ci", max_examples=200, derandomize=True, print_blob=True, **common)
     settings.register_profile("peer-thorough", max_examples=2000, **common)

@@ -93,8 +93,8 @@ def _message(exc) -> str:
         text = str(exc.msg)
     elif isinstance(exc, AssertionError):  # its message, without pytest's rewritten expression
         text = str(exc).split("\nassert ")[0]
-    else:
-        text = f"{type(exc).__name__}: {exc}"
+    else:  # an error of the implementation: its first line says what
+        text = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
     text = " ".join(line.strip() for line in text.strip().splitlines()) or type(exc).__name__
     return text if len(text) <= 500 else text[:497] + "..."
 
