@@ -142,8 +142,15 @@ def conformance_backend(item) -> str | None:
 
 def short_id(item) -> str:
     """A conformance test's name with its parameters other than the backend: ``test_x[float32]``."""
-    params = {k: v for k, v in item.callspec.params.items() if k != "backend"}
-    return item.originalname + (f"[{'-'.join(map(str, params.values()))}]" if params else "")
+    backend = str(item.callspec.params["backend"])
+    inner = item.name[len(item.originalname) + 1:-1]  # the ids pytest gave the parameters, "-"-joined
+    ids = inner.split("-")
+    for start in range(len(ids)):  # drop the backend's id (a module path may hold no "-", a name might)
+        span = len(backend.split("-"))
+        if "-".join(ids[start:start + span]) == backend:
+            ids = ids[:start] + ids[start + span:]
+            break
+    return item.originalname + (f"[{'-'.join(ids)}]" if ids else "")
 
 
 def pytest_generate_tests(metafunc):
