@@ -1,6 +1,7 @@
 """Sessions: `nox -s tests kernels` runs everything (the README's test command): `tests` the
 reference, every backend and the harnesses, `kernels` the fused GPU kernels interpreted on the CPU;
 `ref`, `torch`, `jax`, `tensorflow` one backend each;
+`verdict` writes PEER-pytorch's conformance verdict into docs/conformance;
 `bench` runs the benchmark harness (pass flags after `--`, e.g. `nox -s bench -- --preset paper`);
 `train` runs the trainer (`nox -s train -- all --quick`); `docs` builds the documentation site
 (`mkdocs build --strict`, into site/);
@@ -19,8 +20,8 @@ nox.options.sessions = ["tests", "kernels"]
 nox.options.reuse_existing_virtualenvs = True
 
 PYTHON = "3.11"
-# The Hypothesis profile: ci (200 examples per core property, derandomized) unless told otherwise.
-PROFILE = ["--hypothesis-profile", "ci"]
+# The Hypothesis profile: peer-ci (200 examples per core property, derandomized) unless told otherwise.
+PROFILE = ["--hypothesis-profile", "peer-ci"]
 PYTEST = ["-p", "no:cacheprovider", "-ra"]
 # The exact releases CI tests (pip constraints: they pin what the extras ask for, and add nothing).
 CONSTRAINTS = ["-c", "constraints/ci.txt"]
@@ -43,6 +44,15 @@ def _conformance(session, backends: list[str]) -> None:
                         "--peer-backend", backend, *session.posargs)
 
 
+# The first public verdict: PEER-pytorch through its adapter, every module in one process, its known
+# divergences as strict xfails (a verdict that changes fails the run); the `verdict` session writes it
+# to docs/conformance/.
+PEER_PYTORCH = ["-q", "--hypothesis-profile", "peer-dev", "--hypothesis-seed", "0", "--pyargs", "peer_conformance",
+                "--peer-backend", "peer_conformance.adapters.peer_pytorch",
+                "--peer-divergences", "conformance/peer_conformance/adapters/peer_pytorch.toml"]
+VERDICT = "docs/conformance/peer-pytorch-verdict"
+
+
 @nox.session(python=PYTHON)
 def tests(session):
     """The whole suite: reference, packaging, every backend's own tests and conformance, bench smoke."""
@@ -63,11 +73,20 @@ def tests(session):
     for keras_backend in ("tensorflow", "jax", "torch"):
         session.run("pytest", *PYTEST, *PROFILE, keras_layer, *session.posargs, env={"KERAS_BACKEND": keras_backend})
     _conformance(session, ["numpy", "torch", "jax", "tensorflow"])
+    session.run("pytest", *PYTEST, *PEER_PYTORCH, *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def verdict(session):
+    """PEER-pytorch's conformance verdict, written to docs/conformance/peer-pytorch-verdict.{json,md}."""
+    _install(session, "all")
+    session.run("pytest", *PYTEST, *PEER_PYTORCH, "--peer-verdict-json", f"{VERDICT}.json",
+                "--peer-verdict-md", f"{VERDICT}.md", *session.posargs)
 
 
 # The kernel paths under their interpreters (Triton: TRITON_INTERPRET=1 on CPU tensors; Pallas:
 # interpret=True off GPUs), which run every program instance in Python: the conformance modules
-# that exercise the expert stage, with the small "kernels" Hypothesis profile.
+# that exercise the expert stage, with the small "peer-kernels" Hypothesis profile.
 KERNEL_MODULES = ["test_forward", "test_gradients", "test_mask", "test_routing", "test_shapes", "test_vectors"]
 KERNEL_PATHS = {"torch": "triton", "jax": "pallas"}
 
@@ -84,7 +103,7 @@ def kernels(session):
     session.run("pytest", *PYTEST, "tests/test_jax_kernels.py", *session.posargs, env=env)
     for backend, implementation in KERNEL_PATHS.items():
         for module in KERNEL_MODULES:
-            session.run("pytest", *PYTEST, "--hypothesis-profile", "kernels", "-q", "--pyargs",
+            session.run("pytest", *PYTEST, "--hypothesis-profile", "peer-kernels", "-q", "--pyargs",
                         f"peer_conformance.{module}", "--peer-backend", backend,
                         "--peer-implementation", implementation, *session.posargs, env=env)
 

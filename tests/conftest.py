@@ -1,6 +1,16 @@
 """Fixtures shared by the project's own tests (frameworks are imported only by the tests that ask)."""
 
+import os
+
 import pytest
+from hypothesis import settings
+
+from peer_conformance.plugin import register_profiles
+
+# The project's own tests use the conformance suite's profiles (peer-dev, peer-ci, ...), which its
+# plugin registers only in runs that name a backend; --hypothesis-profile overrides this default.
+register_profiles()
+settings.load_profile("peer-ci" if os.environ.get("CI") else "peer-dev")
 
 
 @pytest.fixture

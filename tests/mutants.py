@@ -32,17 +32,17 @@ def _mutant(name: str, patches=(), *, init=None, before=None):
                 stack.enter_context(mock.patch.object(target, attribute, replacement))
             yield
 
-    def apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit=None):
+    def apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit=None, **kwargs):
         if before:
             params, state, x = before(cfg, params, state, x)
         with patched():
-            return numpy_backend.apply(cfg, params, state, x, training, mask, routing, jit=jit)
+            return numpy_backend.apply(cfg, params, state, x, training, mask, routing, jit=jit, **kwargs)
 
-    def vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, jit=None):
+    def vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, jit=None, **kwargs):
         if before:
             params, state, x = before(cfg, params, state, x)
         with patched():
-            return numpy_backend.vjp(cfg, params, state, x, dy, training, mask, routing, jit=jit)
+            return numpy_backend.vjp(cfg, params, state, x, dy, training, mask, routing, jit=jit, **kwargs)
 
     return types.SimpleNamespace(
         name=f"mutant-{name}", version="0", capabilities=numpy_backend.capabilities,
@@ -151,3 +151,18 @@ silent_cast = _mutant("silent-cast", before=_cast_x_to_params)
 
 
 masked_output_multiplied = _mutant("masked-output-multiplied", [(ref_forward, "zero_masked", _zero_masked_by_multiplying)])
+
+
+def _restricted(mutant, **declared):
+    """``mutant`` in an implementation that declares the option its bug breaks unsupported
+    (``options``, see peer_backends.options): the suite must report that option as not supported,
+    not blame the bug on it."""
+    return types.SimpleNamespace(**{**vars(mutant), "name": mutant.name.replace("mutant-", "restricted-"),
+                                    "options": declared})
+
+
+gate_activated_without_glu = _restricted(gate_activated, expert_glu=(False,))
+softmax_missing_without_softmax = _restricted(softmax_missing, score=("sigmoid", "none"))
+bn_variance_swapped_without_batch_norm = _restricted(bn_variance_swapped, query_norm=("none",))
+per_head_keys_without_shared_keys = _restricted(per_head_keys, shared_keys=(False,))
+masked_output_multiplied_without_mask = _restricted(masked_output_multiplied, mask=(False,))

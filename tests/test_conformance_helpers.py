@@ -133,3 +133,72 @@ def test_config_pool_covers_every_option_value():
     assert any(cfg.d_out != cfg.d_model for cfg in pools)
     assert any(cfg.topk == cfg.n_keys for cfg in pools) and any(cfg.topk == 1 for cfg in pools)
     assert {cfg.bn_momentum for cfg in pools if cfg.query_norm == "batch"} >= {0.0, 0.1, 1.0}
+
+
+# --- declared options (peer_backends.options) ------------------------------------------------
+
+RESTRICTED = {"shared_keys": (False,), "query_norm": ("none",), "score": ("softmax",), "expert_bias": (False,),
+              "expert_glu": (False,), "d_out": ("d_model",), "d_model": ("even",), "mask": (False,)}
+
+
+def _table(**declared):
+    import types
+
+    from peer_backends import options
+
+    return options.supported(types.SimpleNamespace(options=declared))
+
+
+def test_declared_options_are_checked():
+    from peer_backends import options
+
+    assert _table() == options.FULL
+    with pytest.raises(peer_ref.PEERConfigError, match=r"options\['keys'\]: unknown option"):
+        _table(keys=(False,))
+    with pytest.raises(peer_ref.PEERConfigError, match=r"options\['score'\]=\('relu',\)"):
+        _table(score=("relu",))
+    with pytest.raises(peer_ref.PEERConfigError, match=r"options\['mask'\]=\(\)"):
+        _table(mask=())
+
+
+def test_projection_gives_supported_configs_of_the_same_sizes():
+    from peer_backends import options
+
+    table = _table(**RESTRICTED)
+    for cfg in strategies.POOL + strategies.TIED_POOL:
+        projected = options.project(cfg, table)
+        assert not options.unsupported(table, projected), projected
+        assert (projected.n_experts, projected.heads, projected.topk, projected.d_key) == (
+            cfg.n_experts, cfg.heads, cfg.topk, cfg.d_key)
+        assert projected == cfg or options.unsupported(table, cfg)
+    other_width = _table(d_out=("other",))
+    assert options.project(strategies.POOL[0], other_width).d_out != strategies.POOL[0].d_model
+
+
+def test_strategies_draw_only_supported_configs_and_record_what_they_left_out():
+    from peer_backends import options
+
+    table = _table(**RESTRICTED)
+    seen = []
+
+    @settings(max_examples=60, database=None, derandomize=True)
+    @given(strategies.configs(), strategies.cases())
+    def collect(cfg, case):
+        seen.extend([cfg, case.cfg])
+        assert case.mask is None
+
+    with strategies.declared(table) as left_out:
+        collect()
+    assert seen and not any(options.unsupported(table, cfg) for cfg in seen)
+    assert {("expert_glu", True), ("shared_keys", True), ("mask", True)} <= left_out
+
+
+def test_a_strategy_asked_for_an_unsupported_option_skips_naming_it():
+    @settings(max_examples=5, database=None)
+    @given(strategies.cases(query_norm="batch"))
+    def draw(case):
+        pass
+
+    with strategies.declared(_table(query_norm=("none",))):
+        with pytest.raises(pytest.skip.Exception, match=r"not supported: query_norm='batch'"):
+            draw()

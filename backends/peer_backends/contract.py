@@ -80,6 +80,17 @@ enable_float64()
 clear_caches()
     Drop compiled specialisations; called between test modules so a long test process
     does not accumulate thousands of compiled executables.
+
+Optional, declared options (for a backend that implements part of SPEC §1):
+
+options : Mapping[str, Iterable]
+    The values of each option the backend supports; an option left out, or no ``options`` at all,
+    supports every value. Option names and values are those of ``peer_backends.options.OPTIONS``:
+    config fields (``shared_keys``, ``query_norm``, ``query_bias``, ``activation``, ``score``,
+    ``expert_bias``, ``expert_glu``), widths (``d_out``: "d_model" | "other"; ``d_model``:
+    "even" | "odd") and call features (``mask``, ``routing``: False | True). The conformance suite
+    draws only supported configs and reports a rule that needs another value as not supported,
+    naming the option (``peer_backends.options`` has the helpers).
 """
 
 from __future__ import annotations

@@ -1,14 +1,14 @@
 """PEER-pytorch 0.2.2 (lucidrains) as the outside baseline, mapped onto a bench case.
 
-Its `PEER(dim, heads, num_experts, num_experts_per_head, dim_key, ...)` projects x to
-2 * heads * dim_key, so its `dim_key` is our half-query size d_key // 2; its product-key top-k
-defaults to num_experts_per_head. `non_competing_scores=False` selects softmax over the top-k
-scores (the default, True, is ReLU scores and one expert per head). It differs from the layer we
-time in ways the mapping cannot remove: per-head keys (we share keys across heads), no query
-batch norm, no expert bias, and (b, n, h, k, d) gathers of both expert tables.
+The constructor mapping is the conformance adapter's (``peer_conformance.adapters.peer_pytorch``,
+where it is explained and checked against the reference). It differs from the layer we time in
+ways the mapping cannot remove: per-head keys (we share keys across heads), no query batch norm,
+no expert bias, and (b, n, h, k, d) gathers of both expert tables.
 """
 
 from __future__ import annotations
+
+from peer_conformance.adapters import peer_pytorch as adapter
 
 from .presets import BenchCase
 
@@ -17,16 +17,8 @@ DIFFERENCES = ("per-head keys (ours: shared)", "no query batch norm (ours: batch
 
 
 def mapping(case: BenchCase) -> dict:
-    """Constructor arguments of PEER-pytorch for `case`."""
-    return {
-        "dim": case.d_model,
-        "heads": case.heads,
-        "num_experts": case.n_experts,
-        "num_experts_per_head": case.topk,
-        "dim_key": case.d_key // 2,
-        "non_competing_scores": False,
-        "activation": "torch.nn.GELU",
-    }
+    """Constructor arguments of PEER-pytorch for `case` (GELU, as the layer we time)."""
+    return adapter.arguments(case.d_model, case.heads, case.n_experts, case.topk, case.d_key)
 
 
 def build(case: BenchCase, fw, seed: int, x, dy, mode: str):
@@ -37,7 +29,7 @@ def build(case: BenchCase, fw, seed: int, x, dy, mode: str):
     from PEER_pytorch import PEER
 
     kwargs = mapping(case)
-    kwargs["activation"] = torch.nn.GELU
+    kwargs["activation"] = adapter.activation_class("gelu")
     torch.manual_seed(seed)
     dtype = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}[case.dtype]
     model = PEER(**kwargs).to(device=fw.device, dtype=dtype)

@@ -15,6 +15,8 @@ import peer_ref
 from peer_ref import TOLERANCES
 from peer_ref.checks import state_dtype
 
+from .strategies import require
+
 
 # --- conversion ---------------------------------------------------------------------------
 
@@ -88,9 +90,10 @@ def with_implementation(backend, implementation: str):
 
 
 def needs(backend, capability: str) -> None:
-    """Skip unless the backend declares ``capability``."""
+    """Skip, as not supported, unless the backend declares ``capability``."""
+    __tracebackhide__ = True
     if capability not in backend.capabilities:
-        pytest.skip(f"backend {backend.name!r} does not declare capability {capability!r}")
+        pytest.skip(f"not supported: capability {capability!r}")
 
 
 def run_backend(backend, case, dtype: str, *, routing=None, jit=None, dy=None, compute_dtype=None):
@@ -103,6 +106,7 @@ def run_backend(backend, case, dtype: str, *, routing=None, jit=None, dy=None, c
 
     Returns ``(y, new_state, aux)`` or, when ``dy`` is given, ``(grads, dx)``.
     """
+    require(mask=case.mask is not None, routing=routing is not None)
     params = backend.from_numpy(cast_tree(case.params, dtype))
     state = backend.from_numpy(cast_tree(case.state, state_dtype(dtype)))
     x = backend.from_numpy(case.x.astype(np_dtype(compute_dtype or dtype)))

@@ -7,18 +7,26 @@ Compiled backends (jax.jit, XLA) specialise on every config and shape, and a fre
 specialisation costs them far more than the check itself. So calls (``cases``) draw their
 config from ``POOL`` — a fixed set chosen to cover every option value — and their leading
 shape from ``POOL_LEADS``, while data, masks and modes vary freely; compiled functions are
-then reused across examples. The ``thorough`` profile draws fully random configs and shapes.
+then reused across examples. The ``peer-thorough`` profile draws fully random configs and shapes.
+
+Only configs the backend under test supports are drawn (its declared options, see
+``peer_backends.options``): the pool is projected onto them, random configs draw supported
+values only, and a strategy asked for an unsupported option skips the test as *not supported*,
+naming it. The plugin sets the backend's options around each test call (``declared``).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import numpy as np
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 
 import peer_ref
+from peer_backends import options
 from peer_ref import PEERConfig
 
 MAX_TOKENS = 12
@@ -65,23 +73,94 @@ POOL = [
 POOL_LEADS = [(2, 3)]
 
 
+# --- declared options -----------------------------------------------------------------------
+
+class _Declared:
+    """The option table of the backend under test, and the option values its draws left out."""
+
+    table: dict = options.FULL
+    left_out: set = set()  # (option, value) pairs
+
+
+@contextlib.contextmanager
+def declared(table: dict):
+    """Draw only configs ``table`` supports (see ``peer_backends.options.supported``) inside the
+    block; yields the set that collects the (option, value) pairs the draws left out."""
+    before = _Declared.table, _Declared.left_out
+    _Declared.table, _Declared.left_out = table, set()
+    try:
+        yield _Declared.left_out
+    finally:
+        _Declared.table, _Declared.left_out = before
+
+
+def not_supported(values: dict) -> None:
+    """Skip the test as not supported by the backend, naming the option values it would need."""
+    __tracebackhide__ = True
+    pytest.skip(f"not supported: {options.describe(values)}")
+
+
+def require(cfg: PEERConfig | None = None, **features) -> None:
+    """Skip unless the backend under test supports ``cfg`` and the call features (``mask=True``...)."""
+    __tracebackhide__ = True
+    missing = options.unsupported(_Declared.table, cfg, **features)
+    if missing:
+        not_supported(missing)
+
+
+def supported_config(cfg: PEERConfig) -> PEERConfig:
+    """``cfg`` projected onto the backend's options (itself when supported); what the projection
+    changed is recorded as left out."""
+    _Declared.left_out.update(options.unsupported(_Declared.table, cfg).items())
+    return options.project(cfg, _Declared.table)
+
+
+def supported_config_with(cfg: PEERConfig, names) -> PEERConfig:
+    """``supported_config(cfg)``, or skip as not supported when that drops one of the parameter or
+    state ``names``, naming the options that drop it."""
+    __tracebackhide__ = True
+    projected = supported_config(cfg)
+    if all(name in _names(projected) for name in names):
+        return projected
+    culprits = {}
+    for option, value in options.unsupported(_Declared.table, cfg).items():
+        alone = options.project(cfg, {**options.FULL, option: _Declared.table[option]})
+        if not all(name in _names(alone) for name in names):
+            culprits[option] = value
+    not_supported(culprits)
+
+
+def _names(cfg: PEERConfig) -> set[str]:
+    return {*cfg.param_shapes(), *cfg.state_shapes()}
+
+
 def _thorough() -> bool:
-    return settings.get_current_profile_name() == "thorough"
+    return settings.get_current_profile_name() == "peer-thorough"
 
 
 def call_configs(**fixed):
     """Configs for whole calls: the pool (filtered by ``fixed``), or random ones when thorough."""
+    require(**{k: v for k, v in fixed.items() if k in options.OPTIONS})
     if _thorough():
         return configs(**fixed)
     matching = [cfg for cfg in POOL if all(getattr(cfg, k) == v for k, v in fixed.items())]
     if not matching:
         raise ValueError(f"no pooled config has {fixed}")
-    return st.sampled_from(matching)
+    return st.sampled_from(list(dict.fromkeys(supported_config(cfg) for cfg in matching)))
+
+
+def _supported_values(name: str, strategy):
+    values = _Declared.table.get(name)
+    if values is None or set(values) == set(options.OPTIONS[name]):
+        return strategy
+    _Declared.left_out.update((name, v) for v in options.OPTIONS[name] if v not in values)
+    return st.sampled_from(values)
 
 
 @st.composite
 def configs(draw, **fixed) -> PEERConfig:
-    """A valid PEERConfig; ``fixed`` pins fields. Each optional field is sometimes left to its default."""
+    """A valid PEERConfig the backend supports; ``fixed`` pins fields. Each optional field is
+    sometimes left to its default (when the backend supports the default)."""
     keys = draw(n_keys)
     kwargs = {
         "d_model": draw(d_model),
@@ -92,9 +171,9 @@ def configs(draw, **fixed) -> PEERConfig:
     }
     for name, strategy in _OPTIONS.items():
         if draw(st.booleans()):
-            kwargs[name] = draw(strategy)
+            kwargs[name] = draw(_supported_values(name, strategy) if name != "d_out" else strategy)
     kwargs.update(fixed)
-    return PEERConfig(**kwargs)
+    return supported_config(PEERConfig(**kwargs))
 
 
 class Case(NamedTuple):
@@ -112,6 +191,13 @@ class Case(NamedTuple):
     def describe(self) -> str:
         lead = self.x.shape[:-1]
         return f"cfg={self.cfg}, lead={lead}, training={self.training}, mask={self.mask is not None}, seed={self.seed}"
+
+    def __repr__(self) -> str:
+        # What a failure report shows as the falsifying input: the data follow from the seed.
+        return f"Case({self.describe()})"
+
+    def _repr_pretty_(self, printer, cycle) -> None:  # Hypothesis's pretty printer
+        printer.text(repr(self))
 
 
 def perturbed_state(cfg: PEERConfig, rng: np.random.Generator) -> dict:
@@ -138,6 +224,11 @@ def cases(draw, cfg=None, training=None, masked=None, lead=None, **fixed) -> Cas
     if lead is None:
         lead = draw(leading_shapes if _thorough() else st.sampled_from(POOL_LEADS))
     x = rng.standard_normal(lead + (cfg.d_model,))
+    if masked:
+        require(mask=True)
+    if masked is None and True not in _Declared.table["mask"]:
+        _Declared.left_out.add(("mask", True))
+        masked = False
     use_mask = draw(st.booleans()) if masked is None else masked
     mask = rng.random(lead) < 0.7 if use_mask else None
     dy = rng.standard_normal(lead + (cfg.d_out,))
@@ -149,7 +240,9 @@ def cases(draw, cfg=None, training=None, masked=None, lead=None, **fixed) -> Cas
 def tied_cases(draw, training=False) -> Case:
     """Exact ties by construction: integer-valued queries and keys give integer scores, exactly
     representable in every dtype, so every backend must break ties by the index rule (SPEC §4.1)."""
-    cfg = draw(st.sampled_from(TIED_POOL) if not _thorough() else _tied_configs())
+    require(query_norm="none")
+    pool = list(dict.fromkeys(supported_config(cfg) for cfg in TIED_POOL))
+    cfg = draw(st.sampled_from(pool) if not _thorough() else _tied_configs())
     seed = draw(seeds)
     rng = np.random.default_rng(seed)
     params, state = peer_ref.init(cfg, seed=seed)
@@ -168,10 +261,10 @@ def tied_cases(draw, training=False) -> Case:
 @st.composite
 def _tied_configs(draw) -> PEERConfig:
     keys = draw(st.integers(2, 5))
-    return PEERConfig(
+    return supported_config(PEERConfig(
         d_model=draw(st.integers(2, 6)), n_experts=keys * keys, heads=draw(heads), topk=draw(st.integers(1, keys)),
         d_key=draw(d_key), shared_keys=draw(st.booleans()), query_norm="none",
-    )
+    ))
 
 
 TIED_POOL = [

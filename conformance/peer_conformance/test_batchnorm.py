@@ -9,6 +9,8 @@ from peer_ref import TOLERANCES
 from .helpers import assert_close, assert_equal, assert_tree_close, run_backend, run_reference
 from .strategies import SECONDARY, cases
 
+SECTION = "§3.3 Query batch norm"
+
 
 def _dtype(backend):
     return "float64" if "float64" in backend.capabilities else "float32"

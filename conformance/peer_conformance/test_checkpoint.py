@@ -10,22 +10,26 @@ import peer_ref
 from peer_ref import PEERConfig
 
 from .helpers import needs, prepare
+from .strategies import supported_config
+
+SECTION = "§12 Checkpoints"
 
 CFG = PEERConfig(d_model=6, n_experts=16, heads=2, topk=3, d_key=4, d_out=5, query_bias=True, expert_glu=True)
 
 
 @pytest.mark.parametrize("target", peer_backends.available())
 @pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16", "float16"])
-def test_round_trip_to_every_installed_backend(backend, target, dtype, tmp_path):
+def test_round_trip_to_every_installed_backend(backend, target, dtype, tmp_path, request):
     needs(backend, dtype)
+    cfg = supported_config(CFG)
     other = prepare(peer_backends.get(target))
     if dtype not in other.capabilities:
         pytest.skip(f"target backend {target!r} does not declare capability {dtype!r}")
-    params, state = backend.init(CFG, seed=1, dtype=dtype)
+    params, state = backend.init(cfg, seed=1, dtype=dtype)
     path = tmp_path / "layer.safetensors"
-    peer_backends.save(path, CFG, params, state)
-    cfg, params2, state2 = peer_backends.load(path, backend=target)
-    assert cfg == CFG
+    peer_backends.save(path, cfg, params, state)
+    loaded, params2, state2 = peer_backends.load(path, backend=target)
+    assert loaded == cfg
     before = backend.to_numpy({**params, **state})
     after = other.to_numpy({**params2, **state2})
     assert set(after) == set(before)
@@ -35,17 +39,18 @@ def test_round_trip_to_every_installed_backend(backend, target, dtype, tmp_path)
         assert a.tobytes() == b.tobytes(), f"{name} changed in the round trip {backend.name} -> {target}"
     # And back again, through the target's arrays.
     peer_backends.save(path, cfg, params2, state2)
-    _, params3, _ = peer_backends.load(path, backend=backend.name)
+    _, params3, _ = peer_backends.load(path, backend=request.node.callspec.params["backend"])
     assert backend.to_numpy(params3)["experts.up"].tobytes() == np.asarray(before["experts.up"]).tobytes()
 
 
-def test_checkpoint_that_does_not_fit_its_config_is_refused(backend, tmp_path):
+def test_checkpoint_that_does_not_fit_its_config_is_refused(backend, tmp_path, request):
     import safetensors.numpy
 
-    params, state = peer_ref.init(CFG, seed=0, dtype="float32")
+    cfg = supported_config(CFG)
+    params, state = peer_ref.init(cfg, seed=0, dtype="float32")
     params["experts.down"] = np.zeros((16, 7), np.float32)
     path = tmp_path / "bad.safetensors"
-    meta = {"format": "peer", "format_version": "1", "config": json.dumps(CFG.to_dict())}
+    meta = {"format": "peer", "format_version": "1", "config": json.dumps(cfg.to_dict())}
     safetensors.numpy.save_file({**params, **state}, str(path), metadata=meta)
     with pytest.raises(peer_ref.PEERCheckpointError, match=r"experts\.down"):
-        peer_backends.load(path, backend=backend.name)
+        peer_backends.load(path, backend=request.node.callspec.params["backend"])

@@ -9,6 +9,8 @@ from peer_ref.checks import state_dtype
 from .helpers import MIXED, assert_dtype, needs, needs_mode, run_backend
 from .strategies import STRUCTURE, cases
 
+SECTION = "§10 Dtypes"
+
 LOW = ("bfloat16", "float16")
 
 

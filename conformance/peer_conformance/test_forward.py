@@ -7,6 +7,8 @@ from hypothesis import given
 from .helpers import MIXED, check_forward, needs, needs_mode, run_backend
 from .strategies import SECONDARY, cases
 
+SECTION = "§3 Forward"
+
 
 @pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
 @given(case=cases())

@@ -6,6 +6,8 @@ from hypothesis import given
 from .helpers import MIXED, check_gradients, needs, needs_mode
 from .strategies import SECONDARY, cases
 
+SECTION = "§7 Gradients"
+
 
 @pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
 @given(case=cases())

@@ -8,6 +8,8 @@ from peer_ref import TOLERANCES
 from .helpers import assert_close, assert_equal, needs, run_backend
 from .strategies import SECONDARY, cases
 
+SECTION = "§5 Masks"
+
 
 def _dtype(backend):
     return "float64" if "float64" in backend.capabilities else "float32"

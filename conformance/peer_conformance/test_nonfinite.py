@@ -10,7 +10,9 @@ import peer_ref
 from peer_ref import TOLERANCES, PEERConfig
 
 from .helpers import assert_close, assert_equal, assert_tree_close, needs, run_backend, run_reference
-from .strategies import SECONDARY, Case, cases, tied_cases
+from .strategies import SECONDARY, Case, cases, require, supported_config, tied_cases
+
+SECTION = "§9.2 NaN and Inf"
 
 
 @SECONDARY
@@ -94,7 +96,8 @@ def test_nan_sub_key_is_never_preferred(backend, dtype, jit):
     needs(backend, dtype)
     if jit:
         needs(backend, "jit")
-    cfg = PEERConfig(d_model=2, n_experts=4, heads=1, topk=1, d_key=2, query_norm="none")
+    require(query_norm="none")
+    cfg = supported_config(PEERConfig(d_model=2, n_experts=4, heads=1, topk=1, d_key=2, query_norm="none"))
     params, state = peer_ref.init(cfg, seed=0)
     params["query.kernel"] = np.eye(2)
     params["keys.left"] = np.array([[[1.0], [np.nan]]])

@@ -10,6 +10,8 @@ from .helpers import MIXED, check_forward, check_gradients, needs, needs_mode
 from .strategies import PATHS as PATH_SETTINGS
 from .strategies import cases
 
+SECTION = "§13 Eager and compiled paths"
+
 PATHS = {"eager": False, "compiled": True}
 
 

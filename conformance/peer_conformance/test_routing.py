@@ -10,6 +10,8 @@ from peer_ref import TOLERANCES
 from .helpers import assert_close, assert_equal, assert_valid_routing, needs, run_backend, run_reference
 from .strategies import SECONDARY, cases, tied_cases
 
+SECTION = "§4 Order and ties"
+
 
 @pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
 @given(case=tied_cases())

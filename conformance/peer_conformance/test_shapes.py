@@ -9,6 +9,8 @@ from peer_ref import TOLERANCES
 from .helpers import assert_close, assert_equal, run_backend
 from .strategies import SECONDARY, cases
 
+SECTION = "§6 Shapes"
+
 
 def _dtype(backend):
     return "float64" if "float64" in backend.capabilities else "float32"

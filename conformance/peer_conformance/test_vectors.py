@@ -7,6 +7,9 @@ import peer_spec
 from peer_ref import TOLERANCES, PEERConfig
 
 from .helpers import assert_close, assert_equal, assert_tree_close, needs
+from .strategies import require
+
+SECTION = "Golden vectors (spec/vectors)"
 
 VECTORS = peer_spec.vector_paths()
 
@@ -21,6 +24,7 @@ def test_backend_reproduces_vector(backend, path):
     dtype = vector.x.dtype.name
     needs(backend, dtype)
     cfg = PEERConfig.from_dict(vector.config)
+    require(cfg, mask=vector.mask is not None)
     tol = TOLERANCES[dtype]
     convert = backend.from_numpy
     mask = None if vector.mask is None else convert(vector.mask)
