@@ -288,7 +288,7 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def scaling_markdown(case: Case, devices: tuple[int, ...]) -> str:
+def scaling_markdown(case: BenchCase, devices: tuple[int, ...]) -> str:
     """``model`` for ``case`` at each device count, single-neuron and GLU experts, as a Markdown table."""
     def size(n: float) -> str:
         for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
