@@ -135,3 +135,13 @@ def test_readme_names_the_releases_ci_tests():
     pins = dict(line.split("==") for line in lines if line)
     for name in ("torch", "jax", "flax", "tensorflow-cpu", "keras"):
         assert f"{name} {pins[name]}" in readme, f"README.md must say CI tests {name} {pins[name]} (constraints/ci.txt)"
+
+
+def test_role_table_is_rendered_from_the_contract():
+    from peer_backends.contract import ROLES
+
+    page = (ROOT / "docs" / "api" / "peer_backends.md").read_text()
+    rendered = _hooks().render(page)
+    assert "<!-- results:" not in rendered
+    for role in ROLES:
+        assert f"| `{role.name}` |" in rendered, role
