@@ -3,7 +3,7 @@ by the harnesses' own report functions (never copied by hand), and those files' 
 
 A page asks for a table with one line, ``<!-- results: KIND ARGUMENT -->``; KIND is one of
 ``RENDERERS``, ARGUMENT a path from the repository root (or, for ``sharded-scaling``, the case as
-``field=value,...``). tests/test_docs.py checks the pages against these hooks.
+``field=value,...``; for ``pytest-options`` a module, for ``roles`` a "module.ATTRIBUTE"). tests/test_docs.py checks the pages against these hooks.
 """
 
 from __future__ import annotations
@@ -59,12 +59,12 @@ def sharded_scaling(argument: str) -> str:
     import dataclasses
 
     from peer_bench import sharded
-    from peer_bench.presets import Case
+    from peer_bench.presets import BenchCase
 
     fields = dict(item.split("=", 1) for item in argument.split(","))
     devices = tuple(int(p) for p in fields.pop("devices").split("/"))
-    types = {f.name: f.type for f in dataclasses.fields(Case)}
-    case = Case(tokens=1, **{k: (v if types[k] in ("str", "str | None") else int(v)) for k, v in fields.items()})
+    types = {f.name: f.type for f in dataclasses.fields(BenchCase)}
+    case = BenchCase(tokens=1, **{k: (v if types[k] in ("str", "str | None") else int(v)) for k, v in fields.items()})
     return sharded.scaling_markdown(case, devices)
 
 
@@ -104,8 +104,22 @@ def pytest_options(module: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def roles(name: str) -> str:
+    """The table of a tuple of ``contract.Role`` (role, name in each backend, the NumPy backend's), read from
+    ``name``, a "module.ATTRIBUTE" path."""
+    import importlib
+
+    module, attribute = name.rsplit(".", 1)
+    lines = ["| role | torch, jax, tensorflow | numpy |", "|---|---|---|"]
+    for role in getattr(importlib.import_module(module), attribute):
+        numpy = "—" if role.numpy is None else f"`{role.numpy}`"
+        lines.append(f"| {role.role.replace('|', '/')} | `{role.name}` | {numpy} |")
+    return "\n".join(lines) + "\n"
+
+
 RENDERERS = {"bench-headline": bench_headline, "bench-summary": bench_summary, "train": train,
-             "sharded": sharded, "sharded-scaling": sharded_scaling, "pytest-options": pytest_options}
+             "sharded": sharded, "sharded-scaling": sharded_scaling, "pytest-options": pytest_options,
+             "roles": roles}
 
 
 def render(markdown: str) -> str:

@@ -102,7 +102,7 @@ def test_unknown_result_kind_is_refused():
 def test_every_committed_result_is_cited_and_every_citation_exists():
     cited = " ".join(page.read_text() for page in PAGES)
     for kind, argument in ((kind, argument) for _, kind, argument in _markers()):
-        if kind not in ("sharded-scaling", "pytest-options"):
+        if kind not in ("sharded-scaling", "pytest-options", "roles"):
             assert (ROOT / argument).is_file(), f"results: {kind} {argument} names no file"
     folders = [p for p in (ROOT / "bench" / "results").iterdir() if p.is_dir()]
     for folder in folders:
@@ -135,3 +135,13 @@ def test_readme_names_the_releases_ci_tests():
     pins = dict(line.split("==") for line in lines if line)
     for name in ("torch", "jax", "flax", "tensorflow-cpu", "keras"):
         assert f"{name} {pins[name]}" in readme, f"README.md must say CI tests {name} {pins[name]} (constraints/ci.txt)"
+
+
+def test_role_table_is_rendered_from_the_contract():
+    from peer_backends.contract import ROLES
+
+    page = (ROOT / "docs" / "api" / "peer_backends.md").read_text()
+    rendered = _hooks().render(page)
+    assert "<!-- results:" not in rendered
+    for role in ROLES:
+        assert f"| `{role.name}` |" in rendered, role
