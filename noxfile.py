@@ -1,11 +1,11 @@
-"""Sessions: `nox -s tests kernels` runs everything (the README's test command): `tests` the
-reference, every backend and the harnesses, `kernels` the fused GPU kernels interpreted on the CPU;
+"""Sessions: `nox -s lint docs tests kernels` runs everything (the README's test command, also nox's
+default): `lint` ruff, `docs` the documentation site, `tests` the reference, every backend and
+the harnesses, `kernels` the fused GPU kernels interpreted on the CPU;
 `ref`, `torch`, `jax`, `tensorflow` one backend each;
 `verdict` writes PEER-pytorch's conformance verdict into docs/conformance;
 `bench` runs the benchmark harness (pass flags after `--`, e.g. `nox -s bench -- --preset paper`);
 `train` runs the trainer (`nox -s train -- all --quick`); `docs` builds the documentation site
-(`mkdocs build --strict`, into site/);
-`lint` runs ruff (check and format check).
+(`mkdocs build --strict`, into site/); `lint` runs ruff (check and format check).
 
 Each session installs the project and only what it needs into its own virtual environment, with
 the exact releases CI tests from constraints/ci.txt (pyproject.toml's extras are ranges; the pin
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import nox
 
-nox.options.sessions = ["tests", "kernels"]
+nox.options.sessions = ["lint", "docs", "tests", "kernels"]
 nox.options.reuse_existing_virtualenvs = True
 
 PYTHON = "3.11"
@@ -149,7 +149,7 @@ def tensorflow_session(session):
 @nox.session(python=PYTHON)
 def lint(session):
     """ruff: the linter and the formatter's check (configured in pyproject.toml [tool.ruff])."""
-    session.install("ruff>=0.6")
+    session.install(*CONSTRAINTS, "ruff")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
 
