@@ -40,16 +40,35 @@ MODULES = sorted(p.stem for p in Path("conformance/peer_conformance").glob("test
 def _conformance(session, backends: list[str]) -> None:
     for backend in backends:
         for module in MODULES:
-            session.run("pytest", *PYTEST, *PROFILE, "-q", "--pyargs", f"peer_conformance.{module}",
-                        "--peer-backend", backend, *session.posargs)
+            session.run(
+                "pytest",
+                *PYTEST,
+                *PROFILE,
+                "-q",
+                "--pyargs",
+                f"peer_conformance.{module}",
+                "--peer-backend",
+                backend,
+                *session.posargs,
+            )
 
 
 # The first public verdict: PEER-pytorch through its adapter, every module in one process, its known
 # divergences as strict xfails (a verdict that changes fails the run); the `verdict` session writes it
 # to docs/conformance/.
-PEER_PYTORCH = ["-q", "--hypothesis-profile", "peer-dev", "--hypothesis-seed", "0", "--pyargs", "peer_conformance",
-                "--peer-backend", "peer_conformance.adapters.peer_pytorch",
-                "--peer-divergences", "conformance/peer_conformance/adapters/peer_pytorch.toml"]
+PEER_PYTORCH = [
+    "-q",
+    "--hypothesis-profile",
+    "peer-dev",
+    "--hypothesis-seed",
+    "0",
+    "--pyargs",
+    "peer_conformance",
+    "--peer-backend",
+    "peer_conformance.adapters.peer_pytorch",
+    "--peer-divergences",
+    "conformance/peer_conformance/adapters/peer_pytorch.toml",
+]
 VERDICT = "docs/conformance/peer-pytorch-verdict"
 
 
@@ -66,8 +85,15 @@ def tests(session):
     keras_layer = "tests/test_keras_layer.py"  # once per Keras backend: Keras picks it at import
     # The kernels session's:
     kernel_tests = [f"--ignore=tests/test_{name}.py" for name in ("torch_kernels", "jax_kernels", "kernels_compile")]
-    session.run("pytest", *PYTEST, *PROFILE, "tests", *(f"--ignore={path}" for path in [*own, keras_layer]),
-                *kernel_tests, *session.posargs)
+    session.run(
+        "pytest",
+        *PYTEST,
+        *PROFILE,
+        "tests",
+        *(f"--ignore={path}" for path in [*own, keras_layer]),
+        *kernel_tests,
+        *session.posargs,
+    )
     for path in own:
         session.run("pytest", *PYTEST, *PROFILE, path, *session.posargs)
     for keras_backend in ("tensorflow", "jax", "torch"):
@@ -80,8 +106,16 @@ def tests(session):
 def verdict(session):
     """PEER-pytorch's conformance verdict, written to docs/conformance/peer-pytorch-verdict.{json,md}."""
     _install(session, "all")
-    session.run("pytest", *PYTEST, *PEER_PYTORCH, "--peer-verdict-json", f"{VERDICT}.json",
-                "--peer-verdict-md", f"{VERDICT}.md", *session.posargs)
+    session.run(
+        "pytest",
+        *PYTEST,
+        *PEER_PYTORCH,
+        "--peer-verdict-json",
+        f"{VERDICT}.json",
+        "--peer-verdict-md",
+        f"{VERDICT}.md",
+        *session.posargs,
+    )
 
 
 # The kernel paths under their interpreters (Triton: TRITON_INTERPRET=1 on CPU tensors; Pallas:
@@ -103,20 +137,44 @@ def kernels(session):
     session.run("pytest", *PYTEST, "tests/test_jax_kernels.py", *session.posargs, env=env)
     for backend, implementation in KERNEL_PATHS.items():
         for module in KERNEL_MODULES:
-            session.run("pytest", *PYTEST, "--hypothesis-profile", "peer-kernels", "-q", "--pyargs",
-                        f"peer_conformance.{module}", "--peer-backend", backend,
-                        "--peer-implementation", implementation, *session.posargs, env=env)
+            session.run(
+                "pytest",
+                *PYTEST,
+                "--hypothesis-profile",
+                "peer-kernels",
+                "-q",
+                "--pyargs",
+                f"peer_conformance.{module}",
+                "--peer-backend",
+                backend,
+                "--peer-implementation",
+                implementation,
+                *session.posargs,
+                env=env,
+            )
 
 
 @nox.session(python=PYTHON)
 def ref(session):
     """NumPy only: the reference, its golden vectors, and the suite's own meta-tests."""
     _install(session, editable=True)
-    session.run("pytest", *PYTEST, *PROFILE, "tests/test_ref_config.py", "tests/test_ref_checks.py",
-                "tests/test_ref_routing.py", "tests/test_ref_backward.py", "tests/test_ref_query_norm.py",
-                "tests/test_ref_invariants.py", "tests/test_ref_init.py", "tests/test_ref_metrics.py",
-                "tests/test_vectors.py", "tests/test_api.py", "tests/test_conformance_meta.py",
-                "tests/test_conformance_helpers.py")
+    session.run(
+        "pytest",
+        *PYTEST,
+        *PROFILE,
+        "tests/test_ref_config.py",
+        "tests/test_ref_checks.py",
+        "tests/test_ref_routing.py",
+        "tests/test_ref_backward.py",
+        "tests/test_ref_query_norm.py",
+        "tests/test_ref_invariants.py",
+        "tests/test_ref_init.py",
+        "tests/test_ref_metrics.py",
+        "tests/test_vectors.py",
+        "tests/test_api.py",
+        "tests/test_conformance_meta.py",
+        "tests/test_conformance_helpers.py",
+    )
     _conformance(session, ["numpy"])
 
 

@@ -35,8 +35,14 @@ def _run(folder, files: dict, *command: str) -> subprocess.CompletedProcess:
     for name, text in files.items():
         (folder / name).write_text(textwrap.dedent(text))
     env = {k: v for k, v in os.environ.items() if k not in ("PEER_BACKEND", "CI", "PYTEST_ADDOPTS")}
-    return subprocess.run([sys.executable, *command, "-p", "no:cacheprovider", "-q"], cwd=folder, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, *command, "-p", "no:cacheprovider", "-q"],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_unrelated_suite_keeps_its_own_profile(tmp_path):

@@ -13,11 +13,11 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-import peer_backends  # noqa: E402
-import peer_ref  # noqa: E402
-from peer_backends.keras import PEER  # noqa: E402
-from peer_backends.keras.layer import COMPUTE  # noqa: E402
-from peer_ref import PEERConfig, PEERConfigError, PEERInputError  # noqa: E402
+import peer_backends
+import peer_ref
+from peer_backends.keras import PEER
+from peer_backends.keras.layer import COMPUTE
+from peer_ref import PEERConfig, PEERConfigError, PEERInputError
 
 BACKEND = keras.backend.backend()
 if BACKEND not in COMPUTE:
@@ -29,8 +29,11 @@ GLU = PEERConfig(d_model=8, n_experts=16, heads=2, topk=3, d_key=4, expert_glu=T
 
 
 def _numpy(tree):
-    return {k: keras.ops.convert_to_numpy(v) for k, v in tree.items()} if isinstance(tree, dict) else \
-        keras.ops.convert_to_numpy(tree)
+    return (
+        {k: keras.ops.convert_to_numpy(v) for k, v in tree.items()}
+        if isinstance(tree, dict)
+        else keras.ops.convert_to_numpy(tree)
+    )
 
 
 def _data(seed, lead=(4, 5), cfg=CFG):
@@ -51,9 +54,12 @@ def test_peer_backends_layer_builds_it():
 
 def test_weight_paths_are_the_canonical_names():
     layer = PEER(GLU, name="peer_block")
-    assert {w.path for w in layer.trainable_weights} == {f"peer_block/{n.replace('.', '/')}" for n in GLU.param_shapes()}
+    assert {w.path for w in layer.trainable_weights} == {
+        f"peer_block/{n.replace('.', '/')}" for n in GLU.param_shapes()
+    }
     assert {w.path for w in layer.non_trainable_weights} == {
-        f"peer_block/{n.replace('.', '/')}" for n in GLU.state_shapes()}
+        f"peer_block/{n.replace('.', '/')}" for n in GLU.state_shapes()
+    }
     params, state = layer.params_and_state()
     assert {k: tuple(v.shape) for k, v in params.items()} == GLU.param_shapes()
     assert {k: tuple(v.shape) for k, v in state.items()} == GLU.state_shapes()
@@ -66,9 +72,13 @@ def test_call_equals_the_reference_and_updates_the_statistics():
     params, state = _numpy(layer.params_and_state()[0]), _numpy(layer.params_and_state()[1])
     x, mask = _data(0)
     y, aux = layer(x, training=True, mask=mask, return_aux=True)
-    wide = lambda tree: {k: v.astype(np.float64) for k, v in tree.items()}  # noqa: E731
-    y_ref, state_ref, aux_ref = peer_ref.forward(GLU, wide(params), wide(state), x.astype(np.float64),
-                                                 training=True, mask=mask)
+
+    def wide(tree):
+        return {k: v.astype(np.float64) for k, v in tree.items()}
+
+    y_ref, state_ref, aux_ref = peer_ref.forward(
+        GLU, wide(params), wide(state), x.astype(np.float64), training=True, mask=mask
+    )
     np.testing.assert_allclose(_numpy(y), y_ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(_numpy(aux["indices"]), aux_ref["indices"])
     np.testing.assert_allclose(_numpy(aux["weights"]), aux_ref["weights"], rtol=1e-5, atol=1e-6)
@@ -178,11 +188,13 @@ def test_mixed_bfloat16_policy_runs_the_mixed_mode(training):
     params, state = layer.params_and_state()
     y = layer(x, training=training, mask=mask)
     x_low = keras.ops.cast(x, "bfloat16")
-    want, new_state, _ = be.apply(CFG, params, state, x_low, training, keras.ops.convert_to_tensor(mask),
-                                  compute_dtype="bfloat16")
+    want, new_state, _ = be.apply(
+        CFG, params, state, x_low, training, keras.ops.convert_to_tensor(mask), compute_dtype="bfloat16"
+    )
     assert keras.backend.standardize_dtype(y.dtype) == "bfloat16"
-    np.testing.assert_allclose(_numpy(keras.ops.cast(y, "float32")), _numpy(keras.ops.cast(want, "float32")),
-                               rtol=2e-2, atol=2e-2)  # the functional call may run compiled
+    np.testing.assert_allclose(
+        _numpy(keras.ops.cast(y, "float32")), _numpy(keras.ops.cast(want, "float32")), rtol=2e-2, atol=2e-2
+    )  # the functional call may run compiled
     for k, v in _numpy(layer.params_and_state()[1]).items():
         np.testing.assert_allclose(v, _numpy(new_state[k]), rtol=1e-5, atol=1e-6)
 
@@ -199,7 +211,10 @@ def test_seeding_follows_keras_and_an_explicit_seed_gives_the_reference_tables()
     first, second = PEER(CFG), PEER(CFG)
     keras.utils.set_random_seed(1)
     again = PEER(CFG)
-    down = lambda layer: _numpy(layer.params_and_state()[0]["experts.down"])  # noqa: E731
+
+    def down(layer):
+        return _numpy(layer.params_and_state()[0]["experts.down"])
+
     assert not np.array_equal(down(first), down(second))
     assert np.array_equal(down(first), down(again))
     np.testing.assert_allclose(np.std(down(first)), CFG.d_model**-0.5, rtol=0.3)
@@ -236,6 +251,9 @@ def test_only_the_computing_backend_is_imported():
 
 def test_a_keras_backend_without_a_peer_backend_is_refused(monkeypatch):
     monkeypatch.setattr(keras.backend, "backend", lambda: "numpy")
-    with pytest.raises(PEERConfigError, match=r"keras.backend.backend\(\)='numpy', but the PEER Keras layer runs on "
-                                              r"\['jax', 'tensorflow', 'torch'\] \(set KERAS_BACKEND"):
+    with pytest.raises(
+        PEERConfigError,
+        match=r"keras.backend.backend\(\)='numpy', but the PEER Keras layer runs on "
+        r"\['jax', 'tensorflow', 'torch'\] \(set KERAS_BACKEND",
+    ):
         PEER(CFG)

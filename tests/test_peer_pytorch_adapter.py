@@ -12,12 +12,21 @@ from peer_ref import PEERConfig
 torch = pytest.importorskip("torch")
 pytest.importorskip("PEER_pytorch")
 
-from PEER_pytorch import PEER  # noqa: E402
+from PEER_pytorch import PEER
 
-from peer_conformance.adapters import peer_pytorch as adapter  # noqa: E402
+from peer_conformance.adapters import peer_pytorch as adapter
 
-CFG = PEERConfig(d_model=8, n_experts=16, heads=2, topk=3, d_key=4, shared_keys=False, query_norm="none",
-                 expert_bias=False, activation="silu")
+CFG = PEERConfig(
+    d_model=8,
+    n_experts=16,
+    heads=2,
+    topk=3,
+    d_key=4,
+    shared_keys=False,
+    query_norm="none",
+    expert_bias=False,
+    activation="silu",
+)
 
 
 def test_adapter_computes_the_reference_on_a_supported_config():
@@ -43,8 +52,9 @@ def test_adapter_declares_options_the_suite_accepts_and_refuses_the_rest():
     table = options.supported(adapter)
     assert table["shared_keys"] == (False,) and table["activation"] == peer_ref.ACTIVATIONS
     with pytest.raises(peer_ref.PEERConfigError, match="shared_keys=True"):
-        adapter.init(PEERConfig(d_model=8, n_experts=16, heads=2, topk=3, d_key=4, query_norm="none",
-                                expert_bias=False))
+        adapter.init(
+            PEERConfig(d_model=8, n_experts=16, heads=2, topk=3, d_key=4, query_norm="none", expert_bias=False)
+        )
 
 
 def test_init_leaves_torch_global_generator_alone():
@@ -55,10 +65,12 @@ def test_init_leaves_torch_global_generator_alone():
 
 # --- the divergences of its verdict, each on its smallest input -------------------------------
 
+
 def _peer(n_keys=2, topk=1):
     """A one-head PEER-pytorch layer on 2 features whose query halves are x's two coordinates."""
-    layer = PEER(dim=2, heads=1, num_experts=n_keys**2, num_experts_per_head=topk, dim_key=1,
-                 non_competing_scores=False)
+    layer = PEER(
+        dim=2, heads=1, num_experts=n_keys**2, num_experts_per_head=topk, dim_key=1, non_competing_scores=False
+    )
     with torch.no_grad():
         layer.to_queries[0].weight.copy_(torch.eye(2))
     return layer

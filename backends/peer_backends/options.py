@@ -51,8 +51,7 @@ def supported(backend) -> dict[str, tuple]:
         values = tuple(values)
         unknown = [v for v in values if v not in OPTIONS[name]]
         if unknown or not values:
-            raise PEERConfigError(
-                f"options[{name!r}]={values!r}, but expected a non-empty subset of {OPTIONS[name]!r}")
+            raise PEERConfigError(f"options[{name!r}]={values!r}, but expected a non-empty subset of {OPTIONS[name]!r}")
         table[name] = tuple(v for v in OPTIONS[name] if v in values)
     return table
 

@@ -101,7 +101,7 @@ def _load_torch_before_tensorflow():
     import importlib.util
 
     if importlib.util.find_spec("torch") and importlib.util.find_spec("tensorflow"):
-        import torch  # noqa: F401
+        import torch  # noqa: F401  (imported for its side effect: torch's native libraries load first)
 
 
 def _requested(config) -> list[str]:
@@ -142,12 +142,12 @@ def conformance_backend(item) -> str | None:
 def short_id(item) -> str:
     """A conformance test's name with its parameters other than the backend: ``test_x[float32]``."""
     backend = str(item.callspec.params["backend"])
-    inner = item.name[len(item.originalname) + 1:-1]  # the ids pytest gave the parameters, "-"-joined
+    inner = item.name[len(item.originalname) + 1 : -1]  # the ids pytest gave the parameters, "-"-joined
     ids = inner.split("-")
     for start in range(len(ids)):  # drop the backend's id (a module path may hold no "-", a name might)
         span = len(backend.split("-"))
-        if "-".join(ids[start:start + span]) == backend:
-            ids = ids[:start] + ids[start + span:]
+        if "-".join(ids[start : start + span]) == backend:
+            ids = ids[:start] + ids[start + span :]
             break
     return item.originalname + (f"[{'-'.join(ids)}]" if ids else "")
 
@@ -195,8 +195,9 @@ def pytest_report_header(config):
     if not names:
         return None
     lines = []
-    import peer_backends
     from hypothesis import settings
+
+    import peer_backends
     from peer_backends import options
 
     for name in names:
@@ -207,8 +208,10 @@ def pytest_report_header(config):
             table = options.supported(be)
             lacking = {k: tuple(v for v in options.OPTIONS[k] if v not in table[k]) for k in options.OPTIONS}
             if any(lacking.values()):
-                lines.append("peer options not supported: "
-                             + ", ".join(f"{k}={v!r}" for k, values in lacking.items() for v in values))
+                lines.append(
+                    "peer options not supported: "
+                    + ", ".join(f"{k}={v!r}" for k, values in lacking.items() for v in values)
+                )
             lines.append(f"peer errors judged by: {error_level(config, name)}")
         except Exception as err:  # report, the fixture will fail the tests with the same error
             lines.append(f"peer backend: {name} (unavailable: {err})")

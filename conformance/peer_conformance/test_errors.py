@@ -11,8 +11,7 @@ import pytest
 import peer_ref
 from peer_ref import PEERConfig
 
-from .helpers import np_dtype
-from .helpers import needs
+from .helpers import needs, np_dtype
 from .strategies import perturbed_params, require, supported_config
 
 SECTION = "§9.1 Argument errors"
@@ -27,8 +26,14 @@ def _valid(cfg=CFG):
     _, state = peer_ref.init(cfg, seed=0, dtype="float32")
     rng = np.random.default_rng(0)
     return {
-        "cfg": cfg, "params": params, "state": state, "x": rng.standard_normal((2, 3, 6)).astype(np.float32),
-        "training": True, "mask": None, "routing": None, "dy": rng.standard_normal((2, 3, 6)).astype(np.float32),
+        "cfg": cfg,
+        "params": params,
+        "state": state,
+        "x": rng.standard_normal((2, 3, 6)).astype(np.float32),
+        "training": True,
+        "mask": None,
+        "routing": None,
+        "dy": rng.standard_normal((2, 3, 6)).astype(np.float32),
     }
 
 
@@ -59,7 +64,10 @@ SCENARIOS = {
     "params_missing_name": lambda a: {**a, "params": _drop(a["params"], "experts.up")},
     "params_extra_name": lambda a: {**a, "params": {**a["params"], "experts.gate": a["params"]["experts.up"]}},
     "params_wrong_shape": lambda a: {**a, "params": {**a["params"], "experts.down": np.zeros((9, 7), np.float32)}},
-    "params_mixed_dtypes": lambda a: {**a, "params": {**a["params"], "keys.left": a["params"]["keys.left"].astype(np.float64)}},
+    "params_mixed_dtypes": lambda a: {
+        **a,
+        "params": {**a["params"], "keys.left": a["params"]["keys.left"].astype(np.float64)},
+    },
     "glu_gate_missing": _glu(lambda a: {**a, "params": _drop(a["params"], "experts.gate")}),
     "glu_gate_wrong_shape": _glu(lambda a: _with_gate(a, np.zeros((9, 5), np.float32))),
     "glu_gate_wrong_dtype": _glu(lambda a: _with_gate(a, a["params"]["experts.gate"].astype(np.float64))),
@@ -71,13 +79,25 @@ SCENARIOS = {
     "compute_dtype_not_a_name": lambda a: {**a, "compute_dtype": 16},
     "compute_dtype_float64_with_float32_params": lambda a: {**a, "compute_dtype": "float64"},
     "compute_dtype_float16_with_float64_params": lambda a: {
-        **a, "compute_dtype": "float16", "params": _cast(a["params"], "float64"), "state": _cast(a["state"], "float64"),
-        "x": a["x"].astype(np.float16), "dy": a["dy"].astype(np.float16)},
+        **a,
+        "compute_dtype": "float16",
+        "params": _cast(a["params"], "float64"),
+        "state": _cast(a["state"], "float64"),
+        "x": a["x"].astype(np.float16),
+        "dy": a["dy"].astype(np.float16),
+    },
     "compute_dtype_float32_with_bfloat16_params": lambda a: {
-        **a, "compute_dtype": "float32", "params": _cast(a["params"], "bfloat16")},
+        **a,
+        "compute_dtype": "float32",
+        "params": _cast(a["params"], "bfloat16"),
+    },
     "compute_dtype_x_float32": lambda a: {**a, "compute_dtype": "bfloat16", "dy": _low(a["dy"], "bfloat16")},
-    "compute_dtype_x_other_low_dtype": lambda a: {**a, "compute_dtype": "bfloat16", "x": _low(a["x"], "float16"),
-                                                  "dy": _low(a["dy"], "bfloat16")},
+    "compute_dtype_x_other_low_dtype": lambda a: {
+        **a,
+        "compute_dtype": "bfloat16",
+        "x": _low(a["x"], "float16"),
+        "dy": _low(a["dy"], "bfloat16"),
+    },
     "compute_dtype_dy_float32": lambda a: {**a, "compute_dtype": "float16", "x": _low(a["x"], "float16")},
 }
 
@@ -131,8 +151,12 @@ def _call(fn, convert, args, with_dy):
     return fn(cfg, c(args["params"]), c(args["state"]), c(args["x"]), **common)
 
 
-CALLS = [(scenario, entry) for scenario in sorted(SCENARIOS) for entry in ("apply", "vjp")
-         if not (entry == "apply" and (scenario.startswith("dy_") or scenario.endswith("_dy_float32")))]
+CALLS = [
+    (scenario, entry)
+    for scenario in sorted(SCENARIOS)
+    for entry in ("apply", "vjp")
+    if not (entry == "apply" and (scenario.startswith("dy_") or scenario.endswith("_dy_float32")))
+]
 
 
 @pytest.mark.parametrize(("scenario", "entry"), CALLS)
@@ -152,12 +176,16 @@ def test_bad_input_raises_like_the_reference(backend, scenario, entry, error_kin
     except Exception as err:  # judged below, by kind or by class and message
         got = err
     else:
-        pytest.fail(f"{backend.name}.{entry} raised nothing, but should raise {type(expected.value).__name__}: "
-                    f"{expected.value!s} [{scenario}]", pytrace=False)
+        pytest.fail(
+            f"{backend.name}.{entry} raised nothing, but should raise {type(expected.value).__name__}: "
+            f"{expected.value!s} [{scenario}]",
+            pytrace=False,
+        )
     if error_kind == "kind":
         assert isinstance(got, ValueError), (
             f"{backend.name}.{entry} raised {type(got).__name__}: {got!s}, but should raise a ValueError "
-            f"(the reference: {expected.value!s}) [{scenario}]")
+            f"(the reference: {expected.value!s}) [{scenario}]"
+        )
         return
     assert isinstance(got, type(expected.value)) and str(got) == str(expected.value), (
         f"{backend.name}.{entry} raised {type(got).__name__}: {got!s}, but should raise "
@@ -189,7 +217,8 @@ def test_unknown_implementation_is_refused(backend, entry, implementation):
         fn(*call, **common)
     message = str(got.value)
     assert f"implementation={implementation!r}" in message and all(
-        name in message for name in backend.implementations), message
+        name in message for name in backend.implementations
+    ), message
 
 
 def test_implementations_are_named(backend):

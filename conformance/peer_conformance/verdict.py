@@ -58,10 +58,16 @@ class Section:
         return sorted({part for reason in self.not_supported.values() for part in reason.split(", ")})
 
     def as_dict(self) -> dict:
-        return {"section": self.title, "module": self.module, "status": self.status,
-                "passed": len(self.passed), "failed": [f.as_dict() for f in self.failed],
-                "not_supported": dict(sorted(self.not_supported.items())), "not_exercised": sorted(self.left_out),
-                "lacking": self.lacking()}
+        return {
+            "section": self.title,
+            "module": self.module,
+            "status": self.status,
+            "passed": len(self.passed),
+            "failed": [f.as_dict() for f in self.failed],
+            "not_supported": dict(sorted(self.not_supported.items())),
+            "not_exercised": sorted(self.left_out),
+            "lacking": self.lacking(),
+        }
 
 
 def _section_key(title: str):
@@ -124,8 +130,14 @@ class Verdict:
         test = short_id(item)
         section.left_out.update(value for key, value in item.user_properties if key == "peer_left_out")
         if report.skipped and hasattr(report, "wasxfail"):
-            section.failed.append(Failure(test, _message(call.excinfo.value), _minimal_input(item, call.excinfo.value),
-                                          known=report.wasxfail or "known divergence"))
+            section.failed.append(
+                Failure(
+                    test,
+                    _message(call.excinfo.value),
+                    _minimal_input(item, call.excinfo.value),
+                    known=report.wasxfail or "known divergence",
+                )
+            )
         elif report.skipped and report.when in ("setup", "call"):
             reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
             reason = reason.removeprefix("Skipped: ")
@@ -133,8 +145,9 @@ class Verdict:
                 section.not_supported[test] = reason.removeprefix(NOT_SUPPORTED)
         elif report.failed and report.when in ("setup", "call"):
             if call.excinfo is not None:
-                section.failed.append(Failure(test, _message(call.excinfo.value),
-                                              _minimal_input(item, call.excinfo.value)))
+                section.failed.append(
+                    Failure(test, _message(call.excinfo.value), _minimal_input(item, call.excinfo.value))
+                )
             else:  # an unexpected pass of a known divergence (strict xfail)
                 section.failed.append(Failure(test, "passed, but is listed as a known divergence", "-"))
         elif report.passed and report.when == "call":
@@ -149,16 +162,19 @@ class Verdict:
         out = []
         for name, sections in self.backends.items():
             module = self.modules.get(name)
-            out.append({
-                "backend": getattr(module, "name", name), "module": name,
-                "version": str(getattr(module, "version", "?")),
-                "declared_options": {k: list(v) for k, v in (getattr(module, "options", None) or {}).items()},
-                "capabilities": sorted(getattr(module, "capabilities", ())),
-                "errors_judged_by": error_level(self.config, name),
-                "hypothesis_profile": settings.get_current_profile_name(),
-                "command": " ".join(["pytest", *self.config.invocation_params.args]),
-                "sections": [s.as_dict() for s in sorted(sections.values(), key=lambda s: _section_key(s.title))],
-            })
+            out.append(
+                {
+                    "backend": getattr(module, "name", name),
+                    "module": name,
+                    "version": str(getattr(module, "version", "?")),
+                    "declared_options": {k: list(v) for k, v in (getattr(module, "options", None) or {}).items()},
+                    "capabilities": sorted(getattr(module, "capabilities", ())),
+                    "errors_judged_by": error_level(self.config, name),
+                    "hypothesis_profile": settings.get_current_profile_name(),
+                    "command": " ".join(["pytest", *self.config.invocation_params.args]),
+                    "sections": [s.as_dict() for s in sorted(sections.values(), key=lambda s: _section_key(s.title))],
+                }
+            )
         return out
 
     def pytest_terminal_summary(self, terminalreporter):
@@ -177,8 +193,7 @@ class Verdict:
 
 
 def _counts(section: dict) -> str:
-    return (f"passed {section['passed']}, failed {len(section['failed'])}, "
-            f"not supported {len(section['not_supported'])}")
+    return f"passed {section['passed']}, failed {len(section['failed'])}, not supported {len(section['not_supported'])}"
 
 
 def text_lines(verdict: dict) -> list[str]:
@@ -203,19 +218,30 @@ def markdown(verdicts: list[dict]) -> str:
     """The verdict as a Markdown document (what docs/conformance shows)."""
     out = []
     for v in verdicts:
-        out += [f"# Conformance verdict: {v['backend']} {v['version']}", "",
-                f"Backend module `{v['module']}`; capabilities {', '.join(v['capabilities']) or 'none'}; "
-                f"errors judged by {v['errors_judged_by']}; Hypothesis profile `{v['hypothesis_profile']}`. "
-                "Produced by:", "",
-                "```bash", v["command"], "```", ""]
+        out += [
+            f"# Conformance verdict: {v['backend']} {v['version']}",
+            "",
+            f"Backend module `{v['module']}`; capabilities {', '.join(v['capabilities']) or 'none'}; "
+            f"errors judged by {v['errors_judged_by']}; Hypothesis profile `{v['hypothesis_profile']}`. "
+            "Produced by:",
+            "",
+            "```bash",
+            v["command"],
+            "```",
+            "",
+        ]
         if v["declared_options"]:
             out += ["Declared options (the values it supports; every other option supports every value):", ""]
             out += [f"- `{k}`: {', '.join(repr(x) for x in values)}" for k, values in v["declared_options"].items()]
             out.append("")
         not_drawn = sorted({x for s in v["sections"] for x in s["not_exercised"]})
         if not_drawn:
-            out += ["Configs and calls were drawn from the supported values only; left out: "
-                    + ", ".join(f"`{x}`" for x in not_drawn) + ".", ""]
+            out += [
+                "Configs and calls were drawn from the supported values only; left out: "
+                + ", ".join(f"`{x}`" for x in not_drawn)
+                + ".",
+                "",
+            ]
         out += ["| Section | Verdict | Tests | Tests not supported, for |", "|---|---|---|---|"]
         for s in v["sections"]:
             lacking = "; ".join(s["lacking"]) or "-"

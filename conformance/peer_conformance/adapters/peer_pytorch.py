@@ -53,12 +53,20 @@ options = {
     "routing": (False,),
 }
 # SPEC §3.10's activations as torch.nn modules (PEER-pytorch takes the class, called with no arguments).
-ACTIVATIONS = {"gelu": "GELU", "gelu_tanh": "GELU(approximate='tanh')", "relu": "ReLU", "silu": "SiLU",
-               "identity": "Identity"}
+ACTIVATIONS = {
+    "gelu": "GELU",
+    "gelu_tanh": "GELU(approximate='tanh')",
+    "relu": "ReLU",
+    "silu": "SiLU",
+    "identity": "Identity",
+}
 DTYPES = ("float64", "float32", "bfloat16", "float16")
 # Canonical name -> its state_dict name (keys.left and keys.right together make its `keys`).
-NAMES = {"query.kernel": "to_queries.0.weight", "experts.down": "weight_down_embed.weight",
-         "experts.up": "weight_up_embed.weight"}
+NAMES = {
+    "query.kernel": "to_queries.0.weight",
+    "experts.down": "weight_down_embed.weight",
+    "experts.up": "weight_up_embed.weight",
+}
 
 
 def arguments(d_model: int, heads: int, n_experts: int, topk: int, d_key: int, activation: str = "gelu") -> dict:
@@ -103,6 +111,7 @@ def build(cfg: peer_ref.PEERConfig, device=None):
 
 # --- layouts --------------------------------------------------------------------------------
 
+
 def _to_theirs(cfg, tree: dict) -> dict:
     """Canonical names and layouts -> PEER-pytorch's state_dict (names it does not know pass
     through unchanged, for its load_state_dict to judge)."""
@@ -116,7 +125,9 @@ def _to_theirs(cfg, tree: dict) -> dict:
         fits = tuple(kernel.shape) == (cfg.d_model, cfg.d_query)
         out[NAMES["query.kernel"]] = (
             kernel.reshape(cfg.d_model, cfg.heads, 2, half).permute(2, 1, 3, 0).reshape(-1, cfg.d_model)
-            if fits else kernel)
+            if fits
+            else kernel
+        )
     if "keys.left" in rest and "keys.right" in rest and rest["keys.left"].shape == rest["keys.right"].shape:
         out["keys"] = torch.stack([rest.pop("keys.left"), rest.pop("keys.right")], dim=2)
     for canonical in ("experts.down", "experts.up"):
@@ -140,6 +151,7 @@ def _to_canonical(cfg, tree: dict) -> dict:
 
 
 # --- the contract -------------------------------------------------------------------------
+
 
 def init(cfg, seed=0, dtype=None):
     """PEER-pytorch's own initialisation for ``cfg``, drawn from a generator seeded with ``seed``
@@ -188,8 +200,9 @@ def _run(cfg, params, state, x, training):
     return model, y, aux
 
 
-def apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None,
-          implementation=None):
+def apply(
+    cfg, params, state, x, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None, implementation=None
+):
     _refuse_unsupported(mask, routing, compute_dtype, params)
     import torch
 
@@ -198,8 +211,20 @@ def apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit
     return y, {}, aux
 
 
-def vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None,
-        implementation=None):
+def vjp(
+    cfg,
+    params,
+    state,
+    x,
+    dy,
+    training=False,
+    mask=None,
+    routing=None,
+    *,
+    jit=None,
+    compute_dtype=None,
+    implementation=None,
+):
     _refuse_unsupported(mask, routing, compute_dtype, params)
     import torch
 
