@@ -214,6 +214,12 @@ def text_lines(verdict: dict) -> list[str]:
     return lines
 
 
+def _prose(text: str) -> str:
+    """``text`` (an error message, a reason) as literal Markdown: brackets, emphasis and HTML
+    characters escaped, so ``aux['indices']=[[[2]]]`` reads as written and is no link."""
+    return re.sub(r"([\\`*_\[\]<>|])", r"\\\1", text)
+
+
 def markdown(verdicts: list[dict]) -> str:
     """The verdict as a Markdown document (what docs/conformance shows)."""
     out = []
@@ -255,8 +261,8 @@ def markdown(verdicts: list[dict]) -> str:
             for failure in s["failed"]:
                 if failure.get("known") and failure["known"] != reason:
                     reason = failure["known"]
-                    out += [f"Known divergence: {reason}", ""]
-                out += [f"- `{failure['test']}`: {failure['message']}", "", "  ```text"]
+                    out += [f"Known divergence: {_prose(reason)}", ""]
+                out += [f"- `{failure['test']}`: {_prose(failure['message'])}", "", "  ```text"]
                 out += [f"  {line}" for line in failure["input"].splitlines()]
                 out += ["  ```", ""]
         out.append("")
