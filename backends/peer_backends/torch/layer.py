@@ -9,7 +9,7 @@ from peer_ref.errors import PEERInputError
 
 from .._implementation import check_known
 from .._layer import check_seed, reference_tables
-from .core import dtype_name, meta, native_dtype
+from .core import dtype_name, meta, native_dtype, transformed, unwrapped
 from .peer import IMPLEMENTATIONS, choose_implementation, compute_dtype_name, forward, routing_aux, validate
 
 
@@ -20,6 +20,10 @@ class Tables(nn.Module):
     def extra_repr(self):
         tensors = [*self._parameters.items(), *self._buffers.items()]
         return ", ".join(f"{name}: {tuple(value.shape)} {dtype_name(value)}" for name, value in tensors)
+
+
+def _wrapped(tensor):
+    return torch._C._functorch.is_functorch_wrapped_tensor(tensor)
 
 
 class PEER(nn.Module):
@@ -176,13 +180,37 @@ class PEER(nn.Module):
             y, new_state, indices, scores, weights = forward(
                 self.cfg, self.training, params, state, x, mask, routing, low=low, implementation=implementation)
         if self.training and new_state:
-            with torch.no_grad():
-                for name, value in new_state.items():
-                    self.get_buffer(name).copy_(value)  # rounds to the buffer's dtype (see class doc)
+            self._update_buffers(new_state)
         aux = routing_aux(self.cfg, lead, indices, scores, weights)
         self._last_aux = aux
         y = y.reshape(lead + (self.cfg.d_out,))
         return (y, aux) if return_aux else y
+
+    def _update_buffers(self, new_state):
+        """Copy the new batch-norm statistics into the buffers (rounding to their dtype, see the
+        class doc). Under torch.func's grad, vjp, jvp, jacrev and jacfwd the module's own buffers
+        get the plain values of this call's statistics (torch.func refuses to mutate a tensor
+        captured from outside the transform, so the copy runs outside it); buffers passed in
+        through ``torch.func.functional_call`` are updated inside it. Under vmap each sample
+        has statistics of its own, which the module's one set of buffers cannot hold, so a
+        training call there is refused (PEERInputError)."""
+        with torch.no_grad():
+            for name, value in new_state.items():
+                buffer = self.get_buffer(name)
+                if not transformed() or _wrapped(buffer):
+                    buffer.copy_(value)  # rounds to the buffer's dtype (see class doc)
+                    continue
+                plain = unwrapped(value)
+                if plain is None:
+                    raise PEERInputError(
+                        "a training-mode call under torch.func.vmap cannot update the batch-norm buffer "
+                        f"{name!r}: each vmapped sample has batch statistics of its own, but the module holds "
+                        "one set. Call the layer in eval mode (module.eval()) under vmap, e.g. for per-sample "
+                        "gradients, and update the statistics with a training call outside vmap")
+                from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
+
+                with temporarily_clear_interpreter_stack():
+                    buffer.copy_(plain)
 
     @property
     def last_aux(self):
