@@ -598,3 +598,50 @@ def test_the_package_exports_its_layer_as_peer():
 def test_every_role_has_its_name(unresolved_roles):
     """peer_backends.contract.ROLES is true of this backend: one name per role in every backend."""
     assert unresolved_roles('torch') == []
+
+
+ISSUE_23 = PEERConfig(d_model=2, n_experts=1, heads=1, topk=1, d_key=2)
+STEP_X = np.array([[1.0, 0.0], [0.0, 3.0]])
+
+
+def _issue_layer(dtype="float32"):
+    params, state = peer_ref.init(ISSUE_23, seed=0, dtype=dtype)
+    layer = be.layer(ISSUE_23, dtype=dtype)
+    layer.load_params_and_state({k: torch.from_numpy(v) for k, v in params.items()},
+                                {k: torch.from_numpy(v) for k, v in state.items()})
+    return layer.train(), params, state
+
+
+@pytest.mark.parametrize("mode", ["plain", "reentrant", "non-reentrant"])
+def test_activation_checkpointing_updates_the_statistics_once(mode):
+    # SPEC §3.3: once per training step; the recomputation in the backward pass leaves them alone.
+    from torch.utils.checkpoint import checkpoint
+
+    layer, params, state = _issue_layer("float64")
+    x = torch.from_numpy(STEP_X).requires_grad_()
+    if mode == "plain":
+        y = layer(x)
+    else:
+        y = checkpoint(layer, x, use_reentrant=mode == "reentrant")
+    dy = torch.tensor([[1.0, -2.0], [0.5, 3.0]], dtype=torch.float64)
+    (y * dy).sum().backward()
+    ref_y, new_state, _ = peer_ref.forward(ISSUE_23, params, state, STEP_X, True)
+    np.testing.assert_allclose(new_state["query_norm.mean"], [0.0724, 0.0065], atol=5e-5)
+    for name, value in layer.named_buffers():
+        np.testing.assert_allclose(value.numpy(), new_state[name], rtol=1e-12)
+    grads, dx = peer_ref.vjp(ISSUE_23, params, state, STEP_X, dy.numpy(), True)
+    np.testing.assert_allclose(y.detach().numpy(), ref_y, rtol=1e-12)
+    np.testing.assert_allclose(x.grad.numpy(), dx, rtol=1e-10, atol=1e-12)
+    for name, param in layer.named_parameters():
+        np.testing.assert_allclose(param.grad.numpy(), grads[name], rtol=1e-10, atol=1e-12)
+
+
+def test_checkpointed_steps_update_once_each():
+    from torch.utils.checkpoint import checkpoint
+
+    layer, params, state = _issue_layer("float64")
+    for _ in range(3):
+        checkpoint(layer, torch.from_numpy(STEP_X).requires_grad_(), use_reentrant=True).sum().backward()
+        state = peer_ref.forward(ISSUE_23, params, state, STEP_X, True)[1]
+    for name, value in layer.named_buffers():
+        np.testing.assert_allclose(value.numpy(), state[name], rtol=1e-12)

@@ -22,6 +22,13 @@ class Tables(nn.Module):
         return ", ".join(f"{name}: {tuple(value.shape)} {dtype_name(value)}" for name, value in tensors)
 
 
+def _recomputing():
+    """Whether this forward runs inside a backward pass: activation checkpointing's recomputation
+    (torch.utils.checkpoint, reentrant or not), which must not update the running statistics a
+    second time (SPEC §3.3)."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
 def _wrapped(tensor):
     return torch._C._functorch.is_functorch_wrapped_tensor(tensor)
 
@@ -45,7 +52,9 @@ class PEER(nn.Module):
     (``query``, ``query_norm``, ``keys``, ``experts``), so ``keys.left`` or
     ``query_norm.mean`` come out of ``state_dict()`` and go into ``load_state_dict()`` as is.
     ``forward`` returns y, and ``(y, aux)`` with ``return_aux=True``. In training mode the
-    batch-norm buffers are updated in place.
+    batch-norm buffers are updated in place, once per training step (SPEC §3.3): under
+    activation checkpointing (``torch.utils.checkpoint``, reentrant or not) the recomputation
+    in the backward pass leaves them alone. Under torch.func transforms see ``_update_buffers``.
 
     Casting (``.to(dtype)``, ``.half()``, ``.bfloat16()``, ``.double()``) casts parameters and
     batch-norm buffers together, as ``nn.BatchNorm1d`` does with its running statistics: they
@@ -179,7 +188,7 @@ class PEER(nn.Module):
             lead = validate(self.cfg, params, state, x, self.training, mask, routing, compute_dtype=low).lead
             y, new_state, indices, scores, weights = forward(
                 self.cfg, self.training, params, state, x, mask, routing, low=low, implementation=implementation)
-        if self.training and new_state:
+        if self.training and new_state and not _recomputing():
             self._update_buffers(new_state)
         aux = routing_aux(self.cfg, lead, indices, scores, weights)
         self._last_aux = aux
