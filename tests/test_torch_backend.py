@@ -645,3 +645,22 @@ def test_checkpointed_steps_update_once_each():
         state = peer_ref.forward(ISSUE_23, params, state, STEP_X, True)[1]
     for name, value in layer.named_buffers():
         np.testing.assert_allclose(value.numpy(), state[name], rtol=1e-12)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_export_save_load_round_trip_with_dynamic_tokens(training, tmp_path):
+    # torch.export → save → load → run equals eager, the buffer update of a training call included.
+    cfg = COMPILED
+    exported = be.layer(cfg, seed=0).train(training)
+    eager = be.layer(cfg, seed=0).train(training)
+    tokens = torch.export.Dim("tokens", min=2)
+    program = torch.export.export(exported, (torch.randn(6, cfg.d_model),), dynamic_shapes=({0: tokens},))
+    torch.export.save(program, tmp_path / "peer.pt2")
+    loaded = torch.export.load(tmp_path / "peer.pt2").module()
+    for count in (3, 11):
+        x = torch.randn(count, cfg.d_model)
+        torch.testing.assert_close(loaded(x), eager(x), rtol=1e-5, atol=1e-6)
+        for name, value in eager.named_buffers():
+            torch.testing.assert_close(loaded.get_buffer(name), value, rtol=1e-6, atol=1e-7)
+    if training:
+        assert not torch.equal(eager.get_buffer("query_norm.mean"), torch.zeros(cfg.d_key * cfg.heads))

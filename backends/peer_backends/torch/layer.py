@@ -203,23 +203,24 @@ class PEER(nn.Module):
         through ``torch.func.functional_call`` are updated inside it. Under vmap each sample
         has statistics of its own, which the module's one set of buffers cannot hold, so a
         training call there is refused (PEERInputError)."""
-        with torch.no_grad():
-            for name, value in new_state.items():
-                buffer = self.get_buffer(name)
-                if not transformed() or _wrapped(buffer):
-                    buffer.copy_(value)  # rounds to the buffer's dtype (see class doc)
-                    continue
-                plain = unwrapped(value)
-                if plain is None:
-                    raise PEERInputError(
-                        "a training-mode call under torch.func.vmap cannot update the batch-norm buffer "
-                        f"{name!r}: each vmapped sample has batch statistics of its own, but the module holds "
-                        "one set. Call the layer in eval mode (module.eval()) under vmap, e.g. for per-sample "
-                        "gradients, and update the statistics with a training call outside vmap")
-                from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
+        # copy_ of a detached value outside no_grad: a buffer mutation that torch.export
+        # represents (a no_grad region would become a submodule its loader rejects).
+        for name, value in new_state.items():
+            buffer = self.get_buffer(name)
+            if not transformed() or _wrapped(buffer):
+                buffer.copy_(value.detach())  # rounds to the buffer's dtype (see class doc)
+                continue
+            plain = unwrapped(value)
+            if plain is None:
+                raise PEERInputError(
+                    "a training-mode call under torch.func.vmap cannot update the batch-norm buffer "
+                    f"{name!r}: each vmapped sample has batch statistics of its own, but the module holds "
+                    "one set. Call the layer in eval mode (module.eval()) under vmap, e.g. for per-sample "
+                    "gradients, and update the statistics with a training call outside vmap")
+            from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
 
-                with temporarily_clear_interpreter_stack():
-                    buffer.copy_(plain)
+            with temporarily_clear_interpreter_stack(), torch.no_grad():
+                buffer.copy_(plain)
 
     @property
     def last_aux(self):
