@@ -664,3 +664,45 @@ def test_export_save_load_round_trip_with_dynamic_tokens(training, tmp_path):
             torch.testing.assert_close(loaded.get_buffer(name), value, rtol=1e-6, atol=1e-7)
     if training:
         assert not torch.equal(eager.get_buffer("query_norm.mean"), torch.zeros(cfg.d_key * cfg.heads))
+
+
+def test_meta_device_build_allocates_nothing_on_the_host():
+    # 128 MiB of tables: a meta build, seeded or not, computes none of them (peak RSS of a fresh
+    # process, which only grows); the CPU build after it shows that the measurement sees them
+    # (and would not grow if a meta build had already drawn the tables on the host).
+    import subprocess
+    import sys
+
+    code = """
+import resource, torch
+from peer_backends.torch import PEER
+from peer_ref import PEERConfig
+cfg = PEERConfig(d_model=256, n_experts=256**2, heads=1, topk=1, d_key=16)
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+for kwargs in ({"device": "meta"}, {"device": "meta", "seed": 0}, {"device": "cpu"}):
+    before = peak()
+    PEER(cfg, **kwargs)
+    print(peak() - before)
+with torch.device("meta"):
+    before = peak()
+    PEER(cfg, seed=0)
+    print(peak() - before)
+"""
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
+    meta, seeded, cpu, context = (float(v) for v in out)
+    assert cpu > 48, cpu
+    assert max(meta, seeded, context) < 8, (meta, seeded, context)
+
+
+@pytest.mark.parametrize("seed", [None, 5])
+def test_meta_build_then_to_empty_and_reset_equals_a_direct_build(seed):
+    cfg = SEEDED
+    module = be.layer(cfg, seed=seed, device="meta")
+    assert all(p.is_meta for p in module.parameters())
+    module.to_empty(device="cpu")
+    torch.manual_seed(11)
+    module.reset_parameters()
+    torch.manual_seed(11)
+    direct = be.layer(cfg, seed=seed)
+    for name, value in direct.state_dict().items():
+        assert torch.equal(module.state_dict()[name], value), name

@@ -1,3 +1,4 @@
+import sys
 import warnings
 
 import torch
@@ -27,6 +28,15 @@ def _recomputing():
     (torch.utils.checkpoint, reentrant or not), which must not update the running statistics a
     second time (SPEC §3.3)."""
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
+def _laid_out_like(param, value):
+    """``value``, a whole table, laid out like ``param``: sharded the same way where ``param`` is
+    a DTensor (FSDP2's ``fully_shard``, tensor parallelism), on param's device otherwise."""
+    module = sys.modules.get("torch.distributed.tensor")  # no DTensor exists before it is imported
+    if module is not None and isinstance(param, module.DTensor):
+        return module.distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+    return value.to(param.device)
 
 
 def _wrapped(tensor):
@@ -108,8 +118,14 @@ class PEER(nn.Module):
 
         With ``seed=None``: normal draws from torch's default generator for the parameters'
         device, in float32 (float64 for float64 parameters) rounded once to their dtype. With a
-        seed: the reference's tables ``peer_ref.init(cfg, seed)``.
+        seed: the reference's tables ``peer_ref.init(cfg, seed)``. On the meta device (deferred
+        initialisation: ``PEER(cfg, device="meta")`` or ``with torch.device("meta")``) nothing
+        is drawn nor computed, on the host or anywhere: the tensors hold no values until
+        ``to_empty(device=...)`` and a call of this method there, which draws the same tables
+        as a direct build with the same seed (FSDP2's ``fully_shard`` recipe).
         """
+        if self.experts.down.is_meta:
+            return
         stds, constants = peer_ref.init_std(self.cfg), peer_ref.init_constant(self.cfg)
         dtype = dtype_name(self.experts.down)
         reference = None if self.seed is None else reference_tables(self.cfg, self.seed, dtype)[0]
@@ -118,10 +134,12 @@ class PEER(nn.Module):
             for key, param in self.named_parameters():
                 if key not in stds:
                     param.fill_(constants[key])
-                elif reference is not None:
-                    param.copy_(torch.from_numpy(reference[key]))
+                    continue
+                if reference is not None:
+                    value = torch.from_numpy(reference[key])
                 else:
-                    param.copy_(torch.randn(param.shape, dtype=draw, device=param.device) * stds[key])
+                    value = torch.randn(param.shape, dtype=draw, device=param.device) * stds[key]
+                param.copy_(_laid_out_like(param, value))
             for key, buffer in self.named_buffers():
                 buffer.fill_(constants[key])
 
