@@ -54,8 +54,9 @@ class PEER(nn.Module):
         rounded to ``dtype``, the same values in every framework (SPEC §8).
       dtype: the parameters' dtype, a name or a torch dtype: float32 (default), float64,
         bfloat16 or float16; batch-norm statistics are float32 for the 16-bit ones (SPEC §10).
-      device: where the tensors live (``"meta"`` allocates nothing; ``to_empty(device=...)``
-        then ``reset_parameters()`` draws them, as for torch's own modules).
+      device: where the tensors live (``"meta"`` allocates and computes nothing, with a seed
+        too; ``to_empty(device=...)`` then ``reset_parameters()`` draws them, as for torch's
+        own modules, DTensor parameters of FSDP2's ``fully_shard`` included).
       implementation: the kernels of the expert stage (below).
 
     Parameters live in submodules named after the first part of each canonical name
@@ -64,7 +65,19 @@ class PEER(nn.Module):
     ``forward`` returns y, and ``(y, aux)`` with ``return_aux=True``. In training mode the
     batch-norm buffers are updated in place, once per training step (SPEC §3.3): under
     activation checkpointing (``torch.utils.checkpoint``, reentrant or not) the recomputation
-    in the backward pass leaves them alone. Under torch.func transforms see ``_update_buffers``.
+    in the backward pass leaves them alone. ``torch.export`` programs of either mode save,
+    load and run like the module, the training program updating its buffers.
+
+    torch.func: ``grad``, ``vjp``, ``jvp``, ``jacrev``, ``jacfwd`` and ``vmap`` (per-sample
+    gradients: ``vmap(grad(...))``) run through ``torch.func.functional_call(module, ...)`` on
+    the "aten" and "triton" implementations: under a transform the routing and the expert
+    stage run the same math in plain differentiable operations (experts.gathered_stage),
+    since the peer:: operators' generated autograd functions cannot be transformed. A
+    training call under ``vmap`` with batch norm raises PEERInputError (each sample would have
+    statistics of its own; take per-sample gradients in eval mode); under the other
+    transforms it updates the buffers once (see ``_update_buffers``). ``torch.compile`` of a
+    torch.func transform of the layer is not supported (compile the layer, or transform it
+    eagerly).
 
     Casting (``.to(dtype)``, ``.half()``, ``.bfloat16()``, ``.double()``) casts parameters and
     batch-norm buffers together, as ``nn.BatchNorm1d`` does with its running statistics: they
