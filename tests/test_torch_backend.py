@@ -669,7 +669,8 @@ def test_export_save_load_round_trip_with_dynamic_tokens(training, tmp_path):
 def test_meta_device_build_allocates_nothing_on_the_host():
     # 128 MiB of tables: a meta build, seeded or not, computes none of them (peak RSS of a fresh
     # process, which only grows); the CPU build after it shows that the measurement sees them
-    # (and would not grow if a meta build had already drawn the tables on the host).
+    # (and would not grow if a meta build had already drawn the tables on the host). A fresh
+    # process: the peak only grows; a first small build takes the imports' transients first.
     import subprocess
     import sys
 
@@ -677,21 +678,19 @@ def test_meta_device_build_allocates_nothing_on_the_host():
 import resource, torch
 from peer_backends.torch import PEER
 from peer_ref import PEERConfig
+PEER(PEERConfig(d_model=8, n_experts=16, heads=1, topk=1, d_key=4), seed=0)  # imports and first calls
 cfg = PEERConfig(d_model=256, n_experts=256**2, heads=1, topk=1, d_key=16)
 peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-for kwargs in ({"device": "meta"}, {"device": "meta", "seed": 0}, {"device": "cpu"}):
+kept = []
+for kwargs in ({"device": "meta"}, {"device": "meta", "seed": 0}, {"device": "cpu", "seed": 0}):
     before = peak()
-    PEER(cfg, **kwargs)
-    print(peak() - before)
-with torch.device("meta"):
-    before = peak()
-    PEER(cfg, seed=0)
+    kept.append(PEER(cfg, **kwargs))
     print(peak() - before)
 """
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
-    meta, seeded, cpu, context = (float(v) for v in out)
-    assert cpu > 48, cpu
-    assert max(meta, seeded, context) < 8, (meta, seeded, context)
+    meta, seeded, cpu = (float(v) for v in out)
+    assert max(meta, seeded) < 8, (meta, seeded)
+    assert cpu > 64, cpu
 
 
 @pytest.mark.parametrize("seed", [None, 5])
