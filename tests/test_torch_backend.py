@@ -668,9 +668,9 @@ def test_export_save_load_round_trip_with_dynamic_tokens(training, tmp_path):
 
 def test_meta_device_build_allocates_nothing_on_the_host():
     # 128 MiB of tables: a meta build, seeded or not, computes none of them (peak RSS of a fresh
-    # process, which only grows); the CPU build after it shows that the measurement sees them
-    # (and would not grow if a meta build had already drawn the tables on the host). A fresh
-    # process: the peak only grows; a first small build takes the imports' transients first.
+    # process, which only grows, after a small build has taken the imports' transients); the
+    # CPU build after them shows that the measurement sees the tables (and would not grow had a
+    # meta build already drawn them on the host).
     import subprocess
     import sys
 
