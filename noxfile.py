@@ -39,8 +39,17 @@ MODULES = sorted(p.stem for p in Path("conformance/peer_conformance").glob("test
 def _conformance(session, backends: list[str]) -> None:
     for backend in backends:
         for module in MODULES:
-            session.run("pytest", *PYTEST, *PROFILE, "-q", "--pyargs", f"peer_conformance.{module}",
-                        "--peer-backend", backend, *session.posargs)
+            session.run(
+                "pytest",
+                *PYTEST,
+                *PROFILE,
+                "-q",
+                "--pyargs",
+                f"peer_conformance.{module}",
+                "--peer-backend",
+                backend,
+                *session.posargs,
+            )
 
 
 @nox.session(python=PYTHON)
@@ -56,8 +65,15 @@ def tests(session):
     keras_layer = "tests/test_keras_layer.py"  # once per Keras backend: Keras picks it at import
     # The kernels session's:
     kernel_tests = [f"--ignore=tests/test_{name}.py" for name in ("torch_kernels", "jax_kernels", "kernels_compile")]
-    session.run("pytest", *PYTEST, *PROFILE, "tests", *(f"--ignore={path}" for path in [*own, keras_layer]),
-                *kernel_tests, *session.posargs)
+    session.run(
+        "pytest",
+        *PYTEST,
+        *PROFILE,
+        "tests",
+        *(f"--ignore={path}" for path in [*own, keras_layer]),
+        *kernel_tests,
+        *session.posargs,
+    )
     for path in own:
         session.run("pytest", *PYTEST, *PROFILE, path, *session.posargs)
     for keras_backend in ("tensorflow", "jax", "torch"):
@@ -84,20 +100,44 @@ def kernels(session):
     session.run("pytest", *PYTEST, "tests/test_jax_kernels.py", *session.posargs, env=env)
     for backend, implementation in KERNEL_PATHS.items():
         for module in KERNEL_MODULES:
-            session.run("pytest", *PYTEST, "--hypothesis-profile", "kernels", "-q", "--pyargs",
-                        f"peer_conformance.{module}", "--peer-backend", backend,
-                        "--peer-implementation", implementation, *session.posargs, env=env)
+            session.run(
+                "pytest",
+                *PYTEST,
+                "--hypothesis-profile",
+                "kernels",
+                "-q",
+                "--pyargs",
+                f"peer_conformance.{module}",
+                "--peer-backend",
+                backend,
+                "--peer-implementation",
+                implementation,
+                *session.posargs,
+                env=env,
+            )
 
 
 @nox.session(python=PYTHON)
 def ref(session):
     """NumPy only: the reference, its golden vectors, and the suite's own meta-tests."""
     _install(session, editable=True)
-    session.run("pytest", *PYTEST, *PROFILE, "tests/test_ref_config.py", "tests/test_ref_checks.py",
-                "tests/test_ref_routing.py", "tests/test_ref_backward.py", "tests/test_ref_query_norm.py",
-                "tests/test_ref_invariants.py", "tests/test_ref_init.py", "tests/test_ref_metrics.py",
-                "tests/test_vectors.py", "tests/test_api.py", "tests/test_conformance_meta.py",
-                "tests/test_conformance_helpers.py")
+    session.run(
+        "pytest",
+        *PYTEST,
+        *PROFILE,
+        "tests/test_ref_config.py",
+        "tests/test_ref_checks.py",
+        "tests/test_ref_routing.py",
+        "tests/test_ref_backward.py",
+        "tests/test_ref_query_norm.py",
+        "tests/test_ref_invariants.py",
+        "tests/test_ref_init.py",
+        "tests/test_ref_metrics.py",
+        "tests/test_vectors.py",
+        "tests/test_api.py",
+        "tests/test_conformance_meta.py",
+        "tests/test_conformance_helpers.py",
+    )
     _conformance(session, ["numpy"])
 
 

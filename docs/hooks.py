@@ -25,9 +25,11 @@ def _json(path: str) -> dict:
 def _bench_case(report: dict) -> str:
     case, env, settings = report["case"], report["environment"], report["settings"]
     versions = ", ".join(f"{name} {version}" for name, version in env["versions"].items())
-    return (f"Preset `{settings['preset']}`: d_model {case['d_model']}, N = {case['n_experts']}, heads "
-            f"{case['heads']}, top-{case['topk']}, d_key {case['d_key']}, {case['tokens']} tokens, {case['dtype']}; "
-            f"{settings['threads']} threads on {env['cpu_model']}, {env.get('date', '')}; {versions}.\n")
+    return (
+        f"Preset `{settings['preset']}`: d_model {case['d_model']}, N = {case['n_experts']}, heads "
+        f"{case['heads']}, top-{case['topk']}, d_key {case['d_key']}, {case['tokens']} tokens, {case['dtype']}; "
+        f"{settings['threads']} threads on {env['cpu_model']}, {env.get('date', '')}; {versions}.\n"
+    )
 
 
 def bench_headline(path: str) -> str:
@@ -99,17 +101,26 @@ def pytest_options(module: str) -> str:
     for group in parser.groups:
         for names, kwargs in group.options:
             default = kwargs.get("default")
-            lines.append(f"| `{'`, `'.join(names)}` | {'–' if default is None else f'`{default}`'} | "
-                         f"{' '.join(kwargs.get('help', '').split()).replace('|', '/')} |")
+            lines.append(
+                f"| `{'`, `'.join(names)}` | {'–' if default is None else f'`{default}`'} | "
+                f"{' '.join(kwargs.get('help', '').split()).replace('|', '/')} |"
+            )
     return "\n".join(lines) + "\n"
 
 
-RENDERERS = {"bench-headline": bench_headline, "bench-summary": bench_summary, "train": train,
-             "sharded": sharded, "sharded-scaling": sharded_scaling, "pytest-options": pytest_options}
+RENDERERS = {
+    "bench-headline": bench_headline,
+    "bench-summary": bench_summary,
+    "train": train,
+    "sharded": sharded,
+    "sharded-scaling": sharded_scaling,
+    "pytest-options": pytest_options,
+}
 
 
 def render(markdown: str) -> str:
     """``markdown`` with every results marker replaced by its table."""
+
     def one(match: re.Match) -> str:
         kind, argument = match["kind"], match["argument"]
         if kind not in RENDERERS:
@@ -124,7 +135,7 @@ def served(path: Path) -> str:
     relative = path.relative_to(ROOT).as_posix()
     for folder, url in RESULT_FOLDERS.items():
         if relative.startswith(folder + "/"):
-            return url + relative[len(folder):]
+            return url + relative[len(folder) :]
     raise ValueError(f"path={relative!r}, but expected a file under {sorted(RESULT_FOLDERS)}")
 
 
@@ -139,4 +150,3 @@ def on_files(files, config):
 
 def on_page_markdown(markdown, page, config, files):
     return render(markdown)
-

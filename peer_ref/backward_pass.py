@@ -15,16 +15,27 @@ from .forward_pass import forward_with_tape, low_numpy_dtype
 from .functions import activation, activation_grad, score_weights_vjp
 
 
-def vjp(cfg: PEERConfig, params: dict, state: dict, x: np.ndarray, dy: np.ndarray,
-        training: bool = False, mask: np.ndarray | None = None, routing: np.ndarray | None = None, *,
-        compute_dtype: str | None = None):
+def vjp(
+    cfg: PEERConfig,
+    params: dict,
+    state: dict,
+    x: np.ndarray,
+    dy: np.ndarray,
+    training: bool = False,
+    mask: np.ndarray | None = None,
+    routing: np.ndarray | None = None,
+    *,
+    compute_dtype: str | None = None,
+):
     """Cotangents ``(grads, dx)`` of ``sum(forward(...)[0] * dy)``.
 
     ``grads`` holds every trainable parameter under its canonical name; ``dx`` has x's shape.
     In the mixed mode (``compute_dtype``, SPEC §10.3) dy has x's low dtype, every rounding of the
     forward counts as the identity, grads are float32 and dx is rounded once to the low dtype.
     """
-    _, _, _, tape = forward_with_tape(cfg, params, state, x, training, mask, routing, dy=dy, compute_dtype=compute_dtype)
+    _, _, _, tape = forward_with_tape(
+        cfg, params, state, x, training, mask, routing, dy=dy, compute_dtype=compute_dtype
+    )
     read = tape.params  # the values the forward used: rounded ones in the mixed mode
     if tape.low is not None:
         dy = dy.astype(tape.x.dtype)
@@ -39,8 +50,11 @@ def vjp(cfg: PEERConfig, params: dict, state: dict, x: np.ndarray, dy: np.ndarra
     hidden = activated if tape.gate is None else activated * tape.gate
     up_rows = read["experts.up"][idx]  # (T, h, k, d_out)
     d_coef = np.einsum("to,thko->thk", dyf, up_rows)
-    np.add.at(grads["experts.up"], idx.reshape(-1),
-              ((tape.weights * hidden)[..., None] * dyf[:, None, None, :]).reshape(tokens * hk, cfg.d_out))
+    np.add.at(
+        grads["experts.up"],
+        idx.reshape(-1),
+        ((tape.weights * hidden)[..., None] * dyf[:, None, None, :]).reshape(tokens * hk, cfg.d_out),
+    )
 
     # §3.10 experts: a = act(x . down[idx] + bias[idx]), times the gate x . gate[idx] with expert_glu
     d_hidden = d_coef * tape.weights
@@ -50,15 +64,21 @@ def vjp(cfg: PEERConfig, params: dict, state: dict, x: np.ndarray, dy: np.ndarra
         d_activated = d_hidden * tape.gate
         d_gate = d_hidden * activated
         dx_gate = np.einsum("thk,thkd->td", d_gate, read["experts.gate"][idx])
-        np.add.at(grads["experts.gate"], idx.reshape(-1),
-                  (d_gate[..., None] * tape.x[:, None, None, :]).reshape(tokens * hk, cfg.d_model))
+        np.add.at(
+            grads["experts.gate"],
+            idx.reshape(-1),
+            (d_gate[..., None] * tape.x[:, None, None, :]).reshape(tokens * hk, cfg.d_model),
+        )
     d_pre = d_activated * activation_grad(cfg.activation, tape.pre)
     down_rows = read["experts.down"][idx]
     dx = np.einsum("thk,thkd->td", d_pre, down_rows)
     if tape.gate is not None:
         dx = dx + dx_gate
-    np.add.at(grads["experts.down"], idx.reshape(-1),
-              (d_pre[..., None] * tape.x[:, None, None, :]).reshape(tokens * hk, cfg.d_model))
+    np.add.at(
+        grads["experts.down"],
+        idx.reshape(-1),
+        (d_pre[..., None] * tape.x[:, None, None, :]).reshape(tokens * hk, cfg.d_model),
+    )
     if cfg.expert_bias:
         np.add.at(grads["experts.bias"], idx.reshape(-1), d_pre.reshape(-1))
 
@@ -68,10 +88,13 @@ def vjp(cfg: PEERConfig, params: dict, state: dict, x: np.ndarray, dy: np.ndarra
     d_right = _scatter_last(d_scores, idx % n, n)
     q_left = tape.queries[..., : cfg.d_half]
     q_right = tape.queries[..., cfg.d_half :]
-    d_queries = np.concatenate([
-        _sub_key_vjp(cfg, params["keys.left"], grads["keys.left"], d_left, q_left),
-        _sub_key_vjp(cfg, params["keys.right"], grads["keys.right"], d_right, q_right),
-    ], axis=-1).reshape(tokens, cfg.d_query)
+    d_queries = np.concatenate(
+        [
+            _sub_key_vjp(cfg, params["keys.left"], grads["keys.left"], d_left, q_left),
+            _sub_key_vjp(cfg, params["keys.right"], grads["keys.right"], d_right, q_right),
+        ],
+        axis=-1,
+    ).reshape(tokens, cfg.d_query)
 
     # §3.3 query norm, §3.2 query projection
     d_q = _query_norm_vjp(cfg, params, grads, tape, d_queries)
@@ -96,8 +119,9 @@ def _scatter_last(values: np.ndarray, positions: np.ndarray, size: int) -> np.nd
     return out
 
 
-def _sub_key_vjp(cfg: PEERConfig, keys: np.ndarray, d_keys: np.ndarray, d_scores: np.ndarray,
-                 q_half: np.ndarray) -> np.ndarray:
+def _sub_key_vjp(
+    cfg: PEERConfig, keys: np.ndarray, d_keys: np.ndarray, d_scores: np.ndarray, q_half: np.ndarray
+) -> np.ndarray:
     """Backward of s = einsum('thd,hnd->thn', q_half, keys); accumulates into d_keys in place."""
     per_head = np.broadcast_to(keys, (cfg.heads,) + keys.shape[1:]) if cfg.shared_keys else keys
     d_q = np.einsum("thn,hnd->thd", d_scores, per_head)

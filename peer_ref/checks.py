@@ -62,24 +62,19 @@ def check_tree(cfg: PEERConfig, kind: str, tree: Mapping[str, Meta], dtype: str 
     extra = sorted(set(tree) - set(expected))
     if missing or extra:
         raise PEERInputError(
-            f"{kind} has names missing={missing} extra={extra}, "
-            f"but expected exactly {sorted(expected)} for this config"
+            f"{kind} has names missing={missing} extra={extra}, but expected exactly {sorted(expected)} for this config"
         )
     found = dtype
     for name in expected:
         shape, dt = tree[name]
         if tuple(shape) != expected[name]:
-            raise PEERInputError(
-                f"{kind}[{name!r}].shape={tuple(shape)}, but expected {expected[name]}"
-            )
+            raise PEERInputError(f"{kind}[{name!r}].shape={tuple(shape)}, but expected {expected[name]}")
         if dt not in DTYPES:
             raise PEERInputError(f"{kind}[{name!r}].dtype={dt}, but expected one of {DTYPES}")
         if found is None:
             found = dt
         elif dt != found:
-            raise PEERInputError(
-                f"{kind}[{name!r}].dtype={dt}, but expected {found} like the rest of {kind}"
-            )
+            raise PEERInputError(f"{kind}[{name!r}].dtype={dt}, but expected {found} like the rest of {kind}")
     return found or "float64"
 
 
@@ -89,9 +84,7 @@ def check_params_state(cfg: PEERConfig, params: Mapping[str, Meta], state: Mappi
     if cfg.state_shapes():
         check_tree(cfg, "state", state, dtype=state_dtype(dtype))
     elif state:
-        raise PEERInputError(
-            f"state has names {sorted(state)}, but expected none when query_norm='none'"
-        )
+        raise PEERInputError(f"state has names {sorted(state)}, but expected none when query_norm='none'")
     return dtype
 
 
@@ -116,9 +109,7 @@ def check_call(
     if len(x_shape) < 1:
         raise PEERInputError(f"x.shape={x_shape}, but expected (..., d_model={cfg.d_model})")
     if x_shape[-1] != cfg.d_model:
-        raise PEERInputError(
-            f"x.shape={x_shape}, but expected a last dimension of d_model={cfg.d_model}"
-        )
+        raise PEERInputError(f"x.shape={x_shape}, but expected a last dimension of d_model={cfg.d_model}")
     if compute_dtype is None and x_dtype != param_dtype:
         raise PEERInputError(
             f"x.dtype={x_dtype}, but expected {param_dtype} (the parameters' dtype; "
@@ -142,9 +133,7 @@ def check_call(
             raise PEERInputError(f"routing.dtype={r_dtype}, but expected an integer dtype")
         want = lead + (cfg.heads, cfg.topk)
         if r_shape != want:
-            raise PEERInputError(
-                f"routing.shape={r_shape}, but expected x.shape[:-1] + (heads, topk)={want}"
-            )
+            raise PEERInputError(f"routing.shape={r_shape}, but expected x.shape[:-1] + (heads, topk)={want}")
     if dy is not None:
         d_shape, d_dtype = tuple(dy[0]), dy[1]
         want = lead + (cfg.d_out,)

@@ -126,8 +126,9 @@ class PEERConfig:
         if root * root != self.n_experts:
             raise _fail("n_experts", self.n_experts, "a perfect square (n_keys**2)")
         if root > MAX_N_KEYS:
-            raise _fail("n_experts", self.n_experts,
-                        f"<= {MAX_N_KEYS}**2 = {MAX_N_KEYS**2} (expert indices must fit int32)")
+            raise _fail(
+                "n_experts", self.n_experts, f"<= {MAX_N_KEYS}**2 = {MAX_N_KEYS**2} (expert indices must fit int32)"
+            )
         _check_int("heads", self.heads, 1)
         _check_int("topk", self.topk, 1)
         if self.topk > root:
@@ -146,7 +147,7 @@ class PEERConfig:
         _check_bool("expert_glu", self.expert_glu)
 
     @classmethod
-    def paper(cls, d_model: int, **overrides: Any) -> "PEERConfig":
+    def paper(cls, d_model: int, **overrides: Any) -> PEERConfig:
         """The layer of the paper's experiments (He 2024, §3) for a model of width ``d_model``.
 
         What the paper fixes: ``n_experts = 1024**2``, ``heads = 8``, ``topk = 16`` (128 active
@@ -166,8 +167,16 @@ class PEERConfig:
         Raises:
             PEERConfigError: An override names no field, or a value is out of its domain.
         """
-        fields = {"d_model": d_model, "n_experts": 1024**2, "heads": 8, "topk": 16, "d_key": 128,
-                  "shared_keys": True, "query_norm": "batch", "score": "softmax"}
+        fields = {
+            "d_model": d_model,
+            "n_experts": 1024**2,
+            "heads": 8,
+            "topk": 16,
+            "d_key": 128,
+            "shared_keys": True,
+            "query_norm": "batch",
+            "score": "softmax",
+        }
         return cls.from_dict({**fields, **overrides})
 
     # Derived sizes (SPEC §1).
@@ -220,12 +229,10 @@ class PEERConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PEERConfig":
+    def from_dict(cls, data: dict[str, Any]) -> PEERConfig:
         """The config of ``to_dict``'s output; unknown fields raise ``PEERConfigError``."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise PEERConfigError(
-                f"PEERConfig got unknown field(s) {unknown}, but expected only {sorted(known)}"
-            )
+            raise PEERConfigError(f"PEERConfig got unknown field(s) {unknown}, but expected only {sorted(known)}")
         return cls(**data)

@@ -32,8 +32,9 @@ class Tape(NamedTuple):
     low: str | None  # the mixed mode's low dtype, or None
 
 
-def validate(cfg, params, state, x, training, mask=None, routing=None, dy=None,
-             compute_dtype=None) -> tuple[tuple[int, ...], str | None]:
+def validate(
+    cfg, params, state, x, training, mask=None, routing=None, dy=None, compute_dtype=None
+) -> tuple[tuple[int, ...], str | None]:
     """Check every argument (SPEC §9); returns the leading shape of x and the mixed mode's
     low dtype (None outside the mixed mode, SPEC §10.3)."""
     # The reference runs on NumPy arrays only (checked after the trees, as each backend checks
@@ -44,8 +45,19 @@ def validate(cfg, params, state, x, training, mask=None, routing=None, dy=None,
     checks.check_trees(cfg, params, state, meta)
     if not isinstance(x, np.ndarray):
         raise PEERInputError(f"x is {type(x).__name__}, but expected a numpy.ndarray")
-    lead, dtype, low = checks.check_arguments(cfg, params, state, x, training, mask, routing, dy, compute_dtype,
-                                              meta=meta, routing_range=lambda r: (int(np.min(r)), int(np.max(r))))
+    lead, dtype, low = checks.check_arguments(
+        cfg,
+        params,
+        state,
+        x,
+        training,
+        mask,
+        routing,
+        dy,
+        compute_dtype,
+        meta=meta,
+        routing_range=lambda r: (int(np.min(r)), int(np.max(r))),
+    )
     checks.check_dtype_name(dtype, ("float64", "float32"))
     return lead, low
 
@@ -77,8 +89,10 @@ def read_params(params: dict, low: str | None) -> dict:
         return params
     dt = low_numpy_dtype(low)
     with np.errstate(over="ignore"):  # a float32 value beyond float16's range reads as ±inf
-        return {name: value.astype(dt).astype(value.dtype) if name in ROUNDED_PARAMS else value
-                for name, value in params.items()}
+        return {
+            name: value.astype(dt).astype(value.dtype) if name in ROUNDED_PARAMS else value
+            for name, value in params.items()
+        }
 
 
 def _dtype_name(value) -> str:
@@ -124,8 +138,9 @@ def zero_masked(rows: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return np.where(valid[:, None], rows, rows.dtype.type(0))
 
 
-def forward_with_tape(cfg: PEERConfig, params, state, x, training=False, mask=None, routing=None, dy=None,
-                      compute_dtype=None):
+def forward_with_tape(
+    cfg: PEERConfig, params, state, x, training=False, mask=None, routing=None, dy=None, compute_dtype=None
+):
     """``forward`` after validating ``dy`` too, returning (y, new_state, aux, tape): the Tape of
     intermediates that ``peer_ref.backward_pass`` differentiates."""
     lead, low = validate(cfg, params, state, x, training, mask, routing, dy, compute_dtype)
@@ -171,17 +186,26 @@ def forward_with_tape(cfg: PEERConfig, params, state, x, training=False, mask=No
         "scores": scores.reshape(lead + (cfg.heads, cfg.topk)),
         "weights": weights.reshape(lead + (cfg.heads, cfg.topk)),
     }
-    tape = Tape(lead, xf, valid, normed, inv_std, batch_stats, n_valid, queries, indices, weights, pre, gate,
-                params, low)
+    tape = Tape(
+        lead, xf, valid, normed, inv_std, batch_stats, n_valid, queries, indices, weights, pre, gate, params, low
+    )
     if low is not None:
         with np.errstate(over="ignore"):  # §10.1: beyond the low dtype's range is ±inf, as specified
             y = y.astype(low_numpy_dtype(low))  # §10.3: y is rounded once, at the end
     return y.reshape(lead + (cfg.d_out,)), new_state, aux, tape
 
 
-def forward(cfg: PEERConfig, params: dict, state: dict, x: np.ndarray, training: bool = False,
-            mask: np.ndarray | None = None, routing: np.ndarray | None = None, *,
-            compute_dtype: str | None = None):
+def forward(
+    cfg: PEERConfig,
+    params: dict,
+    state: dict,
+    x: np.ndarray,
+    training: bool = False,
+    mask: np.ndarray | None = None,
+    routing: np.ndarray | None = None,
+    *,
+    compute_dtype: str | None = None,
+):
     """Apply the layer. Returns ``(y, new_state, aux)``; see SPEC §3 and §6.
 
     ``compute_dtype`` None (or the parameters' dtype) computes in the parameters' dtype, which x
@@ -189,12 +213,22 @@ def forward(cfg: PEERConfig, params: dict, state: dict, x: np.ndarray, training:
     x in that dtype, y in that dtype, state and aux scores/weights float32.
     Raises PEERInputError for any other combination.
     """
-    y, new_state, aux, _ = forward_with_tape(cfg, params, state, x, training, mask, routing, compute_dtype=compute_dtype)
+    y, new_state, aux, _ = forward_with_tape(
+        cfg, params, state, x, training, mask, routing, compute_dtype=compute_dtype
+    )
     return y, new_state, aux
 
 
-def routing_scores(cfg: PEERConfig, params: dict, state: dict, x: np.ndarray, training: bool = False,
-                   mask: np.ndarray | None = None, *, compute_dtype: str | None = None) -> np.ndarray:
+def routing_scores(
+    cfg: PEERConfig,
+    params: dict,
+    state: dict,
+    x: np.ndarray,
+    training: bool = False,
+    mask: np.ndarray | None = None,
+    *,
+    compute_dtype: str | None = None,
+) -> np.ndarray:
     """Routing oracle: the raw score of EVERY expert, shape (..., heads, n_experts).
 
     Expert i = left * n_keys + right scores s_left[left] + s_right[right] (SPEC §3.7).

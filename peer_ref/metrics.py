@@ -15,8 +15,13 @@ from .config import PEERConfig
 from .errors import PEERInputError
 
 
-def accumulate(cfg: PEERConfig, indices: np.ndarray, weights: np.ndarray,
-               mask: np.ndarray | None = None, into: np.ndarray | None = None) -> np.ndarray:
+def accumulate(
+    cfg: PEERConfig,
+    indices: np.ndarray,
+    weights: np.ndarray,
+    mask: np.ndarray | None = None,
+    into: np.ndarray | None = None,
+) -> np.ndarray:
     """Add one batch's router weights to the per-expert totals z' (float64, shape (n_experts,)).
 
     ``indices`` and ``weights`` are ``aux["indices"]`` and ``aux["weights"]``; masked tokens

@@ -1,8 +1,8 @@
 """peer_spec — the written spec (SPEC.md) and the golden vectors, shipped as package data.
 
-    import peer_spec
-    for path in peer_spec.vector_paths():
-        vector = peer_spec.load_vector(path)   # a Vector NamedTuple; layout in vectors/README.md
+import peer_spec
+for path in peer_spec.vector_paths():
+    vector = peer_spec.load_vector(path)   # a Vector NamedTuple; layout in vectors/README.md
 """
 
 from __future__ import annotations
@@ -46,10 +46,20 @@ def load_vector(path) -> Vector:
         raise ValueError(f"vector {path} has format={str(data['format'])!r}, but expected {FORMAT!r}")
 
     def tree(prefix: str) -> dict:
-        return {key[len(prefix) + 1:]: value for key, value in data.items() if key.startswith(prefix + "/")}
+        return {key[len(prefix) + 1 :]: value for key, value in data.items() if key.startswith(prefix + "/")}
 
     return Vector(
-        name=Path(path).stem, config=json.loads(str(data["config"])), training=bool(data["training"]),
-        x=data["x"], mask=data.get("mask"), dy=data["dy"], params=tree("params"), state=tree("state"),
-        y=data["y"], new_state=tree("new_state"), aux=tree("aux"), grads=tree("grads"), dx=data["dx"],
+        name=Path(path).stem,
+        config=json.loads(str(data["config"])),
+        training=bool(data["training"]),
+        x=data["x"],
+        mask=data.get("mask"),
+        dy=data["dy"],
+        params=tree("params"),
+        state=tree("state"),
+        y=data["y"],
+        new_state=tree("new_state"),
+        aux=tree("aux"),
+        grads=tree("grads"),
+        dx=data["dx"],
     )

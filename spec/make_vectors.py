@@ -46,29 +46,62 @@ BASE = dict(d_model=6, n_experts=16, heads=2, topk=3, d_key=4)
 CASES: dict[str, VectorCase] = {
     "default_train_mask": VectorCase(BASE, 1, True, (2, 5), mask=True),
     "default_eval": VectorCase(BASE, 2, False, (7,)),
-    "gelu_tanh_sigmoid_per_head": VectorCase({**BASE, "activation": "gelu_tanh", "score": "sigmoid", "shared_keys": False},
-                                       3, True, (6,)),
-    "relu_score_none_query_bias": VectorCase({**BASE, "activation": "relu", "score": "none", "query_bias": True},
-                                       4, True, (3, 2), mask=True),
-    "silu_no_norm_d_out": VectorCase({**BASE, "activation": "silu", "query_norm": "none", "expert_bias": False,
-                                "d_out": 3}, 5, False, (5,)),
-    "identity_per_head_lead3": VectorCase({**BASE, "activation": "identity", "shared_keys": False, "heads": 3,
-                                     "query_bias": True, "d_out": 4}, 6, True, (2, 3, 2), mask=True),
+    "gelu_tanh_sigmoid_per_head": VectorCase(
+        {**BASE, "activation": "gelu_tanh", "score": "sigmoid", "shared_keys": False}, 3, True, (6,)
+    ),
+    "relu_score_none_query_bias": VectorCase(
+        {**BASE, "activation": "relu", "score": "none", "query_bias": True}, 4, True, (3, 2), mask=True
+    ),
+    "silu_no_norm_d_out": VectorCase(
+        {**BASE, "activation": "silu", "query_norm": "none", "expert_bias": False, "d_out": 3}, 5, False, (5,)
+    ),
+    "identity_per_head_lead3": VectorCase(
+        {**BASE, "activation": "identity", "shared_keys": False, "heads": 3, "query_bias": True, "d_out": 4},
+        6,
+        True,
+        (2, 3, 2),
+        mask=True,
+    ),
     "single_token_eval": VectorCase({**BASE, "heads": 1, "topk": 1, "score": "sigmoid"}, 7, False, ()),
-    "wide_per_head_momentum": VectorCase({"d_model": 8, "n_experts": 64, "heads": 4, "topk": 4, "d_key": 6,
-                                    "shared_keys": False, "bn_momentum": 0.3, "bn_eps": 1e-3, "d_out": 5},
-                                   8, True, (9,), mask=True),
+    "wide_per_head_momentum": VectorCase(
+        {
+            "d_model": 8,
+            "n_experts": 64,
+            "heads": 4,
+            "topk": 4,
+            "d_key": 6,
+            "shared_keys": False,
+            "bn_momentum": 0.3,
+            "bn_eps": 1e-3,
+            "d_out": 5,
+        },
+        8,
+        True,
+        (9,),
+        mask=True,
+    ),
     "float32_train_mask": VectorCase({**BASE, "query_bias": True}, 9, True, (4, 3), mask=True, dtype="float32"),
-    "float32_eval_no_norm": VectorCase({**BASE, "query_norm": "none", "score": "none", "activation": "relu"},
-                                 10, False, (5,), dtype="float32"),
-    "exact_ties": VectorCase({**BASE, "query_norm": "none", "activation": "identity", "score": "none"},
-                       11, False, (6,), integer_valued=True),
+    "float32_eval_no_norm": VectorCase(
+        {**BASE, "query_norm": "none", "score": "none", "activation": "relu"}, 10, False, (5,), dtype="float32"
+    ),
+    "exact_ties": VectorCase(
+        {**BASE, "query_norm": "none", "activation": "identity", "score": "none"}, 11, False, (6,), integer_valued=True
+    ),
     "zero_tokens_train": VectorCase(BASE, 12, True, (0,)),
     "glu_silu_train_mask": VectorCase({**BASE, "expert_glu": True, "activation": "silu"}, 13, True, (2, 4), mask=True),
-    "glu_gelu_per_head_d_out_eval": VectorCase({**BASE, "expert_glu": True, "shared_keys": False, "expert_bias": False,
-                                          "score": "sigmoid", "d_out": 5}, 14, False, (6,)),
-    "glu_float32_no_norm": VectorCase({**BASE, "expert_glu": True, "query_norm": "none", "activation": "relu",
-                                 "query_bias": True}, 15, False, (5,), dtype="float32"),
+    "glu_gelu_per_head_d_out_eval": VectorCase(
+        {**BASE, "expert_glu": True, "shared_keys": False, "expert_bias": False, "score": "sigmoid", "d_out": 5},
+        14,
+        False,
+        (6,),
+    ),
+    "glu_float32_no_norm": VectorCase(
+        {**BASE, "expert_glu": True, "query_norm": "none", "activation": "relu", "query_bias": True},
+        15,
+        False,
+        (5,),
+        dtype="float32",
+    ),
 }
 
 
@@ -81,13 +114,15 @@ def _inputs(case: VectorCase):
         x = rng.integers(-2, 3, case.lead + (cfg.d_model,)).astype(np.float64)
     else:
         # Constants (scales, offsets, biases) start at 1 or 0; move them so their paths are tested.
-        params = {k: v if k in peer_ref.init_std(cfg) else v + 0.2 * rng.standard_normal(v.shape)
-                  for k, v in params.items()}
+        params = {
+            k: v if k in peer_ref.init_std(cfg) else v + 0.2 * rng.standard_normal(v.shape) for k, v in params.items()
+        }
         x = rng.standard_normal(case.lead + (cfg.d_model,))
     if case.state_noise:
         state = {k: np.abs(v + 0.3 * rng.standard_normal(v.shape)) for k, v in state.items()}
     dy = rng.standard_normal(case.lead + (cfg.d_out,))
     mask = rng.random(case.lead) < 0.67 if case.mask else None
+
     def cast(tree):
         return {k: v.astype(case.dtype) for k, v in tree.items()}
 

@@ -45,14 +45,21 @@ def _mutant(name: str, patches=(), *, init=None, before=None):
             return numpy_backend.vjp(cfg, params, state, x, dy, training, mask, routing, jit=jit)
 
     return types.SimpleNamespace(
-        name=f"mutant-{name}", version="0", capabilities=numpy_backend.capabilities,
-        init=init or numpy_backend.init, apply=apply, vjp=vjp, from_numpy=numpy_backend.from_numpy,
-        to_numpy=numpy_backend.to_numpy, layer=numpy_backend.layer,
+        name=f"mutant-{name}",
+        version="0",
+        capabilities=numpy_backend.capabilities,
+        init=init or numpy_backend.init,
+        apply=apply,
+        vjp=vjp,
+        from_numpy=numpy_backend.from_numpy,
+        to_numpy=numpy_backend.to_numpy,
+        layer=numpy_backend.layer,
     )
 
 
-def _query_norm(normalise_unbiased=False, running_biased=False, momentum_flipped=False,
-                ignore_mask=False, freeze_running=False):
+def _query_norm(
+    normalise_unbiased=False, running_biased=False, momentum_flipped=False, ignore_mask=False, freeze_running=False
+):
     """The reference's query batch norm with one convention changed."""
 
     def query_norm(cfg, params, state, q, valid, training):
@@ -69,10 +76,14 @@ def _query_norm(normalise_unbiased=False, running_biased=False, momentum_flipped
         var = unbiased if normalise_unbiased else biased
         m = 1 - cfg.bn_momentum if momentum_flipped else cfg.bn_momentum
         running = biased if running_biased else unbiased
-        new_state = dict(state) if freeze_running else {
-            "query_norm.mean": (1 - m) * state["query_norm.mean"] + m * mean,
-            "query_norm.var": (1 - m) * state["query_norm.var"] + m * running,
-        }
+        new_state = (
+            dict(state)
+            if freeze_running
+            else {
+                "query_norm.mean": (1 - m) * state["query_norm.mean"] + m * mean,
+                "query_norm.var": (1 - m) * state["query_norm.var"] + m * running,
+            }
+        )
         inv_std = 1.0 / np.sqrt(var + cfg.bn_eps)
         normed = (q - mean) * inv_std
         out = normed * params["query_norm.scale"] + params["query_norm.offset"]
@@ -135,8 +146,9 @@ def _zero_masked_by_multiplying(y, valid):
     return y * valid[:, None]
 
 
-bn_variance_swapped = _mutant("bn-variance-swapped", [
-    (ref_forward, "query_norm", _query_norm(normalise_unbiased=True, running_biased=True))])
+bn_variance_swapped = _mutant(
+    "bn-variance-swapped", [(ref_forward, "query_norm", _query_norm(normalise_unbiased=True, running_biased=True))]
+)
 running_stats_frozen = _mutant("running-stats-frozen", [(ref_forward, "query_norm", _query_norm(freeze_running=True))])
 momentum_flipped = _mutant("momentum-flipped", [(ref_forward, "query_norm", _query_norm(momentum_flipped=True))])
 mask_ignored_in_statistics = _mutant("mask-ignored", [(ref_forward, "query_norm", _query_norm(ignore_mask=True))])
@@ -150,4 +162,6 @@ per_head_keys = _mutant("per-head-keys", init=_per_head_keys_init)
 silent_cast = _mutant("silent-cast", before=_cast_x_to_params)
 
 
-masked_output_multiplied = _mutant("masked-output-multiplied", [(ref_forward, "zero_masked", _zero_masked_by_multiplying)])
+masked_output_multiplied = _mutant(
+    "masked-output-multiplied", [(ref_forward, "zero_masked", _zero_masked_by_multiplying)]
+)

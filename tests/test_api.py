@@ -17,9 +17,11 @@ CFG = PEERConfig(d_model=4, n_experts=9, heads=2, topk=2, d_key=4)
 
 
 def test_importing_the_package_imports_no_framework():
-    code = ("import sys, peer_backends\npeer_backends.available()\n"
-            "loaded = [m for m in ('torch', 'jax', 'tensorflow', 'keras', 'flax') if m in sys.modules]\n"
-            "assert not loaded, loaded\n")
+    code = (
+        "import sys, peer_backends\npeer_backends.available()\n"
+        "loaded = [m for m in ('torch', 'jax', 'tensorflow', 'keras', 'flax') if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
@@ -76,19 +78,25 @@ def test_layer_dispatches_to_the_backend():
 
 def test_layer_needs_the_framework_named(monkeypatch):
     monkeypatch.setenv("PEER_BACKEND", "numpy")  # the functional API's default is not the layer's
-    with pytest.raises(PEERConfigError, match=r"backend=None, but expected the framework the layer is for: one of "
-                                              r"\['jax', 'keras', 'numpy', 'tensorflow', 'torch'\]"):
+    with pytest.raises(
+        PEERConfigError,
+        match=r"backend=None, but expected the framework the layer is for: one of "
+        r"\['jax', 'keras', 'numpy', 'tensorflow', 'torch'\]",
+    ):
         peer_backends.layer(CFG)
 
 
 def test_keras_layer_without_keras_names_the_extra(monkeypatch):
     real = peer_backends.importlib.util.find_spec
     monkeypatch.setattr(peer_backends.importlib.util, "find_spec", lambda name: None if name == "keras" else real(name))
-    with pytest.raises(ImportError, match=r"backend='keras' needs the 'keras' package.*pip install 'peer-layer\[tensorflow\]'"):
+    with pytest.raises(
+        ImportError, match=r"backend='keras' needs the 'keras' package.*pip install 'peer-layer\[tensorflow\]'"
+    ):
         peer_backends.layer(CFG, backend="keras")
 
 
 # --- checkpoints -------------------------------------------------------------------------------
+
 
 def _write(path, tensors, metadata):
     safetensors.numpy.save_file(tensors, str(path), metadata=metadata)
@@ -107,15 +115,18 @@ def test_save_refuses_params_that_do_not_fit(tmp_path):
         peer_backends.save(tmp_path / "x.safetensors", CFG, params, state)
 
 
-@pytest.mark.parametrize("case, match", [
-    ("no_metadata", "format=None"),
-    ("other_version", "format_version='2'"),
-    ("bad_config", "config is invalid"),
-    ("extra_tensor", "does not define"),
-    ("missing_tensor", r"missing=\['experts.bias'\]"),
-    ("wrong_dtype", "dtype=float64"),
-    ("integer_tensor", "dtype I32"),
-])
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("no_metadata", "format=None"),
+        ("other_version", "format_version='2'"),
+        ("bad_config", "config is invalid"),
+        ("extra_tensor", "does not define"),
+        ("missing_tensor", r"missing=\['experts.bias'\]"),
+        ("wrong_dtype", "dtype=float64"),
+        ("integer_tensor", "dtype I32"),
+    ],
+)
 def test_load_refuses_a_checkpoint_that_does_not_fit(tmp_path, case, match):
     params, state, meta = _good(tmp_path)
     tensors = {**params, **state}
@@ -188,4 +199,4 @@ def test_round_trip_keeps_bfloat16_bits(tmp_path):
 
 def test_every_role_has_its_name(unresolved_roles):
     """peer_backends.contract.ROLES is true of this backend: one name per role in every backend."""
-    assert unresolved_roles('numpy') == []
+    assert unresolved_roles("numpy") == []

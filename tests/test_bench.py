@@ -23,11 +23,14 @@ def test_glu_experts_add_a_gate_term_equal_to_the_down_term():
     glu = formulas.peer_flops_per_token(d_model=4, n_experts=9, heads=2, topk=2, d_key=6, d_out=8, expert_glu=True)
     assert glu["gate"] == glu["down"] == 2 * 2 * 2 * 4
     assert glu["total"] == plain["total"] + glu["gate"]
-    assert {k: v for k, v in glu.items() if k not in ("gate", "total")} == \
-        {k: v for k, v in plain.items() if k not in ("gate", "total")}
+    assert {k: v for k, v in glu.items() if k not in ("gate", "total")} == {
+        k: v for k, v in plain.items() if k not in ("gate", "total")
+    }
     # One more (tokens*h*k, d_model) gather of gate rows.
-    assert formulas.expert_stage_bytes(3, 2, 4, 5, 7, 4, expert_glu=True) - formulas.expert_stage_bytes(3, 2, 4, 5, 7, 4) \
+    assert (
+        formulas.expert_stage_bytes(3, 2, 4, 5, 7, 4, expert_glu=True) - formulas.expert_stage_bytes(3, 2, 4, 5, 7, 4)
         == 3 * 2 * 4 * 5 * 4
+    )
     glu_case = BenchCase(d_model=8, n_experts=64, heads=1, topk=2, d_key=4, tokens=32, expert_glu=True)
     assert formulas.case_counts(glu_case)["peer_flops_per_token"]["gate"] == 2 * 1 * 2 * 8
 
@@ -42,8 +45,9 @@ def test_peer_flops_grow_with_sqrt_n_and_d_out():
     small = formulas.peer_flops_per_token(256, 256**2, 8, 16, 128)
     large = formulas.peer_flops_per_token(256, 1024**2, 8, 16, 128)
     assert large["sub_keys"] == 4 * small["sub_keys"]
-    assert {k: large[k] for k in ("query", "candidates", "down", "up")} == \
-        {k: small[k] for k in ("query", "candidates", "down", "up")}
+    assert {k: large[k] for k in ("query", "candidates", "down", "up")} == {
+        k: small[k] for k in ("query", "candidates", "down", "up")
+    }
     assert formulas.peer_flops_per_token(4, 9, 2, 2, 6, d_out=8)["up"] == 2 * 2 * 2 * 8
 
 
@@ -60,8 +64,10 @@ def test_dense_width_matches_peer_flops():
 
 
 def test_expert_stage_bytes_and_mode_factor():
-    assert formulas.expert_stage_bytes(tokens=3, heads=2, topk=4, d_model=5, d_out=7, itemsize=4) == \
-        (3 * 2 * 4 * 12 + 3 * 12) * 4
+    assert (
+        formulas.expert_stage_bytes(tokens=3, heads=2, topk=4, d_model=5, d_out=7, itemsize=4)
+        == (3 * 2 * 4 * 12 + 3 * 12) * 4
+    )
     assert formulas.mode_factor("forward_backward") == 3 * formulas.mode_factor("forward")
     with pytest.raises(ValueError, match="mode='backward'"):
         formulas.mode_factor("backward")
@@ -76,20 +82,36 @@ def test_sweep_cases_measure_the_base_case_once():
 
 
 def _row(impl, backend, path, mode, median, case):
-    return {"impl": impl, "backend": backend, "path": path, "mode": mode, "case": case, "status": "ok",
-            "median_s": median}
+    return {
+        "impl": impl,
+        "backend": backend,
+        "path": path,
+        "mode": mode,
+        "case": case,
+        "status": "ok",
+        "median_s": median,
+    }
 
 
 def test_ratios_pair_like_with_like():
     case = BenchCase(d_model=8, n_experts=64, heads=1, topk=2, d_key=4, tokens=32).to_dict()
-    rows = [_row("peer", "jax", "compiled", "forward", 2.0, case),
-            _row("dense", "jax", "compiled", "forward", 0.5, case),
-            _row("dense", "jax", "eager", "forward", 0.25, case),
-            _row("peer_pytorch", "torch", "eager", "forward", 8.0, case),
-            _row("dense", "torch", "eager", "forward", 4.0, case),
-            _row("peer", "jax", "compiled", "forward_backward", 3.0, case),
-            {"impl": "peer", "backend": "tensorflow", "path": "eager", "mode": "forward", "case": case,
-             "status": "skipped", "reason": "not installed"}]
+    rows = [
+        _row("peer", "jax", "compiled", "forward", 2.0, case),
+        _row("dense", "jax", "compiled", "forward", 0.5, case),
+        _row("dense", "jax", "eager", "forward", 0.25, case),
+        _row("peer_pytorch", "torch", "eager", "forward", 8.0, case),
+        _row("dense", "torch", "eager", "forward", 4.0, case),
+        _row("peer", "jax", "compiled", "forward_backward", 3.0, case),
+        {
+            "impl": "peer",
+            "backend": "tensorflow",
+            "path": "eager",
+            "mode": "forward",
+            "case": case,
+            "status": "skipped",
+            "reason": "not installed",
+        },
+    ]
     report.add_derived(rows, copy_bytes_per_s=1e9)
     peer_fwd, _, _, baseline, _, peer_bwd, skipped = rows
     assert peer_fwd["ratio_vs_peer_pytorch"] == 0.25 and peer_fwd["ratio_vs_dense"] == 4.0
@@ -103,9 +125,11 @@ def test_ratios_pair_like_with_like():
 def test_glu_rows_are_labelled_and_timed_against_the_plain_row():
     plain_case = BenchCase(d_model=8, n_experts=64, heads=1, topk=2, d_key=4, tokens=32)
     glu_case = dataclasses.replace(plain_case, expert_glu=True).to_dict()
-    rows = [_row("peer", "torch", "eager", "forward", 2.0, plain_case.to_dict()),
-            _row("peer", "torch", "eager", "forward", 3.0, glu_case),
-            _row("peer", "torch", "eager", "forward_backward", 5.0, glu_case)]
+    rows = [
+        _row("peer", "torch", "eager", "forward", 2.0, plain_case.to_dict()),
+        _row("peer", "torch", "eager", "forward", 3.0, glu_case),
+        _row("peer", "torch", "eager", "forward_backward", 5.0, glu_case),
+    ]
     report.add_derived(rows, copy_bytes_per_s=1e9)
     plain, glu_fwd, glu_bwd = rows
     assert report.label(glu_fwd) == "PEER-GLU torch" and report.label(plain) == "PEER torch"
@@ -118,10 +142,12 @@ def test_mixed_rows_are_labelled_and_timed_against_float32_and_peer_pytorch_bflo
     plain_case = BenchCase(d_model=8, n_experts=64, heads=1, topk=2, d_key=4, tokens=32)
     mixed_case = dataclasses.replace(plain_case, compute_dtype="bfloat16").to_dict()
     baseline_case = dataclasses.replace(plain_case, dtype="bfloat16").to_dict()
-    rows = [_row("peer", "torch", "eager", "forward", 2.0, plain_case.to_dict()),
-            _row("peer", "torch", "eager", "forward", 1.5, mixed_case),
-            _row("peer_pytorch", "torch", "eager", "forward", 3.0, baseline_case),
-            _row("peer_pytorch", "torch", "eager", "forward", 6.0, plain_case.to_dict())]
+    rows = [
+        _row("peer", "torch", "eager", "forward", 2.0, plain_case.to_dict()),
+        _row("peer", "torch", "eager", "forward", 1.5, mixed_case),
+        _row("peer_pytorch", "torch", "eager", "forward", 3.0, baseline_case),
+        _row("peer_pytorch", "torch", "eager", "forward", 6.0, plain_case.to_dict()),
+    ]
     report.add_derived(rows, copy_bytes_per_s=1e9)
     plain, mixed, baseline_bf16, baseline = rows
     assert report.label(mixed) == "PEER mixed-bfloat16 torch" and report.label(plain) == "PEER torch"
@@ -134,8 +160,7 @@ def test_mixed_rows_are_labelled_and_timed_against_float32_and_peer_pytorch_bflo
 
 
 def _bench(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "peer_bench", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "peer_bench", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def test_bad_backend_is_refused():
@@ -152,8 +177,24 @@ def test_bad_backend_implementation_is_refused(name):
 
 def test_backend_implementation_rows(tmp_path):
     """BACKEND:IMPLEMENTATION passes implementation= on; a name the backend lacks is an error row."""
-    proc = _bench("--preset", "smoke", "--backends", "numpy:numpy,numpy:nope", "--paths", "eager", "--threads", "1",
-                  "--repeats", "1", "--sweep", "none", "--no-glu", "--no-mixed", "--out", str(tmp_path))
+    proc = _bench(
+        "--preset",
+        "smoke",
+        "--backends",
+        "numpy:numpy,numpy:nope",
+        "--paths",
+        "eager",
+        "--threads",
+        "1",
+        "--repeats",
+        "1",
+        "--sweep",
+        "none",
+        "--no-glu",
+        "--no-mixed",
+        "--out",
+        str(tmp_path),
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = json.loads((tmp_path / "results.json").read_text())["results"]
     peer = {(r["backend"], r["mode"]): r for r in rows if r["impl"] == "peer"}
@@ -165,8 +206,10 @@ def test_backend_implementation_rows(tmp_path):
 
 
 def test_importing_the_harness_imports_no_framework():
-    code = ("import sys, peer_bench.cli, peer_bench.runner, peer_bench.report, peer_bench.plots; "
-            "print(sorted(m for m in ('torch', 'jax', 'tensorflow', 'matplotlib') if m in sys.modules))")
+    code = (
+        "import sys, peer_bench.cli, peer_bench.runner, peer_bench.report, peer_bench.plots; "
+        "print(sorted(m for m in ('torch', 'jax', 'tensorflow', 'matplotlib') if m in sys.modules))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "[]"
 
@@ -174,11 +217,27 @@ def test_importing_the_harness_imports_no_framework():
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    torch_backend = importlib.util.find_spec("torch") is not None and \
-        importlib.util.find_spec("peer_backends.torch") is not None
+    torch_backend = (
+        importlib.util.find_spec("torch") is not None and importlib.util.find_spec("peer_backends.torch") is not None
+    )
     backends = "numpy,torch" if torch_backend else "numpy"
-    proc = _bench("--preset", "smoke", "--backends", backends, "--paths", "eager", "--threads", "1",
-                  "--repeats", "2", "--sweep", "all", "--out", str(out), timeout=300)
+    proc = _bench(
+        "--preset",
+        "smoke",
+        "--backends",
+        backends,
+        "--paths",
+        "eager",
+        "--threads",
+        "1",
+        "--repeats",
+        "2",
+        "--sweep",
+        "all",
+        "--out",
+        str(out),
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return out, json.loads((out / "results.json").read_text()), backends.split(",")
 
@@ -186,8 +245,18 @@ def smoke(tmp_path_factory):
 def test_smoke_run_writes_report_and_plots(smoke):
     out, result, _ = smoke
     assert result["schema"] == report.SCHEMA
-    for key in ("settings", "case", "counts", "formulas", "peer_pytorch_mapping", "bandwidth", "environment",
-                "results", "sweeps", "jobs"):
+    for key in (
+        "settings",
+        "case",
+        "counts",
+        "formulas",
+        "peer_pytorch_mapping",
+        "bandwidth",
+        "environment",
+        "results",
+        "sweeps",
+        "jobs",
+    ):
         assert key in result, key
     assert result["bandwidth"]["bytes_per_s"] > 0
     assert {"python", "cpu_model", "versions", "date", "command", "threads"} <= set(result["environment"])
@@ -233,13 +302,15 @@ def test_smoke_rows_are_complete(smoke):
     assert baseline == []  # not asked for
     swept = {(r["case"]["n_experts"], r["case"]["tokens"]) for r in result["sweeps"] if r["backend"] == "numpy"}
     smoke = PRESETS["smoke"]
-    assert swept == {(n, smoke.case.tokens) for n in smoke.sweep_full["experts"]} | \
-        {(smoke.case.n_experts, t) for t in smoke.sweep_full["tokens"]}
+    assert swept == {(n, smoke.case.tokens) for n in smoke.sweep_full["experts"]} | {
+        (smoke.case.n_experts, t) for t in smoke.sweep_full["tokens"]
+    }
 
 
 def test_missing_device_gives_skip_rows_with_reasons(tmp_path):
-    proc = _bench("--preset", "smoke", "--backends", "numpy", "--device", "gpu", "--sweep", "none",
-                  "--out", str(tmp_path))
+    proc = _bench(
+        "--preset", "smoke", "--backends", "numpy", "--device", "gpu", "--sweep", "none", "--out", str(tmp_path)
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads((tmp_path / "results.json").read_text())["results"]
     assert [r["status"] for r in rows] == ["skipped"] * 8  # 4 plain cells, 2 PEER-GLU and 2 mixed cells
@@ -264,10 +335,16 @@ def test_sharded_model_counts_by_hand():
     assert glu["table_bytes"] == 9 * (4 + 4 + 4) * 4 / 2 and glu["replicated_bytes"] == counts["replicated_bytes"]
     assert glu["payload_bytes_per_token"] == {"forward": (8 + 4) * 4, "backward": (4 + 4) * 4}
     assert glu["wire_bytes_per_token"] == {"forward": (8 * 1 + 4 * 0.5) * 4, "backward": (4 * 1 + 4 * 0.5) * 4}
-    lines = sharded.table({"case": BenchCase(4, 9, 2, 2, 6, 1).to_dict(), "device": "cpu", "devices": 2,
-                           "model": counts, "measured": {},
-                           "glu": {"case": BenchCase(4, 9, 2, 2, 6, 1, expert_glu=True).to_dict(), "model": glu,
-                                   "measured": {}}})
+    lines = sharded.table(
+        {
+            "case": BenchCase(4, 9, 2, 2, 6, 1).to_dict(),
+            "device": "cpu",
+            "devices": 2,
+            "model": counts,
+            "measured": {},
+            "glu": {"case": BenchCase(4, 9, 2, 2, 6, 1, expert_glu=True).to_dict(), "model": glu, "measured": {}},
+        }
+    )
     assert [line[:9].strip() for line in lines[2:]] == ["model", "model GLU"]
     assert [float(line.split()[-6]) for line in lines[2:]] == [round(144 / 2**20, 3), round(216 / 2**20, 3)]
 
@@ -275,12 +352,17 @@ def test_sharded_model_counts_by_hand():
 def test_sharded_hlo_collectives_are_read_with_their_sizes():
     from peer_bench import sharded
 
-    hlo = ("%a = f32[10,3,4]{2,1,0} all-reduce(%x), channel_id=1\n"
-           "%b = (f32[1,10,3,4]{3,2,1,0}, bf16[10,3]{1,0}) all-reduce(%y, %z)\n"
-           "%c = f32[10,12]{0,1} all-gather-start(%w), dimensions={1}\n%d = f32[5] add(%a, %a)\n")
+    hlo = (
+        "%a = f32[10,3,4]{2,1,0} all-reduce(%x), channel_id=1\n"
+        "%b = (f32[1,10,3,4]{3,2,1,0}, bf16[10,3]{1,0}) all-reduce(%y, %z)\n"
+        "%c = f32[10,12]{0,1} all-gather-start(%w), dimensions={1}\n%d = f32[5] add(%a, %a)\n"
+    )
     assert sharded._hlo_collectives(hlo, "forward") == [
-        ("all_reduce", 120, 4, "forward"), ("all_reduce", 120, 4, "forward"), ("all_reduce", 30, 2, "forward"),
-        ("all_gather", 120, 4, "forward")]
+        ("all_reduce", 120, 4, "forward"),
+        ("all_reduce", 120, 4, "forward"),
+        ("all_reduce", 30, 2, "forward"),
+        ("all_gather", 120, 4, "forward"),
+    ]
 
 
 def test_devices_flag_is_checked():

@@ -96,9 +96,15 @@ def test_config_strategy_is_valid_and_sometimes_uses_defaults(data):
 
 
 def test_config_strategy_exercises_every_option_value():
-    choices = {"activation": set(peer_ref.ACTIVATIONS), "score": set(peer_ref.SCORES),
-               "query_norm": set(peer_ref.QUERY_NORMS), "shared_keys": {True, False},
-               "query_bias": {True, False}, "expert_bias": {True, False}, "expert_glu": {True, False}}
+    choices = {
+        "activation": set(peer_ref.ACTIVATIONS),
+        "score": set(peer_ref.SCORES),
+        "query_norm": set(peer_ref.QUERY_NORMS),
+        "shared_keys": {True, False},
+        "query_bias": {True, False},
+        "expert_bias": {True, False},
+        "expert_glu": {True, False},
+    }
     seen = {name: set() for name in choices}
 
     @settings(max_examples=300, database=None, derandomize=True)
@@ -121,14 +127,20 @@ def test_tied_cases_really_tie(case):
 def test_config_pool_covers_every_option_value():
     """The pooled configs (used for whole calls outside the thorough profile) still cover every option."""
     pools = strategies.POOL
-    for name, values in {"activation": peer_ref.ACTIVATIONS, "score": peer_ref.SCORES,
-                         "query_norm": peer_ref.QUERY_NORMS, "shared_keys": (True, False),
-                         "query_bias": (True, False), "expert_bias": (True, False),
-                         "expert_glu": (True, False)}.items():
+    for name, values in {
+        "activation": peer_ref.ACTIVATIONS,
+        "score": peer_ref.SCORES,
+        "query_norm": peer_ref.QUERY_NORMS,
+        "shared_keys": (True, False),
+        "query_bias": (True, False),
+        "expert_bias": (True, False),
+        "expert_glu": (True, False),
+    }.items():
         assert {getattr(cfg, name) for cfg in pools} == set(values), name
     # Both expert kinds meet the batch norm and its absence, and GLU experts with and without bias.
     assert {(cfg.expert_glu, cfg.query_norm) for cfg in pools} == {
-        (glu, norm) for glu in (True, False) for norm in peer_ref.QUERY_NORMS}
+        (glu, norm) for glu in (True, False) for norm in peer_ref.QUERY_NORMS
+    }
     assert {cfg.expert_bias for cfg in pools if cfg.expert_glu} == {True, False}
     assert any(cfg.d_out != cfg.d_model for cfg in pools)
     assert any(cfg.topk == cfg.n_keys for cfg in pools) and any(cfg.topk == 1 for cfg in pools)

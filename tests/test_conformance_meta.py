@@ -34,8 +34,22 @@ CAUGHT_BY = {
 def _run(backend: str, module: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
     env.pop("CI", None)
-    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-x", "--no-header",
-               "--hypothesis-profile", "dev", "--pyargs", f"peer_conformance.{module}", "--peer-backend", backend]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        "-x",
+        "--no-header",
+        "--hypothesis-profile",
+        "dev",
+        "--pyargs",
+        f"peer_conformance.{module}",
+        "--peer-backend",
+        backend,
+    ]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -43,7 +57,9 @@ def _run(backend: str, module: str) -> subprocess.CompletedProcess:
 def test_mutant_is_caught(mutant):
     result = _run(f"mutants:{mutant}", CAUGHT_BY[mutant])
     tail = result.stdout[-3000:] + result.stderr[-2000:]
-    assert result.returncode == 1, f"mutant {mutant!r} was not caught by {CAUGHT_BY[mutant]} (exit {result.returncode}):\n{tail}"
+    assert result.returncode == 1, (
+        f"mutant {mutant!r} was not caught by {CAUGHT_BY[mutant]} (exit {result.returncode}):\n{tail}"
+    )
     assert " failed" in result.stdout, tail
 
 

@@ -30,14 +30,16 @@ def python_blocks(text: str) -> list[tuple[int, str]]:
     """(line, code) of each ```python block not marked ``<!-- not run: reason -->`` just above it."""
     blocks = []
     for match in FENCE.finditer(text):
-        if match["info"].strip() == "python" and not NOT_RUN.search(text[:match.start()]):
+        if match["info"].strip() == "python" and not NOT_RUN.search(text[: match.start()]):
             blocks.append((text.count("\n", 0, match.start()) + 2, match["code"]))
     return blocks
 
 
 def test_python_blocks_are_found_and_skipped_as_marked():
-    text = ("```python\na = 1\n```\n\n<!-- not run: needs torchrun -->\n```python\nb = 2\n```\n"
-            "```bash\nls\n```\n```python\nc = 3\n```\n")
+    text = (
+        "```python\na = 1\n```\n\n<!-- not run: needs torchrun -->\n```python\nb = 2\n```\n"
+        "```bash\nls\n```\n```python\nc = 3\n```\n"
+    )
     assert python_blocks(text) == [(2, "a = 1\n"), (13, "c = 3\n")]
 
 
@@ -58,8 +60,7 @@ def test_examples_run(page, tmp_path):
         pytest.skip(f"{_relative(page)} imports {missing}, which are not installed")
     script = "".join(f"# {_relative(page)}, line {line}\n{code}\n" for line, code in blocks)
     (tmp_path / "example.py").write_text(script)
-    result = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"{_relative(page)}'s examples failed:\n{result.stderr[-4000:]}"
 
 
@@ -83,8 +84,14 @@ def test_result_tables_are_rendered_from_the_result_files():
     assert "<!-- results:" not in rendered
     path = re.search(r"<!-- results: bench-headline (\S+) -->", page)[1]
     report = json.loads((ROOT / path).read_text())
-    plain = [row for row in report["results"] if row["status"] == "ok" and row["impl"] == "peer"
-             and not row["case"].get("expert_glu") and not row["case"].get("compute_dtype")]
+    plain = [
+        row
+        for row in report["results"]
+        if row["status"] == "ok"
+        and row["impl"] == "peer"
+        and not row["case"].get("expert_glu")
+        and not row["case"].get("compute_dtype")
+    ]
     assert plain
     for row in plain:  # every time of the run's plain rows appears, as the harness rounds it
         assert f"| {row['median_s'] * 1e3:.0f} |" in rendered, (row["backend"], row["path"], row["mode"])
@@ -114,8 +121,12 @@ def test_every_committed_result_is_cited_and_every_citation_exists():
 def _quick_start() -> list[str]:
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
-    return [line.split("#")[0].strip() for block in re.findall(r"```bash\n(.*?)```", section, re.S)
-            for line in block.splitlines() if "nox" in line]
+    return [
+        line.split("#")[0].strip()
+        for block in re.findall(r"```bash\n(.*?)```", section, re.S)
+        for line in block.splitlines()
+        if "nox" in line
+    ]
 
 
 def test_readme_is_a_front_page_with_two_quick_start_commands():

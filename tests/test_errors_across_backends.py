@@ -29,9 +29,16 @@ def _x64(name, dtype):
     return contextlib.nullcontext()
 
 
-@pytest.mark.parametrize(("param_dtype", "x_dtype"), [("float16", "float32"), ("bfloat16", "float32"),
-                                                      ("float64", "float32"), ("float32", "float16"),
-                                                      ("float16", "bfloat16")])
+@pytest.mark.parametrize(
+    ("param_dtype", "x_dtype"),
+    [
+        ("float16", "float32"),
+        ("bfloat16", "float32"),
+        ("float64", "float32"),
+        ("float32", "float16"),
+        ("float16", "bfloat16"),
+    ],
+)
 def test_parameters_and_x_of_different_dtypes_get_one_message(param_dtype, x_dtype):
     params, state = peer_ref.init(CFG, seed=0, dtype="float64" if param_dtype == "float64" else "float32")
     params = {k: v.astype(low_numpy_dtype(param_dtype)) for k, v in params.items()}

@@ -16,8 +16,10 @@ def _run(hidden: list[str], code: str) -> subprocess.CompletedProcess:
 def test_backend_without_its_framework_names_the_extra():
     result = _run(["torch"], "import peer_backends\npeer_backends.get('torch')")
     assert result.returncode == 1
-    assert ("backend='torch' needs the 'torch' package, which is not installed; "
-            "install the backend's extra: pip install \"peer-layer[torch]\"") in result.stderr
+    assert (
+        "backend='torch' needs the 'torch' package, which is not installed; "
+        'install the backend\'s extra: pip install "peer-layer[torch]"'
+    ) in result.stderr
 
 
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="needs jax installed (flax is hidden)")
@@ -32,7 +34,8 @@ def test_bench_without_its_extra_names_the_extra():
     result = _run(["rich"], "from peer_bench.cli import main\nmain(['--preset', 'smoke', '--backends', 'numpy'])")
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: python -m peer_bench needs rich, which the 'bench' extra installs: pip install \"peer-layer[bench]\"")
+        "error: python -m peer_bench needs rich, which the 'bench' extra installs: pip install \"peer-layer[bench]\""
+    )
 
 
 def test_train_without_its_extra_names_the_extra():
@@ -40,4 +43,5 @@ def test_train_without_its_extra_names_the_extra():
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         "error: python -m peer_train needs matplotlib, jax, which the 'train' extra installs: "
-        "pip install \"peer-layer[train]\"")
+        'pip install "peer-layer[train]"'
+    )

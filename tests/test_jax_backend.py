@@ -17,8 +17,18 @@ from peer_ref.errors import PEERConfigError, PEERInputError
 
 SMALL = peer_ref.PEERConfig(d_model=12, n_experts=64, heads=3, topk=4, d_key=6, d_out=5)
 # heads * topk = 128 makes the expert chunks 256 tokens, so 300 tokens take the chunked, padded path.
-CHUNKED = peer_ref.PEERConfig(d_model=8, n_experts=256, heads=8, topk=16, d_key=4, shared_keys=False,
-                              query_bias=True, activation="silu", score="sigmoid", expert_glu=True)
+CHUNKED = peer_ref.PEERConfig(
+    d_model=8,
+    n_experts=256,
+    heads=8,
+    topk=16,
+    d_key=4,
+    shared_keys=False,
+    query_bias=True,
+    activation="silu",
+    score="sigmoid",
+    expert_glu=True,
+)
 CHUNKED_TOKENS = (3, 100)
 
 
@@ -87,6 +97,7 @@ def test_eager_path_equals_jit_path():
 
 def test_bfloat16_computes_in_float32_and_rounds_once():
     params, state, x, mask, _ = case(SMALL, "float32")
+
     def bf16(tree):
         return jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), be.from_numpy(tree))
 
@@ -94,6 +105,7 @@ def test_bfloat16_computes_in_float32_and_rounds_once():
     y, new_state, aux = be.apply(SMALL, params_bf, be.from_numpy(state), x_bf, True, be.from_numpy(mask))
     assert y.dtype == jnp.bfloat16 and aux["weights"].dtype == jnp.float32
     assert new_state["query_norm.mean"].dtype == jnp.float32
+
     def widened(tree):
         return jax.tree.map(lambda a: np.asarray(a, np.float32), tree)
 
@@ -104,8 +116,7 @@ def test_bfloat16_computes_in_float32_and_rounds_once():
 def test_exact_ties_follow_the_lower_index_rule():
     # Integer-valued queries and keys make many sums exactly equal, in both stages;
     # signed zeros (0 * negative key) must tie with +0 too.
-    cfg = peer_ref.PEERConfig(d_model=4, n_experts=100, heads=2, topk=5, d_key=4, query_norm="none",
-                              shared_keys=False)
+    cfg = peer_ref.PEERConfig(d_model=4, n_experts=100, heads=2, topk=5, d_key=4, query_norm="none", shared_keys=False)
     rng = np.random.default_rng(3)
     params, state = peer_ref.init(cfg, dtype="float32")
     params["query.kernel"] = rng.integers(-1, 2, params["query.kernel"].shape).astype(np.float32)
@@ -138,15 +149,18 @@ def test_module_has_canonical_names_and_matches_functional():
     stat_paths = {".".join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(module, nnx.BatchStat))}
     assert param_paths == set(SMALL.param_shapes()) and stat_paths == set(SMALL.state_shapes())
     glu = be.layer(CHUNKED, seed=4)  # GLU experts: experts.gate joins the experts group
-    assert {".".join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(glu, nnx.Param))} == \
-        set(CHUNKED.param_shapes())
+    assert {".".join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(glu, nnx.Param))} == set(
+        CHUNKED.param_shapes()
+    )
 
     params, state = module.params_and_state()
     _, _, x, mask, _ = case(SMALL, "float32")
     y = module(be.from_numpy(x), be.from_numpy(mask))  # training mode by default
     y_fn, new_state, _ = be.apply(SMALL, params, state, be.from_numpy(x), True, be.from_numpy(mask))
     np.testing.assert_allclose(np.asarray(y), np.asarray(y_fn), rtol=1e-6, atol=1e-6)
-    np.testing.assert_array_equal(np.asarray(module.query_norm.mean.get_value()), np.asarray(new_state["query_norm.mean"]))
+    np.testing.assert_array_equal(
+        np.asarray(module.query_norm.mean.get_value()), np.asarray(new_state["query_norm.mean"])
+    )
 
     module.eval()
     y_eval = module(be.from_numpy(x))
@@ -266,12 +280,15 @@ def test_largest_expert_count_routes_to_positive_int32_indices():
     assert expected.tolist() == [[[46339 * 46340 + 46339, 46338 * 46340 + 46339]]]
     got = jax.jit(lambda s: be.routing._product_key_topk(cfg, s, s))(jnp.asarray(scores))
     assert got.dtype == jnp.int32 and np.asarray(got).tolist() == expected.tolist(), f"got {got}"
+
+
 def _state_of(module):
     return {name: np.asarray(value) for name, value in module.params_and_state()[1].items()}
 
 
-@pytest.mark.parametrize("training, masked, jit", [(True, False, False), (True, True, True), (False, False, True),
-                                                    (False, True, False)])
+@pytest.mark.parametrize(
+    "training, masked, jit", [(True, False, False), (True, True, True), (False, False, True), (False, True, False)]
+)
 def test_float32_module_promotes_bfloat16_activations_like_nnx_linear(training, masked, jit):
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.standard_normal((3, 7, SMALL.d_model)), jnp.bfloat16)
@@ -311,12 +328,15 @@ def test_dtype_is_the_computation_dtype_and_param_dtype_the_storage():
     np.testing.assert_array_equal(np.asarray(y16), np.asarray(want16))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"dtype": "float32"}, "dtype='float32' is a string, but expected a JAX dtype such as jnp.float32"),
-    ({"param_dtype": "bfloat16"}, "param_dtype='bfloat16' is a string, but expected a JAX dtype"),
-    ({"param_dtype": jnp.int32}, "param_dtype=int32, but expected one of"),
-    ({"dtype": jnp.complex64}, "dtype=complex64, but expected one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"dtype": "float32"}, "dtype='float32' is a string, but expected a JAX dtype such as jnp.float32"),
+        ({"param_dtype": "bfloat16"}, "param_dtype='bfloat16' is a string, but expected a JAX dtype"),
+        ({"param_dtype": jnp.int32}, "param_dtype=int32, but expected one of"),
+        ({"dtype": jnp.complex64}, "dtype=complex64, but expected one of"),
+    ],
+)
 def test_dtype_arguments_take_jax_dtypes(kwargs, message):
     with pytest.raises(PEERInputError, match=re.escape(message)):
         be.layer(SMALL, rngs=nnx.Rngs(0), **kwargs)
@@ -328,8 +348,9 @@ def test_integer_activations_are_refused():
     assert "param_dtype=float32" in str(info.value) and "compute_dtype=" not in str(info.value)  # the layer's words
 
 
-@pytest.mark.parametrize("training, masked, jit", [(True, False, True), (True, True, False), (False, False, False),
-                                                    (False, True, True)])
+@pytest.mark.parametrize(
+    "training, masked, jit", [(True, False, True), (True, True, False), (False, False, False), (False, True, True)]
+)
 def test_bfloat16_dtype_with_float32_params_is_the_mixed_mode(training, masked, jit):
     rng = np.random.default_rng(11)
     x = jnp.asarray(rng.standard_normal((3, 5, SMALL.d_model)), jnp.float32)
@@ -338,8 +359,9 @@ def test_bfloat16_dtype_with_float32_params_is_the_mixed_mode(training, masked, 
     params, state = module.params_and_state()
     call = nnx.jit(lambda m, x, mask: m(x, mask)) if jit else (lambda m, x, mask: m(x, mask))
     y = call(module, x, mask)  # x is cast to the computation dtype, as nnx.Linear casts it
-    want, new_state, _ = be.apply(SMALL, params, state, x.astype(jnp.bfloat16), training=training, mask=mask,
-                                  compute_dtype="bfloat16")
+    want, new_state, _ = be.apply(
+        SMALL, params, state, x.astype(jnp.bfloat16), training=training, mask=mask, compute_dtype="bfloat16"
+    )
     assert y.dtype == jnp.bfloat16 and module.experts.down.get_value().dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(want, np.float32))
     for name, value in new_state.items():
@@ -374,8 +396,12 @@ def test_pruned_search_equals_the_full_search_in_every_regime(topk):
         assert got.dtype == np.int32
         if topk > 1:  # k = 1 scores its one candidate: nothing to prune, nothing to redo
             open_rows = _rows_the_lemma_leaves_open(sub, topk)
-            want = {"continuous": (0, budget), "few coarse rows": (1, budget), "all coarse": (budget + 1, None),
-                    "non-finite": (2, budget)}[regime]  # rows 7 and 9 hold -inf and inf in their k best
+            want = {
+                "continuous": (0, budget),
+                "few coarse rows": (1, budget),
+                "all coarse": (budget + 1, None),
+                "non-finite": (2, budget),
+            }[regime]  # rows 7 and 9 hold -inf and inf in their k best
             assert want[0] <= open_rows <= (want[1] or open_rows), f"k={topk}, {regime}: {open_rows} rows redone"
 
 
@@ -403,9 +429,12 @@ def test_layer_draws_from_the_rngs_and_an_explicit_seed_gives_the_reference_tabl
         assert np.array_equal(np.asarray(value), {**params, **state}[name]), name
     half = be.PEER(SMALL, seed=5, param_dtype=jnp.bfloat16).params_and_state()[0]["experts.down"]
     assert np.array_equal(np.asarray(half), params["experts.down"].astype(jnp.bfloat16))
-    for kwargs, message in [({}, "got neither of rngs= and seed="), ({"rngs": nnx.Rngs(0), "seed": 1}, "got both"),
-                            ({"rngs": 0}, "rngs is int, but expected an nnx.Rngs"),
-                            ({"seed": -2}, "seed=-2, but expected None")]:
+    for kwargs, message in [
+        ({}, "got neither of rngs= and seed="),
+        ({"rngs": nnx.Rngs(0), "seed": 1}, "got both"),
+        ({"rngs": 0}, "rngs is int, but expected an nnx.Rngs"),
+        ({"seed": -2}, "seed=-2, but expected None"),
+    ]:
         with pytest.raises(PEERConfigError, match=re.escape(message)):
             be.PEER(SMALL, **kwargs)
 
@@ -423,7 +452,7 @@ def test_the_package_exports_its_layer_as_peer():
 
 def test_every_role_has_its_name(unresolved_roles):
     """peer_backends.contract.ROLES is true of this backend: one name per role in every backend."""
-    assert unresolved_roles('jax') == []
+    assert unresolved_roles("jax") == []
 
 
 ISSUE_23 = peer_ref.PEERConfig(d_model=2, n_experts=1, heads=1, topk=1, d_key=2)
@@ -444,6 +473,7 @@ def test_rematerialisation_updates_the_statistics_once(remat):
         return layer(x).sum()
 
     if remat == "jax.checkpoint":
+
         def loss(layer, x):  # noqa: F811
             graph, rest = nnx.split(layer)
 

@@ -29,15 +29,22 @@ def stage(tokens, heads, topk, n, d_model, d_out, glu, bias, dtype=jnp.float32, 
     """Random expert-stage inputs; indices drawn from few experts and one pair forced equal,
     so selections repeat within and across tokens (duplicates)."""
     rng = np.random.default_rng(seed)
+
     def arr(*shape):
         return jnp.asarray(rng.standard_normal(shape), dtype)
 
     indices = rng.integers(0, n, (tokens, heads, topk))
     if heads * topk > 1 and tokens:
         indices.reshape(tokens, -1)[:, 1] = indices.reshape(tokens, -1)[:, 0]
-    return dict(x=arr(tokens, d_model), indices=jnp.asarray(indices, jnp.int32), weights=arr(tokens, heads, topk),
-                down=arr(n, d_model), up=arr(n, d_out), bias=arr(n) if bias else None,
-                gate=arr(n, d_model) if glu else None), arr(tokens, d_out)
+    return dict(
+        x=arr(tokens, d_model),
+        indices=jnp.asarray(indices, jnp.int32),
+        weights=arr(tokens, heads, topk),
+        down=arr(n, d_model),
+        up=arr(n, d_out),
+        bias=arr(n) if bias else None,
+        gate=arr(n, d_model) if glu else None,
+    ), arr(tokens, d_out)
 
 
 def run(path, activation, low, inputs, dy):
@@ -47,10 +54,29 @@ def run(path, activation, low, inputs, dy):
     def f(diff):
         args = {**inputs, **diff}
         if path == "pallas":
-            return kernels.pallas_experts(activation, low, args["x"], args["indices"], args["weights"], args["down"],
-                                   args["up"], args["bias"], args["gate"])
-        return chunked_experts(activation, 7, low, args["x"], args["indices"], args["weights"], args["down"], args["up"],
-                        args["bias"], args["gate"])
+            return kernels.pallas_experts(
+                activation,
+                low,
+                args["x"],
+                args["indices"],
+                args["weights"],
+                args["down"],
+                args["up"],
+                args["bias"],
+                args["gate"],
+            )
+        return chunked_experts(
+            activation,
+            7,
+            low,
+            args["x"],
+            args["indices"],
+            args["weights"],
+            args["down"],
+            args["up"],
+            args["bias"],
+            args["gate"],
+        )
 
     @jax.jit
     def both(diff):
@@ -64,6 +90,7 @@ def assert_same(pallas, xla, tol):
     y, grads = pallas
     y_ref, grads_ref = xla
     assert y.dtype == y_ref.dtype and y.shape == y_ref.shape
+
     def scale(a):
         return max(1.0, float(jnp.max(jnp.abs(a), initial=0.0)))
 
@@ -132,8 +159,9 @@ def test_deterministic_and_zero_rows_stay_finite():
         assert np.all(np.isfinite(np.asarray(a)))
 
 
-CFG = peer_ref.PEERConfig(d_model=10, n_experts=49, heads=2, topk=3, d_key=6, d_out=7, expert_glu=True,
-                          expert_bias=True, activation="gelu")
+CFG = peer_ref.PEERConfig(
+    d_model=10, n_experts=49, heads=2, topk=3, d_key=6, d_out=7, expert_glu=True, expert_bias=True, activation="gelu"
+)
 
 
 def layer_case(cfg, dtype="float32", lead=(2, 5)):
@@ -148,9 +176,13 @@ def layer_case(cfg, dtype="float32", lead=(2, 5)):
 def test_apply_and_vjp_take_pallas(jit):
     params, state, x, mask, dy = layer_case(CFG)
     for training in (False, True):
-        outs = {name: (be.apply(CFG, params, state, x, training, mask, jit=jit, implementation=name),
-                       be.vjp(CFG, params, state, x, dy, training, mask, jit=jit, implementation=name))
-                for name in ("pallas", "xla")}
+        outs = {
+            name: (
+                be.apply(CFG, params, state, x, training, mask, jit=jit, implementation=name),
+                be.vjp(CFG, params, state, x, dy, training, mask, jit=jit, implementation=name),
+            )
+            for name in ("pallas", "xla")
+        }
         (y, new_state, aux), (grads, dx) = outs["pallas"]
         (y_ref, state_ref, aux_ref), (grads_ref, dx_ref) = outs["xla"]
         np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
@@ -184,8 +216,11 @@ def test_choice_and_errors():
             be.apply(CFG, params, state, x, implementation=bad)
         with pytest.raises(PEERConfigError, match=r"implementation=.*has \['pallas', 'sharded', 'xla'\]"):
             be.vjp(CFG, params, state, x, dy, implementation=bad)
-    with pytest.raises(PEERConfigError, match=r"implementation='sharded' is not available here: the expert tables "
-                                              r"are not sharded"):
+    with pytest.raises(
+        PEERConfigError,
+        match=r"implementation='sharded' is not available here: the expert tables "
+        r"are not sharded",
+    ):
         be.apply(CFG, params, state, x, implementation="sharded")
     mesh = jax.make_mesh((1,), ("model",))
     sharded_run = r"implementation='pallas' is not available here: the expert tables are sharded .* run 'sharded'"
@@ -200,11 +235,13 @@ def test_choice_and_errors():
 
 
 def test_pallas_is_imported_only_when_its_path_runs():
-    code = ("import sys, numpy as np, peer_ref, peer_backends.jax as be\n"
-            "cfg = peer_ref.PEERConfig(d_model=4, n_experts=4, heads=1, topk=1, d_key=2, d_out=3)\n"
-            "p, s = be.init(cfg)\n"
-            "be.apply(cfg, p, s, be.from_numpy(np.ones((2, 4), 'float32')))\n"
-            "assert 'jax.experimental.pallas' not in sys.modules and 'peer_backends.jax.kernels' not in sys.modules\n"
-            "be.apply(cfg, p, s, be.from_numpy(np.ones((2, 4), 'float32')), implementation='pallas')\n"
-            "assert 'jax.experimental.pallas' in sys.modules\n")
+    code = (
+        "import sys, numpy as np, peer_ref, peer_backends.jax as be\n"
+        "cfg = peer_ref.PEERConfig(d_model=4, n_experts=4, heads=1, topk=1, d_key=2, d_out=3)\n"
+        "p, s = be.init(cfg)\n"
+        "be.apply(cfg, p, s, be.from_numpy(np.ones((2, 4), 'float32')))\n"
+        "assert 'jax.experimental.pallas' not in sys.modules and 'peer_backends.jax.kernels' not in sys.modules\n"
+        "be.apply(cfg, p, s, be.from_numpy(np.ones((2, 4), 'float32')), implementation='pallas')\n"
+        "assert 'jax.experimental.pallas' in sys.modules\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

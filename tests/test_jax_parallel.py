@@ -28,8 +28,12 @@ needs_devices = pytest.mark.skipif(not ENOUGH, reason="JAX started with fewer de
 @pytest.mark.skipif(ENOUGH, reason="this process has the devices: the tests run here")
 def test_in_a_process_of_its_own():
     env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + FLAG).strip())
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                          env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
 
 
@@ -49,8 +53,10 @@ CFG = peer_ref.PEERConfig(d_model=12, n_experts=49, heads=3, topk=4, d_key=6, d_
 # GLU experts (SPEC §3.10): experts.gate is sharded like experts.down, its dots psum'd with them.
 GLU = dataclasses.replace(CFG, expert_glu=True, activation="silu")
 TOL = dict(rtol=1e-12, atol=1e-12)
-COLLECTIVE = re.compile(r"=\s*(\(?[^=]*?\)?)\s+(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
-                        r"(-start)?\(")
+COLLECTIVE = re.compile(
+    r"=\s*(\(?[^=]*?\)?)\s+(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
+    r"(-start)?\("
+)
 
 
 def case(cfg, seed=0, lead=(2, 5)):
@@ -120,18 +126,25 @@ def test_no_collective_moves_a_table(cfg):
     dots, activations = tokens * cfg.heads * cfg.topk, tokens * max(cfg.d_model, cfg.d_out)
     forward_dots = (2 if cfg.expert_glu else 1) * dots
     sharded = dict(implementation="sharded", layout=(mesh, "model"))
-    forward = be.peer.forward_jit.lower(cfg, True, sharded_params, sharded_state, x, mask, None,
-                                         **sharded).compile().as_text()
-    step = be.peer.vjp_jit.lower(cfg, True, sharded_params, sharded_state, x, dy, mask, None,
-                                  **sharded).compile().as_text()
+    forward = (
+        be.peer.forward_jit.lower(cfg, True, sharded_params, sharded_state, x, mask, None, **sharded)
+        .compile()
+        .as_text()
+    )
+    step = (
+        be.peer.vjp_jit.lower(cfg, True, sharded_params, sharded_state, x, dy, mask, None, **sharded)
+        .compile()
+        .as_text()
+    )
     found_forward, found_step = collectives(forward), collectives(step)
     # Forward: one all-reduce, of the stacked partial dots; y stays sharded by features.
     assert found_forward == [("all-reduce", forward_dots)], found_forward
     # Forward and backward: the partial dots' and the coefficient gradient's all-reduces (XLA
     # may merge them into one), the x gradient's all-gather.
-    assert sorted(found_step) in ([("all-gather", activations), ("all-reduce", forward_dots)],
-                                  sorted([("all-gather", activations), ("all-reduce", forward_dots),
-                                          ("all-reduce", dots)])), found_step
+    assert sorted(found_step) in (
+        [("all-gather", activations), ("all-reduce", forward_dots)],
+        sorted([("all-gather", activations), ("all-reduce", forward_dots), ("all-reduce", dots)]),
+    ), found_step
 
 
 # Evaluation mode is checked here, on the 2-D mesh (training above and below).
@@ -168,8 +181,9 @@ def test_tied_scores_route_like_the_reference_on_data_sharded_tokens(axis_type):
         params[name] = rng.integers(-1, 2, params[name].shape).astype(np.float64)
     x = rng.integers(-1, 2, x.shape).astype(np.float64)
     mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(axis_type, axis_type))
-    sharded_params, sharded_state = parallel.shard(cfg, jax.tree.map(jnp.asarray, params),
-                                                   jax.tree.map(jnp.asarray, state), mesh)
+    sharded_params, sharded_state = parallel.shard(
+        cfg, jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, state), mesh
+    )
     x_data = jax.device_put(jnp.asarray(x), NamedSharding(mesh, PartitionSpec("data")))
     _, _, aux = parallel.apply(cfg, sharded_params, sharded_state, x_data, mesh=mesh)
     _, _, aux_ref = peer_ref.forward(cfg, params, state, x)
@@ -195,6 +209,7 @@ def test_nnx_layer_trains_under_nnx_jit_like_one_device():
         value, grads = step(sharded, x, mask, dy)
         value_ref, grads_ref = step(reference, x, mask, dy)
         np.testing.assert_allclose(float(value), float(value_ref), **TOL)
+
         def flat(g):
             return {".".join(map(str, k)): v.get_value() for k, v in nnx.to_flat_state(g)}
 
@@ -202,8 +217,7 @@ def test_nnx_layer_trains_under_nnx_jit_like_one_device():
         assert_trees_close(sharded.params_and_state()[1], reference.params_and_state()[1])
     sharded.eval()
     reference.eval()
-    np.testing.assert_allclose(np.asarray(nnx.jit(lambda m, x: m(x))(sharded, x)),
-                               np.asarray(reference(x)), **TOL)
+    np.testing.assert_allclose(np.asarray(nnx.jit(lambda m, x: m(x))(sharded, x)), np.asarray(reference(x)), **TOL)
 
 
 @needs_devices
@@ -244,8 +258,9 @@ def test_mixed_precision_runs_sharded_like_one_device(low):
     np.testing.assert_allclose(np.asarray(dx, np.float32), np.asarray(dx_ref, np.float32), rtol=1e-2, atol=1e-2)
     for name in grads_ref:
         assert grads[name].dtype == jnp.float32, name
-        np.testing.assert_allclose(np.asarray(grads[name]), np.asarray(grads_ref[name]), rtol=1e-2, atol=1e-2,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            np.asarray(grads[name]), np.asarray(grads_ref[name]), rtol=1e-2, atol=1e-2, err_msg=name
+        )
     layer = parallel.shard_layer(PEER(GLU, seed=5, dtype=jnp.dtype(low)), mesh)
     reference = PEER(GLU, seed=5, dtype=jnp.dtype(low))
     got = nnx.jit(lambda m, x: m(x, mask=mask))(layer, x)

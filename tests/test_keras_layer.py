@@ -29,8 +29,11 @@ GLU = PEERConfig(d_model=8, n_experts=16, heads=2, topk=3, d_key=4, expert_glu=T
 
 
 def _numpy(tree):
-    return {k: keras.ops.convert_to_numpy(v) for k, v in tree.items()} if isinstance(tree, dict) else \
-        keras.ops.convert_to_numpy(tree)
+    return (
+        {k: keras.ops.convert_to_numpy(v) for k, v in tree.items()}
+        if isinstance(tree, dict)
+        else keras.ops.convert_to_numpy(tree)
+    )
 
 
 def _data(seed, lead=(4, 5), cfg=CFG):
@@ -51,9 +54,12 @@ def test_peer_backends_layer_builds_it():
 
 def test_weight_paths_are_the_canonical_names():
     layer = PEER(GLU, name="peer_block")
-    assert {w.path for w in layer.trainable_weights} == {f"peer_block/{n.replace('.', '/')}" for n in GLU.param_shapes()}
+    assert {w.path for w in layer.trainable_weights} == {
+        f"peer_block/{n.replace('.', '/')}" for n in GLU.param_shapes()
+    }
     assert {w.path for w in layer.non_trainable_weights} == {
-        f"peer_block/{n.replace('.', '/')}" for n in GLU.state_shapes()}
+        f"peer_block/{n.replace('.', '/')}" for n in GLU.state_shapes()
+    }
     params, state = layer.params_and_state()
     assert {k: tuple(v.shape) for k, v in params.items()} == GLU.param_shapes()
     assert {k: tuple(v.shape) for k, v in state.items()} == GLU.state_shapes()
@@ -67,8 +73,9 @@ def test_call_equals_the_reference_and_updates_the_statistics():
     x, mask = _data(0)
     y, aux = layer(x, training=True, mask=mask, return_aux=True)
     wide = lambda tree: {k: v.astype(np.float64) for k, v in tree.items()}  # noqa: E731
-    y_ref, state_ref, aux_ref = peer_ref.forward(GLU, wide(params), wide(state), x.astype(np.float64),
-                                                 training=True, mask=mask)
+    y_ref, state_ref, aux_ref = peer_ref.forward(
+        GLU, wide(params), wide(state), x.astype(np.float64), training=True, mask=mask
+    )
     np.testing.assert_allclose(_numpy(y), y_ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(_numpy(aux["indices"]), aux_ref["indices"])
     np.testing.assert_allclose(_numpy(aux["weights"]), aux_ref["weights"], rtol=1e-5, atol=1e-6)
@@ -178,11 +185,13 @@ def test_mixed_bfloat16_policy_runs_the_mixed_mode(training):
     params, state = layer.params_and_state()
     y = layer(x, training=training, mask=mask)
     x_low = keras.ops.cast(x, "bfloat16")
-    want, new_state, _ = be.apply(CFG, params, state, x_low, training, keras.ops.convert_to_tensor(mask),
-                                  compute_dtype="bfloat16")
+    want, new_state, _ = be.apply(
+        CFG, params, state, x_low, training, keras.ops.convert_to_tensor(mask), compute_dtype="bfloat16"
+    )
     assert keras.backend.standardize_dtype(y.dtype) == "bfloat16"
-    np.testing.assert_allclose(_numpy(keras.ops.cast(y, "float32")), _numpy(keras.ops.cast(want, "float32")),
-                               rtol=2e-2, atol=2e-2)  # the functional call may run compiled
+    np.testing.assert_allclose(
+        _numpy(keras.ops.cast(y, "float32")), _numpy(keras.ops.cast(want, "float32")), rtol=2e-2, atol=2e-2
+    )  # the functional call may run compiled
     for k, v in _numpy(layer.params_and_state()[1]).items():
         np.testing.assert_allclose(v, _numpy(new_state[k]), rtol=1e-5, atol=1e-6)
 
@@ -236,16 +245,21 @@ def test_only_the_computing_backend_is_imported():
 
 def test_a_keras_backend_without_a_peer_backend_is_refused(monkeypatch):
     monkeypatch.setattr(keras.backend, "backend", lambda: "numpy")
-    with pytest.raises(PEERConfigError, match=r"keras.backend.backend\(\)='numpy', but the PEER Keras layer runs on "
-                                              r"\['jax', 'tensorflow', 'torch'\] \(set KERAS_BACKEND"):
+    with pytest.raises(
+        PEERConfigError,
+        match=r"keras.backend.backend\(\)='numpy', but the PEER Keras layer runs on "
+        r"\['jax', 'tensorflow', 'torch'\] \(set KERAS_BACKEND",
+    ):
         PEER(CFG)
 
 
 ISSUE_23 = PEERConfig(d_model=2, n_experts=1, heads=1, topk=1, d_key=2)
 STEP_X = np.array([[1.0, 0.0], [0.0, 3.0]], dtype=np.float32)
-RECOMPUTATIONS = {"tensorflow": ["plain", "tf.recompute_grad", "tf.recompute_grad in tf.function", "keras.remat"],
-                  "torch": ["plain", "reentrant", "non-reentrant", "keras.remat"],
-                  "jax": ["plain", "jax.checkpoint", "keras.remat"]}[BACKEND]
+RECOMPUTATIONS = {
+    "tensorflow": ["plain", "tf.recompute_grad", "tf.recompute_grad in tf.function", "keras.remat"],
+    "torch": ["plain", "reentrant", "non-reentrant", "keras.remat"],
+    "jax": ["plain", "jax.checkpoint", "keras.remat"],
+}[BACKEND]
 
 
 def _train_step(layer, x, recompute):
@@ -253,9 +267,13 @@ def _train_step(layer, x, recompute):
     if BACKEND == "tensorflow":
         import tensorflow as tf
 
-        call = (lambda x: layer(x, training=True)) if recompute == "plain" else \
-            keras.remat(lambda x: layer(x, training=True)) if recompute == "keras.remat" else \
-            tf.recompute_grad(lambda x: layer(x, training=True))
+        call = (
+            (lambda x: layer(x, training=True))
+            if recompute == "plain"
+            else keras.remat(lambda x: layer(x, training=True))
+            if recompute == "keras.remat"
+            else tf.recompute_grad(lambda x: layer(x, training=True))
+        )
 
         def step(x):
             with tf.GradientTape() as tape:

@@ -50,11 +50,21 @@ CASES = [
 
 
 def _config(activation, bias, glu, heads, topk):
-    return PEERConfig(d_model=24, n_experts=256, heads=heads, topk=topk, d_key=4, d_out=40, activation=activation,
-                      expert_bias=bias, expert_glu=glu)
+    return PEERConfig(
+        d_model=24,
+        n_experts=256,
+        heads=heads,
+        topk=topk,
+        d_key=4,
+        d_out=40,
+        activation=activation,
+        expert_bias=bias,
+        expert_glu=glu,
+    )
 
 
 # ---------------------------------------------------------------- torch: Triton for sm_90
+
 
 @pytest.fixture(scope="module")
 def triton_launches():
@@ -65,8 +75,9 @@ def triton_launches():
 
     triton = kernels.triton
     launches = {}
-    real = {name: getattr(kernels, name) for name in ("_forward_kernel", "_token_backward_kernel",
-                                                      "_table_backward_kernel")}
+    real = {
+        name: getattr(kernels, name) for name in ("_forward_kernel", "_token_backward_kernel", "_table_backward_kernel")
+    }
 
     class Recorder:
         def __init__(self, name):
@@ -80,6 +91,7 @@ def triton_launches():
                 signature.update({name: "constexpr" for name in constexprs})
                 key = (self.name, tuple(signature.items()), tuple((k, str(v)) for k, v in constexprs.items()))
                 launches[key] = (fn, signature, {(names.index(k),): v for k, v in constexprs.items()})
+
             return launch
 
     saved = {name: getattr(kernels, name) for name in list(real) + ["_interpreted"]}
@@ -100,8 +112,9 @@ def triton_launches():
             gate = torch.randn(cfg.n_experts, cfg.d_model, dtype=dtype) if glu else None
             low = getattr(torch, low) if low else None
             y, pre, gated = kernels._forward(x, indices, weights, down, up, b, gate, activation, low)
-            kernels._experts_backward_op(torch.randn_like(y), x, indices, weights, down, up, b, gate, pre, gated,
-                                         activation, low, True, True)
+            kernels._experts_backward_op(
+                torch.randn_like(y), x, indices, weights, down, up, b, gate, pre, gated, activation, low, True, True
+            )
     finally:
         for name, value in saved.items():
             setattr(kernels, name, value)
@@ -110,8 +123,17 @@ def triton_launches():
 
 def _triton_type(torch, value):
     if isinstance(value, torch.Tensor):
-        return "*" + {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16",
-                      torch.int64: "i64", torch.int32: "i32"}[value.dtype]
+        return (
+            "*"
+            + {
+                torch.float32: "fp32",
+                torch.float64: "fp64",
+                torch.bfloat16: "bf16",
+                torch.float16: "fp16",
+                torch.int64: "i64",
+                torch.int32: "i32",
+            }[value.dtype]
+        )
     if isinstance(value, bool):
         return "i1"
     assert isinstance(value, int), f"a launch argument of type {type(value).__name__}"
@@ -128,12 +150,15 @@ def test_every_triton_launch_compiles_for_sm90(triton_launches):
     # Every case adds launches of its own (activation, dtypes, blocks): none is recorded twice.
     assert len(launches) >= 2 * len(CASES)
     for (name, _, constexprs), (fn, signature, values) in launches.items():
-        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=values),
-                                  target=GPUTarget("cuda", 90, 32))
+        compiled = triton.compile(
+            ASTSource(fn=fn, signature=signature, constexprs=values), target=GPUTarget("cuda", 90, 32)
+        )
         where = f"{name} {dict(constexprs)} {signature}"
         assert compiled.asm["cubin"], f"no cubin for {where}"
         assert ".target sm_90" in compiled.asm["ptx"], where
-        assert compiled.metadata.shared <= SM90_SHARED_BYTES, f"{compiled.metadata.shared} bytes of shared memory: {where}"
+        assert compiled.metadata.shared <= SM90_SHARED_BYTES, (
+            f"{compiled.metadata.shared} bytes of shared memory: {where}"
+        )
 
 
 # ---------------------------------------------------------------- JAX: Pallas's Triton lowering
@@ -157,10 +182,12 @@ def test_pallas_kernels_lower_to_triton_for_cuda(case, monkeypatch):
     x = jax.random.normal(keys[0], (tokens, cfg.d_model))
     indices = jax.random.randint(keys[1], (tokens, heads, topk), 0, cfg.n_experts)
     weights = jax.random.normal(keys[2], (tokens, heads, topk))
-    tables = [jax.random.normal(keys[3], (cfg.n_experts, cfg.d_model)),
-              jax.random.normal(keys[4], (cfg.n_experts, cfg.d_out)),
-              jnp.ones((cfg.n_experts,)) if bias else None,
-              jax.random.normal(keys[5], (cfg.n_experts, cfg.d_model)) if glu else None]
+    tables = [
+        jax.random.normal(keys[3], (cfg.n_experts, cfg.d_model)),
+        jax.random.normal(keys[4], (cfg.n_experts, cfg.d_out)),
+        jnp.ones((cfg.n_experts,)) if bias else None,
+        jax.random.normal(keys[5], (cfg.n_experts, cfg.d_model)) if glu else None,
+    ]
 
     def loss(x, weights, tables):
         return kernels.pallas_experts(activation, low, x, indices, weights, *tables).sum()

@@ -8,8 +8,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ["peer_ref", "peer_spec", "peer_backends", "peer_backends.numpy", "peer_conformance", "peer_bench",
-            "peer_train"]
+PACKAGES = [
+    "peer_ref",
+    "peer_spec",
+    "peer_backends",
+    "peer_backends.numpy",
+    "peer_conformance",
+    "peer_bench",
+    "peer_train",
+]
 
 
 def test_installed_packages_import():
@@ -21,8 +28,11 @@ def test_installed_packages_import():
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
     out = tmp_path_factory.mktemp("wheel")
-    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT)],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (path,) = out.glob("peer_layer-*.whl")
     return path
@@ -30,8 +40,12 @@ def wheel(tmp_path_factory):
 
 def test_wheel_contains_every_package_and_the_spec(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    for package in PACKAGES + ["peer_backends.torch", "peer_backends.jax", "peer_backends.tensorflow",
-                               "peer_backends.keras"]:
+    for package in PACKAGES + [
+        "peer_backends.torch",
+        "peer_backends.jax",
+        "peer_backends.tensorflow",
+        "peer_backends.keras",
+    ]:
         assert f"{package.replace('.', '/')}/__init__.py" in names, f"wheel lacks package {package}"
     assert "peer_spec/SPEC.md" in names
     assert len([n for n in names if n.startswith("peer_spec/vectors/") and n.endswith(".npz")]) >= 10
@@ -42,12 +56,19 @@ def test_wheel_contains_every_package_and_the_spec(wheel):
 
 def test_wheel_imports_every_package(wheel, tmp_path):
     zipfile.ZipFile(wheel).extractall(tmp_path)
-    code = ("import importlib, sys\nfor name in sys.argv[1:]:\n"
-            "    module = importlib.import_module(name)\n"
-            f"    assert module.__file__.startswith({str(tmp_path)!r}), module.__file__\n"
-            "import peer_spec; assert len(peer_spec.vector_paths()) >= 10\n")
-    result = subprocess.run([sys.executable, "-c", code, *PACKAGES], capture_output=True, text=True, cwd="/",
-                            env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    code = (
+        "import importlib, sys\nfor name in sys.argv[1:]:\n"
+        "    module = importlib.import_module(name)\n"
+        f"    assert module.__file__.startswith({str(tmp_path)!r}), module.__file__\n"
+        "import peer_spec; assert len(peer_spec.vector_paths()) >= 10\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, *PACKAGES],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -67,8 +88,9 @@ def _pins(requirement: str) -> list[str]:
     from packaging.requirements import Requirement
 
     req = Requirement(requirement)
-    return [str(s) for s in req.specifier
-            if s.operator == "===" or (s.operator == "==" and not s.version.endswith(".*"))]
+    return [
+        str(s) for s in req.specifier if s.operator == "===" or (s.operator == "==" and not s.version.endswith(".*"))
+    ]
 
 
 def test_pins_are_detected():
@@ -83,8 +105,12 @@ def test_no_extra_pins_a_framework():
     from packaging.utils import canonicalize_name
 
     extras = _metadata()["optional-dependencies"]
-    pinned = [f"[{extra}] {requirement}" for extra, requirements in extras.items() for requirement in requirements
-              if canonicalize_name(Requirement(requirement).name) in FRAMEWORKS and _pins(requirement)]
+    pinned = [
+        f"[{extra}] {requirement}"
+        for extra, requirements in extras.items()
+        for requirement in requirements
+        if canonicalize_name(Requirement(requirement).name) in FRAMEWORKS and _pins(requirement)
+    ]
     assert not pinned, f"extras pin a framework to one release (use a range; pins go in constraints/ci.txt): {pinned}"
     named = {canonicalize_name(Requirement(r).name) for requirements in extras.values() for r in requirements}
     assert {"torch", "jax", "tensorflow-cpu", "keras"} <= named, sorted(named)
@@ -110,8 +136,11 @@ def test_requires_python_admits_no_release_the_sources_cannot_run_on():
     # tomllib (the conformance suite reads TOML divergence files) is new in Python 3.11.
     from packaging.specifiers import SpecifierSet
 
-    sources = [p for folder in ("peer_ref", "spec", "backends", "conformance", "bench", "train")
-               for p in (ROOT / folder).rglob("*.py")]
+    sources = [
+        p
+        for folder in ("peer_ref", "spec", "backends", "conformance", "bench", "train")
+        for p in (ROOT / folder).rglob("*.py")
+    ]
     uses_tomllib = [str(p.relative_to(ROOT)) for p in sources if "import tomllib" in p.read_text()]
     if uses_tomllib:
         assert "3.10" not in SpecifierSet(_metadata()["requires-python"]), uses_tomllib

@@ -119,7 +119,9 @@ def _fixed_case(training: bool, mask: bool, **options) -> BackwardCase:
     params = {k: v + 0.3 * rng.standard_normal(v.shape) for k, v in params.items()}
     x = rng.standard_normal((5, 3))
     dy = rng.standard_normal((5, 2))
-    return BackwardCase(cfg, params, state, x, dy, training, np.array([True, False, True, True, False]) if mask else None)
+    return BackwardCase(
+        cfg, params, state, x, dy, training, np.array([True, False, True, True, False]) if mask else None
+    )
 
 
 # Every option value explicitly at least once, so coverage does not depend on the draw.
@@ -140,8 +142,16 @@ def test_vjp_every_structural_option():
         for norm in peer_ref.QUERY_NORMS:
             for bias in (True, False):
                 for training in (True, False):
-                    _check(_fixed_case(training, not bias, shared_keys=shared, query_norm=norm,
-                                       query_bias=bias, expert_bias=not bias))
+                    _check(
+                        _fixed_case(
+                            training,
+                            not bias,
+                            shared_keys=shared,
+                            query_norm=norm,
+                            query_bias=bias,
+                            expert_bias=not bias,
+                        )
+                    )
 
 
 def test_vjp_is_zero_for_all_masked_and_zero_tokens():

@@ -19,8 +19,7 @@ X = np.random.default_rng(0).standard_normal((2, 5, 4))
 DY = np.ones((2, 5, 3))
 
 
-def _call_both(message: str, params=PARAMS, state=STATE, x=X, dy=DY, training=False, mask=None, routing=None,
-               cfg=CFG):
+def _call_both(message: str, params=PARAMS, state=STATE, x=X, dy=DY, training=False, mask=None, routing=None, cfg=CFG):
     pattern = re.escape(message)
     with pytest.raises(peer_ref.PEERInputError, match=pattern):
         peer_ref.forward(cfg, params, state, x, training, mask, routing)
@@ -51,8 +50,13 @@ def test_reference_rejects_bfloat16_params():
     params = {k: v.astype(ml_dtypes.bfloat16) for k, v in PARAMS.items()}
     state = {k: v.astype(np.float32) for k, v in STATE.items()}
     x = X.astype(ml_dtypes.bfloat16)
-    _call_both("dtype='bfloat16', but expected one of ('float64', 'float32')", params=params, state=state, x=x,
-               dy=DY.astype(ml_dtypes.bfloat16))
+    _call_both(
+        "dtype='bfloat16', but expected one of ('float64', 'float32')",
+        params=params,
+        state=state,
+        x=x,
+        dy=DY.astype(ml_dtypes.bfloat16),
+    )
 
 
 def test_mask_dtype_and_shape():
@@ -66,8 +70,9 @@ def test_routing_dtype_shape_and_range():
     good = np.zeros((2, 5, 2, 2), np.int64)
     _call_both("routing.dtype=float64, but expected an integer dtype", routing=good.astype(np.float64))
     _call_both("routing.dtype=bool, but expected an integer dtype", routing=good.astype(bool))
-    _call_both("routing.shape=(2, 5, 2, 1), but expected x.shape[:-1] + (heads, topk)=(2, 5, 2, 2)",
-               routing=good[..., :1])
+    _call_both(
+        "routing.shape=(2, 5, 2, 1), but expected x.shape[:-1] + (heads, topk)=(2, 5, 2, 2)", routing=good[..., :1]
+    )
     _call_both("routing.shape=(10, 2, 2), but expected", routing=good.reshape(10, 2, 2))
     for bad in (-1, 9, 100):
         routing = good.copy()
@@ -84,8 +89,9 @@ def test_empty_routing_is_accepted():
 
 
 def test_dy_shape_and_dtype():
-    with pytest.raises(peer_ref.PEERInputError, match=re.escape(
-            "dy.shape=(2, 5, 4), but expected x.shape[:-1] + (d_out,)=(2, 5, 3)")):
+    with pytest.raises(
+        peer_ref.PEERInputError, match=re.escape("dy.shape=(2, 5, 4), but expected x.shape[:-1] + (d_out,)=(2, 5, 3)")
+    ):
         peer_ref.vjp(CFG, PARAMS, STATE, X, np.ones((2, 5, 4)))
     with pytest.raises(peer_ref.PEERInputError, match=re.escape("dy.shape=(10, 3), but expected")):
         peer_ref.vjp(CFG, PARAMS, STATE, X, np.ones((10, 3)))
@@ -124,8 +130,9 @@ def test_glu_gate_missing_wrong_shape_or_dtype():
     transposed = {**GLU_PARAMS, "experts.gate": GLU_PARAMS["experts.gate"].T.copy()}
     _call_both("params['experts.gate'].shape=(4, 9), but expected (9, 4)", params=transposed, **call)
     single = {**GLU_PARAMS, "experts.gate": GLU_PARAMS["experts.gate"].astype(np.float32)}
-    _call_both("params['experts.gate'].dtype=float32, but expected float64 like the rest of params",
-               params=single, **call)
+    _call_both(
+        "params['experts.gate'].dtype=float32, but expected float64 like the rest of params", params=single, **call
+    )
 
 
 def test_params_mixed_dtypes():
@@ -141,15 +148,21 @@ def test_params_and_state_must_be_dicts():
 
 
 def test_state_names_shapes_and_dtype():
-    _call_both("state has names missing=['query_norm.var'] extra=[]", state={"query_norm.mean": STATE["query_norm.mean"]})
-    _call_both("state['query_norm.var'].shape=(4,), but expected (8,)",
-               state={**STATE, "query_norm.var": np.ones(4)})
-    _call_both("state['query_norm.mean'].dtype=float32, but expected float64",
-               state={k: v.astype(np.float32) for k, v in STATE.items()})
+    _call_both(
+        "state has names missing=['query_norm.var'] extra=[]", state={"query_norm.mean": STATE["query_norm.mean"]}
+    )
+    _call_both("state['query_norm.var'].shape=(4,), but expected (8,)", state={**STATE, "query_norm.var": np.ones(4)})
+    _call_both(
+        "state['query_norm.mean'].dtype=float32, but expected float64",
+        state={k: v.astype(np.float32) for k, v in STATE.items()},
+    )
     no_norm = peer_ref.PEERConfig.from_dict({**CFG.to_dict(), "query_norm": "none"})
     params = {k: v for k, v in PARAMS.items() if not k.startswith("query_norm.")}
-    _call_both("state has names ['query_norm.mean', 'query_norm.var'], but expected none when query_norm='none'",
-               cfg=no_norm, params=params)
+    _call_both(
+        "state has names ['query_norm.mean', 'query_norm.var'], but expected none when query_norm='none'",
+        cfg=no_norm,
+        params=params,
+    )
     peer_ref.forward(no_norm, params, {}, X)
 
 

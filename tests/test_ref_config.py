@@ -33,7 +33,9 @@ def test_int_fields(field, value):
 
 @pytest.mark.parametrize("value", [0, 1, 3, 5, 2.0, True])
 def test_d_key_is_an_even_int_at_least_two(value):
-    expected = r"an even int" if isinstance(value, int) and not isinstance(value, bool) and value >= 2 else r"an int >= 2"
+    expected = (
+        r"an even int" if isinstance(value, int) and not isinstance(value, bool) and value >= 2 else r"an int >= 2"
+    )
     _raises("d_key", value, expected, d_key=value)
 
 
@@ -48,8 +50,7 @@ def test_n_experts_at_most_the_int32_index_range():
     largest = peer_ref.MAX_N_KEYS**2
     assert largest == 46340**2 == 2_147_395_600 < 2**31 - 1
     assert peer_ref.PEERConfig(**{**VALID, "n_experts": largest}).n_keys == 46340
-    _raises("n_experts", 46341**2, r"<= 46340\*\*2 = 2147395600 \(expert indices must fit int32\)",
-            n_experts=46341**2)
+    _raises("n_experts", 46341**2, r"<= 46340\*\*2 = 2147395600 \(expert indices must fit int32\)", n_experts=46341**2)
 
 
 def test_topk_at_most_n_keys():
@@ -63,9 +64,14 @@ def test_bool_fields(field, value):
     _raises(field, value, r"a bool", **{field: value})
 
 
-@pytest.mark.parametrize("field, choices", [
-    ("activation", peer_ref.ACTIVATIONS), ("score", peer_ref.SCORES), ("query_norm", peer_ref.QUERY_NORMS),
-])
+@pytest.mark.parametrize(
+    "field, choices",
+    [
+        ("activation", peer_ref.ACTIVATIONS),
+        ("score", peer_ref.SCORES),
+        ("query_norm", peer_ref.QUERY_NORMS),
+    ],
+)
 @pytest.mark.parametrize("value", ["GELU", "tanh", "layer", "", None, 1])
 def test_choice_fields(field, choices, value):
     _raises(field, value, re.escape(f"one of {choices}"), **{field: value})
@@ -74,18 +80,35 @@ def test_choice_fields(field, choices, value):
 _FINITE = r"a finite float"
 
 
-@pytest.mark.parametrize("value, expected", [
-    (-0.1, r"a float in \[0.0, 1.0\]"), (1.5, r"a float in \[0.0, 1.0\]"), (2, r"a float in \[0.0, 1.0\]"),
-    (float("nan"), _FINITE), (float("inf"), _FINITE), (True, _FINITE), ("0.1", _FINITE), (None, _FINITE),
-])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (-0.1, r"a float in \[0.0, 1.0\]"),
+        (1.5, r"a float in \[0.0, 1.0\]"),
+        (2, r"a float in \[0.0, 1.0\]"),
+        (float("nan"), _FINITE),
+        (float("inf"), _FINITE),
+        (True, _FINITE),
+        ("0.1", _FINITE),
+        (None, _FINITE),
+    ],
+)
 def test_bn_momentum_in_unit_interval(value, expected):
     _raises("bn_momentum", value, expected, bn_momentum=value)
 
 
-@pytest.mark.parametrize("value, expected", [
-    (0.0, r"a float in \(0.0, inf\]"), (0, r"a float in \(0.0, inf\]"), (-1e-5, r"a float in \(0.0, inf\]"),
-    (float("nan"), _FINITE), (float("inf"), _FINITE), (False, _FINITE), ("1e-5", _FINITE),
-])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (0.0, r"a float in \(0.0, inf\]"),
+        (0, r"a float in \(0.0, inf\]"),
+        (-1e-5, r"a float in \(0.0, inf\]"),
+        (float("nan"), _FINITE),
+        (float("inf"), _FINITE),
+        (False, _FINITE),
+        ("1e-5", _FINITE),
+    ],
+)
 def test_bn_eps_positive(value, expected):
     _raises("bn_eps", value, expected, bn_eps=value)
 
@@ -138,12 +161,20 @@ def configs(draw):
     n_keys = draw(st.integers(1, 40))
     d_out = draw(st.none() | st.integers(1, 64))
     return peer_ref.PEERConfig(
-        d_model=draw(st.integers(1, 64)), n_experts=n_keys * n_keys, heads=draw(st.integers(1, 8)),
-        topk=draw(st.integers(1, n_keys)), d_key=2 * draw(st.integers(1, 16)), d_out=d_out,
-        shared_keys=draw(st.booleans()), query_norm=draw(st.sampled_from(peer_ref.QUERY_NORMS)),
-        bn_momentum=draw(st.floats(0, 1)), bn_eps=draw(st.floats(1e-12, 1.0)),
-        query_bias=draw(st.booleans()), activation=draw(st.sampled_from(peer_ref.ACTIVATIONS)),
-        score=draw(st.sampled_from(peer_ref.SCORES)), expert_bias=draw(st.booleans()),
+        d_model=draw(st.integers(1, 64)),
+        n_experts=n_keys * n_keys,
+        heads=draw(st.integers(1, 8)),
+        topk=draw(st.integers(1, n_keys)),
+        d_key=2 * draw(st.integers(1, 16)),
+        d_out=d_out,
+        shared_keys=draw(st.booleans()),
+        query_norm=draw(st.sampled_from(peer_ref.QUERY_NORMS)),
+        bn_momentum=draw(st.floats(0, 1)),
+        bn_eps=draw(st.floats(1e-12, 1.0)),
+        query_bias=draw(st.booleans()),
+        activation=draw(st.sampled_from(peer_ref.ACTIVATIONS)),
+        score=draw(st.sampled_from(peer_ref.SCORES)),
+        expert_bias=draw(st.booleans()),
         expert_glu=draw(st.booleans()),
     )
 
@@ -152,9 +183,23 @@ def configs(draw):
 @given(configs())
 def test_to_dict_from_dict_round_trip(cfg):
     data = cfg.to_dict()
-    assert set(data) == {"d_model", "n_experts", "heads", "topk", "d_key", "d_out", "shared_keys", "query_norm",
-                         "bn_momentum", "bn_eps", "query_bias", "activation", "score", "expert_bias",
-                         "expert_glu"}
+    assert set(data) == {
+        "d_model",
+        "n_experts",
+        "heads",
+        "topk",
+        "d_key",
+        "d_out",
+        "shared_keys",
+        "query_norm",
+        "bn_momentum",
+        "bn_eps",
+        "query_bias",
+        "activation",
+        "score",
+        "expert_bias",
+        "expert_glu",
+    }
     assert data["d_out"] is not None, "to_dict should store the resolved d_out"
     assert peer_ref.PEERConfig.from_dict(data) == cfg
 

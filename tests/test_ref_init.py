@@ -9,8 +9,18 @@ import peer_ref
 
 # Every normal parameter has at least 2048 entries here, so the sample std is within
 # ~1.6% (one standard error) of the target; 6 standard errors makes a false failure negligible.
-LARGE = peer_ref.PEERConfig(d_model=64, n_experts=1024, heads=4, topk=8, d_key=32, d_out=48, shared_keys=False,
-                            query_bias=True, expert_bias=True, expert_glu=True)
+LARGE = peer_ref.PEERConfig(
+    d_model=64,
+    n_experts=1024,
+    heads=4,
+    topk=8,
+    d_key=32,
+    d_out=48,
+    shared_keys=False,
+    query_bias=True,
+    expert_bias=True,
+    expert_glu=True,
+)
 SIGMAS = 6.0
 
 
@@ -23,25 +33,39 @@ def test_normal_parameters_match_init_std(dtype):
         values = params[name].astype(np.float64).ravel()
         n = values.size
         assert abs(values.mean()) <= SIGMAS * std / np.sqrt(n), (
-            f"params[{name!r}].mean()={values.mean():.4g}, but should be 0 within {SIGMAS} standard errors")
+            f"params[{name!r}].mean()={values.mean():.4g}, but should be 0 within {SIGMAS} standard errors"
+        )
         rel = values.std() / std - 1
         assert abs(rel) <= SIGMAS / np.sqrt(2 * n), (
-            f"params[{name!r}].std()={values.std():.4g}, but should be {std:.4g} within {SIGMAS} standard errors")
+            f"params[{name!r}].std()={values.std():.4g}, but should be {std:.4g} within {SIGMAS} standard errors"
+        )
 
 
 def test_init_std_values():
     stds = peer_ref.init_std(LARGE)
-    assert stds == pytest.approx({
-        "query.kernel": 64**-0.5, "keys.left": 16**-0.5, "keys.right": 16**-0.5,
-        "experts.down": 64**-0.5, "experts.gate": 64**-0.5, "experts.up": 32**-0.5,
-    })
+    assert stds == pytest.approx(
+        {
+            "query.kernel": 64**-0.5,
+            "keys.left": 16**-0.5,
+            "keys.right": 16**-0.5,
+            "experts.down": 64**-0.5,
+            "experts.gate": 64**-0.5,
+            "experts.up": 32**-0.5,
+        }
+    )
 
 
 def test_constant_parameters_and_state_match_init_constant():
     params, state = peer_ref.init(LARGE, seed=0)
     constants = peer_ref.init_constant(LARGE)
-    assert set(constants) == {"query.bias", "query_norm.scale", "query_norm.offset", "experts.bias",
-                              "query_norm.mean", "query_norm.var"}
+    assert set(constants) == {
+        "query.bias",
+        "query_norm.scale",
+        "query_norm.offset",
+        "experts.bias",
+        "query_norm.mean",
+        "query_norm.var",
+    }
     for name, value in constants.items():
         tree = params if name in params else state
         assert np.all(tree[name] == value), f"{name} should be all {value}"

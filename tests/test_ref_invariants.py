@@ -84,8 +84,18 @@ def test_output_is_the_sum_of_per_head_outputs(layer, training, tokens):
 def test_one_head_one_expert_by_hand(glu):
     for activation in ("relu", "identity", "gelu", "silu", "gelu_tanh"):
         for score in peer_ref.SCORES:
-            cfg = peer_ref.PEERConfig(d_model=3, n_experts=9, heads=1, topk=1, d_key=2, d_out=2, query_norm="none",
-                                      activation=activation, score=score, expert_glu=glu)
+            cfg = peer_ref.PEERConfig(
+                d_model=3,
+                n_experts=9,
+                heads=1,
+                topk=1,
+                d_key=2,
+                d_out=2,
+                query_norm="none",
+                activation=activation,
+                score=score,
+                expert_glu=glu,
+            )
             params, state = peer_ref.init(cfg, seed=11)
             params["experts.bias"] = np.linspace(-0.5, 0.5, 9)
             x = np.array([0.3, -1.2, 0.8])
@@ -110,8 +120,13 @@ def test_one_head_one_expert_by_hand(glu):
             np.testing.assert_array_equal(aux["indices"], [[best]])
             np.testing.assert_allclose(aux["scores"], [[score_value]], rtol=1e-14)
             np.testing.assert_allclose(aux["weights"], [[weight]], rtol=1e-14)
-            np.testing.assert_allclose(y, weight * hidden * params["experts.up"][best], rtol=1e-13, atol=1e-15,
-                                       err_msg=f"{activation}, {score}")
+            np.testing.assert_allclose(
+                y,
+                weight * hidden * params["experts.up"][best],
+                rtol=1e-13,
+                atol=1e-15,
+                err_msg=f"{activation}, {score}",
+            )
 
 
 @settings(max_examples=40, deadline=None)
@@ -213,8 +228,9 @@ def test_leading_dims_are_flattened(layer, training, lead):
     for name in new_state:
         np.testing.assert_array_equal(state_f[name], new_state[name])
     grads, dx = peer_ref.vjp(cfg, params, state, x, dy, training, mask)
-    grads_f, dx_f = peer_ref.vjp(cfg, params, state, x.reshape(flat), dy.reshape(-1, cfg.d_out), training,
-                                 mask.reshape(-1))
+    grads_f, dx_f = peer_ref.vjp(
+        cfg, params, state, x.reshape(flat), dy.reshape(-1, cfg.d_out), training, mask.reshape(-1)
+    )
     assert dx.shape == x.shape
     np.testing.assert_array_equal(dx.reshape(flat), dx_f)
     for name in grads:

@@ -71,8 +71,7 @@ def test_errors():
     with pytest.raises(peer_ref.PEERInputError, match=r"totals sum to 0, but expected at least one routed token"):
         metrics.usage(np.zeros(4))
     with pytest.raises(peer_ref.PEERInputError, match=r"totals sum to 0"):
-        metrics.unevenness(metrics.accumulate(CFG, np.zeros((2, 1, 1), int), np.ones((2, 1, 1)),
-                                              np.zeros(2, bool)))
+        metrics.unevenness(metrics.accumulate(CFG, np.zeros((2, 1, 1), int), np.ones((2, 1, 1)), np.zeros(2, bool)))
     with pytest.raises(peer_ref.PEERInputError, match=r"indices.shape=\(2, 1, 1\) and weights.shape=\(2, 1, 2\)"):
         metrics.accumulate(CFG, np.zeros((2, 1, 1), int), np.ones((2, 1, 2)))
     with pytest.raises(peer_ref.PEERInputError, match=r"expected equal shapes \(\.\.\., heads=1, topk=1\)"):

@@ -18,8 +18,9 @@ def _case(seed=0):
     params, state = peer_ref.init(CFG, seed=seed, dtype="float32")
     rng = np.random.default_rng(seed)
     # Values that do not fit the low dtypes exactly, in every parameter.
-    params = {k: (v + rng.standard_normal(v.shape).astype(np.float32) * 0.3).astype(np.float32)
-              for k, v in params.items()}
+    params = {
+        k: (v + rng.standard_normal(v.shape).astype(np.float32) * 0.3).astype(np.float32) for k, v in params.items()
+    }
     x = rng.standard_normal((7, CFG.d_model)).astype(np.float32)
     dy = rng.standard_normal((7, CFG.d_out)).astype(np.float32)
     return params, state, x, dy
@@ -65,8 +66,9 @@ def test_mixed_gradients_are_straight_through(low, training):
     xl, dyl = x.astype(LOW[low]), dy.astype(LOW[low])
     mask = np.arange(7) != 3
     grads, dx = peer_ref.vjp(CFG, params, state, xl, dyl, training, mask, compute_dtype=low)
-    grads32, dx32 = peer_ref.vjp(CFG, _rounded(params, low), state, xl.astype(np.float32),
-                                 dyl.astype(np.float32), training, mask)
+    grads32, dx32 = peer_ref.vjp(
+        CFG, _rounded(params, low), state, xl.astype(np.float32), dyl.astype(np.float32), training, mask
+    )
     assert dx.dtype == LOW[low]
     np.testing.assert_array_equal(dx, dx32.astype(LOW[low]))
     for name, value in grads.items():
@@ -75,8 +77,17 @@ def test_mixed_gradients_are_straight_through(low, training):
 
 
 def test_float16_output_overflows_to_inf_but_scores_stay_finite():
-    cfg = PEERConfig(d_model=2, n_experts=4, heads=1, topk=1, d_key=2, query_norm="none", score="none",
-                     activation="identity", expert_bias=False)
+    cfg = PEERConfig(
+        d_model=2,
+        n_experts=4,
+        heads=1,
+        topk=1,
+        d_key=2,
+        query_norm="none",
+        score="none",
+        activation="identity",
+        expert_bias=False,
+    )
     params = {
         "query.kernel": np.full((2, 2), 300.0, np.float32),
         "keys.left": np.full((1, 2, 1), 1.0, np.float32),
@@ -98,8 +109,14 @@ def test_check_compute_dtype_accepts_exactly_the_decided_pairs():
         assert check_compute_dtype(params, params) is None
     assert check_compute_dtype("float32", "bfloat16") == "bfloat16"
     assert check_compute_dtype("float32", "float16") == "float16"
-    for params, compute in [("float64", "float16"), ("float64", "bfloat16"), ("float32", "float64"),
-                            ("bfloat16", "float32"), ("float16", "bfloat16"), ("bfloat16", "float16")]:
+    for params, compute in [
+        ("float64", "float16"),
+        ("float64", "bfloat16"),
+        ("float32", "float64"),
+        ("bfloat16", "float32"),
+        ("float16", "bfloat16"),
+        ("bfloat16", "float16"),
+    ]:
         with pytest.raises(PEERInputError, match=rf"compute_dtype='{compute}' with {params} parameters"):
             check_compute_dtype(params, compute)
     for bad in ("int8", "half", 16, np.float16):

@@ -15,8 +15,9 @@ from peer_ref.routing import expert_scores
 
 
 def _setup(momentum=0.1, query_bias=True, seed=0, dtype="float64"):
-    cfg = peer_ref.PEERConfig(d_model=3, n_experts=9, heads=2, topk=2, d_key=4, bn_momentum=momentum,
-                              query_bias=query_bias)
+    cfg = peer_ref.PEERConfig(
+        d_model=3, n_experts=9, heads=2, topk=2, d_key=4, bn_momentum=momentum, query_bias=query_bias
+    )
     rng = np.random.default_rng(seed)
     params, state = peer_ref.init(cfg, seed=seed, dtype=dtype)
     params = {k: (v + 0.5 * rng.standard_normal(v.shape)).astype(dtype) for k, v in params.items()}
@@ -36,8 +37,9 @@ def _expected_scores(cfg, params, normed, indices):
     """Raw scores of the given indices for standardised queries ``normed`` (T, d_query)."""
     queries = (normed * params["query_norm.scale"] + params["query_norm.offset"]).reshape(-1, cfg.heads, cfg.d_key)
     s_left, s_right = peer_ref.sub_key_scores(cfg, params, queries)
-    return expert_scores(cfg, s_left, s_right, indices.reshape(-1, cfg.heads, cfg.topk)), \
-        peer_ref.product_key_topk(cfg, s_left, s_right)
+    return expert_scores(cfg, s_left, s_right, indices.reshape(-1, cfg.heads, cfg.topk)), peer_ref.product_key_topk(
+        cfg, s_left, s_right
+    )
 
 
 @settings(max_examples=80, deadline=None)

@@ -139,8 +139,11 @@ def test_pruned_candidates_decide_every_row_whose_k_plus_1_best_are_distinct(dty
             top, pos = topk_lower_index(values, index, k)  # (rows, 2, k)
             sums = top[:, 0, :, None] + top[:, 1, None, :]
             experts = pos[:, 0, :, None] * n + pos[:, 1, None, :]
-            full = np.take_along_axis(experts.reshape(-1, k * k),
-                                      topk_lower_index(sums.reshape(-1, k * k), experts.reshape(-1, k * k), k)[1], -1)
+            full = np.take_along_axis(
+                experts.reshape(-1, k * k),
+                topk_lower_index(sums.reshape(-1, k * k), experts.reshape(-1, k * k), k)[1],
+                -1,
+            )
             kept = sums[:, a, b]
             best, chosen = topk_lower_index(kept, np.broadcast_to(np.arange(a.size), kept.shape), min(k + 1, a.size))
             distinct = (best[:, 1:] != best[:, :-1]).all(-1)

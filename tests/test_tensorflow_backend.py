@@ -172,6 +172,7 @@ def test_bfloat16_stores_bfloat16_and_computes_in_float32():
     grads, dx = be.vjp(CFG, params, state, be.from_numpy(x), be.from_numpy(np.ones((6, 8), ml_dtypes.bfloat16)))
     assert y.dtype == dx.dtype == tf.bfloat16 and aux["scores"].dtype == tf.float32
     assert all(g.dtype == tf.bfloat16 for g in grads.values())
+
     def as64(tree):
         return {k: np.asarray(v, np.float64) for k, v in _numpy(tree).items()}
 
@@ -221,8 +222,6 @@ def test_largest_expert_count_routes_to_exact_indices():
         assert got.numpy().tolist() == expected.tolist(), f"{dtype}: got {got.numpy().tolist()}"
 
 
-
-
 def test_float32_means_float32_tensorfloat32_is_switched_off():
     """SPEC §10.1: TensorFlow's process-wide TF32 switch is off once the backend has run (on GPUs
     from Ampere on it would round float32 matrix products to a 10-bit mantissa)."""
@@ -244,4 +243,4 @@ def test_the_package_exports_its_layer_as_peer():
 
 def test_every_role_has_its_name(unresolved_roles):
     """peer_backends.contract.ROLES is true of this backend: one name per role in every backend."""
-    assert unresolved_roles('tensorflow') == []
+    assert unresolved_roles("tensorflow") == []

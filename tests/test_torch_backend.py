@@ -16,8 +16,18 @@ from peer_backends.torch import routing as torch_routing
 be = peer_backends.get("torch")
 
 FULL = PEERConfig(d_model=12, n_experts=49, heads=3, topk=4, d_key=6, d_out=5, query_bias=True)
-PER_HEAD = PEERConfig(d_model=8, n_experts=36, heads=2, topk=3, d_key=4, shared_keys=False,
-                      query_norm="none", activation="silu", score="sigmoid", expert_glu=True)
+PER_HEAD = PEERConfig(
+    d_model=8,
+    n_experts=36,
+    heads=2,
+    topk=3,
+    d_key=4,
+    shared_keys=False,
+    query_norm="none",
+    activation="silu",
+    score="sigmoid",
+    expert_glu=True,
+)
 
 
 def reference_inputs(cfg, seed=0, lead=(2, 5), dtype="float64"):
@@ -47,8 +57,9 @@ def test_module_and_functional_equal_the_reference(cfg, training):
     params, state, x, mask, _ = reference_inputs(cfg)
     y_ref, state_ref, aux_ref = peer_ref.forward(cfg, params, state, x, training, mask)
 
-    y, new_state, aux = be.apply(cfg, be.from_numpy(params), be.from_numpy(state), be.from_numpy(x),
-                                 training, be.from_numpy(mask))
+    y, new_state, aux = be.apply(
+        cfg, be.from_numpy(params), be.from_numpy(state), be.from_numpy(x), training, be.from_numpy(mask)
+    )
     assert_close(y, y_ref)
     for name in state_ref:
         assert_close(new_state[name], state_ref[name])
@@ -73,8 +84,15 @@ def test_module_and_functional_equal_the_reference(cfg, training):
 def test_vjp_equals_the_reference(training):
     params, state, x, mask, dy = reference_inputs(FULL, seed=3)
     grads_ref, dx_ref = peer_ref.vjp(FULL, params, state, x, dy, training, mask)
-    grads, dx = be.vjp(FULL, be.from_numpy(params), be.from_numpy(state), be.from_numpy(x),
-                       be.from_numpy(dy), training, be.from_numpy(mask))
+    grads, dx = be.vjp(
+        FULL,
+        be.from_numpy(params),
+        be.from_numpy(state),
+        be.from_numpy(x),
+        be.from_numpy(dy),
+        training,
+        be.from_numpy(mask),
+    )
     assert set(grads) == set(grads_ref)
     for name in grads_ref:
         assert_close(grads[name], grads_ref[name], tol=1e-9)
@@ -132,8 +150,12 @@ def test_selected_scores_pass_gradcheck(monkeypatch, key_sets):
 
     def selected(q, left, right):
         per_head = [keys_.expand(heads, n, d_half) for keys_ in (left, right)]
-        sub = torch.stack([torch.einsum("thd,hnd->thn", q[..., side * d_half:(side + 1) * d_half], per_head[side])
-                           for side in range(2)])
+        sub = torch.stack(
+            [
+                torch.einsum("thd,hnd->thn", q[..., side * d_half : (side + 1) * d_half], per_head[side])
+                for side in range(2)
+            ]
+        )
         return torch_routing.selected_scores(q, left, right, halves, sub.detach())
 
     assert torch.autograd.gradcheck(selected, (queries, *keys))
@@ -145,13 +167,16 @@ def test_expert_kernels_equal_gather_and_scatter():
     indices = torch.randint(0, 8, (7, 4))  # table row 8 is never selected: its gradient row must be 0
     weights = torch.randn(7, 4, dtype=torch.float64)
     groups = torch_experts.expert_groups(indices, 9)
-    torch.testing.assert_close(torch_experts.down_projection(rows, table, indices, groups),
-                               torch.einsum("tjd,td->tj", table[indices], rows))
-    torch.testing.assert_close(torch_experts.up_projection(weights, table, indices),
-                               torch.einsum("tjd,tj->td", table[indices], weights))
+    torch.testing.assert_close(
+        torch_experts.down_projection(rows, table, indices, groups), torch.einsum("tjd,td->tj", table[indices], rows)
+    )
+    torch.testing.assert_close(
+        torch_experts.up_projection(weights, table, indices), torch.einsum("tjd,tj->td", table[indices], weights)
+    )
     outer = torch.ops.peer.row_outer(weights, rows, *groups)
     expected_outer = torch.zeros(9, 3, dtype=torch.float64).index_add_(
-        0, indices.reshape(-1), (weights[..., None] * rows[:, None, :]).reshape(-1, 3))
+        0, indices.reshape(-1), (weights[..., None] * rows[:, None, :]).reshape(-1, 3)
+    )
     torch.testing.assert_close(outer, expected_outer)
     assert not outer[8].any()
 
@@ -218,11 +243,13 @@ def test_bfloat16_follows_the_dtype_policy():
     y, new_state, aux = be.apply(FULL, params, state, x, training=True)
     assert y.dtype == torch.bfloat16 and aux["scores"].dtype == torch.float32
     assert new_state["query_norm.mean"].dtype == torch.float32
+
     def widen(tree):
         return {k: v.astype(np.float64) for k, v in be.to_numpy(tree).items()}
 
-    y_ref, _, _ = peer_ref.forward(FULL, widen(params), widen(state), be.to_numpy(x).astype(np.float64),
-                                   True, routing=be.to_numpy(aux["indices"]))
+    y_ref, _, _ = peer_ref.forward(
+        FULL, widen(params), widen(state), be.to_numpy(x).astype(np.float64), True, routing=be.to_numpy(aux["indices"])
+    )
     np.testing.assert_allclose(be.to_numpy(y).astype(np.float64), y_ref, rtol=2e-2, atol=2e-2)
 
 
@@ -294,6 +321,7 @@ def test_cuda_matches_cpu():
 
 # ---------------------------------------------------------------- custom ops and torch.compile
 
+
 def _opcheck_cases():
     g = torch.Generator().manual_seed(0)
     indices = torch.tensor([[0, 6, 6, 2], [6, 1, 0, 3], [5, 5, 5, 5]])
@@ -314,8 +342,15 @@ def _opcheck_cases():
         "product_key_topk": (sub, 3),
         "checked_routing": (indices.to(torch.int32), 7),
         "selected_scores": (queries, *keys, halves, sub),
-        "selected_scores_backward": (torch.randn(3, 2, 3, dtype=torch.float64, generator=g),
-                                     queries.detach(), *(k.detach() for k in keys), halves, True, True, False),
+        "selected_scores_backward": (
+            torch.randn(3, 2, 3, dtype=torch.float64, generator=g),
+            queries.detach(),
+            *(k.detach() for k in keys),
+            halves,
+            True,
+            True,
+            False,
+        ),
     }
 
 
@@ -431,6 +466,8 @@ def test_largest_expert_count_routes_to_exact_indices():
         sub_scores = torch.tensor(np.stack([scores, scores]), dtype=dtype)
         got = torch_routing._product_key_topk(cfg, sub_scores)
         assert got.tolist() == expected.tolist(), f"{dtype}: got {got.tolist()}"
+
+
 CAST_CASES = [(True, False, False), (True, True, True), (False, False, True), (False, True, False)]
 
 
@@ -478,8 +515,9 @@ def test_outside_autocast_a_mismatched_x_is_refused_like_nn_linear():
 
 
 @pytest.mark.parametrize("training, masked, compiled", CAST_CASES)
-@pytest.mark.parametrize("amp, x_dtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
-                                          (torch.float16, torch.float32)])
+@pytest.mark.parametrize(
+    "amp, x_dtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float16, torch.float32)]
+)
 def test_autocast_runs_the_mixed_mode(amp, x_dtype, training, masked, compiled):
     # A float32 module inside torch.autocast equals apply(..., compute_dtype=amp) on x cast to amp,
     # on every path: fused batch norm (training, unmasked), masked, eval, torch.compile.
@@ -505,8 +543,16 @@ def test_autocast_runs_the_mixed_mode(amp, x_dtype, training, masked, compiled):
     torch.testing.assert_close(y, want, rtol=0, atol=0)
     for name, value in module.named_buffers():
         torch.testing.assert_close(value, new_state[name], rtol=0, atol=0)
-    grads, _ = be.vjp(COMPILED, params, state, x.to(amp), dy, training, mask, compute_dtype="bfloat16"
-                      if amp == torch.bfloat16 else "float16")
+    grads, _ = be.vjp(
+        COMPILED,
+        params,
+        state,
+        x.to(amp),
+        dy,
+        training,
+        mask,
+        compute_dtype="bfloat16" if amp == torch.bfloat16 else "float16",
+    )
     for name, param in module.named_parameters():
         assert param.grad.dtype == torch.float32
         # torch autocasts the backward's matmuls inside the region and in compiled graphs: the
@@ -597,7 +643,7 @@ def test_the_package_exports_its_layer_as_peer():
 
 def test_every_role_has_its_name(unresolved_roles):
     """peer_backends.contract.ROLES is true of this backend: one name per role in every backend."""
-    assert unresolved_roles('torch') == []
+    assert unresolved_roles("torch") == []
 
 
 ISSUE_23 = PEERConfig(d_model=2, n_experts=1, heads=1, topk=1, d_key=2)
@@ -607,8 +653,9 @@ STEP_X = np.array([[1.0, 0.0], [0.0, 3.0]])
 def _issue_layer(dtype="float32"):
     params, state = peer_ref.init(ISSUE_23, seed=0, dtype=dtype)
     layer = be.layer(ISSUE_23, dtype=dtype)
-    layer.load_params_and_state({k: torch.from_numpy(v) for k, v in params.items()},
-                                {k: torch.from_numpy(v) for k, v in state.items()})
+    layer.load_params_and_state(
+        {k: torch.from_numpy(v) for k, v in params.items()}, {k: torch.from_numpy(v) for k, v in state.items()}
+    )
     return layer.train(), params, state
 
 

@@ -17,8 +17,17 @@ ISSUE = PEERConfig(d_model=2, n_experts=1, heads=1, topk=1, d_key=2)
 CONFIGS = {
     "issue": ISSUE,
     "wide": PEERConfig(d_model=4, n_experts=16, heads=2, topk=2, d_key=4, d_out=3),
-    "glu_bias": PEERConfig(d_model=3, n_experts=9, heads=2, topk=2, d_key=4, expert_glu=True, expert_bias=True,
-                           activation="gelu", score="sigmoid"),
+    "glu_bias": PEERConfig(
+        d_model=3,
+        n_experts=9,
+        heads=2,
+        topk=2,
+        d_key=4,
+        expert_glu=True,
+        expert_bias=True,
+        activation="gelu",
+        score="sigmoid",
+    ),
     "own_keys": PEERConfig(d_model=3, n_experts=9, heads=2, topk=3, d_key=2, shared_keys=False),
 }
 
@@ -26,8 +35,9 @@ CONFIGS = {
 def _layer(cfg, training, seed=0):
     layer = PEER(cfg, dtype="float64")
     params, state = peer_ref.init(cfg, seed=seed, dtype="float64")
-    layer.load_params_and_state({k: torch.from_numpy(v) for k, v in params.items()},
-                                {k: torch.from_numpy(v) for k, v in state.items()})
+    layer.load_params_and_state(
+        {k: torch.from_numpy(v) for k, v in params.items()}, {k: torch.from_numpy(v) for k, v in state.items()}
+    )
     return layer.train(training), params, state
 
 
@@ -89,8 +99,10 @@ def test_jacobians_equal_the_reference(transform, training):
 
 
 def _per_sample_reference(cfg, params, state, xs, dys, training, **kwargs):
-    rows = [peer_ref.vjp(cfg, params, state, x, dy, training, **{k: v[i] for k, v in kwargs.items()})[0]
-            for i, (x, dy) in enumerate(zip(xs, dys))]
+    rows = [
+        peer_ref.vjp(cfg, params, state, x, dy, training, **{k: v[i] for k, v in kwargs.items()})[0]
+        for i, (x, dy) in enumerate(zip(xs, dys))
+    ]
     return {name: np.stack([row[name] for row in rows]) for name in rows[0]}
 
 
@@ -121,7 +133,8 @@ def test_per_sample_gradients_with_mask_and_routing_override():
         return (functional_call(layer, p, (x,), {"mask": m, "routing": r}) * dy).sum()
 
     grads = vmap(grad(loss), in_dims=(None, 0, 0, 0, 0))(
-        p, torch.from_numpy(xs), torch.from_numpy(dys), torch.from_numpy(mask), torch.from_numpy(routing))
+        p, torch.from_numpy(xs), torch.from_numpy(dys), torch.from_numpy(mask), torch.from_numpy(routing)
+    )
     _check_grads(grads, _per_sample_reference(cfg, params, state, xs, dys, False, mask=mask, routing=routing))
 
 
@@ -131,7 +144,8 @@ def test_per_sample_gradients_in_training_mode_without_batch_norm():
     xs, dys = _inputs(cfg, (4, 3))
     p = {k: v.detach() for k, v in layer.named_parameters()}
     grads = vmap(grad(lambda p, x, dy: (functional_call(layer, p, (x,)) * dy).sum()), in_dims=(None, 0, 0))(
-        p, torch.from_numpy(xs), torch.from_numpy(dys))
+        p, torch.from_numpy(xs), torch.from_numpy(dys)
+    )
     _check_grads(grads, _per_sample_reference(cfg, params, state, xs, dys, True))
 
 
@@ -140,7 +154,9 @@ def test_training_mode_vmap_with_batch_norm_is_refused_clearly():
     before = {k: v.clone() for k, v in layer.named_buffers()}
     p = {k: v.detach() for k, v in layer.named_parameters()}
     with pytest.raises(PEERInputError, match=r"torch.func.vmap cannot update the batch-norm buffer.*eval mode"):
-        vmap(grad(lambda p, x: functional_call(layer, p, (x,)).sum()), in_dims=(None, 0))(p, torch.ones(3, 2, 2, dtype=torch.float64))
+        vmap(grad(lambda p, x: functional_call(layer, p, (x,)).sum()), in_dims=(None, 0))(
+            p, torch.ones(3, 2, 2, dtype=torch.float64)
+        )
     for key, value in layer.named_buffers():
         assert torch.equal(value, before[key])
 
@@ -168,8 +184,10 @@ def test_layer_outside_transforms_still_runs_the_custom_operators():
             seen.add(node)
             stack.extend(n for n, _ in node.next_functions)
     names = {node.name() for node in seen}
-    assert {"GeneratedBackwardFor_peer_up_projection_defaultBackward",
-            "GeneratedBackwardFor_peer_selected_scores_defaultBackward"} <= names, names
+    assert {
+        "GeneratedBackwardFor_peer_up_projection_defaultBackward",
+        "GeneratedBackwardFor_peer_selected_scores_defaultBackward",
+    } <= names, names
 
 
 def test_gradients_under_the_transform_equal_ordinary_autograd():

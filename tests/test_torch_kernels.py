@@ -35,13 +35,33 @@ def _seeded():
     """Every test draws from a seeded generator: a failure reproduces."""
     torch.manual_seed(0)
 
+
 # Odd sizes throughout (no power of two but heads*topk = 4 in one), every activation, GLU, bias.
 CONFIGS = [
     PEERConfig(d_model=7, n_experts=16, heads=2, topk=3, d_key=4, d_out=5, activation="gelu", expert_bias=True),
-    PEERConfig(d_model=9, n_experts=25, heads=1, topk=4, d_key=6, d_out=3, activation="gelu_tanh",
-               expert_glu=True, score="sigmoid"),
-    PEERConfig(d_model=5, n_experts=9, heads=3, topk=2, d_key=2, d_out=11, activation="relu", expert_bias=True,
-               expert_glu=True, shared_keys=False),
+    PEERConfig(
+        d_model=9,
+        n_experts=25,
+        heads=1,
+        topk=4,
+        d_key=6,
+        d_out=3,
+        activation="gelu_tanh",
+        expert_glu=True,
+        score="sigmoid",
+    ),
+    PEERConfig(
+        d_model=5,
+        n_experts=9,
+        heads=3,
+        topk=2,
+        d_key=2,
+        d_out=11,
+        activation="relu",
+        expert_bias=True,
+        expert_glu=True,
+        shared_keys=False,
+    ),
     PEERConfig(d_model=6, n_experts=4, heads=2, topk=2, d_key=4, activation="silu", query_norm="none"),
     PEERConfig(d_model=3, n_experts=1, heads=2, topk=1, d_key=2, d_out=1, activation="identity", expert_bias=True),
 ]
@@ -64,9 +84,13 @@ def _tolerance(dtype, compute_dtype=None):
 
 
 def _both(cfg, params, state, x, dy, **kwargs):
-    return {name: (be.apply(cfg, params, state, x, **kwargs, implementation=name),
-                   be.vjp(cfg, params, state, x, dy, **kwargs, implementation=name))
-            for name in ("aten", "triton")}
+    return {
+        name: (
+            be.apply(cfg, params, state, x, **kwargs, implementation=name),
+            be.vjp(cfg, params, state, x, dy, **kwargs, implementation=name),
+        )
+        for name in ("aten", "triton")
+    }
 
 
 def test_every_activation_is_covered():
@@ -92,8 +116,9 @@ def test_triton_equals_aten(cfg, dtype):
         torch.testing.assert_close(state_t[name], state_a[name], **tol)
 
 
-@pytest.mark.parametrize(("dtype", "compute_dtype"), [("float32", "bfloat16"), ("float32", "float16"),
-                                                      ("bfloat16", None), ("float16", None)])
+@pytest.mark.parametrize(
+    ("dtype", "compute_dtype"), [("float32", "bfloat16"), ("float32", "float16"), ("bfloat16", None), ("float16", None)]
+)
 def test_triton_equals_aten_in_16_bits(dtype, compute_dtype):
     cfg = CONFIGS[2]  # GLU and bias
     params, state, x, dy, _ = _inputs(cfg, (5,), dtype)
@@ -112,12 +137,20 @@ def test_triton_equals_aten_in_16_bits(dtype, compute_dtype):
 
 def _stage_inputs(n, t, j, d_in, d_out, dtype, glu, bias, seed=0):
     g = torch.Generator().manual_seed(seed)
+
     def rand(*shape):
         return torch.randn(shape, generator=g, dtype=dtype).requires_grad_(True)
 
     indices = torch.randint(0, n, (t, j), generator=g)
-    return dict(x=rand(t, d_in), indices=indices, weights=rand(t, j), down=rand(n, d_in), up=rand(n, d_out),
-                bias=rand(n) if bias else None, gate=rand(n, d_in) if glu else None)
+    return dict(
+        x=rand(t, d_in),
+        indices=indices,
+        weights=rand(t, j),
+        down=rand(n, d_in),
+        up=rand(n, d_out),
+        bias=rand(n) if bias else None,
+        gate=rand(n, d_in) if glu else None,
+    )
 
 
 def _einsum_stage(x, indices, weights, down, up, bias, gate, activation, low):
@@ -198,8 +231,9 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.peer.triton_experts, sample)
     y, pre, gated = torch.ops.peer.triton_experts(*sample)
     detached = [v.detach() if isinstance(v, torch.Tensor) else v for v in sample[:-2]]
-    torch.library.opcheck(torch.ops.peer.triton_experts_backward,
-                          (torch.randn_like(y), *detached, pre, gated, "silu", None, True, True))
+    torch.library.opcheck(
+        torch.ops.peer.triton_experts_backward, (torch.randn_like(y), *detached, pre, gated, "silu", None, True, True)
+    )
 
 
 def test_compiled_module_on_triton_has_no_graph_breaks():
@@ -227,15 +261,20 @@ def test_triton_without_a_device_is_refused(monkeypatch):
     cfg = CONFIGS[3]
     params, state, x, _, _ = _inputs(cfg, (2,), "float32")
     monkeypatch.delenv("TRITON_INTERPRET")
-    with pytest.raises(PEERConfigError, match=r"implementation='triton' is not available here: .*TRITON_INTERPRET=1"
-                                              r".*available here: \['aten'\]"):
+    with pytest.raises(
+        PEERConfigError,
+        match=r"implementation='triton' is not available here: .*TRITON_INTERPRET=1"
+        r".*available here: \['aten'\]",
+    ):
         be.apply(cfg, params, state, x, implementation="triton")
     assert torch_peer.choose_implementation(None, "cpu") == "aten"
     module = be.layer(cfg, implementation="triton")
     with pytest.raises(PEERConfigError, match="TRITON_INTERPRET"):
         module(x)
     find_spec = torch_peer.importlib.util.find_spec
-    monkeypatch.setattr(torch_peer.importlib.util, "find_spec", lambda name: None if name == "triton" else find_spec(name))
+    monkeypatch.setattr(
+        torch_peer.importlib.util, "find_spec", lambda name: None if name == "triton" else find_spec(name)
+    )
     with pytest.raises(PEERConfigError, match="triton is not installed"):
         torch_peer.choose_implementation("triton", "cuda")
     assert torch_peer.choose_implementation(None, "cuda") == "aten"
@@ -251,7 +290,9 @@ def test_none_prefers_triton_on_cuda_devices():
 
 def test_layer_keyword(monkeypatch):
     cfg = CONFIGS[1]
-    with pytest.raises(PEERConfigError, match=r"implementation='cuda', but backend 'torch' has \['aten', 'sharded', 'triton'\]"):
+    with pytest.raises(
+        PEERConfigError, match=r"implementation='cuda', but backend 'torch' has \['aten', 'sharded', 'triton'\]"
+    ):
         be.layer(cfg, implementation="cuda")
     module = be.layer(cfg, seed=3, implementation="triton")
     assert module.implementation == "triton" and "implementation='triton'" in repr(module)
@@ -278,7 +319,6 @@ def test_importing_the_backend_does_not_import_triton():
 
     code = "import sys, peer_backends.torch; assert 'triton' not in sys.modules, 'triton imported'"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "TRITON_INTERPRET": "0"})
-
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])

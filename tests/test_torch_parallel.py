@@ -36,8 +36,9 @@ from peer_backends.torch.parallel import (
 
 # d_model 12 and d_out 8 split evenly over 2 and 4 devices; 10 is split unevenly over 4.
 CFG = PEERConfig(d_model=12, n_experts=49, heads=3, topk=4, d_key=6, d_out=8, query_bias=True)
-UNEVEN = PEERConfig(d_model=10, n_experts=36, heads=2, topk=3, d_key=4, shared_keys=False,
-                    activation="silu", score="sigmoid")
+UNEVEN = PEERConfig(
+    d_model=10, n_experts=36, heads=2, topk=3, d_key=4, shared_keys=False, activation="silu", score="sigmoid"
+)
 # GLU experts (SPEC §3.10): experts.gate is sharded like experts.down, its dots reduced with them.
 GLU = dataclasses.replace(CFG, expert_glu=True)
 UNEVEN_GLU = dataclasses.replace(UNEVEN, expert_glu=True)
@@ -53,8 +54,11 @@ class CommSizes(CommDebugMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(getattr(func, "_overloadpacket", func))
-        if DTensor not in types and name.startswith(("_c10d_functional.", "c10d.")) and any(
-                op in name for op in ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all")):
+        if (
+            DTensor not in types
+            and name.startswith(("_c10d_functional.", "c10d."))
+            and any(op in name for op in ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all"))
+        ):
             numel = max((a.numel() for a in args if isinstance(a, torch.Tensor)), default=0)
             self.sizes.append((name, numel))
         return super().__torch_dispatch__(func, types, args, kwargs)
@@ -105,8 +109,10 @@ def _step(module, x, mask, dy, comm=None):
     with comm or contextlib.nullcontext():
         y = module(x, mask=mask)
         (y * dy).sum().backward()
-    grads = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
-             for n, p in module.named_parameters()}
+    grads = {
+        n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
+        for n, p in module.named_parameters()
+    }
     buffers = {n: b.clone() for n, b in module.named_buffers()}
     module.zero_grad(set_to_none=True)
     return y.detach(), buffers, grads, x.grad
@@ -168,21 +174,25 @@ def _shard_output_and_checkpoint(rank, world, path):
     y_ref = reference(x, mask=mask)
     torch.testing.assert_close(y_local, y_ref.tensor_split(world, dim=-1)[rank], **TOL)
     # Gradients through a sharded output (use_local_output=False: a DTensor Shard(-1)).
-    as_dtensor = parallelize_module(copy.deepcopy(reference), mesh,
-                                    ExpertColumnParallel(output_layouts=Shard(-1), use_local_output=False))
+    as_dtensor = parallelize_module(
+        copy.deepcopy(reference), mesh, ExpertColumnParallel(output_layouts=Shard(-1), use_local_output=False)
+    )
     y_dt = as_dtensor(x, mask=mask)
     assert y_dt.placements == (Shard(2),)
 
     # Given routing, and bfloat16 (stored in bfloat16, computed in float32: SPEC §10).
     routing = torch.randint(0, CFG.n_experts, (2, 5, CFG.heads, CFG.topk), generator=torch.Generator().manual_seed(2))
-    torch.testing.assert_close(sharded.eval()(x, routing=routing),  # its local Shard(-1) output
-                               reference.eval()(x, routing=routing).tensor_split(world, dim=-1)[rank], **TOL)
+    torch.testing.assert_close(
+        sharded.eval()(x, routing=routing),  # its local Shard(-1) output
+        reference.eval()(x, routing=routing).tensor_split(world, dim=-1)[rank],
+        **TOL,
+    )
     half = PEER(CFG, seed=5, dtype="bfloat16").train()
     half_sharded = parallelize_module(copy.deepcopy(half), mesh, ExpertColumnParallel()).train()
     got = _step(half_sharded, x.bfloat16(), mask, dy.bfloat16())
     expected = _step(half, x.bfloat16(), mask, dy.bfloat16())
     for a, e in zip(got, expected):
-        for name in (e if isinstance(e, dict) else [None]):
+        for name in e if isinstance(e, dict) else [None]:
             actual, wanted = (a[name], e[name]) if name else (a, e)
             assert actual.dtype == wanted.dtype, name
             torch.testing.assert_close(actual.float(), wanted.float(), rtol=2e-2, atol=2e-2, msg=name)
@@ -199,26 +209,30 @@ def _shard_output_and_checkpoint(rank, world, path):
             got = _step(single_sharded, x.float(), mask, dy.to(low))
             expected = _step(single, x.float(), mask, dy.to(low))
         for a, e in zip(got, expected):
-            for name in (e if isinstance(e, dict) else [None]):
+            for name in e if isinstance(e, dict) else [None]:
                 actual, wanted = (a[name], e[name]) if name else (a, e)
                 assert actual.dtype == wanted.dtype, name
                 torch.testing.assert_close(actual.float(), wanted.float(), rtol=1e-2, atol=1e-2, msg=name)
         assert got[0].dtype == low
         sharded_params, sharded_state = single_sharded.params_and_state()
         whole_params, whole_state = single.params_and_state()
-        y_sharded, _, aux = functional.apply(CFG, sharded_params, sharded_state, x.to(low), mask=mask,
-                                             compute_dtype=low)
-        y_whole, _, aux_whole = functional.apply(CFG, whole_params, whole_state, x.to(low), mask=mask,
-                                                 compute_dtype=low)
+        y_sharded, _, aux = functional.apply(
+            CFG, sharded_params, sharded_state, x.to(low), mask=mask, compute_dtype=low
+        )
+        y_whole, _, aux_whole = functional.apply(
+            CFG, whole_params, whole_state, x.to(low), mask=mask, compute_dtype=low
+        )
         assert isinstance(y_sharded, DTensor) and y_sharded.placements == (Shard(2),)
         with pytest.raises(PEERConfigError, match="the expert tables are sharded DTensors, which run 'sharded'"):
             functional.apply(CFG, sharded_params, sharded_state, x.to(low), compute_dtype=low, implementation="aten")
         torch.testing.assert_close(aux["indices"], aux_whole["indices"], rtol=0, atol=0)
         torch.testing.assert_close(y_sharded.full_tensor().float(), y_whole.float(), rtol=1e-2, atol=1e-2)
-        grads, dx = functional.vjp(CFG, sharded_params, sharded_state, x.to(low), dy.to(low), mask=mask,
-                                   compute_dtype=low)
-        grads_whole, dx_whole = functional.vjp(CFG, whole_params, whole_state, x.to(low), dy.to(low), mask=mask,
-                                               compute_dtype=low)
+        grads, dx = functional.vjp(
+            CFG, sharded_params, sharded_state, x.to(low), dy.to(low), mask=mask, compute_dtype=low
+        )
+        grads_whole, dx_whole = functional.vjp(
+            CFG, whole_params, whole_state, x.to(low), dy.to(low), mask=mask, compute_dtype=low
+        )
         torch.testing.assert_close(dx.float(), dx_whole.float(), rtol=1e-2, atol=1e-2)
         for name, value in grads.items():
             full = value.full_tensor() if isinstance(value, DTensor) else value
@@ -241,8 +255,9 @@ def _shard_output_and_checkpoint(rank, world, path):
         torch.testing.assert_close(value, reference.get_buffer(name), rtol=0, atol=0, msg=name)
     torch.testing.assert_close(fresh(x, mask=mask), reference.eval()(x, mask=mask), **TOL)
     with pytest.raises(PEERInputError, match="expected float64"):
-        load_params_and_state(fresh, {k: v.float() for k, v in loaded_params.items()},
-                              {k: v.float() for k, v in loaded_state.items()})
+        load_params_and_state(
+            fresh, {k: v.float() for k, v in loaded_params.items()}, {k: v.float() for k, v in loaded_state.items()}
+        )
 
     # torch.distributed.checkpoint saves and loads the DTensor state_dict shard by shard.
     import torch.distributed.checkpoint as dcp
@@ -350,8 +365,11 @@ def test_unsharded_params_are_refused():
     with pytest.raises(PEERInputError, match=r"params\['query.kernel'\] is a Parameter, but expected a DTensor"):
         local_inputs(CFG, params, torch.zeros(2, CFG.d_model), None, None)
     # The "sharded" expert stage is chosen by where the tables live: plain tensors cannot run it.
-    with pytest.raises(PEERConfigError, match=r"implementation='sharded' is not available here: the expert "
-                                              r"tables are not DTensors"):
+    with pytest.raises(
+        PEERConfigError,
+        match=r"implementation='sharded' is not available here: the expert "
+        r"tables are not DTensors",
+    ):
         peer_backends.get("torch").apply(CFG, params, state, torch.zeros(2, CFG.d_model), implementation="sharded")
 
 

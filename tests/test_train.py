@@ -15,16 +15,41 @@ from peer_train.cli import main
 from peer_train.config import ConfigError, ModelConfig, TrainConfig
 from peer_train.train import ResumeError, run
 
-TINY = ModelConfig(d_model=32, n_layers=2, n_heads=2, seq=32, ffn_width=64, n_experts=8 ** 2, peer_heads=2,
-                   topk=4, d_key=16)
-TINY_FLAGS = ["--d-model", "32", "--n-layers", "2", "--n-heads", "2", "--seq", "32", "--ffn-width", "64",
-              "--n-experts", "64", "--peer-heads", "2", "--topk", "4", "--d-key", "16", "--batch", "8",
-              "--eval-batches", "2", "--warmup", "2"]
+TINY = ModelConfig(
+    d_model=32, n_layers=2, n_heads=2, seq=32, ffn_width=64, n_experts=8**2, peer_heads=2, topk=4, d_key=16
+)
+TINY_FLAGS = [
+    "--d-model",
+    "32",
+    "--n-layers",
+    "2",
+    "--n-heads",
+    "2",
+    "--seq",
+    "32",
+    "--ffn-width",
+    "64",
+    "--n-experts",
+    "64",
+    "--peer-heads",
+    "2",
+    "--topk",
+    "4",
+    "--d-key",
+    "16",
+    "--batch",
+    "8",
+    "--eval-batches",
+    "2",
+    "--warmup",
+    "2",
+]
 
 
 def _train_cfg(steps=30, **kw):
-    return TrainConfig(**{"steps": steps, "batch": 8, "lr": 3e-3, "warmup": 5, "eval_every": 10, "eval_batches": 2,
-                          **kw})
+    return TrainConfig(
+        **{"steps": steps, "batch": 8, "lr": 3e-3, "warmup": 5, "eval_every": 10, "eval_batches": 2, **kw}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +152,7 @@ def test_loss_falls_and_metrics_are_in_range(corpus, backend):
     assert [e["step"] for e in record["evals"]] == [10, 20, 30]
     assert record["evals"][-1]["val_bpb"] < record["evals"][0]["val_bpb"] < 8.5
     assert record["val_bpb"] == pytest.approx(record["evals"][-1]["val_bpb"])
-    (block, m), = record["routing"].items()
+    ((block, m),) = record["routing"].items()
     assert block == "1"
     assert 0 < m["usage"] <= 1 and 0 <= m["unevenness"] <= math.log(TINY.n_experts)
     assert record["train_flops"] == 30 * 8 * 32 * TINY.train_flops_per_token()
@@ -157,8 +182,15 @@ def test_same_seed_same_losses_and_resume_reproduces_them(corpus, backend, preci
 def test_bfloat16_training_keeps_float32_weights_and_runs_peer_in_its_mixed_mode(corpus, backend, tmp_path):
     if backend == "jax":
         pytest.importorskip("flax")
-    record = run(TINY, _train_cfg(precision="bfloat16"), corpus, backend=backend, out_dir=tmp_path,
-                 checkpoint_every=30, keep_engine=True)
+    record = run(
+        TINY,
+        _train_cfg(precision="bfloat16"),
+        corpus,
+        backend=backend,
+        out_dir=tmp_path,
+        checkpoint_every=30,
+        keep_engine=True,
+    )
     eng, losses = record.pop("engine"), record["losses"]
     assert record["precision"] == record["train"]["precision"] == "bfloat16"
     assert all(math.isfinite(x) for x in losses) and np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5
@@ -186,9 +218,8 @@ def test_bfloat16_training_keeps_float32_weights_and_runs_peer_in_its_mixed_mode
         from flax import nnx
 
         logits, routed = eng.model(jnp.asarray(batch[:, :-1]))
-        (h, y, _, weights), = routed.values()
-        assert (h.dtype, y.dtype, weights.dtype, logits.dtype) == (jnp.float32, jnp.bfloat16, jnp.float32,
-                                                                   jnp.bfloat16)
+        ((h, y, _, weights),) = routed.values()
+        assert (h.dtype, y.dtype, weights.dtype, logits.dtype) == (jnp.float32, jnp.bfloat16, jnp.float32, jnp.bfloat16)
         assert {p.dtype for p in jax.tree.leaves(nnx.state(eng.model, nnx.Param))} == {jnp.dtype("float32")}
         with np.load(tmp_path / "checkpoint.npz") as stored:
             assert {stored[k].dtype for k in stored.files if k.startswith("['model']")} == {np.dtype("float32")}
@@ -232,8 +263,10 @@ def test_peer_blocks_start_from_distinct_tables_drawn_from_the_models_seed(backe
     else:
         from peer_train.torch_model import Transformer
     cfg = dataclasses.replace(TINY, peer_blocks="all")
-    tables = lambda seed: [np.array(layer.params_and_state()[0]["experts.down"].tolist())  # noqa: E731
-                           for layer in _peer_layers(Transformer(cfg, seed))]
+    tables = lambda seed: [
+        np.array(layer.params_and_state()[0]["experts.down"].tolist())  # noqa: E731
+        for layer in _peer_layers(Transformer(cfg, seed))
+    ]
     first, again, other = tables(0), tables(0), tables(1)
     assert len(first) == 2 and not np.array_equal(first[0], first[1])
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
@@ -250,9 +283,16 @@ def _peer_layers(model):
 def test_trained_torch_layer_gives_the_same_outputs_in_jax_and_tensorflow(corpus, monkeypatch):
     pytest.importorskip("flax")
     pytest.importorskip("tensorflow")
-    monkeypatch.setitem(experiments.SIZES, "quick", {**experiments.SIZES["quick"], "transfer_steps": 8,
-                                                     "model": {**TINY.to_dict()}, "train": {"batch": 8,
-                                                     "eval_batches": 2, "warmup": 2}})
+    monkeypatch.setitem(
+        experiments.SIZES,
+        "quick",
+        {
+            **experiments.SIZES["quick"],
+            "transfer_steps": 8,
+            "model": {**TINY.to_dict()},
+            "train": {"batch": 8, "eval_batches": 2, "warmup": 2},
+        },
+    )
     result = experiments.transfer(corpus, "quick")
     assert result["tokens_compared"] == 2 * 8 * 32
     assert 0 < result["torch"]["usage"] <= 1
@@ -265,14 +305,29 @@ def test_trained_torch_layer_gives_the_same_outputs_in_jax_and_tensorflow(corpus
 
 def test_isoflop_and_usage_reports(corpus, monkeypatch, tmp_path):
     pytest.importorskip("matplotlib")
-    tiny = {"model": TINY.to_dict(), "train": {"batch": 4, "eval_batches": 1, "warmup": 1}, "budgets": (2, 4),
-            "seeds": (0, 1), "experts": (4 ** 2, 8 ** 2), "usage_steps": 2, "transfer_steps": 2}
+    tiny = {
+        "model": TINY.to_dict(),
+        "train": {"batch": 4, "eval_batches": 1, "warmup": 1},
+        "budgets": (2, 4),
+        "seeds": (0, 1),
+        "experts": (4**2, 8**2),
+        "usage_steps": 2,
+        "transfer_steps": 2,
+    }
     monkeypatch.setitem(experiments.SIZES, "quick", tiny)
-    env = {"command": "python -m peer_train", "date": "d", "wall_s": 1.0, "threads": 1, "cpu_model": "cpu",
-           "python": "3", "versions": {"torch": "x"}}
+    env = {
+        "command": "python -m peer_train",
+        "date": "d",
+        "wall_s": 1.0,
+        "threads": 1,
+        "cpu_model": "cpu",
+        "python": "3",
+        "versions": {"torch": "x"},
+    }
     iso = experiments.isoflop(corpus, "quick") | {"environment": env, "corpus": corpus.describe()}
     assert [(r["variant"], r["budget_steps"], r["seeds"]) for r in iso["table"]] == [
-        (v, b, 2) for b in (2, 4) for v in experiments.VARIANTS]
+        (v, b, 2) for b in (2, 4) for v in experiments.VARIANTS
+    ]
     rows = {(r["variant"], r["budget_steps"]): r for r in iso["table"]}
     assert rows["dense", 4]["train_flops"] == pytest.approx(rows["peer", 4]["train_flops"], rel=0.01)
     assert rows["dense", 4]["usage_mean"] is None and 0 < rows["peer", 4]["usage_mean"] <= 1
@@ -289,7 +344,11 @@ def test_isoflop_and_usage_reports(corpus, monkeypatch, tmp_path):
     assert iso["precision"] == "float32" and "(quick size, float32 training)" in (tmp_path / "isoflop.md").read_text()
     use = experiments.usage(corpus, "quick") | {"environment": env, "corpus": corpus.describe()}
     assert [(r["n_experts"], r["query_norm"]) for r in use["table"]] == [
-        (16, "batch"), (16, "none"), (64, "batch"), (64, "none")]
+        (16, "batch"),
+        (16, "none"),
+        (64, "batch"),
+        (64, "none"),
+    ]
     assert (tmp_path / "usage.md").name in [p.name for p in report.write(tmp_path, "usage", use)]
     assert (tmp_path / "usage.png").stat().st_size > 0
 
@@ -299,8 +358,24 @@ def test_isoflop_and_usage_reports(corpus, monkeypatch, tmp_path):
 
 def test_cli_trains_and_writes_its_record(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", *TINY_FLAGS, "--steps", "6", "--eval-every", "3", "--out", str(out), "--no-progress",
-                 "--checkpoint-every", "3"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *TINY_FLAGS,
+                "--steps",
+                "6",
+                "--eval-every",
+                "3",
+                "--out",
+                str(out),
+                "--no-progress",
+                "--checkpoint-every",
+                "3",
+            ]
+        )
+        == 0
+    )
     record = json.loads((out / "train.json").read_text())
     assert len(record["losses"]) == 6 and record["corpus"]["sha256"] == data.load().sha256
     assert record["environment"]["python"] and "torch" in record["environment"]["versions"]
@@ -322,22 +397,29 @@ def test_cli_precision_flag_trains_bf16_and_resumes_only_the_same_precision(tmp_
     assert "other settings" in capsys.readouterr().err.replace("\n", "")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["train", "--precision", "fp64"], "--precision 'fp64', but expected one of float32 (fp32), bf16 (bfloat16) "
-                                       "or fp16 (float16)"),
-    (["train", "--precision", "fp16", "--backend", "jax"], "--precision fp16 with --backend jax, but expected "
-                                                           "float32 or bf16: float16 training needs loss scaling"),
-    (["usage", "--precision", "float16", "--backend", "jax"], "--precision float16 with --backend jax"),
-    (["train", "--threads", "0"], "--threads 0, but expected an int >= 1"),
-    (["train", "--seed", "-1"], "--seed -1, but expected an int >= 0"),
-    (["train", "--steps", "0"], "steps=0, but expected an int >= 1"),
-    (["train", "--lr", "nan"], "lr=nan, but expected a finite float"),
-    (["train", "--d-model", "30", "--n-heads", "4"], "d_model=30 with n_heads=4"),
-    (["train", "--topk", "100"], "PEERConfig.topk=100"),
-    (["train", "--n-experts", "1000"], "PEERConfig.n_experts=1000, but expected a perfect square"),
-    (["train", "--data", "/nonexistent/corpus"], "--data '/nonexistent/corpus': no such file or directory"),
-    (["train", "--resume"], "--resume: no checkpoint at"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["train", "--precision", "fp64"],
+            "--precision 'fp64', but expected one of float32 (fp32), bf16 (bfloat16) or fp16 (float16)",
+        ),
+        (
+            ["train", "--precision", "fp16", "--backend", "jax"],
+            "--precision fp16 with --backend jax, but expected float32 or bf16: float16 training needs loss scaling",
+        ),
+        (["usage", "--precision", "float16", "--backend", "jax"], "--precision float16 with --backend jax"),
+        (["train", "--threads", "0"], "--threads 0, but expected an int >= 1"),
+        (["train", "--seed", "-1"], "--seed -1, but expected an int >= 0"),
+        (["train", "--steps", "0"], "steps=0, but expected an int >= 1"),
+        (["train", "--lr", "nan"], "lr=nan, but expected a finite float"),
+        (["train", "--d-model", "30", "--n-heads", "4"], "d_model=30 with n_heads=4"),
+        (["train", "--topk", "100"], "PEERConfig.topk=100"),
+        (["train", "--n-experts", "1000"], "PEERConfig.n_experts=1000, but expected a perfect square"),
+        (["train", "--data", "/nonexistent/corpus"], "--data '/nonexistent/corpus': no such file or directory"),
+        (["train", "--resume"], "--resume: no checkpoint at"),
+    ],
+)
 def test_bad_flags_fail_with_a_clear_message(argv, message, capsys, tmp_path):
     argv = [*argv, "--out", str(tmp_path / "o"), "--no-progress"]
     if argv[0] == "train" and "--resume" in argv:
@@ -346,8 +428,16 @@ def test_bad_flags_fail_with_a_clear_message(argv, message, capsys, tmp_path):
     assert message in capsys.readouterr().err.replace("\n", "")
 
 
-@pytest.mark.parametrize("argv", [["train", "--device", "tpu"], ["train", "--backend", "mxnet"], ["fly"],
-                                  ["train", "--ffn", "moe"], ["train", "--steps", "many"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--device", "tpu"],
+        ["train", "--backend", "mxnet"],
+        ["fly"],
+        ["train", "--ffn", "moe"],
+        ["train", "--steps", "many"],
+    ],
+)
 def test_unknown_choices_are_refused_by_the_parser(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
@@ -383,8 +473,24 @@ def test_data_flag_trains_on_a_users_text_file(tmp_path):
     text = tmp_path / "book.txt"
     text.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(2000)))
     out = tmp_path / "o"
-    assert main(["train", "--data", str(text), *TINY_FLAGS, "--steps", "3", "--eval-every", "3", "--out", str(out),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(text),
+                *TINY_FLAGS,
+                "--steps",
+                "3",
+                "--eval-every",
+                "3",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     record = json.loads((out / "train.json").read_text())
     assert record["corpus"]["name"] == str(text) and record["corpus"]["files"] == 1
 
@@ -393,7 +499,9 @@ def test_importing_the_trainer_imports_no_framework():
     import subprocess
     import sys
 
-    code = ("import sys, peer_train, peer_train.cli, peer_train.experiments, peer_train.report\n"
-            "print(sorted(m for m in ('torch', 'jax', 'tensorflow', 'matplotlib') if m in sys.modules))")
+    code = (
+        "import sys, peer_train, peer_train.cli, peer_train.experiments, peer_train.report\n"
+        "print(sorted(m for m in ('torch', 'jax', 'tensorflow', 'matplotlib') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -23,7 +23,7 @@ def _load(path: Path) -> dict[str, np.ndarray]:
 
 
 def _tree(data: dict, prefix: str) -> dict[str, np.ndarray]:
-    return {key[len(prefix) + 1:]: value for key, value in data.items() if key.startswith(prefix + "/")}
+    return {key[len(prefix) + 1 :]: value for key, value in data.items() if key.startswith(prefix + "/")}
 
 
 def test_vectors_exist():
@@ -80,12 +80,22 @@ def test_vectors_cover_every_option():
         scores = data["aux/scores"]
         note("exact tie in selection", bool(np.any(np.diff(scores, axis=-1) == 0)) if indices.size else False)
     want = {
-        "activation": set(peer_ref.ACTIVATIONS), "score": set(peer_ref.SCORES),
-        "query_norm": set(peer_ref.QUERY_NORMS), "shared_keys": {True, False}, "query_bias": {True, False},
-        "expert_bias": {True, False}, "d_out != d_model": {True, False}, "training": {True, False},
-        "mask": {True, False}, "lead rank": {0, 1, 2}, "zero tokens": {True, False},
-        "dtype": {"float64", "float32"}, "heads > 1": {True, False}, "topk > 1": {True, False},
-        "training with mask": {True}, "exact tie in selection": {True, False},
+        "activation": set(peer_ref.ACTIVATIONS),
+        "score": set(peer_ref.SCORES),
+        "query_norm": set(peer_ref.QUERY_NORMS),
+        "shared_keys": {True, False},
+        "query_bias": {True, False},
+        "expert_bias": {True, False},
+        "d_out != d_model": {True, False},
+        "training": {True, False},
+        "mask": {True, False},
+        "lead rank": {0, 1, 2},
+        "zero tokens": {True, False},
+        "dtype": {"float64", "float32"},
+        "heads > 1": {True, False},
+        "topk > 1": {True, False},
+        "training with mask": {True},
+        "exact tie in selection": {True, False},
     }
     for option, values in want.items():
         missing = values - seen.get(option, set())

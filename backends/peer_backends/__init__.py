@@ -44,11 +44,14 @@ def layer(cfg, backend: str | None = None, **kwargs):
     if backend is None:
         raise PEERConfigError(
             f"backend=None, but expected the framework the layer is for: one of {sorted([*BACKENDS, 'keras'])} "
-            "(e.g. peer_backends.layer(cfg, backend='torch'))")
+            "(e.g. peer_backends.layer(cfg, backend='torch'))"
+        )
     if isinstance(backend, str) and backend.strip().lower() == "keras":
         if importlib.util.find_spec("keras") is None:
-            raise ImportError(f"backend={backend!r} needs the 'keras' package, which is not installed; install it "
-                              f"with: pip install 'peer-layer[{BACKENDS['tensorflow'].extra}]'")
+            raise ImportError(
+                f"backend={backend!r} needs the 'keras' package, which is not installed; install it "
+                f"with: pip install 'peer-layer[{BACKENDS['tensorflow'].extra}]'"
+            )
         from .keras import PEER
 
         return PEER(cfg, **kwargs)

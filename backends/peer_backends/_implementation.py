@@ -22,8 +22,10 @@ def check_known(backend: str, implementation: object, names, usable: list[str] |
     if implementation is None or (isinstance(implementation, str) and implementation in names):
         return
     here = "" if usable is None else f"; available here: {usable}"
-    raise PEERConfigError(f"implementation={implementation!r}, but backend {backend!r} has {sorted(names)} "
-                          f"(or None for the best available{here})")
+    raise PEERConfigError(
+        f"implementation={implementation!r}, but backend {backend!r} has {sorted(names)} "
+        f"(or None for the best available{here})"
+    )
 
 
 def choose(backend: str, implementation: object, options: Mapping[str, str | None], preferred: list[str]) -> str:
@@ -46,5 +48,6 @@ def choose(backend: str, implementation: object, options: Mapping[str, str | Non
     reason = options[implementation]
     if reason is not None:
         raise PEERConfigError(
-            f"implementation={implementation!r} is not available here: {reason}; available here: {usable}")
+            f"implementation={implementation!r} is not available here: {reason}; available here: {usable}"
+        )
     return implementation

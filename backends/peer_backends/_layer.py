@@ -19,7 +19,8 @@ def check_seed(seed) -> int | None:
         return None if seed is None else int(seed)
     raise PEERConfigError(
         f"seed={seed!r}, but expected None (draw from the framework's random state) or an int >= 0 "
-        "(the reference's tables, peer_ref.init(cfg, seed), identical in every framework)")
+        "(the reference's tables, peer_ref.init(cfg, seed), identical in every framework)"
+    )
 
 
 def reference_tables(cfg, seed: int, dtype: str) -> tuple[dict, dict]:
@@ -27,5 +28,3 @@ def reference_tables(cfg, seed: int, dtype: str) -> tuple[dict, dict]:
     the float64 tables for float64, the float32 tables for the others (which the caller rounds
     to the 16-bit dtypes)."""
     return peer_ref.init(cfg, seed=seed, dtype="float64" if dtype == "float64" else "float32")
-
-

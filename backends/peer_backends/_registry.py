@@ -32,8 +32,10 @@ ALIASES = {"np": "numpy", "ref": "numpy", "reference": "numpy", "pytorch": "torc
 
 def _missing(name: str, entry: Entry, package: str) -> ImportError:
     command = f'pip install "peer-layer[{entry.extra}]"'
-    return ImportError(f"backend={name!r} needs the {package!r} package, which is not installed; "
-                       f"install the backend's extra: {command}")
+    return ImportError(
+        f"backend={name!r} needs the {package!r} package, which is not installed; "
+        f"install the backend's extra: {command}"
+    )
 
 
 def canonical(name: str) -> str:

@@ -24,7 +24,13 @@ FORMAT = "peer"
 FORMAT_VERSION = "1"
 # safetensors dtype codes -> the dtype names of SPEC §10
 _NAMES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-_FRAMEWORK_BACKEND = {"torch": "torch", "jax": "jax", "jaxlib": "jax", "tensorflow": "tensorflow", "keras": "tensorflow"}
+_FRAMEWORK_BACKEND = {
+    "torch": "torch",
+    "jax": "jax",
+    "jaxlib": "jax",
+    "tensorflow": "tensorflow",
+    "keras": "tensorflow",
+}
 
 
 def _bfloat16():

@@ -107,14 +107,27 @@ class Role(NamedTuple):
 
 
 ROLES = (
-    Role("expert-stage implementation names, the default first", "peer.IMPLEMENTATIONS", "peer_backends.numpy.peer.IMPLEMENTATIONS"),
-    Role("choose the implementation (peer_backends._implementation.choose)", "peer.choose_implementation",
-         "peer_backends.numpy.peer.choose_implementation"),
-    Role("validate the arguments of apply/vjp (peer_ref.checks.check_arguments)", "peer.validate",
-         "peer_ref.forward_pass.validate"),
+    Role(
+        "expert-stage implementation names, the default first",
+        "peer.IMPLEMENTATIONS",
+        "peer_backends.numpy.peer.IMPLEMENTATIONS",
+    ),
+    Role(
+        "choose the implementation (peer_backends._implementation.choose)",
+        "peer.choose_implementation",
+        "peer_backends.numpy.peer.choose_implementation",
+    ),
+    Role(
+        "validate the arguments of apply/vjp (peer_ref.checks.check_arguments)",
+        "peer.validate",
+        "peer_ref.forward_pass.validate",
+    ),
     Role("a compute_dtype given as a framework dtype, as a name", "peer.compute_dtype_name", None),
-    Role("the forward, routing and expert stage assembled once for every implementation", "peer.forward",
-         "peer_ref.forward_pass.forward"),
+    Role(
+        "the forward, routing and expert stage assembled once for every implementation",
+        "peer.forward",
+        "peer_ref.forward_pass.forward",
+    ),
     Role("drop compiled functions (the contract's clear_caches)", "peer.clear_caches", None),
     Role("the query batch norm (SPEC §3.3)", "query_norm.query_norm", "peer_ref.forward_pass.query_norm"),
     Role("the routing (SPEC §3.4-§3.9, §4)", "routing.route", None),
@@ -123,6 +136,5 @@ ROLES = (
     Role("the framework dtype of a dtype name", "core.native_dtype", None),
     Role("an array's dtype name", "core.dtype_name", "peer_backends.numpy.core.dtype_name"),
     Role("an array's (shape, dtype name) for peer_ref.checks", "core.meta", "peer_ref.forward_pass.meta"),
-    Role("round to the mixed mode's low dtype, straight-through gradient (SPEC §10.3)", "core.round_through",
-         None),
+    Role("round to the mixed mode's low dtype, straight-through gradient (SPEC §10.3)", "core.round_through", None),
 )

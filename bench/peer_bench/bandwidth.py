@@ -11,8 +11,13 @@ COPIES = 7
 
 def _summary(times, nbytes, method) -> dict:
     median = float(np.median(times))
-    return {"bytes_per_s": 2 * nbytes / median, "best_bytes_per_s": 2 * nbytes / min(times),
-            "array_bytes": nbytes, "copies": len(times), "method": method}
+    return {
+        "bytes_per_s": 2 * nbytes / median,
+        "best_bytes_per_s": 2 * nbytes / min(times),
+        "array_bytes": nbytes,
+        "copies": len(times),
+        "method": method,
+    }
 
 
 def numpy_copy_bandwidth(nbytes: int) -> dict:

@@ -13,8 +13,7 @@ from .presets import PRESETS, BenchCase, sweep_values
 
 OUR_BACKENDS = ("numpy", "torch", "jax", "tensorflow")
 ALL_BACKENDS = OUR_BACKENDS + ("peer_pytorch",)
-CASE_FLAGS = {"d_model": int, "n_experts": int, "heads": int, "topk": int, "d_key": int, "tokens": int,
-              "dtype": str}
+CASE_FLAGS = {"d_model": int, "n_experts": int, "heads": int, "topk": int, "d_key": int, "tokens": int, "dtype": str}
 
 
 def _default_threads() -> int:
@@ -26,34 +25,59 @@ def _default_threads() -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m peer_bench", description=__doc__)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                   help="cpu (default, about 5 min on 2 cores), paper (N=1024^2), gpu (training-sized: d_model=1024, "
-                        "N=1024^2, 32768 tokens; for one GPU), smoke (seconds)")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="cpu",
+        help="cpu (default, about 5 min on 2 cores), paper (N=1024^2), gpu (training-sized: d_model=1024, "
+        "N=1024^2, 32768 tokens; for one GPU), smoke (seconds)",
+    )
     for field, kind in CASE_FLAGS.items():
         p.add_argument("--" + field.replace("_", "-"), type=kind, help=f"override the preset's {field}")
-    p.add_argument("--backends", default=",".join(ALL_BACKENDS),
-                   help=f"comma-separated subset of {','.join(ALL_BACKENDS)} (default: all); BACKEND:IMPLEMENTATION "
-                        "forces one implementation of the expert stage, e.g. torch:aten,torch:triton,jax:pallas "
-                        "(a plain name runs the backend's default: implementation=None)")
+    p.add_argument(
+        "--backends",
+        default=",".join(ALL_BACKENDS),
+        help=f"comma-separated subset of {','.join(ALL_BACKENDS)} (default: all); BACKEND:IMPLEMENTATION "
+        "forces one implementation of the expert stage, e.g. torch:aten,torch:triton,jax:pallas "
+        "(a plain name runs the backend's default: implementation=None)",
+    )
     p.add_argument("--repeats", type=int, help="timed calls per measurement (at most; see --budget-s)")
     p.add_argument("--warmup", type=int, help="untimed calls before timing (compilation happens there)")
     p.add_argument("--budget-s", type=float, help="stop timing a measurement early after this many seconds")
-    p.add_argument("--paths", default="eager,compiled",
-                   help="comma-separated subset of eager,compiled (compiled needs the 'jit' capability)")
-    p.add_argument("--sweep", default="reduced", choices=["reduced", "experts", "tokens", "all", "none"],
-                   help="reduced (default: the preset's few points), experts, tokens, all (full sweeps), none")
-    p.add_argument("--glu", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time PEER-GLU (GLU experts, expert_glu=True) on the first of --paths, "
-                        "next to the plain rows; with --devices, also measure it sharded "
-                        "(default: on; --no-glu leaves it out)")
-    p.add_argument("--mixed", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time the mixed mode (float32 parameters, bfloat16 x/y, compute_dtype='bfloat16', "
-                        "SPEC §10.3) on the first of --paths, and PEER-pytorch cast to bfloat16 "
-                        "(default: on; --no-mixed leaves them out)")
+    p.add_argument(
+        "--paths",
+        default="eager,compiled",
+        help="comma-separated subset of eager,compiled (compiled needs the 'jit' capability)",
+    )
+    p.add_argument(
+        "--sweep",
+        default="reduced",
+        choices=["reduced", "experts", "tokens", "all", "none"],
+        help="reduced (default: the preset's few points), experts, tokens, all (full sweeps), none",
+    )
+    p.add_argument(
+        "--glu",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time PEER-GLU (GLU experts, expert_glu=True) on the first of --paths, "
+        "next to the plain rows; with --devices, also measure it sharded "
+        "(default: on; --no-glu leaves it out)",
+    )
+    p.add_argument(
+        "--mixed",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time the mixed mode (float32 parameters, bfloat16 x/y, compute_dtype='bfloat16', "
+        "SPEC §10.3) on the first of --paths, and PEER-pytorch cast to bfloat16 "
+        "(default: on; --no-mixed leaves them out)",
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
-    p.add_argument("--devices", type=int,
-                   help="instead of timing: per-device memory and communicated bytes per token of the expert "
-                        "tables sharded over this many devices (torch and jax of --backends; simulated on cpu)")
+    p.add_argument(
+        "--devices",
+        type=int,
+        help="instead of timing: per-device memory and communicated bytes per token of the expert "
+        "tables sharded over this many devices (torch and jax of --backends; simulated on cpu)",
+    )
     p.add_argument("--threads", type=int, default=_default_threads(), help="threads for every framework")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench/out"), help="output folder (default bench/out)")
@@ -85,8 +109,13 @@ def settings_from_args(args, p):
     for name in backends:
         base, _, implementation = name.partition(":")
         if base not in ALL_BACKENDS or (implementation and base not in OUR_BACKENDS) or name.endswith(":"):
-            _fail(p, "--backends", name, f"names from {','.join(ALL_BACKENDS)}, or BACKEND:IMPLEMENTATION "
-                  "(e.g. torch:triton, jax:pallas) for one implementation of the expert stage")
+            _fail(
+                p,
+                "--backends",
+                name,
+                f"names from {','.join(ALL_BACKENDS)}, or BACKEND:IMPLEMENTATION "
+                "(e.g. torch:triton, jax:pallas) for one implementation of the expert stage",
+            )
     paths = tuple(x.strip() for x in args.paths.split(",") if x.strip())
     if not paths or any(x not in ("eager", "compiled") for x in paths):
         _fail(p, "--paths", args.paths, "a comma-separated subset of eager,compiled")
@@ -102,11 +131,23 @@ def settings_from_args(args, p):
     if args.threads < 1:
         _fail(p, "--threads", args.threads, "an int >= 1")
     axes = _valid_sweep(sweep_values(preset, args.sweep), case)
-    return Settings(preset=args.preset, case=case, timing=timing, device=args.device, threads=args.threads,
-                    backends=backends, paths=paths, sweep=args.sweep, sweep_axes=axes,
-                    sweep_timing=preset.sweep_timing, job_timeout_s=preset.job_timeout_s,
-                    bandwidth_bytes=preset.bandwidth_bytes, seed=args.seed, glu=args.glu,
-                    mixed=args.mixed)
+    return Settings(
+        preset=args.preset,
+        case=case,
+        timing=timing,
+        device=args.device,
+        threads=args.threads,
+        backends=backends,
+        paths=paths,
+        sweep=args.sweep,
+        sweep_axes=axes,
+        sweep_timing=preset.sweep_timing,
+        job_timeout_s=preset.job_timeout_s,
+        bandwidth_bytes=preset.bandwidth_bytes,
+        seed=args.seed,
+        glu=args.glu,
+        mixed=args.mixed,
+    )
 
 
 def _valid_sweep(axes, case: BenchCase):
@@ -128,22 +169,41 @@ def build_report(runner, argv, load_before) -> dict:
     report.add_derived(sweeps, copy_bw, reference_rows=sweeps)
     return {
         "schema": report.SCHEMA,
-        "settings": {"preset": s.preset, "device": s.device, "threads": s.threads, "backends": list(s.backends),
-                     "paths": list(s.paths), "timing": dataclasses.asdict(s.timing),
-                     "sweep_timing": dataclasses.asdict(s.sweep_timing), "sweep": s.sweep,
-                     "sweep_axes": {k: list(v) for k, v in s.sweep_axes.items()}, "seed": s.seed,
-                     "glu": s.glu, "mixed": s.mixed},
+        "settings": {
+            "preset": s.preset,
+            "device": s.device,
+            "threads": s.threads,
+            "backends": list(s.backends),
+            "paths": list(s.paths),
+            "timing": dataclasses.asdict(s.timing),
+            "sweep_timing": dataclasses.asdict(s.sweep_timing),
+            "sweep": s.sweep,
+            "sweep_axes": {k: list(v) for k, v in s.sweep_axes.items()},
+            "seed": s.seed,
+            "glu": s.glu,
+            "mixed": s.mixed,
+        },
         "case": s.case.to_dict(),
         "counts": formulas.case_counts(s.case),
-        "formulas": {"flops": formulas.__doc__, "memory": "see peer_bench.worker.measure and peer_bench.memory",
-                     "expert_bandwidth": "expert_stage_bytes / full-layer forward median time; "
-                                         "expert_stage_bytes = T*h*k*(d_model+d_out)*itemsize + T*(d_model+d_out)*itemsize"
-                                         " (GLU experts: T*h*k*(2*d_model+d_out)*itemsize for the rows)"},
-        "peer_pytorch_mapping": {"arguments": peer_pytorch.mapping(s.case),
-                                 "differences": list(peer_pytorch.DIFFERENCES)},
+        "formulas": {
+            "flops": formulas.__doc__,
+            "memory": "see peer_bench.worker.measure and peer_bench.memory",
+            "expert_bandwidth": "expert_stage_bytes / full-layer forward median time; "
+            "expert_stage_bytes = T*h*k*(d_model+d_out)*itemsize + T*(d_model+d_out)*itemsize"
+            " (GLU experts: T*h*k*(2*d_model+d_out)*itemsize for the rows)",
+        },
+        "peer_pytorch_mapping": {
+            "arguments": peer_pytorch.mapping(s.case),
+            "differences": list(peer_pytorch.DIFFERENCES),
+        },
         "bandwidth": runner.bandwidth,
-        "environment": collect(argv) | {"threads": thread_settings(s.threads), "frameworks": runner.frameworks,
-                                        "load_average_before": load_before, "load_average_after": _load()},
+        "environment": collect(argv)
+        | {
+            "threads": thread_settings(s.threads),
+            "frameworks": runner.frameworks,
+            "load_average_before": load_before,
+            "load_average_after": _load(),
+        },
         "jobs": runner.job_walls,
         "results": runner.rows,
         "sweeps": sweeps,
@@ -192,9 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     if not console.is_terminal:  # logs and pipes: keep table rows on one line
         console = Console(width=200)
     c = settings.case
-    console.print(f"[bold]PEER bench[/] preset={settings.preset} device={settings.device} threads={settings.threads} "
-                  f"d_model={c.d_model} N={c.n_experts} heads={c.heads} topk={c.topk} d_key={c.d_key} "
-                  f"tokens={c.tokens} {c.dtype}")
+    console.print(
+        f"[bold]PEER bench[/] preset={settings.preset} device={settings.device} threads={settings.threads} "
+        f"d_model={c.d_model} N={c.n_experts} heads={c.heads} topk={c.topk} d_key={c.d_key} "
+        f"tokens={c.tokens} {c.dtype}"
+    )
     console.print(f"PEER-pytorch mapped as PEER({peer_pytorch.mapping(c)})")
     columns = (TextColumn("{task.description:<42}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     runner = Runner(settings)
@@ -204,20 +266,27 @@ def main(argv: list[str] | None = None) -> int:
         runner.run()
     result = build_report(runner, argv, load_before)
     bw = result["bandwidth"]
-    title = (f"N={c.n_experts}, {c.tokens} tokens, {c.dtype}, {settings.threads} threads; copy bandwidth "
-             f"{bw.get('bytes_per_s', float('nan')) / 1e9:.1f} GB/s; dense width {result['counts']['dense_width']}")
+    title = (
+        f"N={c.n_experts}, {c.tokens} tokens, {c.dtype}, {settings.threads} threads; copy bandwidth "
+        f"{bw.get('bytes_per_s', float('nan')) / 1e9:.1f} GB/s; dense width {result['counts']['dense_width']}"
+    )
     console.print(report.terminal_table(result["results"], title))
     paths = report.write(result, args.out)
     paths |= plots.write_all(result, args.out)
     for name in ("experts", "tokens"):
         table = report.sweep_table(result["sweeps"], name)
         if table:
-            console.print(f"forward median ms over {name}: " + "; ".join(
-                f"{line[0]}: " + ", ".join(f"{h}={v}" for h, v in zip(table[0][1:], line[1:]))
-                for line in table[1]))
+            console.print(
+                f"forward median ms over {name}: "
+                + "; ".join(
+                    f"{line[0]}: " + ", ".join(f"{h}={v}" for h, v in zip(table[0][1:], line[1:])) for line in table[1]
+                )
+            )
     load = result["environment"]["load_average_after"]
     if load and load[0] > settings.threads:
-        console.print(f"[yellow]note:[/] load average {load[0]} > {settings.threads} threads: other processes "
-                      "shared the cores, so times are inflated and noisy")
+        console.print(
+            f"[yellow]note:[/] load average {load[0]} > {settings.threads} threads: other processes "
+            "shared the cores, so times are inflated and noisy"
+        )
     console.print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

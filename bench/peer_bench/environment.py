@@ -9,8 +9,21 @@ import subprocess
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
-DISTRIBUTIONS = ("numpy", "torch", "jax", "jaxlib", "flax", "tensorflow", "tensorflow-cpu", "keras",
-                 "PEER-pytorch", "einops", "einx", "rich", "matplotlib")
+DISTRIBUTIONS = (
+    "numpy",
+    "torch",
+    "jax",
+    "jaxlib",
+    "flax",
+    "tensorflow",
+    "tensorflow-cpu",
+    "keras",
+    "PEER-pytorch",
+    "einops",
+    "einx",
+    "rich",
+    "matplotlib",
+)
 
 
 def _cpu_model() -> str:
@@ -36,8 +49,13 @@ def _versions() -> dict[str, str]:
 
 def _git_commit() -> str | None:
     try:
-        proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=10, cwd=os.path.dirname(__file__))
+        proc = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=os.path.dirname(__file__),
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return proc.stdout.strip() or None

@@ -30,8 +30,9 @@ from .presets import DTYPE_BYTES, BenchCase
 FLOP_TERMS = ("query", "sub_keys", "candidates", "down", "gate", "up")
 
 
-def peer_flops_per_token(d_model: int, n_experts: int, heads: int, topk: int, d_key: int,
-                         d_out: int | None = None, expert_glu: bool = False) -> dict[str, int]:
+def peer_flops_per_token(
+    d_model: int, n_experts: int, heads: int, topk: int, d_key: int, d_out: int | None = None, expert_glu: bool = False
+) -> dict[str, int]:
     """Forward FLOPs per token, by term (see the module docstring), plus their "total"."""
     d_out = d_model if d_out is None else d_out
     n_keys = math.isqrt(n_experts)
@@ -66,8 +67,9 @@ def dense_flops_per_token(width: int, d_model: int, d_out: int | None = None) ->
     return 2 * width * (d_model + d_out)
 
 
-def expert_stage_bytes(tokens: int, heads: int, topk: int, d_model: int, d_out: int | None,
-                       itemsize: int, expert_glu: bool = False) -> int:
+def expert_stage_bytes(
+    tokens: int, heads: int, topk: int, d_model: int, d_out: int | None, itemsize: int, expert_glu: bool = False
+) -> int:
     """Bytes the expert stage must move if no row is reused from cache: the gathered rows of
     experts.down, experts.gate (GLU experts) and experts.up (tokens*heads*topk of each), plus
     reading x and writing y."""
@@ -78,21 +80,24 @@ def expert_stage_bytes(tokens: int, heads: int, topk: int, d_model: int, d_out: 
 
 def case_counts(case: BenchCase) -> dict[str, int]:
     """Every derived count of a case, for the JSON report."""
-    per_token = peer_flops_per_token(case.d_model, case.n_experts, case.heads, case.topk, case.d_key,
-                                     expert_glu=case.expert_glu)
+    per_token = peer_flops_per_token(
+        case.d_model, case.n_experts, case.heads, case.topk, case.d_key, expert_glu=case.expert_glu
+    )
     width = dense_width(per_token["total"], case.d_model)
     return {
         "peer_flops_per_token": per_token,
         "peer_flops_forward": per_token["total"] * case.tokens,
         "dense_width": width,
         "dense_flops_forward": dense_flops_per_token(width, case.d_model) * case.tokens,
-        "expert_stage_bytes": expert_stage_bytes(case.tokens, case.heads, case.topk, case.d_model,
-                                                  None, DTYPE_BYTES[case.dtype], case.expert_glu),
+        "expert_stage_bytes": expert_stage_bytes(
+            case.tokens, case.heads, case.topk, case.d_model, None, DTYPE_BYTES[case.dtype], case.expert_glu
+        ),
     }
 
 
-def transformer_flops_per_token(d_model: int, n_layers: int, seq: int, vocab: int,
-                                ffn_flops: list[int]) -> dict[str, int]:
+def transformer_flops_per_token(
+    d_model: int, n_layers: int, seq: int, vocab: int, ffn_flops: list[int]
+) -> dict[str, int]:
     """Forward FLOPs per token of a decoder-only transformer, by term, plus their "total".
 
     ``ffn_flops`` holds each block's feed-forward FLOPs per token (``dense_flops_per_token`` or

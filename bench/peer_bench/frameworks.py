@@ -223,8 +223,11 @@ class Tensorflow:
         if device == "gpu" and not gpus:
             raise NoDevice("tensorflow sees no GPU")
         self.device = "/GPU:0" if device == "gpu" else "/CPU:0"
-        return {"version": tf.__version__, "device": self.device,
-                "threads": tf.config.threading.get_intra_op_parallelism_threads()}
+        return {
+            "version": tf.__version__,
+            "device": self.device,
+            "threads": tf.config.threading.get_intra_op_parallelism_threads(),
+        }
 
     def put(self, array):
         with self.tf.device(self.device):

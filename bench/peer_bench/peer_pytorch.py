@@ -12,8 +12,12 @@ from __future__ import annotations
 
 from .presets import BenchCase
 
-DIFFERENCES = ("per-head keys (ours: shared)", "no query batch norm (ours: batch norm)",
-               "no expert bias (ours: bias)", "gathers (b,n,h,k,d) tables (ours: backend-specific)")
+DIFFERENCES = (
+    "per-head keys (ours: shared)",
+    "no query batch norm (ours: batch norm)",
+    "no expert bias (ours: bias)",
+    "gathers (b,n,h,k,d) tables (ours: backend-specific)",
+)
 
 
 def mapping(case: BenchCase) -> dict:

@@ -30,8 +30,10 @@ def bars(rows: list[dict], path: Path) -> Path | None:
         xs = [i + offset for i, n in enumerate(names) if n in by_name]
         picked = [by_name[n] for n in names if n in by_name]
         medians = [r["median_s"] * 1e3 for r in picked]
-        spread = [[(r["median_s"] - r["q1_s"]) * 1e3 for r in picked],
-                  [(r["q3_s"] - r["median_s"]) * 1e3 for r in picked]]
+        spread = [
+            [(r["median_s"] - r["q1_s"]) * 1e3 for r in picked],
+            [(r["q3_s"] - r["median_s"]) * 1e3 for r in picked],
+        ]
         ax.bar(xs, medians, width, yerr=spread, capsize=2, label=MODES[mode])
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
     ax.set_yscale("log")
@@ -71,9 +73,11 @@ def sweep(rows: list[dict], axis: str, path: Path) -> Path | None:
 
 def write_all(report: dict, out: Path) -> dict[str, Path]:
     written = {}
-    for name, make in (("bars", lambda p: bars(report["results"], p)),
-                       ("sweep_experts", lambda p: sweep(report["sweeps"], "experts", p)),
-                       ("sweep_tokens", lambda p: sweep(report["sweeps"], "tokens", p))):
+    for name, make in (
+        ("bars", lambda p: bars(report["results"], p)),
+        ("sweep_experts", lambda p: sweep(report["sweeps"], "experts", p)),
+        ("sweep_tokens", lambda p: sweep(report["sweeps"], "tokens", p)),
+    ):
         path = make(out / f"{name}.png")
         if path is not None:
             written[name] = path

@@ -44,8 +44,11 @@ def add_derived(rows: list[dict], copy_bytes_per_s: float | None, reference_rows
             plain = ok.get((row["impl"], row["backend"], row["path"], row["mode"], plain_key))
             if plain is not None:
                 row["ratio_vs_plain"] = row["median_s"] / plain["median_s"]
-        baseline_key = case_key if not compute else json.dumps(
-            {**row["case"], "dtype": compute, "compute_dtype": None}, sort_keys=True)
+        baseline_key = (
+            case_key
+            if not compute
+            else json.dumps({**row["case"], "dtype": compute, "compute_dtype": None}, sort_keys=True)
+        )
         baseline = ok.get(("peer_pytorch", "torch", "eager", row["mode"], baseline_key))
         if baseline is not None and row["impl"] != "peer_pytorch":
             row["ratio_vs_peer_pytorch"] = row["median_s"] / baseline["median_s"]
@@ -55,8 +58,15 @@ def add_derived(rows: list[dict], copy_bytes_per_s: float | None, reference_rows
             row["ratio_vs_dense"] = row["median_s"] / dense["median_s"]
         if row["mode"] == "forward":
             c = row["case"]
-            moved = expert_stage_bytes(c["tokens"], c["heads"], c["topk"], c["d_model"], None,
-                                       DTYPE_BYTES[c.get("compute_dtype") or c["dtype"]], c.get("expert_glu", False))
+            moved = expert_stage_bytes(
+                c["tokens"],
+                c["heads"],
+                c["topk"],
+                c["d_model"],
+                None,
+                DTYPE_BYTES[c.get("compute_dtype") or c["dtype"]],
+                c.get("expert_glu", False),
+            )
             row["expert_stage_bytes"] = moved
             row["expert_bytes_per_s"] = moved / row["median_s"]
             if copy_bytes_per_s:
@@ -75,17 +85,34 @@ def _cells(row: dict) -> list[str]:
         return head + ["–"] * 9 + [f"{row.get('status')}: {row.get('reason')}"]
     iqr = row["q3_s"] - row["q1_s"]
     return head + [
-        _fmt(row["median_s"], ".4g", 1e3), _fmt(iqr, ".3g", 1e3), _fmt(row["tokens_per_s"], ",.0f"),
+        _fmt(row["median_s"], ".4g", 1e3),
+        _fmt(iqr, ".3g", 1e3),
+        _fmt(row["tokens_per_s"], ",.0f"),
         _fmt(row["gflops_per_s"], ".3g"),
         f"{_fmt(row.get('peak_mem_bytes'), '.0f', 2**-20)} / {_fmt(row.get('peak_mem_steady_bytes'), '.0f', 2**-20)}",
-        _fmt(row.get("ratio_vs_peer_pytorch"), ".3g"), _fmt(row.get("ratio_vs_dense"), ".3g"),
-        _fmt(row.get("ratio_vs_plain"), ".3g"), _fmt(row.get("expert_bandwidth_fraction"), ".1%", 1.0),
+        _fmt(row.get("ratio_vs_peer_pytorch"), ".3g"),
+        _fmt(row.get("ratio_vs_dense"), ".3g"),
+        _fmt(row.get("ratio_vs_plain"), ".3g"),
+        _fmt(row.get("expert_bandwidth_fraction"), ".1%", 1.0),
         f"{row['repeats']} runs, 1st {row['first_call_s']:.2f} s",
     ]
 
 
-COLUMNS = ["implementation", "path", "mode", "median ms", "IQR ms", "tokens/s", "GFLOP/s", "peak MiB all / timed",
-           "t / t(PEER-pytorch)", "t / t(dense)", "t / t(PEER)", "expert BW / copy BW", "note"]
+COLUMNS = [
+    "implementation",
+    "path",
+    "mode",
+    "median ms",
+    "IQR ms",
+    "tokens/s",
+    "GFLOP/s",
+    "peak MiB all / timed",
+    "t / t(PEER-pytorch)",
+    "t / t(dense)",
+    "t / t(PEER)",
+    "expert BW / copy BW",
+    "note",
+]
 
 
 def terminal_table(rows: list[dict], title: str):
@@ -129,6 +156,7 @@ def headline_markdown(report: dict) -> str:
     """The short table the docs open with: each implementation of the plain layer in the run's case
     (float32 PEER per backend and path, PEER-pytorch, the torch dense FFN of equal FLOPs), forward
     and forward+backward median ms, forward+backward peak MiB and time over PEER-pytorch's."""
+
     def plain(row):
         case = row["case"]
         same_dtype = case.get("dtype") == report["case"]["dtype"]
@@ -139,14 +167,19 @@ def headline_markdown(report: dict) -> str:
         if row.get("status") == "ok" and plain(row) and (row["impl"] != "dense" or row["backend"] == "torch"):
             by_key.setdefault((label(row), row["path"]), {})[row["mode"]] = row
     order = {"peer": 0, "peer_pytorch": 1, "dense": 2}
-    lines = ["| implementation | path | fwd ms | fwd+bwd ms | fwd+bwd peak MiB | fwd+bwd time / PEER-pytorch's |",
-             "|---|---|---:|---:|---:|---:|"]
-    for (name, path), modes in sorted(by_key.items(), key=lambda item: (
-            order[next(iter(item[1].values()))["impl"]], item[0])):
+    lines = [
+        "| implementation | path | fwd ms | fwd+bwd ms | fwd+bwd peak MiB | fwd+bwd time / PEER-pytorch's |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for (name, path), modes in sorted(
+        by_key.items(), key=lambda item: (order[next(iter(item[1].values()))["impl"]], item[0])
+    ):
         fwd, both = modes.get("forward", {}), modes.get("forward_backward", {})
-        lines.append(f"| {name} | {path} | {_fmt(fwd.get('median_s'), '.0f', 1e3)} | "
-                     f"{_fmt(both.get('median_s'), '.0f', 1e3)} | {_fmt(both.get('peak_mem_bytes'), '.0f', 2**-20)} | "
-                     f"{_fmt(both.get('ratio_vs_peer_pytorch'), '.2f')} |")
+        lines.append(
+            f"| {name} | {path} | {_fmt(fwd.get('median_s'), '.0f', 1e3)} | "
+            f"{_fmt(both.get('median_s'), '.0f', 1e3)} | {_fmt(both.get('peak_mem_bytes'), '.0f', 2**-20)} | "
+            f"{_fmt(both.get('ratio_vs_peer_pytorch'), '.2f')} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -173,17 +206,20 @@ def summary_markdown(report: dict) -> str:
         "",
     ]
     lines += _markdown_table(COLUMNS, [_cells(r) for r in report["results"]])
-    lines += ["", "Times are medians; IQR = q3 - q1. Ratios are time ratios (below 1 = faster). "
-              "Expert BW = expert-stage bytes / full-layer forward time, over the copy bandwidth. "
-              "Peak MiB = resident-memory high-water mark above the level before the first call, over "
-              "warm-up (compilation) and timed calls / over the timed calls alone. "
-              "PEER-pytorch differs: per-head keys, no batch norm, no expert bias. "
-              "PEER-GLU = the same layer with GLU (GEGLU) experts, expert_glu=True (SPEC §3.10); "
-              "t / t(PEER) is its time over the plain PEER row of the same backend, path and mode. "
-              "PEER mixed-bfloat16 = float32 parameters with bfloat16 x and y, compute_dtype=\"bfloat16\" "
-              "(SPEC §10.3); t / t(PEER) over the float32 row, t / t(PEER-pytorch) over PEER-pytorch "
-              "bfloat16 (its module cast with .to(torch.bfloat16): it has no mixed mode); its expert "
-              "bytes count the rows at 2 bytes, what a kernel reading bfloat16 rows would move."]
+    lines += [
+        "",
+        "Times are medians; IQR = q3 - q1. Ratios are time ratios (below 1 = faster). "
+        "Expert BW = expert-stage bytes / full-layer forward time, over the copy bandwidth. "
+        "Peak MiB = resident-memory high-water mark above the level before the first call, over "
+        "warm-up (compilation) and timed calls / over the timed calls alone. "
+        "PEER-pytorch differs: per-head keys, no batch norm, no expert bias. "
+        "PEER-GLU = the same layer with GLU (GEGLU) experts, expert_glu=True (SPEC §3.10); "
+        "t / t(PEER) is its time over the plain PEER row of the same backend, path and mode. "
+        'PEER mixed-bfloat16 = float32 parameters with bfloat16 x and y, compute_dtype="bfloat16" '
+        "(SPEC §10.3); t / t(PEER) over the float32 row, t / t(PEER-pytorch) over PEER-pytorch "
+        "bfloat16 (its module cast with .to(torch.bfloat16): it has no mixed mode); its expert "
+        "bytes count the rows at 2 bytes, what a kernel reading bfloat16 rows would move.",
+    ]
     for axis in ("experts", "tokens"):
         table = sweep_table(report["sweeps"], axis)
         if table:

@@ -24,8 +24,7 @@ PEER_PYTORCH = "peer_pytorch"
 # The reduced (default) sweep leaves out the NumPy reference: it is the oracle, not a performance
 # target, and its sweep alone would take a tenth of the default run's budget.
 REDUCED_SWEEP_SKIPS = ("numpy",)
-CELLS = (("eager", "forward"), ("eager", "forward_backward"),
-         ("compiled", "forward"), ("compiled", "forward_backward"))
+CELLS = (("eager", "forward"), ("eager", "forward_backward"), ("compiled", "forward"), ("compiled", "forward_backward"))
 
 
 @dataclasses.dataclass
@@ -57,8 +56,9 @@ def child_env(threads: int, device: str) -> dict[str, str]:
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TF_NUM_INTRAOP_THREADS"):
         env[var] = str(threads)
     env["TF_NUM_INTEROP_THREADS"] = "1"
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=true"
-                        f" intra_op_parallelism_threads={threads}").strip()
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={threads}"
+    ).strip()
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -69,23 +69,36 @@ def child_env(threads: int, device: str) -> dict[str, str]:
 def thread_settings(threads: int) -> dict[str, str]:
     """The thread-related variables every worker gets (for the report)."""
     env = child_env(threads, "cpu")
-    keys = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TF_NUM_INTRAOP_THREADS",
-            "TF_NUM_INTEROP_THREADS", "XLA_FLAGS")
-    return {k: env[k] for k in keys} | {"torch.set_num_threads": str(threads),
-                                        "tf.config.threading.set_intra_op_parallelism_threads": str(threads)}
+    keys = (
+        "OMP_NUM_THREADS",
+        "MKL_NUM_THREADS",
+        "OPENBLAS_NUM_THREADS",
+        "TF_NUM_INTRAOP_THREADS",
+        "TF_NUM_INTEROP_THREADS",
+        "XLA_FLAGS",
+    )
+    return {k: env[k] for k in keys} | {
+        "torch.set_num_threads": str(threads),
+        "tf.config.threading.set_intra_op_parallelism_threads": str(threads),
+    }
 
 
 def run_worker(job: dict, settings: Settings) -> dict:
     """Run one job in a fresh process; failures come back as {"error": ...}."""
     cmd = [sys.executable, "-m", "peer_bench.worker", "--json", json.dumps(job)]
     try:
-        proc = subprocess.run(cmd, env=child_env(settings.threads, settings.device), capture_output=True,
-                              text=True, timeout=settings.job_timeout_s)
+        proc = subprocess.run(
+            cmd,
+            env=child_env(settings.threads, settings.device),
+            capture_output=True,
+            text=True,
+            timeout=settings.job_timeout_s,
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"worker timed out after {settings.job_timeout_s:.0f} s"}
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_MARK):
-            return json.loads(line[len(RESULT_MARK):])
+            return json.loads(line[len(RESULT_MARK) :])
     tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
     return {"error": f"worker exited with code {proc.returncode} and no result: {tail}"}
 
@@ -124,16 +137,35 @@ class Runner:
         s = self.settings
         framework = "torch" if impl == PEER_PYTORCH else BACKENDS[backend.partition(":")[0]].framework
         timing = s.sweep_timing if kind == "sweep" else s.timing
-        return {"kind": kind, "impl": impl, "backend": backend, "framework": framework, "path": path,
-                "mode": mode, "cases": [c.to_dict() for c in cases], "device": s.device,
-                "threads": s.threads, "timing": dataclasses.asdict(timing), "seed": s.seed, **extra}
+        return {
+            "kind": kind,
+            "impl": impl,
+            "backend": backend,
+            "framework": framework,
+            "path": path,
+            "mode": mode,
+            "cases": [c.to_dict() for c in cases],
+            "device": s.device,
+            "threads": s.threads,
+            "timing": dataclasses.asdict(timing),
+            "seed": s.seed,
+            **extra,
+        }
 
     def _run(self, job) -> dict:
         started = time.perf_counter()
         result = run_worker(job, self.settings)
         wall = time.perf_counter() - started
-        self.job_walls.append({"kind": job["kind"], "impl": job.get("impl"), "backend": job.get("backend"),
-                               "path": job.get("path"), "mode": job.get("mode"), "wall_s": wall})
+        self.job_walls.append(
+            {
+                "kind": job["kind"],
+                "impl": job.get("impl"),
+                "backend": job.get("backend"),
+                "path": job.get("path"),
+                "mode": job.get("mode"),
+                "wall_s": wall,
+            }
+        )
         for row in result.get("rows", []):
             row["job_wall_s"] = wall
         return result
@@ -147,8 +179,17 @@ class Runner:
             self.progress.update(self.task, advance=1)
 
     def _skip(self, impl, backend, path, mode, reason):
-        self.rows.append({"impl": impl, "backend": backend, "path": path, "mode": mode,
-                          "case": self.settings.case.to_dict(), "status": "skipped", "reason": reason})
+        self.rows.append(
+            {
+                "impl": impl,
+                "backend": backend,
+                "path": path,
+                "mode": mode,
+                "case": self.settings.case.to_dict(),
+                "status": "skipped",
+                "reason": reason,
+            }
+        )
 
     def total_jobs(self) -> int:
         ours = [b for b in self.settings.backends if b != PEER_PYTORCH]
@@ -198,8 +239,17 @@ class Runner:
             self.rows.extend(result["rows"])
             return None
         status = "skipped" if "skipped" in result else "error"
-        self.rows.append({"impl": impl, "backend": name, "path": path, "mode": mode,
-                          "case": (case or self.settings.case).to_dict(), "status": status, "reason": result[status]})
+        self.rows.append(
+            {
+                "impl": impl,
+                "backend": name,
+                "path": path,
+                "mode": mode,
+                "case": (case or self.settings.case).to_dict(),
+                "status": status,
+                "reason": result[status],
+            }
+        )
         return result["skipped"] if result.get("blocks_backend") else None
 
     def _backend_cells(self, name):
@@ -243,8 +293,17 @@ class Runner:
             else:
                 reason = blocked
             if reason is not None:
-                self.rows.append({"impl": "peer", "backend": name, "path": path, "mode": mode,
-                                  "case": case.to_dict(), "status": "skipped", "reason": reason})
+                self.rows.append(
+                    {
+                        "impl": "peer",
+                        "backend": name,
+                        "path": path,
+                        "mode": mode,
+                        "case": case.to_dict(),
+                        "status": "skipped",
+                        "reason": reason,
+                    }
+                )
             else:
                 job = self._job("cell", "peer", name, path, mode, [case])
                 blocked = self._record(name, self._run(job), "peer", path, mode, case)
@@ -257,8 +316,17 @@ class Runner:
         for path, mode in CELLS[:2]:  # PEER-pytorch runs as its users run it: eager
             self._show(f"PEER-pytorch {case.dtype} {path} {mode}")
             if blocked is not None:
-                self.rows.append({"impl": PEER_PYTORCH, "backend": "torch", "path": path, "mode": mode,
-                                  "case": case.to_dict(), "status": "skipped", "reason": blocked})
+                self.rows.append(
+                    {
+                        "impl": PEER_PYTORCH,
+                        "backend": "torch",
+                        "path": path,
+                        "mode": mode,
+                        "case": case.to_dict(),
+                        "status": "skipped",
+                        "reason": blocked,
+                    }
+                )
             else:
                 job = self._job("cell", PEER_PYTORCH, "torch", path, mode, [case])
                 blocked = self._record(PEER_PYTORCH, self._run(job), PEER_PYTORCH, path, mode, case)
@@ -281,12 +349,21 @@ class Runner:
             self._show(f"{name} sweep")
             path = "eager" if impl == PEER_PYTORCH else "default"
             pairs = sweep_cases(self.settings.case, self.settings.sweep_axes)
-            job = self._job("sweep", impl, backend, path, "forward", [c for c, _ in pairs],
-                            axes=[axes for _, axes in pairs])
+            job = self._job(
+                "sweep", impl, backend, path, "forward", [c for c, _ in pairs], axes=[axes for _, axes in pairs]
+            )
             result = self._run(job)
             self.sweep_rows.extend(result.get("rows", []))
             if "rows" not in result:
-                self.sweep_rows.append({"impl": impl, "backend": backend, "path": path, "mode": "forward",
-                                        "status": "error", "axes": [],
-                                        "reason": result.get("skipped") or result.get("error")})
+                self.sweep_rows.append(
+                    {
+                        "impl": impl,
+                        "backend": backend,
+                        "path": path,
+                        "mode": "forward",
+                        "status": "error",
+                        "axes": [],
+                        "reason": result.get("skipped") or result.get("error"),
+                    }
+                )
         self._advance()

@@ -25,8 +25,11 @@ import sys
 
 from .presets import DTYPE_BYTES, BenchCase
 
-RING = {"all_reduce": lambda p: 2 * (p - 1) / p, "all_gather": lambda p: (p - 1) / p,
-        "reduce_scatter": lambda p: (p - 1) / p}
+RING = {
+    "all_reduce": lambda p: 2 * (p - 1) / p,
+    "all_gather": lambda p: (p - 1) / p,
+    "reduce_scatter": lambda p: (p - 1) / p,
+}
 
 
 def model(case: BenchCase, devices: int) -> dict:
@@ -46,12 +49,17 @@ def model(case: BenchCase, devices: int) -> dict:
     g = 2 if case.expert_glu else 1
     hk, d, n = case.heads * case.topk, case.d_model, case.n_experts
     reduce, gather = RING["all_reduce"](devices), RING["all_gather"](devices)
-    return {"devices": devices, "table_bytes": n * (g + 1) * d * b / devices,
-            "replicated_bytes": (d * case.heads * case.d_key + math.isqrt(n) * case.d_key + n
-                                 + 2 * case.heads * case.d_key) * b,
-            "payload_bytes_per_token": {"forward": g * hk * c + d * b, "backward": hk * c + d * c},
-            "wire_bytes_per_token": {"forward": g * hk * c * reduce + d * b * gather,
-                                     "backward": (hk * reduce + d * gather) * c}}
+    return {
+        "devices": devices,
+        "table_bytes": n * (g + 1) * d * b / devices,
+        "replicated_bytes": (d * case.heads * case.d_key + math.isqrt(n) * case.d_key + n + 2 * case.heads * case.d_key)
+        * b,
+        "payload_bytes_per_token": {"forward": g * hk * c + d * b, "backward": hk * c + d * c},
+        "wire_bytes_per_token": {
+            "forward": g * hk * c * reduce + d * b * gather,
+            "backward": (hk * reduce + d * gather) * c,
+        },
+    }
 
 
 def _kind(op: str) -> str | None:
@@ -63,8 +71,14 @@ def _kind(op: str) -> str | None:
 
 def _summarise(collectives, tokens, devices, param_bytes, table_bytes):
     """collectives: (kind, elements, itemsize, phase) for one rank's step."""
-    out = {"devices": devices, "param_bytes_per_device": param_bytes, "table_bytes_per_device": table_bytes,
-           "collectives": [], "payload_bytes_per_token": {}, "wire_bytes_per_token": {}}
+    out = {
+        "devices": devices,
+        "param_bytes_per_device": param_bytes,
+        "table_bytes_per_device": table_bytes,
+        "collectives": [],
+        "payload_bytes_per_token": {},
+        "wire_bytes_per_token": {},
+    }
     for kind, elements, itemsize, phase in collectives:
         payload = elements * itemsize / tokens
         out["collectives"].append({"op": kind, "elements": elements, "phase": phase})
@@ -75,6 +89,7 @@ def _summarise(collectives, tokens, devices, param_bytes, table_bytes):
 
 
 # ---------------------------------------------------------------- torch
+
 
 def _torch_rank(rank, devices, case_dict, device, port, result_path):
     import torch
@@ -99,8 +114,11 @@ def _torch_rank(rank, devices, case_dict, device, port, result_path):
         mesh = init_device_mesh("cuda" if on_gpu else "cpu", (devices,))
         layer = PEER(PEERConfig(**case.config()), dtype=case.dtype, device="cuda" if on_gpu else None).train()
         layer = parallelize_module(layer, mesh, ExpertColumnParallel())
-        x = torch.randn(case.tokens, case.d_model, generator=torch.Generator().manual_seed(0)).to(
-            layer.query.kernel.to_local()).requires_grad_(True)  # inside a network x has a gradient
+        x = (
+            torch.randn(case.tokens, case.d_model, generator=torch.Generator().manual_seed(0))
+            .to(layer.query.kernel.to_local())
+            .requires_grad_(True)
+        )  # inside a network x has a gradient
 
         phases = []
 
@@ -144,8 +162,10 @@ def measure_torch(case: BenchCase, devices: int, device: str, tmp: str) -> dict:
 
 # ---------------------------------------------------------------- jax
 
-_HLO_COLLECTIVE = re.compile(r"=\s*(\(?[^=]*?\)?)\s+(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
-                             r"(-start)?\(")
+_HLO_COLLECTIVE = re.compile(
+    r"=\s*(\(?[^=]*?\)?)\s+(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
+    r"(-start)?\("
+)
 _ITEMSIZE = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "s32": 4, "s64": 8, "u32": 4, "pred": 1}
 
 
@@ -182,10 +202,16 @@ def _jax_child(devices: int, case_dict: dict) -> dict:
     fwd = _hlo_collectives(forward.as_text(), "forward")
     both = _hlo_collectives(step.as_text(), "step")
     device0 = jax.devices()[0]
-    nbytes = {name: sum(s.data.nbytes for s in v.addressable_shards if s.device == device0)
-              for name, v in params.items()}
-    out = _summarise(fwd + both, case.tokens, devices, sum(nbytes.values()),
-                     sum(nbytes[name] for name in parallel.column_tables(cfg)))
+    nbytes = {
+        name: sum(s.data.nbytes for s in v.addressable_shards if s.device == device0) for name, v in params.items()
+    }
+    out = _summarise(
+        fwd + both,
+        case.tokens,
+        devices,
+        sum(nbytes.values()),
+        sum(nbytes[name] for name in parallel.column_tables(cfg)),
+    )
     for key in ("payload_bytes_per_token", "wire_bytes_per_token"):
         out[key]["backward"] = out[key].pop("step", 0) - out[key].get("forward", 0)
     return out
@@ -196,8 +222,10 @@ def measure_jax(case: BenchCase, devices: int, device: str) -> dict:
     if device == "cpu":
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}").strip()
         env["JAX_PLATFORMS"] = "cpu"
-    code = ("import json, sys; from peer_bench.sharded import _jax_child; "
-            f"print(json.dumps(_jax_child({devices}, {case.to_dict()!r})))")
+    code = (
+        "import json, sys; from peer_bench.sharded import _jax_child; "
+        f"print(json.dumps(_jax_child({devices}, {case.to_dict()!r})))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode:
         raise RuntimeError(f"the JAX child failed:\n{proc.stderr[-4000:]}")
@@ -227,8 +255,11 @@ def run(case: BenchCase, devices: int, backends, device: str, out_dir, glu: bool
         results["measured"] = measured(case, tmp)
         if glu and not case.expert_glu:
             glu_case = dataclasses.replace(case, expert_glu=True)
-            results["glu"] = {"case": glu_case.to_dict(), "model": model(glu_case, devices),
-                              "measured": measured(glu_case, tmp)}
+            results["glu"] = {
+                "case": glu_case.to_dict(),
+                "model": model(glu_case, devices),
+                "measured": measured(glu_case, tmp),
+            }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sharded.json").write_text(json.dumps(results, indent=1))
@@ -244,67 +275,90 @@ def rows(results: dict) -> dict[str, dict]:
         if part is None:
             continue
         counts = part["model"]
-        out["model" + suffix] = {"table_bytes_per_device": counts["table_bytes"],
-                                 "param_bytes_per_device": counts["table_bytes"] + counts["replicated_bytes"],
-                                 "payload_bytes_per_token": counts["payload_bytes_per_token"],
-                                 "wire_bytes_per_token": counts["wire_bytes_per_token"]}
+        out["model" + suffix] = {
+            "table_bytes_per_device": counts["table_bytes"],
+            "param_bytes_per_device": counts["table_bytes"] + counts["replicated_bytes"],
+            "payload_bytes_per_token": counts["payload_bytes_per_token"],
+            "wire_bytes_per_token": counts["wire_bytes_per_token"],
+        }
         out.update({name + suffix: r for name, r in part["measured"].items()})
     return out
 
 
 def _cells(r: dict) -> list[float]:
     pay, wire = r["payload_bytes_per_token"], r["wire_bytes_per_token"]
-    return [r["table_bytes_per_device"] / 2**20, r["param_bytes_per_device"] / 2**20, pay.get("forward", 0),
-            pay.get("backward", 0), wire.get("forward", 0), wire.get("backward", 0)]
+    return [
+        r["table_bytes_per_device"] / 2**20,
+        r["param_bytes_per_device"] / 2**20,
+        pay.get("forward", 0),
+        pay.get("backward", 0),
+        wire.get("forward", 0),
+        wire.get("backward", 0),
+    ]
 
 
 def table(results: dict) -> list[str]:
     """Plain-text lines of the report."""
     c, p = results["case"], results["devices"]
     glu = " GLU experts" if c.get("expert_glu") else ""
-    lines = [f"sharded expert tables: P={p} devices ({results['device']}), d_model={c['d_model']} "
-             f"N={c['n_experts']} heads={c['heads']} topk={c['topk']} tokens={c['tokens']} {c['dtype']}{glu}",
-             f"{'':9} {'table MiB/dev':>14} {'params MiB/dev':>15} {'fwd B/token':>12} {'bwd B/token':>12}"
-             f" {'fwd wire B/tok':>15} {'bwd wire B/tok':>15}"]
+    lines = [
+        f"sharded expert tables: P={p} devices ({results['device']}), d_model={c['d_model']} "
+        f"N={c['n_experts']} heads={c['heads']} topk={c['topk']} tokens={c['tokens']} {c['dtype']}{glu}",
+        f"{'':9} {'table MiB/dev':>14} {'params MiB/dev':>15} {'fwd B/token':>12} {'bwd B/token':>12}"
+        f" {'fwd wire B/tok':>15} {'bwd wire B/tok':>15}",
+    ]
     for name, r in rows(results).items():
         table_mib, param_mib, *per_token = _cells(r)
-        lines.append(f"{name:9} {table_mib:>14.3f} {param_mib:>15.3f}" + "".join(
-            f" {v:>{w}.1f}" for v, w in zip(per_token, (12, 12, 15, 15))))
+        lines.append(
+            f"{name:9} {table_mib:>14.3f} {param_mib:>15.3f}"
+            + "".join(f" {v:>{w}.1f}" for v, w in zip(per_token, (12, 12, 15, 15)))
+        )
     return lines
 
 
 def markdown(results: dict) -> str:
     """The report as a Markdown table (the docs' sharding page renders it from sharded.json)."""
     c = results["case"]
-    lines = [f"P = {results['devices']} devices ({results['device']}); d_model {c['d_model']}, "
-             f"N = {c['n_experts']}, heads {c['heads']}, top-{c['topk']}, {c['tokens']} tokens, {c['dtype']}.", "",
-             "| | table MiB/device | params MiB/device | forward B/token | backward B/token "
-             "| forward wire B/token | backward wire B/token |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"P = {results['devices']} devices ({results['device']}); d_model {c['d_model']}, "
+        f"N = {c['n_experts']}, heads {c['heads']}, top-{c['topk']}, {c['tokens']} tokens, {c['dtype']}.",
+        "",
+        "| | table MiB/device | params MiB/device | forward B/token | backward B/token "
+        "| forward wire B/token | backward wire B/token |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, r in rows(results).items():
         label = name.replace("model", "formulas").replace(" GLU", ", GLU experts")
         table_mib, param_mib, *per_token = _cells(r)
-        lines.append(f"| {label} | {table_mib:.3f} | {param_mib:.3f} | " + " | ".join(f"{v:.0f}" for v in per_token)
-                     + " |")
+        lines.append(
+            f"| {label} | {table_mib:.3f} | {param_mib:.3f} | " + " | ".join(f"{v:.0f}" for v in per_token) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def scaling_markdown(case: Case, devices: tuple[int, ...]) -> str:
     """``model`` for ``case`` at each device count, single-neuron and GLU experts, as a Markdown table."""
+
     def size(n: float) -> str:
         for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
             if n >= scale:
                 return f"{n / scale:.3g} {unit}"
         return f"{n:.0f} B"
 
-    lines = ["| P | experts | tables / device | replicated / device | forward payload / token "
-             "| backward payload / token | forward wire / token | backward wire / token |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| P | experts | tables / device | replicated / device | forward payload / token "
+        "| backward payload / token | forward wire / token | backward wire / token |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for glu in (False, True):
         for p in devices:
             m = model(dataclasses.replace(case, expert_glu=glu), p)
-            per_token = ([m["payload_bytes_per_token"][k] for k in ("forward", "backward")]
-                         + [m["wire_bytes_per_token"][k] for k in ("forward", "backward")])
+            per_token = [m["payload_bytes_per_token"][k] for k in ("forward", "backward")] + [
+                m["wire_bytes_per_token"][k] for k in ("forward", "backward")
+            ]
             cells = ["—"] * 4 if p == 1 else [f"{v:,.0f} B" for v in per_token]
-            lines.append(f"| {p} | {'GLU' if glu else 'single-neuron'} | {size(m['table_bytes'])} | "
-                         f"{size(m['replicated_bytes'])} | " + " | ".join(cells) + " |")
+            lines.append(
+                f"| {p} | {'GLU' if glu else 'single-neuron'} | {size(m['table_bytes'])} | "
+                f"{size(m['replicated_bytes'])} | " + " | ".join(cells) + " |"
+            )
     return "\n".join(lines) + "\n"

@@ -52,8 +52,14 @@ def measure(call, fw, mode, timing: Timing, meter) -> dict:
         timed_peak = meter.peak()
     q1, median, q3 = np.percentile(times, [25, 50, 75])
     return {
-        "times_s": times, "median_s": float(median), "q1_s": float(q1), "q3_s": float(q3),
-        "min_s": min(times), "max_s": max(times), "repeats": len(times), "first_call_s": first_call_s,
+        "times_s": times,
+        "median_s": float(median),
+        "q1_s": float(q1),
+        "q3_s": float(q3),
+        "min_s": min(times),
+        "max_s": max(times),
+        "repeats": len(times),
+        "first_call_s": first_call_s,
         "peak_mem_bytes": max(warm_peak, timed_peak) - base,
         # Below zero means the timed calls stayed under the pre-call level (warm-up freed memory).
         "peak_mem_steady_bytes": max(0, timed_peak - base) if meter.resets else None,
@@ -81,11 +87,16 @@ def _dense_params(case: BenchCase, seed: int) -> dict:
     width = dense_width(peer_flops_per_token(**case.config())["total"], case.d_model)
     rng = np.random.default_rng(seed + 1)
     dtype = _numpy_dtype(case.dtype)
+
     def draw(shape, fan_in):
         return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(dtype)
 
-    return {"w1": draw((case.d_model, width), case.d_model), "b1": np.zeros(width, dtype),
-            "w2": draw((width, case.d_model), width), "b2": np.zeros(case.d_model, dtype)}
+    return {
+        "w1": draw((case.d_model, width), case.d_model),
+        "b1": np.zeros(width, dtype),
+        "w2": draw((width, case.d_model), width),
+        "b2": np.zeros(case.d_model, dtype),
+    }
 
 
 def _peer_call(job, case, fw, backend, x, dy, mode):
@@ -109,8 +120,14 @@ def _peer_call(job, case, fw, backend, x, dy, mode):
 
 
 def _row(job, case, impl, mode, **fields) -> dict:
-    return {"impl": impl, "backend": job["backend"], "path": job["path"], "mode": mode,
-            "case": case.to_dict(), **fields}
+    return {
+        "impl": impl,
+        "backend": job["backend"],
+        "path": job["path"],
+        "mode": mode,
+        "case": case.to_dict(),
+        **fields,
+    }
 
 
 def _timed_row(job, case, impl, mode, build, fw, meter) -> dict:
@@ -123,12 +140,16 @@ def _timed_row(job, case, impl, mode, build, fw, meter) -> dict:
         stats = measure(call, fw, mode, timing, meter)
     except Exception as err:  # a backend bug must not stop the other measurements
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        return _row(job, case, impl, mode, status="error", reason=reason,
-                    traceback=traceback.format_exc(limit=6))
+        return _row(job, case, impl, mode, status="error", reason=reason, traceback=traceback.format_exc(limit=6))
     counts = case_counts(case)
     flops = counts["dense_flops_forward" if impl == "dense" else "peer_flops_forward"] * mode_factor(mode)
-    fields = {"status": "ok", **stats, "flops": flops,
-              "tokens_per_s": case.tokens / stats["median_s"], "gflops_per_s": flops / stats["median_s"] / 1e9}
+    fields = {
+        "status": "ok",
+        **stats,
+        "flops": flops,
+        "tokens_per_s": case.tokens / stats["median_s"],
+        "gflops_per_s": flops / stats["median_s"] / 1e9,
+    }
     if impl == "dense":
         fields["dense_width"] = counts["dense_width"]
     return _row(job, case, impl, mode, **fields)
@@ -137,13 +158,17 @@ def _timed_row(job, case, impl, mode, build, fw, meter) -> dict:
 def run_cell(job, fw, backend, meter) -> list[dict]:
     case = BenchCase.from_dict(job["cases"][0])
     mode = job["mode"]
-    rows = [_timed_row(job, case, job["impl"], mode,
-                       lambda x, dy: _peer_call(job, case, fw, backend, x, dy, mode), fw, meter)]
+    rows = [
+        _timed_row(
+            job, case, job["impl"], mode, lambda x, dy: _peer_call(job, case, fw, backend, x, dy, mode), fw, meter
+        )
+    ]
     if job.get("dense"):
         params = fw.to_device({k: fw.put(v) for k, v in _dense_params(case, job["seed"]).items()})
         compiled = job["path"] == "compiled"
-        rows.append(_timed_row(job, case, "dense", mode,
-                               lambda x, dy: fw.dense(params, x, dy, mode, compiled), fw, meter))
+        rows.append(
+            _timed_row(job, case, "dense", mode, lambda x, dy: fw.dense(params, x, dy, mode, compiled), fw, meter)
+        )
     return rows
 
 
@@ -151,8 +176,15 @@ def run_sweep(job, fw, backend, meter) -> list[dict]:
     rows = []
     for case_dict, axes in zip(job["cases"], job["axes"]):
         case = BenchCase.from_dict(case_dict)
-        row = _timed_row(job, case, job["impl"], "forward",
-                         lambda x, dy, case=case: _peer_call(job, case, fw, backend, x, dy, "forward"), fw, meter)
+        row = _timed_row(
+            job,
+            case,
+            job["impl"],
+            "forward",
+            lambda x, dy, case=case: _peer_call(job, case, fw, backend, x, dy, "forward"),
+            fw,
+            meter,
+        )
         rows.append({**row, "axes": axes})
         gc.collect()
     return rows

@@ -15,8 +15,8 @@ import peer_ref
 from peer_ref import TOLERANCES
 from peer_ref.checks import state_dtype
 
-
 # --- conversion ---------------------------------------------------------------------------
+
 
 def np_dtype(name: str) -> np.dtype:
     if name == "bfloat16":
@@ -77,10 +77,13 @@ def with_implementation(backend, implementation: str):
 
     offered = getattr(backend, "implementations", ())
     if implementation not in offered:
-        pytest.fail(f"--peer-implementation {implementation!r}, but backend {backend.name!r} offers "
-                    f"{list(offered)}", pytrace=False)
-    wrapped = types.SimpleNamespace(**{name: getattr(backend, name) for name in dir(backend)
-                                       if not name.startswith("__")})
+        pytest.fail(
+            f"--peer-implementation {implementation!r}, but backend {backend.name!r} offers {list(offered)}",
+            pytrace=False,
+        )
+    wrapped = types.SimpleNamespace(
+        **{name: getattr(backend, name) for name in dir(backend) if not name.startswith("__")}
+    )
     wrapped.apply = functools.partial(backend.apply, implementation=implementation)
     wrapped.vjp = functools.partial(backend.vjp, implementation=implementation)
     wrapped.implementation = implementation
@@ -110,12 +113,14 @@ def run_backend(backend, case, dtype: str, *, routing=None, jit=None, dy=None, c
     route = None if routing is None else backend.from_numpy(np.asarray(routing))
     extra = {} if compute_dtype is None else {"compute_dtype": compute_dtype}
     if dy is None:
-        out = backend.apply(case.cfg, params, state, x, training=case.training, mask=mask, routing=route, jit=jit,
-                            **extra)
+        out = backend.apply(
+            case.cfg, params, state, x, training=case.training, mask=mask, routing=route, jit=jit, **extra
+        )
     else:
         d = backend.from_numpy(dy.astype(np_dtype(compute_dtype or dtype)))
-        out = backend.vjp(case.cfg, params, state, x, d, training=case.training, mask=mask, routing=route, jit=jit,
-                          **extra)
+        out = backend.vjp(
+            case.cfg, params, state, x, d, training=case.training, mask=mask, routing=route, jit=jit, **extra
+        )
     return backend.to_numpy(out)
 
 
@@ -126,8 +131,11 @@ def reference_inputs(case, dtype: str, compute_dtype: str | None = None):
     prescribes: params stay float32 and x is rounded to the compute dtype, both as the backend got them.
     """
     if compute_dtype is not None:
-        return (cast_tree(case.params, dtype), cast_tree(case.state, state_dtype(dtype)),
-                case.x.astype(np_dtype(compute_dtype)))
+        return (
+            cast_tree(case.params, dtype),
+            cast_tree(case.state, state_dtype(dtype)),
+            case.x.astype(np_dtype(compute_dtype)),
+        )
     params = as_f64(cast_tree(case.params, dtype))
     state = as_f64(cast_tree(case.state, state_dtype(dtype)))
     x = as_f64(case.x.astype(np_dtype(dtype)))
@@ -138,10 +146,20 @@ def run_reference(case, dtype: str, *, routing=None, dy=None, compute_dtype=None
     params, state, x = reference_inputs(case, dtype, compute_dtype)
     if compute_dtype is not None:
         if dy is None:
-            return peer_ref.forward(case.cfg, params, state, x, case.training, case.mask, routing,
-                                    compute_dtype=compute_dtype)
-        return peer_ref.vjp(case.cfg, params, state, x, dy.astype(np_dtype(compute_dtype)), case.training, case.mask,
-                            routing, compute_dtype=compute_dtype)
+            return peer_ref.forward(
+                case.cfg, params, state, x, case.training, case.mask, routing, compute_dtype=compute_dtype
+            )
+        return peer_ref.vjp(
+            case.cfg,
+            params,
+            state,
+            x,
+            dy.astype(np_dtype(compute_dtype)),
+            case.training,
+            case.mask,
+            routing,
+            compute_dtype=compute_dtype,
+        )
     if dy is None:
         return peer_ref.forward(case.cfg, params, state, x, case.training, case.mask, routing)
     dy64 = as_f64(dy.astype(np_dtype(dtype)))
@@ -149,6 +167,7 @@ def run_reference(case, dtype: str, *, routing=None, dy=None, compute_dtype=None
 
 
 # --- assertions ---------------------------------------------------------------------------
+
 
 def _ctx(context: str) -> str:
     return f" [{context}]" if context else ""
@@ -171,7 +190,8 @@ def assert_close(actual, expected, *, rtol: float, atol: float, what: str, conte
     if not np.array_equal(nan_a, nan_e):
         pytest.fail(
             f"{what} has NaN at {np.argwhere(nan_a != nan_e)[:5].tolist()} where the reference "
-            f"{'does not' if nan_a.any() else 'does'}{_ctx(context)}", pytrace=False,
+            f"{'does not' if nan_a.any() else 'does'}{_ctx(context)}",
+            pytrace=False,
         )
     a, e = np.where(nan_a, 0.0, a), np.where(nan_e, 0.0, e)
     # An infinity matches only itself (same sign): no tolerance reaches it, and inf - inf is NaN.
@@ -208,8 +228,9 @@ def assert_tree_close(actual: dict, expected: dict, *, rtol, atol, what: str, co
         assert_close(actual[name], expected[name], rtol=rtol, atol=atol, what=f"{what}[{name!r}]", context=context)
 
 
-def assert_valid_routing(case, dtype: str, indices: np.ndarray, context: str = "",
-                         compute_dtype: str | None = None) -> None:
+def assert_valid_routing(
+    case, dtype: str, indices: np.ndarray, context: str = "", compute_dtype: str | None = None
+) -> None:
     """Near-tie-aware routing check against the reference's float64 scores (SPEC §4.3).
 
     (a) the backend's experts are distinct and a valid top-k within the routing tolerance,
@@ -226,8 +247,10 @@ def assert_valid_routing(case, dtype: str, indices: np.ndarray, context: str = "
     table = table.reshape(-1, cfg.n_experts)
     got = np.asarray(indices).astype(np.int64).reshape(-1, cfg.topk)
     if np.asarray(indices).shape != lead + (cfg.topk,):
-        pytest.fail(f"aux['indices'].shape={np.shape(indices)}, but should be {lead + (cfg.topk,)}{_ctx(context)}",
-                    pytrace=False)
+        pytest.fail(
+            f"aux['indices'].shape={np.shape(indices)}, but should be {lead + (cfg.topk,)}{_ctx(context)}",
+            pytrace=False,
+        )
     if got.size and (got.min() < 0 or got.max() >= cfg.n_experts):
         pytest.fail(f"aux['indices'] has values outside [0, {cfg.n_experts}){_ctx(context)}", pytrace=False)
     tol = tolerance(dtype, compute_dtype).route * _scale(table)
@@ -241,21 +264,28 @@ def assert_valid_routing(case, dtype: str, indices: np.ndarray, context: str = "
         if np.any(np.sort(chosen[row])[::-1] < best[row, : cfg.topk] - tol):
             pytest.fail(
                 f"aux['indices'][{where}]={got[row].tolist()} with reference scores {chosen[row].tolist()}, "
-                f"but should be a top-{cfg.topk} within {tol:.3g} of {expected[row, :cfg.topk].tolist()} "
-                f"(scores {best[row, :cfg.topk].tolist()}){_ctx(context)}", pytrace=False,
+                f"but should be a top-{cfg.topk} within {tol:.3g} of {expected[row, : cfg.topk].tolist()} "
+                f"(scores {best[row, : cfg.topk].tolist()}){_ctx(context)}",
+                pytrace=False,
             )
         if np.any(np.diff(chosen[row]) > tol):
             pytest.fail(
                 f"aux['indices'][{where}]={got[row].tolist()} has reference scores {chosen[row].tolist()}, "
-                f"but should be in descending score order{_ctx(context)}", pytrace=False,
+                f"but should be in descending score order{_ctx(context)}",
+                pytrace=False,
             )
         ranked = best[row, : cfg.topk + 1]
         if np.all(-np.diff(ranked) > tol):
-            assert_equal(got[row], expected[row, : cfg.topk], what=f"aux['indices'][{where}]",
-                         context=f"reference ranking separated by > {tol:.3g}; {context}")
+            assert_equal(
+                got[row],
+                expected[row, : cfg.topk],
+                what=f"aux['indices'][{where}]",
+                context=f"reference ranking separated by > {tol:.3g}; {context}",
+            )
 
 
 # --- whole-call checks used by several modules ---------------------------------------------
+
 
 def check_forward(backend, case, dtype: str, *, jit=None, compute_dtype=None) -> None:
     """Forward of the backend equals the reference run with the backend's own routing (SPEC §3, §4.3)."""

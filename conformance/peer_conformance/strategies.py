@@ -51,16 +51,61 @@ _OPTIONS = {
 
 POOL = [
     PEERConfig(d_model=8, n_experts=16, heads=2, topk=3, d_key=4),  # every default
-    PEERConfig(d_model=5, n_experts=25, heads=3, topk=2, d_key=6, d_out=4, shared_keys=False, query_bias=True,
-               activation="silu", score="sigmoid", expert_bias=False, bn_momentum=0.5, bn_eps=1e-3, expert_glu=True),
-    PEERConfig(d_model=6, n_experts=9, heads=1, topk=3, d_key=2, query_norm="none", activation="relu", score="none",
-               expert_glu=True),
-    PEERConfig(d_model=3, n_experts=36, heads=2, topk=1, d_key=8, d_out=7, activation="gelu_tanh",
-               bn_momentum=1.0, bn_eps=0.1),
-    PEERConfig(d_model=7, n_experts=1, heads=2, topk=1, d_key=2, shared_keys=False, query_norm="none",
-               query_bias=True, activation="identity", score="softmax"),
-    PEERConfig(d_model=4, n_experts=16, heads=3, topk=4, d_key=4, d_out=2, shared_keys=False, activation="gelu",
-               score="none", bn_momentum=0.0, expert_bias=False),
+    PEERConfig(
+        d_model=5,
+        n_experts=25,
+        heads=3,
+        topk=2,
+        d_key=6,
+        d_out=4,
+        shared_keys=False,
+        query_bias=True,
+        activation="silu",
+        score="sigmoid",
+        expert_bias=False,
+        bn_momentum=0.5,
+        bn_eps=1e-3,
+        expert_glu=True,
+    ),
+    PEERConfig(
+        d_model=6,
+        n_experts=9,
+        heads=1,
+        topk=3,
+        d_key=2,
+        query_norm="none",
+        activation="relu",
+        score="none",
+        expert_glu=True,
+    ),
+    PEERConfig(
+        d_model=3, n_experts=36, heads=2, topk=1, d_key=8, d_out=7, activation="gelu_tanh", bn_momentum=1.0, bn_eps=0.1
+    ),
+    PEERConfig(
+        d_model=7,
+        n_experts=1,
+        heads=2,
+        topk=1,
+        d_key=2,
+        shared_keys=False,
+        query_norm="none",
+        query_bias=True,
+        activation="identity",
+        score="softmax",
+    ),
+    PEERConfig(
+        d_model=4,
+        n_experts=16,
+        heads=3,
+        topk=4,
+        d_key=4,
+        d_out=2,
+        shared_keys=False,
+        activation="gelu",
+        score="none",
+        bn_momentum=0.0,
+        expert_bias=False,
+    ),
 ]
 POOL_LEADS = [(2, 3)]
 
@@ -169,8 +214,13 @@ def tied_cases(draw, training=False) -> Case:
 def _tied_configs(draw) -> PEERConfig:
     keys = draw(st.integers(2, 5))
     return PEERConfig(
-        d_model=draw(st.integers(2, 6)), n_experts=keys * keys, heads=draw(heads), topk=draw(st.integers(1, keys)),
-        d_key=draw(d_key), shared_keys=draw(st.booleans()), query_norm="none",
+        d_model=draw(st.integers(2, 6)),
+        n_experts=keys * keys,
+        heads=draw(heads),
+        topk=draw(st.integers(1, keys)),
+        d_key=draw(d_key),
+        shared_keys=draw(st.booleans()),
+        query_norm="none",
     )
 
 

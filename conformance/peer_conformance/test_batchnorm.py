@@ -29,8 +29,12 @@ def test_training_updates_running_statistics(backend, case):
 def test_evaluation_leaves_state_unchanged(backend, case):
     _, state, _ = run_backend(backend, case, _dtype(backend))
     for name, value in case.state.items():
-        assert_equal(np.asarray(state[name]).astype(np.float64), value.astype(_dtype(backend)).astype(np.float64),
-                     what=f"new_state[{name!r}]", context=f"evaluation, {case.describe()}")
+        assert_equal(
+            np.asarray(state[name]).astype(np.float64),
+            value.astype(_dtype(backend)).astype(np.float64),
+            what=f"new_state[{name!r}]",
+            context=f"evaluation, {case.describe()}",
+        )
 
 
 @SECONDARY
@@ -62,8 +66,12 @@ def test_training_on_zero_tokens_leaves_state_unchanged(backend, case):
     y, state, _ = run_backend(backend, case, _dtype(backend))
     assert np.shape(y) == (0, case.cfg.d_out)
     for name, value in case.state.items():
-        assert_equal(np.asarray(state[name]).astype(np.float64), value.astype(_dtype(backend)).astype(np.float64),
-                     what=f"new_state[{name!r}]", context="zero tokens")
+        assert_equal(
+            np.asarray(state[name]).astype(np.float64),
+            value.astype(_dtype(backend)).astype(np.float64),
+            what=f"new_state[{name!r}]",
+            context="zero tokens",
+        )
 
 
 @SECONDARY
@@ -73,8 +81,12 @@ def test_training_with_every_token_masked_leaves_state_unchanged(backend, case):
     y, state, _ = run_backend(backend, case, _dtype(backend))
     assert_equal(np.asarray(y).astype(np.float64), np.zeros((5, case.cfg.d_out)), what="y", context="all masked")
     for name, value in case.state.items():
-        assert_equal(np.asarray(state[name]).astype(np.float64), value.astype(_dtype(backend)).astype(np.float64),
-                     what=f"new_state[{name!r}]", context="all masked")
+        assert_equal(
+            np.asarray(state[name]).astype(np.float64),
+            value.astype(_dtype(backend)).astype(np.float64),
+            what=f"new_state[{name!r}]",
+            context="all masked",
+        )
 
 
 @SECONDARY

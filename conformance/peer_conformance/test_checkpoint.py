@@ -31,7 +31,9 @@ def test_round_trip_to_every_installed_backend(backend, target, dtype, tmp_path)
     assert set(after) == set(before)
     for name in before:
         a, b = np.asarray(before[name]), np.asarray(after[name])
-        assert a.dtype == b.dtype and a.shape == b.shape, f"{name}: {b.dtype}{b.shape}, but should be {a.dtype}{a.shape}"
+        assert a.dtype == b.dtype and a.shape == b.shape, (
+            f"{name}: {b.dtype}{b.shape}, but should be {a.dtype}{a.shape}"
+        )
         assert a.tobytes() == b.tobytes(), f"{name} changed in the round trip {backend.name} -> {target}"
     # And back again, through the target's arrays.
     peer_backends.save(path, cfg, params2, state2)

@@ -73,6 +73,7 @@ def test_compute_dtype_equal_to_params_is_the_default(backend, dtype, case):
     needs(backend, "mixed")
     default = run_backend(backend, case, dtype)
     same = run_backend(backend, case, dtype, compute_dtype=dtype)
-    assert np.array_equal(np.asarray(default[0]), np.asarray(same[0]), equal_nan=True), \
+    assert np.array_equal(np.asarray(default[0]), np.asarray(same[0]), equal_nan=True), (
         f"y with compute_dtype={dtype!r} differs from y without it"
+    )
     assert np.array_equal(default[2]["indices"], same[2]["indices"]), "aux['indices'] differ"

@@ -18,8 +18,14 @@ def _valid(cfg=CFG):
     _, state = peer_ref.init(cfg, seed=0, dtype="float32")
     rng = np.random.default_rng(0)
     return {
-        "cfg": cfg, "params": params, "state": state, "x": rng.standard_normal((2, 3, 6)).astype(np.float32),
-        "training": True, "mask": None, "routing": None, "dy": rng.standard_normal((2, 3, 6)).astype(np.float32),
+        "cfg": cfg,
+        "params": params,
+        "state": state,
+        "x": rng.standard_normal((2, 3, 6)).astype(np.float32),
+        "training": True,
+        "mask": None,
+        "routing": None,
+        "dy": rng.standard_normal((2, 3, 6)).astype(np.float32),
     }
 
 
@@ -50,7 +56,10 @@ SCENARIOS = {
     "params_missing_name": lambda a: {**a, "params": _drop(a["params"], "experts.up")},
     "params_extra_name": lambda a: {**a, "params": {**a["params"], "experts.gate": a["params"]["experts.up"]}},
     "params_wrong_shape": lambda a: {**a, "params": {**a["params"], "experts.down": np.zeros((9, 7), np.float32)}},
-    "params_mixed_dtypes": lambda a: {**a, "params": {**a["params"], "keys.left": a["params"]["keys.left"].astype(np.float64)}},
+    "params_mixed_dtypes": lambda a: {
+        **a,
+        "params": {**a["params"], "keys.left": a["params"]["keys.left"].astype(np.float64)},
+    },
     "glu_gate_missing": _glu(lambda a: {**a, "params": _drop(a["params"], "experts.gate")}),
     "glu_gate_wrong_shape": _glu(lambda a: _with_gate(a, np.zeros((9, 5), np.float32))),
     "glu_gate_wrong_dtype": _glu(lambda a: _with_gate(a, a["params"]["experts.gate"].astype(np.float64))),
@@ -62,13 +71,25 @@ SCENARIOS = {
     "compute_dtype_not_a_name": lambda a: {**a, "compute_dtype": 16},
     "compute_dtype_float64_with_float32_params": lambda a: {**a, "compute_dtype": "float64"},
     "compute_dtype_float16_with_float64_params": lambda a: {
-        **a, "compute_dtype": "float16", "params": _cast(a["params"], "float64"), "state": _cast(a["state"], "float64"),
-        "x": a["x"].astype(np.float16), "dy": a["dy"].astype(np.float16)},
+        **a,
+        "compute_dtype": "float16",
+        "params": _cast(a["params"], "float64"),
+        "state": _cast(a["state"], "float64"),
+        "x": a["x"].astype(np.float16),
+        "dy": a["dy"].astype(np.float16),
+    },
     "compute_dtype_float32_with_bfloat16_params": lambda a: {
-        **a, "compute_dtype": "float32", "params": _cast(a["params"], "bfloat16")},
+        **a,
+        "compute_dtype": "float32",
+        "params": _cast(a["params"], "bfloat16"),
+    },
     "compute_dtype_x_float32": lambda a: {**a, "compute_dtype": "bfloat16", "dy": _low(a["dy"], "bfloat16")},
-    "compute_dtype_x_other_low_dtype": lambda a: {**a, "compute_dtype": "bfloat16", "x": _low(a["x"], "float16"),
-                                                  "dy": _low(a["dy"], "bfloat16")},
+    "compute_dtype_x_other_low_dtype": lambda a: {
+        **a,
+        "compute_dtype": "bfloat16",
+        "x": _low(a["x"], "float16"),
+        "dy": _low(a["dy"], "bfloat16"),
+    },
     "compute_dtype_dy_float32": lambda a: {**a, "compute_dtype": "float16", "x": _low(a["x"], "float16")},
 }
 
@@ -106,8 +127,12 @@ def _call(fn, convert, args, with_dy):
     return fn(cfg, c(args["params"]), c(args["state"]), c(args["x"]), **common)
 
 
-CALLS = [(scenario, entry) for scenario in sorted(SCENARIOS) for entry in ("apply", "vjp")
-         if not (entry == "apply" and (scenario.startswith("dy_") or scenario.endswith("_dy_float32")))]
+CALLS = [
+    (scenario, entry)
+    for scenario in sorted(SCENARIOS)
+    for entry in ("apply", "vjp")
+    if not (entry == "apply" and (scenario.startswith("dy_") or scenario.endswith("_dy_float32")))
+]
 
 
 @pytest.mark.parametrize(("scenario", "entry"), CALLS)
@@ -153,7 +178,8 @@ def test_unknown_implementation_is_refused(backend, entry, implementation):
         fn(*call, **common)
     message = str(got.value)
     assert f"implementation={implementation!r}" in message and all(
-        name in message for name in backend.implementations), message
+        name in message for name in backend.implementations
+    ), message
 
 
 def test_implementations_are_named(backend):

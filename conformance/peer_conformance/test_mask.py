@@ -50,4 +50,6 @@ def test_nan_in_masked_tokens_leaves_gradients_finite(backend, case):
     grads, dx = run_backend(backend, case._replace(x=x), _dtype(backend), dy=case.dy)
     for name, value in {**grads, "dx": dx}.items():
         value = np.asarray(value).astype(np.float64)
-        assert np.all(np.isfinite(value)), f"{name} has non-finite entries though only masked tokens hold NaN [{case.describe()}]"
+        assert np.all(np.isfinite(value)), (
+            f"{name} has non-finite entries though only masked tokens hold NaN [{case.describe()}]"
+        )

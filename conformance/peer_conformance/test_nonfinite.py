@@ -25,8 +25,9 @@ def test_nan_stays_in_its_token(backend, case, token):
     y, y_clean = np.asarray(y).astype(np.float64), np.asarray(y_clean).astype(np.float64)
     assert np.all(np.isnan(y[token])), f"y[{token}]={y[token].tolist()}, but should be all NaN [{case.describe()}]"
     others = [t for t in range(5) if t != token]
-    assert_close(y[others], y_clean[others], rtol=tol.rtol, atol=tol.atol, what="y[other tokens]",
-                 context=case.describe())
+    assert_close(
+        y[others], y_clean[others], rtol=tol.rtol, atol=tol.atol, what="y[other tokens]", context=case.describe()
+    )
 
 
 # Non-finite parameters (SPEC §9.2): their scores are ranked by SPEC §4.1, NaN below every number,
@@ -54,8 +55,9 @@ def _check_same_as_reference(backend, case, dtype, jit, what):
     context = f"{what}, dtype={dtype}, jit={jit}, {case.describe()}"
     y, new_state, aux = run_backend(backend, case, dtype, jit=jit)
     y_ref, state_ref, aux_ref = run_reference(case, dtype)
-    assert_equal(np.asarray(aux["indices"]).astype(np.int64), aux_ref["indices"], what="aux['indices']",
-                 context=context)
+    assert_equal(
+        np.asarray(aux["indices"]).astype(np.int64), aux_ref["indices"], what="aux['indices']", context=context
+    )
     assert_close(y, y_ref, rtol=tol.rtol, atol=tol.atol, what="y", context=context)
     assert_tree_close(new_state, state_ref, rtol=tol.rtol, atol=tol.atol, what="new_state", context=context)
 
@@ -70,8 +72,9 @@ def test_nonfinite_parameter_routes_like_the_reference(backend, case, data):
     value = data.draw(st.sampled_from(NONFINITE), label="value")
     position = data.draw(st.integers(0, 2**16), label="position")
     jit = data.draw(st.sampled_from(_paths(backend)), label="jit")
-    _check_same_as_reference(backend, _inject(case, name, position, value), "float64", jit,
-                             f"params[{name!r}] entry {position} = {value}")
+    _check_same_as_reference(
+        backend, _inject(case, name, position, value), "float64", jit, f"params[{name!r}] entry {position} = {value}"
+    )
 
 
 @SECONDARY
@@ -83,8 +86,9 @@ def test_nonfinite_routing_parameter_is_exact_in_float32(backend, case, data):
     value = data.draw(st.sampled_from(NONFINITE), label="value")
     position = data.draw(st.integers(0, 2**16), label="position")
     jit = data.draw(st.sampled_from(_paths(backend)), label="jit")
-    _check_same_as_reference(backend, _inject(case, name, position, value), "float32", jit,
-                             f"params[{name!r}] entry {position} = {value}")
+    _check_same_as_reference(
+        backend, _inject(case, name, position, value), "float32", jit, f"params[{name!r}] entry {position} = {value}"
+    )
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -101,7 +105,8 @@ def test_nan_sub_key_is_never_preferred(backend, dtype, jit):
     params["keys.right"] = np.array([[[1.0], [0.0]]])
     case = Case(cfg, params, state, np.array([[1.0, 1.0]]), None, np.ones((1, cfg.d_out)), False, 0)
     y, _, aux = run_backend(backend, case, dtype, jit=jit)
-    assert_equal(np.asarray(aux["indices"]).astype(np.int64), [[[0]]], what="aux['indices']",
-                 context=f"dtype={dtype}, jit={jit}")
+    assert_equal(
+        np.asarray(aux["indices"]).astype(np.int64), [[[0]]], what="aux['indices']", context=f"dtype={dtype}, jit={jit}"
+    )
     assert np.all(np.isfinite(np.asarray(y).astype(np.float64))), f"y={np.asarray(y).tolist()}, but should be finite"
     _check_same_as_reference(backend, case, dtype, jit, "NaN sub-key")

@@ -20,8 +20,12 @@ BIG = PEERConfig(d_model=64, n_experts=32**2, heads=4, topk=8, d_key=32, query_b
 def test_init_names_shapes_dtypes(backend, dtype, cfg, seed):
     needs(backend, dtype)
     params, state = backend.to_numpy(backend.init(cfg, seed=seed, dtype=dtype))
-    assert set(params) == set(cfg.param_shapes()), f"params names={sorted(params)}, but should be {sorted(cfg.param_shapes())}"
-    assert set(state) == set(cfg.state_shapes()), f"state names={sorted(state)}, but should be {sorted(cfg.state_shapes())}"
+    assert set(params) == set(cfg.param_shapes()), (
+        f"params names={sorted(params)}, but should be {sorted(cfg.param_shapes())}"
+    )
+    assert set(state) == set(cfg.state_shapes()), (
+        f"state names={sorted(state)}, but should be {sorted(cfg.state_shapes())}"
+    )
     for name, shape in {**cfg.param_shapes(), **cfg.state_shapes()}.items():
         value = params.get(name, state.get(name))
         assert np.shape(value) == shape, f"{name}.shape={np.shape(value)}, but should be {shape}"
@@ -35,8 +39,12 @@ def test_init_distribution(backend, name):
     values = np.asarray(params[name], np.float64).ravel()
     std = peer_ref.init_std(BIG)[name]
     n = values.size
-    assert abs(values.mean()) < 6 * std / np.sqrt(n), f"{name} mean={values.mean():.4g}, but should be 0 ± {6 * std / np.sqrt(n):.2g}"
-    assert abs(values.std() / std - 1) < 6 / np.sqrt(2 * n) + 0.01, f"{name} std={values.std():.4g}, but should be {std:.4g}"
+    assert abs(values.mean()) < 6 * std / np.sqrt(n), (
+        f"{name} mean={values.mean():.4g}, but should be 0 ± {6 * std / np.sqrt(n):.2g}"
+    )
+    assert abs(values.std() / std - 1) < 6 / np.sqrt(2 * n) + 0.01, (
+        f"{name} std={values.std():.4g}, but should be {std:.4g}"
+    )
     kurtosis = np.mean((values / values.std()) ** 4)
     assert abs(kurtosis - 3) < 0.5, f"{name} kurtosis={kurtosis:.3g}, but should be 3 (normal)"
 

@@ -17,8 +17,12 @@ def test_exact_ties_go_to_the_lower_index(backend, dtype, case):
     needs(backend, dtype)
     _, _, aux = run_backend(backend, case, dtype)
     _, _, aux_ref = run_reference(case, dtype)
-    assert_equal(np.asarray(aux["indices"]).astype(np.int64), aux_ref["indices"], what="aux['indices']",
-                 context=f"exact ties, dtype={dtype}, {case.describe()}")
+    assert_equal(
+        np.asarray(aux["indices"]).astype(np.int64),
+        aux_ref["indices"],
+        what="aux['indices']",
+        context=f"exact ties, dtype={dtype}, {case.describe()}",
+    )
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

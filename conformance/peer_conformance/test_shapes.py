@@ -34,8 +34,12 @@ def test_leading_dims_are_flattened_token_order(backend, case):
     flat = case._replace(x=case.x.reshape(6, -1), mask=None if case.mask is None else case.mask.reshape(6))
     y_flat, state_flat, aux_flat = run_backend(backend, flat, dtype)
     assert_close(np.asarray(y).reshape(6, -1), y_flat, rtol=tol.rtol, atol=tol.atol, what="y", context=case.describe())
-    assert_equal(np.asarray(aux["indices"]).reshape(6, case.cfg.heads, -1), aux_flat["indices"],
-                 what="aux['indices']", context=case.describe())
+    assert_equal(
+        np.asarray(aux["indices"]).reshape(6, case.cfg.heads, -1),
+        aux_flat["indices"],
+        what="aux['indices']",
+        context=case.describe(),
+    )
 
 
 @SECONDARY

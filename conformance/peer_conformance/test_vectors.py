@@ -27,7 +27,9 @@ def test_backend_reproduces_vector(backend, path):
     args = (cfg, convert(vector.params), convert(vector.state), convert(vector.x))
     y, new_state, aux = backend.to_numpy(backend.apply(*args, training=vector.training, mask=mask))
     context = f"vector {vector.name}"
-    assert_equal(np.asarray(aux["indices"]).astype(np.int64), vector.aux["indices"], what="aux['indices']", context=context)
+    assert_equal(
+        np.asarray(aux["indices"]).astype(np.int64), vector.aux["indices"], what="aux['indices']", context=context
+    )
     assert_close(y, vector.y, rtol=tol.rtol, atol=tol.atol, what="y", context=context)
     assert_tree_close(new_state, vector.new_state, rtol=tol.rtol, atol=tol.atol, what="new_state", context=context)
     for key in ("scores", "weights"):

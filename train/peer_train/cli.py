@@ -32,59 +32,93 @@ EXPERIMENTS = ("isoflop", "usage", "transfer")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m peer_train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m peer_train",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data", default=None, metavar="PATH",
-                        help="a text file or a directory of text files (default: this Python's standard library)")
+    common.add_argument(
+        "--data",
+        default=None,
+        metavar="PATH",
+        help="a text file or a directory of text files (default: this Python's standard library)",
+    )
     common.add_argument("--out", default=None, metavar="DIR", help="output folder (default: peer_train_out/<command>)")
     common.add_argument("--device", default="cpu", choices=DEVICES)
-    common.add_argument("--backend", default="torch", choices=TRAIN_BACKENDS,
-                        help="framework of the model (transfer always trains in torch)")
-    common.add_argument("--threads", type=int, default=1,
-                        help="CPU threads per framework (default 1: these models' operations are too small "
-                             "for threads to pay, and extra threads slow a shared machine down badly)")
+    common.add_argument(
+        "--backend",
+        default="torch",
+        choices=TRAIN_BACKENDS,
+        help="framework of the model (transfer always trains in torch)",
+    )
+    common.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads per framework (default 1: these models' operations are too small "
+        "for threads to pay, and extra threads slow a shared machine down badly)",
+    )
     common.add_argument("--seed", type=int, default=None, help="seed (default 0; isoflop: its size's seeds)")
-    common.add_argument("--precision", default="float32", metavar="{float32,bf16,fp16}",
-                        help="float32 (default; alias fp32); bf16 (alias bfloat16): mixed precision with float32 "
-                             "weights, the forward under torch.autocast / Flax dtype=bfloat16 and the PEER layers "
-                             "in their mixed mode (SPEC 10.3), the loss in float32; fp16 (alias float16): the same "
-                             "in float16 with torch.amp.GradScaler loss scaling, --backend torch only"),
+    (
+        common.add_argument(
+            "--precision",
+            default="float32",
+            metavar="{float32,bf16,fp16}",
+            help="float32 (default; alias fp32); bf16 (alias bfloat16): mixed precision with float32 "
+            "weights, the forward under torch.autocast / Flax dtype=bfloat16 and the PEER layers "
+            "in their mixed mode (SPEC 10.3), the loss in float32; fp16 (alias float16): the same "
+            "in float16 with torch.amp.GradScaler loss scaling, --backend torch only",
+        ),
+    )
     common.add_argument("--no-progress", action="store_true", help="no progress bar")
     train = sub.add_parser("train", parents=[common], help="train one model and write train.json")
     d_model, d_train = ModelConfig(), TrainConfig()
     for field in dataclasses.fields(ModelConfig):
         if field.name == "vocab":
             continue
-        kwargs = {"choices": {"ffn": FFNS, "peer_blocks": PEER_BLOCKS, "query_norm": QUERY_NORMS}[field.name]} \
-            if field.name in ("ffn", "peer_blocks", "query_norm") else {}
+        kwargs = (
+            {"choices": {"ffn": FFNS, "peer_blocks": PEER_BLOCKS, "query_norm": QUERY_NORMS}[field.name]}
+            if field.name in ("ffn", "peer_blocks", "query_norm")
+            else {}
+        )
         kind = int if isinstance(getattr(d_model, field.name), int) else str
-        train.add_argument("--" + field.name.replace("_", "-"), type=kind, default=getattr(d_model, field.name),
-                           **kwargs)
+        train.add_argument(
+            "--" + field.name.replace("_", "-"), type=kind, default=getattr(d_model, field.name), **kwargs
+        )
     for field in dataclasses.fields(TrainConfig):
         if field.name in ("seed", "precision"):
             continue
         value = getattr(d_train, field.name)
         train.add_argument("--" + field.name.replace("_", "-"), type=type(value), default=value)
-    train.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
-                       help="write <out>/checkpoint.{pt,npz} every K steps and at the end")
+    train.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        metavar="K",
+        help="write <out>/checkpoint.{pt,npz} every K steps and at the end",
+    )
     train.add_argument("--resume", action="store_true", help="continue from <out>'s checkpoint")
     for name in (*EXPERIMENTS, "all"):
-        experiment = sub.add_parser(name, parents=[common],
-                                    help="all three experiments" if name == "all" else f"the {name} experiment")
+        experiment = sub.add_parser(
+            name, parents=[common], help="all three experiments" if name == "all" else f"the {name} experiment"
+        )
         experiment.add_argument("--quick", action="store_true", help="the minute-scale size (each experiment < 2 min)")
     return p
 
 
 def _check(args) -> None:
     if args.precision not in PRECISION_ALIASES:
-        raise ConfigError(f"--precision {args.precision!r}, but expected one of float32 (fp32), bf16 (bfloat16) "
-                          "or fp16 (float16)")
+        raise ConfigError(
+            f"--precision {args.precision!r}, but expected one of float32 (fp32), bf16 (bfloat16) or fp16 (float16)"
+        )
     given, args.precision = args.precision, PRECISION_ALIASES[args.precision]
     if args.precision == "float16" and args.backend == "jax" and args.command != "transfer":
-        raise ConfigError(f"--precision {given} with --backend jax, but expected float32 or bf16: float16 training "
-                          "needs loss scaling, which this trainer offers for torch only (torch.amp.GradScaler)")
+        raise ConfigError(
+            f"--precision {given} with --backend jax, but expected float32 or bf16: float16 training "
+            "needs loss scaling, which this trainer offers for torch only (torch.amp.GradScaler)"
+        )
     if args.threads < 1:
         raise ConfigError(f"--threads {args.threads}, but expected an int >= 1")
     if args.seed is not None and args.seed < 0:
@@ -100,8 +134,10 @@ def _threads(threads: int, device: str) -> None:
     os.environ["TF_NUM_INTEROP_THREADS"] = "1"
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")
     if "jax" not in sys.modules:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=true"
-                                   f" intra_op_parallelism_threads={threads}").strip()
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=true"
+            f" intra_op_parallelism_threads={threads}"
+        ).strip()
     if device == "cpu" and "jax" not in sys.modules:
         os.environ["JAX_PLATFORMS"] = "cpu"
 
@@ -129,9 +165,11 @@ def environment(argv: list[str], threads: int) -> dict:
     env = collect(argv)
     env["command"] = " ".join(["python -m peer_train", *argv])
     env["threads"] = threads
-    env["versions"] = {k: v for k, v in env["versions"].items()
-                       if k in ("numpy", "torch", "jax", "jaxlib", "flax", "optax", "tensorflow", "tensorflow-cpu",
-                                "keras")}
+    env["versions"] = {
+        k: v
+        for k, v in env["versions"].items()
+        if k in ("numpy", "torch", "jax", "jaxlib", "flax", "optax", "tensorflow", "tensorflow-cpu", "keras")
+    }
     try:
         from importlib.metadata import version
 
@@ -151,21 +189,39 @@ def _progress(disabled: bool):
         TimeRemainingColumn,
     )
 
-    return Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[tps]:>7,.0f} tok/s"),
-                    TimeElapsedColumn(), TimeRemainingColumn(), disable=disabled)
+    return Progress(
+        TextColumn("{task.description:<28}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TextColumn("{task.fields[tps]:>7,.0f} tok/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=disabled,
+    )
 
 
 def _train(args, corpus, progress) -> dict:
     from .train import run
 
     model_kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(ModelConfig) if f.name != "vocab"}
-    train_kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                    if f.name not in ("seed", "precision")}
+    train_kwargs = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in ("seed", "precision")
+    }
     model_cfg = ModelConfig(**model_kwargs)
     train_cfg = TrainConfig(**train_kwargs, seed=0 if args.seed is None else args.seed, precision=args.precision)
-    return run(model_cfg, train_cfg, corpus, backend=args.backend, device=args.device, out_dir=Path(args.out),
-               checkpoint_every=args.checkpoint_every, resume=args.resume, progress=progress, label="train")
+    return run(
+        model_cfg,
+        train_cfg,
+        corpus,
+        backend=args.backend,
+        device=args.device,
+        out_dir=Path(args.out),
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        progress=progress,
+        label="train",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,8 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in names:
                 began = time.perf_counter()
                 result = _experiment(name, args, corpus, size, progress)
-                result.update(environment=_finish(environment(argv, args.threads), began),
-                              corpus=corpus.describe())
+                result.update(environment=_finish(environment(argv, args.threads), began), corpus=corpus.describe())
                 from .report import write
 
                 paths = write(out, name, result)
@@ -237,10 +292,13 @@ def _finish(env: dict, began: float) -> dict:
 def _train_line(record: dict) -> str:
     if "val_bpb" not in record:
         return f"stopped at step {record['completed_steps']}"
-    routing = "; ".join(f"block {b}: usage {m['usage']:.1%}, unevenness {m['unevenness']:.3f}"
-                        for b, m in record["routing"].items())
-    return (f"val bpb {record['val_bpb']:.3f} after {record['completed_steps']} steps, "
-            f"{record['tokens_per_s']:,.0f} tok/s" + (f"; {routing}" if routing else ""))
+    routing = "; ".join(
+        f"block {b}: usage {m['usage']:.1%}, unevenness {m['unevenness']:.3f}" for b, m in record["routing"].items()
+    )
+    return (
+        f"val bpb {record['val_bpb']:.3f} after {record['completed_steps']} steps, "
+        f"{record['tokens_per_s']:,.0f} tok/s" + (f"; {routing}" if routing else "")
+    )
 
 
 def _experiment(name: str, args, corpus, size: str, progress) -> dict:
@@ -249,10 +307,12 @@ def _experiment(name: str, args, corpus, size: str, progress) -> dict:
     overrides = {"train": {"precision": args.precision}}
     if name == "isoflop":
         seeds = None if args.seed is None else (args.seed,)
-        return experiments.isoflop(corpus, size, args.backend, args.device, seeds=seeds, overrides=overrides,
-                                   progress=progress)
+        return experiments.isoflop(
+            corpus, size, args.backend, args.device, seeds=seeds, overrides=overrides, progress=progress
+        )
     seed = 0 if args.seed is None else args.seed
     if name == "usage":
-        return experiments.usage(corpus, size, args.backend, args.device, seed=seed, overrides=overrides,
-                                 progress=progress)
+        return experiments.usage(
+            corpus, size, args.backend, args.device, seed=seed, overrides=overrides, progress=progress
+        )
     return experiments.transfer(corpus, size, args.device, seed=seed, overrides=overrides, progress=progress)

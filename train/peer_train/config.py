@@ -35,8 +35,14 @@ PEER_BLOCKS = ("middle", "all")
 # (torch.autocast / Flax ``dtype=``; the PEER layers' mixed mode, SPEC §10.3). float16 adds
 # loss scaling (torch.amp.GradScaler), offered for torch only.
 PRECISIONS = ("float32", "bfloat16", "float16")
-PRECISION_ALIASES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-                     "float16": "float16", "fp16": "float16"}
+PRECISION_ALIASES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
 
 
 class ConfigError(ValueError):
@@ -52,7 +58,7 @@ class ModelConfig:
     ffn_width: int = 256
     ffn: str = "peer"
     peer_blocks: str = "middle"
-    n_experts: int = 32 ** 2
+    n_experts: int = 32**2
     peer_heads: int = 8
     topk: int = 8
     d_key: int = 32
@@ -60,14 +66,25 @@ class ModelConfig:
     vocab: int = VOCAB
 
     def __post_init__(self):
-        for name in ("d_model", "n_layers", "n_heads", "seq", "ffn_width", "n_experts", "peer_heads", "topk",
-                     "d_key", "vocab"):
+        for name in (
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "seq",
+            "ffn_width",
+            "n_experts",
+            "peer_heads",
+            "topk",
+            "d_key",
+            "vocab",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value!r}, but expected an int >= 1")
         if self.d_model % self.n_heads:
-            raise ConfigError(f"d_model={self.d_model} with n_heads={self.n_heads}, "
-                              "but expected d_model divisible by n_heads")
+            raise ConfigError(
+                f"d_model={self.d_model} with n_heads={self.n_heads}, but expected d_model divisible by n_heads"
+            )
         if self.ffn not in FFNS:
             raise ConfigError(f"ffn={self.ffn!r}, but expected one of {FFNS}")
         if self.peer_blocks not in PEER_BLOCKS:
@@ -77,8 +94,14 @@ class ModelConfig:
     def reference_peer_config(self) -> PEERConfig:
         """The configured PEER layer (SPEC §1), the FLOP reference of the "dense" and "peer_glu"
         stand-ins; its errors name PEERConfig's fields."""
-        return PEERConfig(d_model=self.d_model, n_experts=self.n_experts, heads=self.peer_heads, topk=self.topk,
-                          d_key=self.d_key, query_norm=self.query_norm)
+        return PEERConfig(
+            d_model=self.d_model,
+            n_experts=self.n_experts,
+            heads=self.peer_heads,
+            topk=self.topk,
+            d_key=self.d_key,
+            query_norm=self.query_norm,
+        )
 
     def peer_config(self) -> PEERConfig:
         """The PEER layer the model builds: the reference one, or for ``ffn="peer_glu"`` its GLU
@@ -92,12 +115,12 @@ class ModelConfig:
         """The top-k (1..isqrt(n_experts)) whose GLU layer's forward FLOPs per token are nearest to
         ``peer_flops()`` (the smaller one on a tie)."""
         target = self.peer_flops()
-        return min(range(1, math.isqrt(self.n_experts) + 1),
-                   key=lambda k: (abs(self._flops(k, True) - target), k))
+        return min(range(1, math.isqrt(self.n_experts) + 1), key=lambda k: (abs(self._flops(k, True) - target), k))
 
     def _flops(self, topk: int, expert_glu: bool) -> int:
-        return formulas.peer_flops_per_token(self.d_model, self.n_experts, self.peer_heads, topk, self.d_key,
-                                             expert_glu=expert_glu)["total"]
+        return formulas.peer_flops_per_token(
+            self.d_model, self.n_experts, self.peer_heads, topk, self.d_key, expert_glu=expert_glu
+        )["total"]
 
     def replaced(self) -> list[int]:
         """Indices of the blocks whose feed-forward is PEER (or its equal-FLOP dense stand-in)."""
@@ -129,8 +152,10 @@ class ModelConfig:
 
     def flops_per_token(self) -> dict[str, int]:
         """Forward FLOPs per token by term (formulas.transformer_flops_per_token)."""
-        ffn = [self.built_peer_flops() if kind == "peer" else formulas.dense_flops_per_token(width, self.d_model)
-               for kind, width in self.block_ffns()]
+        ffn = [
+            self.built_peer_flops() if kind == "peer" else formulas.dense_flops_per_token(width, self.d_model)
+            for kind, width in self.block_ffns()
+        ]
         return formulas.transformer_flops_per_token(self.d_model, self.n_layers, self.seq, self.vocab, ffn)
 
     def train_flops_per_token(self) -> int:
@@ -176,8 +201,12 @@ class TrainConfig:
             raise ConfigError(f"warmup={self.warmup!r}, but expected an int >= 0")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed={self.seed!r}, but expected an int >= 0")
-        for name, low, high in (("lr", 0.0, 1.0), ("weight_decay", 0.0, 10.0), ("beta2", 0.0, 1.0),
-                                ("grad_clip", 0.0, math.inf)):
+        for name, low, high in (
+            ("lr", 0.0, 1.0),
+            ("weight_decay", 0.0, 10.0),
+            ("beta2", 0.0, 1.0),
+            ("grad_clip", 0.0, math.inf),
+        ):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
                 raise ConfigError(f"{name}={value!r}, but expected a finite float in [{low}, {high}]")

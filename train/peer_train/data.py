@@ -25,8 +25,29 @@ import numpy as np
 VOCAB = 256
 MIN_SPLIT_BYTES = 4096
 SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
-TEXT_SUFFIXES = frozenset({".py", ".txt", ".md", ".rst", ".c", ".h", ".json", ".toml", ".cfg", ".ini",
-                           ".html", ".css", ".js", ".tex", ".csv", ".yaml", ".yml", ".sh", ".pyi"})
+TEXT_SUFFIXES = frozenset(
+    {
+        ".py",
+        ".txt",
+        ".md",
+        ".rst",
+        ".c",
+        ".h",
+        ".json",
+        ".toml",
+        ".cfg",
+        ".ini",
+        ".html",
+        ".css",
+        ".js",
+        ".tex",
+        ".csv",
+        ".yaml",
+        ".yml",
+        ".sh",
+        ".pyi",
+    }
+)
 
 
 class DataError(ValueError):
@@ -47,9 +68,16 @@ class Corpus:
     split: str = "file-name hash"
 
     def describe(self) -> dict:
-        return {"name": self.name, "root": self.root, "files": self.n_files, "val_files": self.n_val_files,
-                "split": self.split, "train_bytes": int(self.train.size), "val_bytes": int(self.val.size),
-                "sha256": self.sha256}
+        return {
+            "name": self.name,
+            "root": self.root,
+            "files": self.n_files,
+            "val_files": self.n_val_files,
+            "split": self.split,
+            "train_bytes": int(self.train.size),
+            "val_bytes": int(self.val.size),
+            "sha256": self.sha256,
+        }
 
 
 def stdlib_files() -> tuple[Path, list[Path]]:
@@ -99,8 +127,9 @@ def load(path: str | os.PathLike | None = None, val_fraction: float = 0.1) -> Co
             raise DataError(f"--data {str(path)!r}: neither a regular file nor a directory")
         files = _walk(root, lambda p: p.suffix.lower() in TEXT_SUFFIXES)
         if not files:
-            raise DataError(f"--data {str(path)!r}: the directory holds no text files "
-                            f"(expected suffixes {sorted(TEXT_SUFFIXES)})")
+            raise DataError(
+                f"--data {str(path)!r}: the directory holds no text files (expected suffixes {sorted(TEXT_SUFFIXES)})"
+            )
     digest = hashlib.sha256()
     train, val, n_val = [], [], 0
     for file in files:
@@ -118,8 +147,9 @@ def load(path: str | os.PathLike | None = None, val_fraction: float = 0.1) -> Co
         # position instead, its last val_fraction of bytes being the validation set.
         whole = _join([_read(file) for file in files])
         cut = whole.size - int(whole.size * val_fraction)
-        corpus = dataclasses.replace(corpus, train=whole[:cut].copy(), val=whole[cut:].copy(), n_val_files=0,
-                                     split="position")
+        corpus = dataclasses.replace(
+            corpus, train=whole[:cut].copy(), val=whole[cut:].copy(), n_val_files=0, split="position"
+        )
     return _checked(corpus)
 
 
@@ -138,8 +168,16 @@ def _single_file(file: Path, val_fraction: float) -> Corpus:
     data = _read(file)
     cut = len(data) - int(len(data) * val_fraction)
     array = np.frombuffer(data, dtype=np.uint8)
-    corpus = Corpus(str(file), str(file), array[:cut].copy(), array[cut:].copy(), 1, 0,
-                    hashlib.sha256(data).hexdigest(), split="position")
+    corpus = Corpus(
+        str(file),
+        str(file),
+        array[:cut].copy(),
+        array[cut:].copy(),
+        1,
+        0,
+        hashlib.sha256(data).hexdigest(),
+        split="position",
+    )
     return _checked(corpus)
 
 
@@ -147,8 +185,10 @@ def _checked(corpus: Corpus) -> Corpus:
     for split in ("train", "val"):
         size = getattr(corpus, split).size
         if size < MIN_SPLIT_BYTES:
-            raise DataError(f"--data {corpus.root!r}: the {split} split has {size} bytes, "
-                            f"but expected at least {MIN_SPLIT_BYTES} (give more text)")
+            raise DataError(
+                f"--data {corpus.root!r}: the {split} split has {size} bytes, "
+                f"but expected at least {MIN_SPLIT_BYTES} (give more text)"
+            )
     return corpus
 
 
@@ -160,7 +200,7 @@ def train_batch(data: np.ndarray, seed: int, step: int, batch: int, seq: int) ->
     """
     rng = np.random.default_rng([seed, step])
     starts = rng.integers(0, data.size - seq - 1, size=batch)
-    return np.stack([data[s:s + seq + 1] for s in starts]).astype(np.int32)
+    return np.stack([data[s : s + seq + 1] for s in starts]).astype(np.int32)
 
 
 def val_batches(data: np.ndarray, batch: int, seq: int, n_batches: int) -> list[np.ndarray]:
@@ -171,7 +211,9 @@ def val_batches(data: np.ndarray, batch: int, seq: int, n_batches: int) -> list[
     per = seq + 1
     need = n_batches * batch * per
     if need > data.size:
-        raise DataError(f"validation needs {need} bytes ({n_batches} batches of {batch} x {per}), "
-                        f"but the split has {data.size}; lower --eval-batches")
+        raise DataError(
+            f"validation needs {need} bytes ({n_batches} batches of {batch} x {per}), "
+            f"but the split has {data.size}; lower --eval-batches"
+        )
     windows = data[:need].reshape(n_batches, batch, per).astype(np.int32)
     return list(windows)

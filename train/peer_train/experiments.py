@@ -23,28 +23,50 @@ from .train import run
 # Model and schedule of each size. Budgets are numbers of training steps; every variant of a
 # budget trains on the same tokens, so equal FLOPs per token make equal training FLOPs.
 SIZES = {
-    "default": {"model": {"d_model": 64, "n_layers": 3, "n_heads": 4, "seq": 64},
-                "train": {"batch": 16, "eval_batches": 16, "warmup": 20},
-                "budgets": (300, 900), "seeds": (0, 1), "experts": (16 ** 2, 32 ** 2, 64 ** 2),
-                "usage_steps": 300, "transfer_steps": 300},
-    "quick": {"model": {"d_model": 32, "n_layers": 3, "n_heads": 2, "seq": 32, "peer_heads": 4, "d_key": 16,
-                        "ffn_width": 128, "n_experts": 16 ** 2},
-              "train": {"batch": 8, "eval_batches": 4, "warmup": 5},
-              "budgets": (20, 40), "seeds": (0,), "experts": (8 ** 2, 16 ** 2),
-              "usage_steps": 30, "transfer_steps": 20},
+    "default": {
+        "model": {"d_model": 64, "n_layers": 3, "n_heads": 4, "seq": 64},
+        "train": {"batch": 16, "eval_batches": 16, "warmup": 20},
+        "budgets": (300, 900),
+        "seeds": (0, 1),
+        "experts": (16**2, 32**2, 64**2),
+        "usage_steps": 300,
+        "transfer_steps": 300,
+    },
+    "quick": {
+        "model": {
+            "d_model": 32,
+            "n_layers": 3,
+            "n_heads": 2,
+            "seq": 32,
+            "peer_heads": 4,
+            "d_key": 16,
+            "ffn_width": 128,
+            "n_experts": 16**2,
+        },
+        "train": {"batch": 8, "eval_batches": 4, "warmup": 5},
+        "budgets": (20, 40),
+        "seeds": (0,),
+        "experts": (8**2, 16**2),
+        "usage_steps": 30,
+        "transfer_steps": 20,
+    },
 }
 
-VARIANTS = {"dense": {"ffn": "dense"}, "peer": {"ffn": "peer", "query_norm": "batch"},
-            "peer_no_bn": {"ffn": "peer", "query_norm": "none"},
-            "peer_glu": {"ffn": "peer_glu", "query_norm": "batch"}}
+VARIANTS = {
+    "dense": {"ffn": "dense"},
+    "peer": {"ffn": "peer", "query_norm": "batch"},
+    "peer_no_bn": {"ffn": "peer", "query_norm": "none"},
+    "peer_glu": {"ffn": "peer_glu", "query_norm": "batch"},
+}
 
 
 def _configs(size: str, steps: int, seed: int, overrides: dict, **model) -> tuple[ModelConfig, TrainConfig]:
     spec = SIZES[size]
     model_cfg = ModelConfig(**{**spec["model"], **overrides.get("model", {}), **model})
     eval_every = max(1, steps // 5)
-    train_cfg = TrainConfig(**{**spec["train"], **overrides.get("train", {}), "steps": steps, "seed": seed,
-                               "eval_every": eval_every})
+    train_cfg = TrainConfig(
+        **{**spec["train"], **overrides.get("train", {}), "steps": steps, "seed": seed, "eval_every": eval_every}
+    )
     return model_cfg, train_cfg
 
 
@@ -61,8 +83,15 @@ def _summary(record: dict) -> dict:
     return keep
 
 
-def isoflop(corpus: data.Corpus, size: str = "default", backend: str = "torch", device: str = "cpu",
-            seeds=None, overrides: dict | None = None, progress=None) -> dict:
+def isoflop(
+    corpus: data.Corpus,
+    size: str = "default",
+    backend: str = "torch",
+    device: str = "cpu",
+    seeds=None,
+    overrides: dict | None = None,
+    progress=None,
+) -> dict:
     """Dense FFN vs PEER vs PEER without query batch norm vs PEER with GLU experts, at equal FLOPs
     per token (``ModelConfig``'s "dense" and "peer_glu" stand-ins), at each budget."""
     spec, overrides = SIZES[size], overrides or {}
@@ -72,11 +101,24 @@ def isoflop(corpus: data.Corpus, size: str = "default", backend: str = "torch", 
         for seed in seeds:
             for variant, fields in VARIANTS.items():
                 model_cfg, train_cfg = _configs(size, steps, seed, overrides, **fields)
-                record = run(model_cfg, train_cfg, corpus, backend=backend, device=device, progress=progress,
-                             label=f"{variant} {steps} steps seed {seed}")
+                record = run(
+                    model_cfg,
+                    train_cfg,
+                    corpus,
+                    backend=backend,
+                    device=device,
+                    progress=progress,
+                    label=f"{variant} {steps} steps seed {seed}",
+                )
                 runs.append({"variant": variant, "budget_steps": steps, "seed": seed, **_summary(record)})
-    return {"experiment": "isoflop", "size": size, "backend": backend, "precision": _precision(overrides),
-            "table": isoflop_table(runs), "runs": runs}
+    return {
+        "experiment": "isoflop",
+        "size": size,
+        "backend": backend,
+        "precision": _precision(overrides),
+        "table": isoflop_table(runs),
+        "runs": runs,
+    }
 
 
 def isoflop_table(runs: list[dict]) -> list[dict]:
@@ -89,14 +131,22 @@ def isoflop_table(runs: list[dict]) -> list[dict]:
             bpb = np.array([r["val_bpb"] for r in group])
             usage = [r["routing"][b]["usage"] for r in group for b in r["routing"]]
             unev = [r["routing"][b]["unevenness"] for r in group for b in r["routing"]]
-            table.append({"variant": variant, "budget_steps": steps, "train_flops": group[0]["train_flops"],
-                          "train_flops_per_token": group[0]["train_flops_per_token"],
-                          "n_params": group[0]["n_params"], "seeds": len(group),
-                          "peer_topk": _built_topk(group[0]),
-                          "val_bpb_mean": float(bpb.mean()), "val_bpb_std": float(bpb.std(ddof=1)) if len(bpb) > 1
-                          else None, "val_bpb": bpb.tolist(),
-                          "usage_mean": float(np.mean(usage)) if usage else None,
-                          "unevenness_mean": float(np.mean(unev)) if unev else None})
+            table.append(
+                {
+                    "variant": variant,
+                    "budget_steps": steps,
+                    "train_flops": group[0]["train_flops"],
+                    "train_flops_per_token": group[0]["train_flops_per_token"],
+                    "n_params": group[0]["n_params"],
+                    "seeds": len(group),
+                    "peer_topk": _built_topk(group[0]),
+                    "val_bpb_mean": float(bpb.mean()),
+                    "val_bpb_std": float(bpb.std(ddof=1)) if len(bpb) > 1 else None,
+                    "val_bpb": bpb.tolist(),
+                    "usage_mean": float(np.mean(usage)) if usage else None,
+                    "unevenness_mean": float(np.mean(unev)) if unev else None,
+                }
+            )
     return table
 
 
@@ -106,23 +156,52 @@ def _built_topk(record: dict) -> int | None:
     return cfg.peer_config().topk if cfg.ffn != "dense" else None
 
 
-def usage(corpus: data.Corpus, size: str = "default", backend: str = "torch", device: str = "cpu",
-          seed: int = 0, overrides: dict | None = None, progress=None) -> dict:
+def usage(
+    corpus: data.Corpus,
+    size: str = "default",
+    backend: str = "torch",
+    device: str = "cpu",
+    seed: int = 0,
+    overrides: dict | None = None,
+    progress=None,
+) -> dict:
     """Expert usage and unevenness on validation data, with and without query batch norm, per N."""
     spec, overrides = SIZES[size], overrides or {}
     runs, table = [], []
     for n_experts in spec["experts"]:
         for query_norm in ("batch", "none"):
-            model_cfg, train_cfg = _configs(size, spec["usage_steps"], seed, overrides, ffn="peer",
-                                            query_norm=query_norm, n_experts=n_experts)
-            record = run(model_cfg, train_cfg, corpus, backend=backend, device=device, progress=progress,
-                         label=f"N={n_experts} query_norm={query_norm}")
+            model_cfg, train_cfg = _configs(
+                size, spec["usage_steps"], seed, overrides, ffn="peer", query_norm=query_norm, n_experts=n_experts
+            )
+            record = run(
+                model_cfg,
+                train_cfg,
+                corpus,
+                backend=backend,
+                device=device,
+                progress=progress,
+                label=f"N={n_experts} query_norm={query_norm}",
+            )
             runs.append(_summary(record))
             for block, m in record["routing"].items():
-                table.append({"n_experts": n_experts, "query_norm": query_norm, "block": int(block),
-                              "usage": m["usage"], "unevenness": m["unevenness"], "val_bpb": record["val_bpb"]})
-    return {"experiment": "usage", "size": size, "backend": backend, "precision": _precision(overrides),
-            "table": table, "runs": runs}
+                table.append(
+                    {
+                        "n_experts": n_experts,
+                        "query_norm": query_norm,
+                        "block": int(block),
+                        "usage": m["usage"],
+                        "unevenness": m["unevenness"],
+                        "val_bpb": record["val_bpb"],
+                    }
+                )
+    return {
+        "experiment": "usage",
+        "size": size,
+        "backend": backend,
+        "precision": _precision(overrides),
+        "table": table,
+        "runs": runs,
+    }
 
 
 _OTHER = r"""
@@ -146,8 +225,16 @@ print("RESULT " + json.dumps({"usage": metrics.usage(totals), "unevenness": metr
 """
 
 
-def transfer(corpus: data.Corpus, size: str = "default", device: str = "cpu", seed: int = 0,
-             targets=("jax", "tensorflow"), overrides: dict | None = None, progress=None, workdir=None) -> dict:
+def transfer(
+    corpus: data.Corpus,
+    size: str = "default",
+    device: str = "cpu",
+    seed: int = 0,
+    targets=("jax", "tensorflow"),
+    overrides: dict | None = None,
+    progress=None,
+    workdir=None,
+) -> dict:
     """Train the torch model, record its PEER layer's inputs on validation batches, save the layer
     with ``peer_backends.save`` and load it into each target framework (a fresh process each);
     compare outputs with peer_ref's float32 tolerance and the usage metrics."""
@@ -155,8 +242,16 @@ def transfer(corpus: data.Corpus, size: str = "default", device: str = "cpu", se
 
     spec, overrides = SIZES[size], overrides or {}
     model_cfg, train_cfg = _configs(size, spec["transfer_steps"], seed, overrides, ffn="peer")
-    record = run(model_cfg, train_cfg, corpus, backend="torch", device=device, progress=progress,
-                 label="torch model for transfer", keep_engine=True)
+    record = run(
+        model_cfg,
+        train_cfg,
+        corpus,
+        backend="torch",
+        device=device,
+        progress=progress,
+        label="torch model for transfer",
+        keep_engine=True,
+    )
     eng = record.pop("engine")
     block = model_cfg.replaced()[0]
     val = data.val_batches(corpus.val, train_cfg.batch, model_cfg.seq, train_cfg.eval_batches)
@@ -177,12 +272,13 @@ def transfer(corpus: data.Corpus, size: str = "default", device: str = "cpu", se
             arrays[f"x{i}"], arrays[f"i{i}"] = x, ind
         np.savez(inputs, **arrays)
         for name in targets:
-            proc = subprocess.run([sys.executable, "-c", _OTHER, name, ckpt, inputs], capture_output=True,
-                                  text=True, env=_child_env())
+            proc = subprocess.run(
+                [sys.executable, "-c", _OTHER, name, ckpt, inputs], capture_output=True, text=True, env=_child_env()
+            )
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
                 raise RuntimeError(f"loading the layer into {name} failed: {proc.stderr.strip()[-2000:]}")
-            out = json.loads(lines[-1][len("RESULT "):])
+            out = json.loads(lines[-1][len("RESULT ") :])
             errs, ok = [], True
             for i, (_, y_torch, _, _) in enumerate(seen):
                 y = np.load(f"{inputs}.{name}.y{i}.npy")
@@ -190,14 +286,27 @@ def transfer(corpus: data.Corpus, size: str = "default", device: str = "cpu", se
                 err = np.abs(y - y_torch)
                 ok &= bool(np.all(err <= tol.atol * scale + tol.rtol * np.abs(y_torch)))
                 errs.append(float(np.max(err)))
-            out.update({"max_abs_error": max(errs), "outputs_within_tolerance": ok,
-                        "usage_abs_diff": abs(out["usage"] - source["usage"]),
-                        "unevenness_abs_diff": abs(out["unevenness"] - source["unevenness"])})
+            out.update(
+                {
+                    "max_abs_error": max(errs),
+                    "outputs_within_tolerance": ok,
+                    "usage_abs_diff": abs(out["usage"] - source["usage"]),
+                    "unevenness_abs_diff": abs(out["unevenness"] - source["unevenness"]),
+                }
+            )
             results[name] = out
-    return {"experiment": "transfer", "size": size, "precision": train_cfg.precision, "tolerance": tol._asdict(),
-            "peer_config": cfg.to_dict(), "block": block,
-            "tokens_compared": int(sum(x.shape[0] * x.shape[1] for x, *_ in seen)), "torch": source,
-            "targets": results, "run": _summary(record)}
+    return {
+        "experiment": "transfer",
+        "size": size,
+        "precision": train_cfg.precision,
+        "tolerance": tol._asdict(),
+        "peer_config": cfg.to_dict(),
+        "block": block,
+        "tokens_compared": int(sum(x.shape[0] * x.shape[1] for x, *_ in seen)),
+        "torch": source,
+        "targets": results,
+        "run": _summary(record),
+    }
 
 
 def _child_env() -> dict:
@@ -205,4 +314,3 @@ def _child_env() -> dict:
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     return env
-

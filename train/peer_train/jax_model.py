@@ -44,8 +44,9 @@ class Block(nnx.Module):
         self.ln2 = nnx.LayerNorm(cfg.d_model, rngs=rngs)
         self.is_peer = kind == "peer"
         if self.is_peer:
-            self.ffn = peer_backends.layer(cfg.peer_config(), backend="jax", rngs=rngs, dtype=dtype,
-                                           param_dtype=jnp.float32)
+            self.ffn = peer_backends.layer(
+                cfg.peer_config(), backend="jax", rngs=rngs, dtype=dtype, param_dtype=jnp.float32
+            )
         else:
             self.ffn = DenseFFN(cfg.d_model, width, rngs, dtype)
 
@@ -121,9 +122,11 @@ class Engine:
         if (device == "cuda") != (platform == "gpu"):
             raise RuntimeError(f"device={device!r}, but JAX's default backend is {platform!r}")
         if train_cfg.precision not in COMPUTE_DTYPES:
-            raise ConfigError(f"precision={train_cfg.precision!r} with the JAX engine, but expected one of "
-                              f"{tuple(COMPUTE_DTYPES)}: float16 training needs loss scaling, which this "
-                              "trainer implements for torch only (torch.amp.GradScaler)")
+            raise ConfigError(
+                f"precision={train_cfg.precision!r} with the JAX engine, but expected one of "
+                f"{tuple(COMPUTE_DTYPES)}: float16 training needs loss scaling, which this "
+                "trainer implements for torch only (torch.amp.GradScaler)"
+            )
         self.model = Transformer(model_cfg, train_cfg.seed, COMPUTE_DTYPES[train_cfg.precision])
         table = jnp.asarray([train_cfg.lr_at(s) for s in range(train_cfg.steps)], jnp.float32)
 
@@ -134,8 +137,9 @@ class Engine:
             return jax.tree.map(lambda p: p.ndim >= 2, params)
 
         parts = [optax.clip_by_global_norm(train_cfg.grad_clip)] if train_cfg.grad_clip > 0 else []
-        tx = optax.chain(*parts, optax.adamw(schedule, b1=0.9, b2=train_cfg.beta2,
-                                             weight_decay=train_cfg.weight_decay, mask=decay))
+        tx = optax.chain(
+            *parts, optax.adamw(schedule, b1=0.9, b2=train_cfg.beta2, weight_decay=train_cfg.weight_decay, mask=decay)
+        )
         self.opt = nnx.Optimizer(self.model, tx, wrt=nnx.Param)
 
     def n_params(self) -> int:

@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-LABELS = {"dense": "dense FFN (equal FLOPs)", "peer": "PEER", "peer_no_bn": "PEER, no query BN",
-          "peer_glu": "PEER-GLU (equal FLOPs)"}
+LABELS = {
+    "dense": "dense FFN (equal FLOPs)",
+    "peer": "PEER",
+    "peer_no_bn": "PEER, no query BN",
+    "peer_glu": "PEER-GLU (equal FLOPs)",
+}
 
 
 def _num(x, digits=3):
@@ -18,59 +22,79 @@ def write_json(path: Path, result: dict) -> None:
 
 
 def header(env: dict, corpus: dict) -> list[str]:
-    return [f"- command: `{env['command']}`",
-            f"- date: {env['date']}, wall time {env['wall_s']:.0f} s, {env['threads']} threads, {env['cpu_model']}",
-            f"- Python {env['python']}; " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
-            f"- corpus: {corpus['name']} ({corpus['files']} files, {corpus['train_bytes']:,} training bytes, "
-            f"{corpus['val_bytes']:,} validation bytes from {corpus['val_files']} files), sha256 `{corpus['sha256']}`",
-            ""]
+    return [
+        f"- command: `{env['command']}`",
+        f"- date: {env['date']}, wall time {env['wall_s']:.0f} s, {env['threads']} threads, {env['cpu_model']}",
+        f"- Python {env['python']}; " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
+        f"- corpus: {corpus['name']} ({corpus['files']} files, {corpus['train_bytes']:,} training bytes, "
+        f"{corpus['val_bytes']:,} validation bytes from {corpus['val_files']} files), sha256 `{corpus['sha256']}`",
+        "",
+    ]
 
 
 def isoflop_markdown(result: dict) -> list[str]:
-    lines = ["## isoFLOP in miniature", "",
-             "Validation bits per byte after training at each compute budget (mean ± sample std over seeds); "
-             "every variant of a budget has the same training FLOPs per token (3 × forward, "
-             "bench/peer_bench/formulas.py; PEER-GLU: GLU experts, SPEC §3.10, with the top-k that "
-             "brings its FLOPs nearest to PEER's). Usage/unevenness: the PEER block on validation data.", "",
-             "| model | top-k | budget (steps) | training FLOPs | params | val bpb | seeds | usage | unevenness |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "## isoFLOP in miniature",
+        "",
+        "Validation bits per byte after training at each compute budget (mean ± sample std over seeds); "
+        "every variant of a budget has the same training FLOPs per token (3 × forward, "
+        "bench/peer_bench/formulas.py; PEER-GLU: GLU experts, SPEC §3.10, with the top-k that "
+        "brings its FLOPs nearest to PEER's). Usage/unevenness: the PEER block on validation data.",
+        "",
+        "| model | top-k | budget (steps) | training FLOPs | params | val bpb | seeds | usage | unevenness |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in result["table"]:
         std = f" ± {row['val_bpb_std']:.3f}" if row["val_bpb_std"] is not None else ""
         topk = row.get("peer_topk")
-        lines.append(f"| {LABELS[row['variant']]} | {'–' if topk is None else topk} | {row['budget_steps']} | "
-                     f"{row['train_flops']:.3g} | "
-                     f"{row['n_params']:,} | {row['val_bpb_mean']:.3f}{std} | {row['seeds']} | "
-                     f"{_num(row['usage_mean'])} | {_num(row['unevenness_mean'])} |")
+        lines.append(
+            f"| {LABELS[row['variant']]} | {'–' if topk is None else topk} | {row['budget_steps']} | "
+            f"{row['train_flops']:.3g} | "
+            f"{row['n_params']:,} | {row['val_bpb_mean']:.3f}{std} | {row['seeds']} | "
+            f"{_num(row['usage_mean'])} | {_num(row['unevenness_mean'])} |"
+        )
     return lines + [""]
 
 
 def usage_markdown(result: dict) -> list[str]:
-    lines = ["## Table 2 in miniature: expert usage and unevenness", "",
-             "On the validation batches after training, in evaluation mode (SPEC §11: usage = fraction of "
-             "experts with any router weight; unevenness = KL(usage distribution ‖ uniform), nats).", "",
-             "| experts N | query batch norm | usage | unevenness | val bpb |", "|---|---|---|---|---|"]
+    lines = [
+        "## Table 2 in miniature: expert usage and unevenness",
+        "",
+        "On the validation batches after training, in evaluation mode (SPEC §11: usage = fraction of "
+        "experts with any router weight; unevenness = KL(usage distribution ‖ uniform), nats).",
+        "",
+        "| experts N | query batch norm | usage | unevenness | val bpb |",
+        "|---|---|---|---|---|",
+    ]
     for row in result["table"]:
-        lines.append(f"| {row['n_experts']} ({int(round(row['n_experts'] ** 0.5))}²) | "
-                     f"{'yes' if row['query_norm'] == 'batch' else 'no'} | {row['usage'] * 100:.1f}% | "
-                     f"{row['unevenness']:.3f} | {row['val_bpb']:.3f} |")
+        lines.append(
+            f"| {row['n_experts']} ({int(round(row['n_experts'] ** 0.5))}²) | "
+            f"{'yes' if row['query_norm'] == 'batch' else 'no'} | {row['usage'] * 100:.1f}% | "
+            f"{row['unevenness']:.3f} | {row['val_bpb']:.3f} |"
+        )
     return lines + [""]
 
 
 def transfer_markdown(result: dict) -> list[str]:
     tol = result["tolerance"]
-    lines = ["## A trained layer moves between frameworks", "",
-             f"The trained torch model's PEER layer (block {result['block']}) saved with `peer_backends.save`, "
-             f"loaded with `peer_backends.load` into each framework and run on its recorded inputs "
-             f"({result['tokens_compared']:,} validation tokens, evaluation mode). Tolerance: float32 "
-             f"(rtol {tol['rtol']}, atol {tol['atol']}, peer_ref.TOLERANCES).", "",
-             "| framework | max abs error vs torch | within tolerance | same indices | usage | unevenness |",
-             "|---|---|---|---|---|---|",
-             f"| torch (source) | – | – | – | {result['torch']['usage'] * 100:.2f}% | "
-             f"{result['torch']['unevenness']:.5f} |"]
+    lines = [
+        "## A trained layer moves between frameworks",
+        "",
+        f"The trained torch model's PEER layer (block {result['block']}) saved with `peer_backends.save`, "
+        f"loaded with `peer_backends.load` into each framework and run on its recorded inputs "
+        f"({result['tokens_compared']:,} validation tokens, evaluation mode). Tolerance: float32 "
+        f"(rtol {tol['rtol']}, atol {tol['atol']}, peer_ref.TOLERANCES).",
+        "",
+        "| framework | max abs error vs torch | within tolerance | same indices | usage | unevenness |",
+        "|---|---|---|---|---|---|",
+        f"| torch (source) | – | – | – | {result['torch']['usage'] * 100:.2f}% | {result['torch']['unevenness']:.5f} |",
+    ]
     for name, r in result["targets"].items():
-        lines.append(f"| {name} {r['version']} | {r['max_abs_error']:.2e} | "
-                     f"{'yes' if r['outputs_within_tolerance'] else 'NO'} | {r['indices_equal'] * 100:.3f}% | "
-                     f"{r['usage'] * 100:.2f}% | {r['unevenness']:.5f} |")
+        lines.append(
+            f"| {name} {r['version']} | {r['max_abs_error']:.2e} | "
+            f"{'yes' if r['outputs_within_tolerance'] else 'NO'} | {r['indices_equal'] * 100:.3f}% | "
+            f"{r['usage'] * 100:.2f}% | {r['unevenness']:.5f} |"
+        )
     return lines + [""]
 
 
@@ -82,8 +106,10 @@ def docs_markdown(result: dict) -> str:
     run's command, date, versions and corpus."""
     body = MARKDOWN[result["experiment"]](result)[2:]  # without its "## title" line
     precision = result.get("precision", "float32")
-    return "\n".join(body + [f"Run ({result['size']} size, {precision} training):", "",
-                             *header(result["environment"], result["corpus"])])
+    return "\n".join(
+        body
+        + [f"Run ({result['size']} size, {precision} training):", "", *header(result["environment"], result["corpus"])]
+    )
 
 
 def isoflop_plot(result: dict, path: Path) -> None:
@@ -102,9 +128,13 @@ def isoflop_plot(result: dict, path: Path) -> None:
         ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label, color=colors[variant])
         for r in result["runs"]:
             if r["variant"] == variant and r["budget_steps"] == max(_budgets(result)):
-                curves.plot([e["train_flops"] for e in r["evals"]], [e["val_bpb"] for e in r["evals"]],
-                            color=colors[variant], alpha=0.7, label=label if r["seed"] == _first_seed(result)
-                            else None)
+                curves.plot(
+                    [e["train_flops"] for e in r["evals"]],
+                    [e["val_bpb"] for e in r["evals"]],
+                    color=colors[variant],
+                    alpha=0.7,
+                    label=label if r["seed"] == _first_seed(result) else None,
+                )
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel("validation bits per byte")
@@ -138,13 +168,15 @@ def usage_plot(result: dict, path: Path) -> None:
     sizes = sorted({r["n_experts"] for r in result["table"]})
     for query_norm, label, color in (("batch", "query batch norm", "tab:blue"), ("none", "no query BN", "tab:orange")):
         rows = sorted((r for r in result["table"] if r["query_norm"] == query_norm), key=lambda r: r["n_experts"])
-        left.plot([r["n_experts"] for r in rows], [100 * r["usage"] for r in rows], marker="o", label=label,
-                  color=color)
-        right.plot([r["n_experts"] for r in rows], [r["unevenness"] for r in rows], marker="o", label=label,
-                   color=color)
+        left.plot(
+            [r["n_experts"] for r in rows], [100 * r["usage"] for r in rows], marker="o", label=label, color=color
+        )
+        right.plot(
+            [r["n_experts"] for r in rows], [r["unevenness"] for r in rows], marker="o", label=label, color=color
+        )
     for ax, ylabel in ((left, "expert usage (%)"), (right, "unevenness (KL to uniform, nats)")):
         ax.set_xscale("log", base=2)
-        ax.set_xticks(sizes, [f"{int(round(n ** 0.5))}²" for n in sizes])
+        ax.set_xticks(sizes, [f"{int(round(n**0.5))}²" for n in sizes])
         ax.set_xlabel("experts N")
         ax.set_ylabel(ylabel)
         ax.legend()
@@ -160,8 +192,12 @@ def write(out: Path, name: str, result: dict) -> list[Path]:
     write_json(paths[0], result)
     body = MARKDOWN[result["experiment"]]
     precision = result.get("precision", "float32")  # results written before precision was recorded: float32
-    lines = [f"# peer_train: {result['experiment']} ({result['size']} size, {precision} training)", "",
-             *header(result["environment"], result["corpus"]), *body(result)]
+    lines = [
+        f"# peer_train: {result['experiment']} ({result['size']} size, {precision} training)",
+        "",
+        *header(result["environment"], result["corpus"]),
+        *body(result),
+    ]
     if result["experiment"] == "isoflop":
         isoflop_plot(result, out / "isoflop.png")
         lines.append("![isoFLOP](isoflop.png)")

@@ -114,7 +114,9 @@ class Engine:
         no_decay = [p for p in self.model.parameters() if p.ndim < 2]
         self.opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": train_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=train_cfg.lr, betas=(0.9, train_cfg.beta2))
+            lr=train_cfg.lr,
+            betas=(0.9, train_cfg.beta2),
+        )
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: train_cfg.lr_at(s) / train_cfg.lr)
         self.clip = train_cfg.grad_clip
         self.amp_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[train_cfg.precision]
@@ -163,13 +165,20 @@ class Engine:
         with contextlib.ExitStack() as stack:
             if routing:
                 for i, layer in self.model.peer_layers().items():
-                    stack.enter_context(_routing_recorded(layer, lambda x, y, a, i=i: aux[i].append(
-                        (a["indices"].cpu().numpy(), a["weights"].cpu().numpy()))))
+                    stack.enter_context(
+                        _routing_recorded(
+                            layer,
+                            lambda x, y, a, i=i: aux[i].append(
+                                (a["indices"].cpu().numpy(), a["weights"].cpu().numpy())
+                            ),
+                        )
+                    )
             for batch in batches:
                 tokens = self._tensor(batch)
                 logits = self._logits(tokens[:, :-1])
-                total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1),
-                                               reduction="sum"))
+                total += float(
+                    F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="sum")
+                )
                 count += tokens[:, 1:].numel()
         return (total / count, aux) if routing else total / count
 
@@ -179,9 +188,12 @@ class Engine:
         the training precision: the trained float32 parameters), via forward hooks."""
         self.model.eval()
         seen = []
-        with _routing_recorded(self.model.blocks[block].ffn, lambda x, y, a: seen.append(
-                (x.cpu().numpy().copy(), y.cpu().numpy().copy(), a["indices"].cpu().numpy(),
-                 a["weights"].cpu().numpy()))):
+        with _routing_recorded(
+            self.model.blocks[block].ffn,
+            lambda x, y, a: seen.append(
+                (x.cpu().numpy().copy(), y.cpu().numpy().copy(), a["indices"].cpu().numpy(), a["weights"].cpu().numpy())
+            ),
+        ):
             for batch in batches:
                 self.model(self._tensor(batch)[:, :-1])
         return seen
@@ -190,8 +202,12 @@ class Engine:
         return self.model.blocks[block].ffn
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
-                "scaler": self.scaler.state_dict()}
+        return {
+            "model": self.model.state_dict(),
+            "opt": self.opt.state_dict(),
+            "sched": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])

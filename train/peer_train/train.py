@@ -47,9 +47,21 @@ def checkpoint_path(out_dir: Path, backend: str) -> Path:
     return Path(out_dir) / ("checkpoint.pt" if backend == "torch" else "checkpoint.npz")
 
 
-def run(model_cfg: ModelConfig, train_cfg: TrainConfig, corpus: data.Corpus, *, backend: str = "torch",
-        device: str = "cpu", out_dir: str | Path | None = None, checkpoint_every: int = 0, resume: bool = False,
-        progress=None, label: str = "train", stop_after: int | None = None, keep_engine: bool = False) -> dict:
+def run(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    corpus: data.Corpus,
+    *,
+    backend: str = "torch",
+    device: str = "cpu",
+    out_dir: str | Path | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+    progress=None,
+    label: str = "train",
+    stop_after: int | None = None,
+    keep_engine: bool = False,
+) -> dict:
     """Train one model; return its record (losses, evaluations, routing metrics, speed).
 
     ``checkpoint_every`` > 0 writes ``out_dir/checkpoint.{pt,npz}`` every that many steps and at
@@ -63,8 +75,12 @@ def run(model_cfg: ModelConfig, train_cfg: TrainConfig, corpus: data.Corpus, *, 
     val = data.val_batches(corpus.val, train_cfg.batch, model_cfg.seq, train_cfg.eval_batches)
     tokens_per_step = train_cfg.batch * model_cfg.seq
     flops_per_token = model_cfg.train_flops_per_token()
-    settings = {"model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "backend": backend,
-                "corpus_sha256": corpus.sha256}
+    settings = {
+        "model": model_cfg.to_dict(),
+        "train": train_cfg.to_dict(),
+        "backend": backend,
+        "corpus_sha256": corpus.sha256,
+    }
     losses, evals, start = [], [], 0
     ckpt = checkpoint_path(out_dir, backend) if out_dir is not None else None
     if resume:
@@ -73,23 +89,26 @@ def run(model_cfg: ModelConfig, train_cfg: TrainConfig, corpus: data.Corpus, *, 
         extra = eng.load(ckpt)
         extra["settings"]["train"].setdefault("precision", "float32")  # written before precision was a setting
         if extra["settings"] != settings:
-            raise ResumeError(f"--resume: {str(ckpt)!r} was written by a run with other settings; "
-                              "use the same flags or another --out")
+            raise ResumeError(
+                f"--resume: {str(ckpt)!r} was written by a run with other settings; use the same flags or another --out"
+            )
         losses, evals, start = extra["losses"], extra["evals"], extra["step"]
 
     def evaluate(step):
         nats = eng.evaluate(val)
         tokens = step * tokens_per_step
-        evals.append({"step": step, "tokens": tokens, "train_flops": tokens * flops_per_token,
-                      "val_bpb": nats / LN2})
+        evals.append({"step": step, "tokens": tokens, "train_flops": tokens * flops_per_token, "val_bpb": nats / LN2})
 
     def save(step):
         if ckpt is not None and checkpoint_every > 0:
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             eng.save(ckpt, {"settings": settings, "step": step, "losses": losses, "evals": evals})
 
-    task = progress.add_task(label, total=train_cfg.steps, completed=start, loss=float("nan"), tps=0.0) \
-        if progress is not None else None
+    task = (
+        progress.add_task(label, total=train_cfg.steps, completed=start, loss=float("nan"), tps=0.0)
+        if progress is not None
+        else None
+    )
     began, trained = time.perf_counter(), 0
     end = train_cfg.steps if stop_after is None else min(train_cfg.steps, start + stop_after)
     for step in range(start, end):
@@ -104,16 +123,27 @@ def run(model_cfg: ModelConfig, train_cfg: TrainConfig, corpus: data.Corpus, *, 
         if checkpoint_every > 0 and (done % checkpoint_every == 0 or done == end):
             save(done)
         if task is not None:
-            progress.update(task, completed=done, loss=loss,
-                            tps=trained * tokens_per_step / (time.perf_counter() - began))
+            progress.update(
+                task, completed=done, loss=loss, tps=trained * tokens_per_step / (time.perf_counter() - began)
+            )
     wall = time.perf_counter() - began
-    record = {"label": label, "backend": backend, "device": device, "precision": train_cfg.precision,
-              "model": model_cfg.to_dict(),
-              "train": train_cfg.to_dict(), "n_params": eng.n_params(),
-              "flops_per_token_forward": model_cfg.flops_per_token(), "train_flops_per_token": flops_per_token,
-              "tokens_per_step": tokens_per_step, "losses": losses, "evals": evals,
-              "wall_s": wall, "tokens_per_s": trained * tokens_per_step / wall if wall > 0 else None,
-              "completed_steps": end}
+    record = {
+        "label": label,
+        "backend": backend,
+        "device": device,
+        "precision": train_cfg.precision,
+        "model": model_cfg.to_dict(),
+        "train": train_cfg.to_dict(),
+        "n_params": eng.n_params(),
+        "flops_per_token_forward": model_cfg.flops_per_token(),
+        "train_flops_per_token": flops_per_token,
+        "tokens_per_step": tokens_per_step,
+        "losses": losses,
+        "evals": evals,
+        "wall_s": wall,
+        "tokens_per_s": trained * tokens_per_step / wall if wall > 0 else None,
+        "completed_steps": end,
+    }
     if end == train_cfg.steps:
         nats, aux = eng.evaluate(val, routing=True)
         record["val_bpb"] = nats / LN2

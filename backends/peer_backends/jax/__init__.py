@@ -14,7 +14,8 @@ from .peer import apply, clear_caches, init, vjp
 name = "jax"
 default_path = "compiled"  # what jit=None runs
 capabilities = frozenset(
-    {"float64", "float32", "bfloat16", "float16", "mixed", "grad", "jit"} | ({"gpu"} if jax.default_backend() == "gpu" else set())
+    {"float64", "float32", "bfloat16", "float16", "mixed", "grad", "jit"}
+    | ({"gpu"} if jax.default_backend() == "gpu" else set())
 )
 PEER = _layer_module.PEER  # the layer class: from peer_backends.jax import PEER
 layer = _layer_module.layer
@@ -26,4 +27,19 @@ def enable_float64() -> None:
     jax.config.update("jax_enable_x64", True)
 
 
-__all__ = ["PEER", "apply", "capabilities", "default_path", "implementations", "clear_caches", "enable_float64", "from_numpy", "init", "layer", "name", "to_numpy", "version", "vjp"]
+__all__ = [
+    "PEER",
+    "apply",
+    "capabilities",
+    "default_path",
+    "implementations",
+    "clear_caches",
+    "enable_float64",
+    "from_numpy",
+    "init",
+    "layer",
+    "name",
+    "to_numpy",
+    "version",
+    "vjp",
+]

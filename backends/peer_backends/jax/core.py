@@ -89,8 +89,9 @@ def native_dtype(name: str):
 
 def __getattr__(name):
     if name == "DTYPES":  # the old name of the dtype map, which clashed with peer_ref.config.DTYPES (names)
-        warnings.warn("peer_backends.jax.core.DTYPES is deprecated; use native_dtype(name)", DeprecationWarning,
-                      stacklevel=2)
+        warnings.warn(
+            "peer_backends.jax.core.DTYPES is deprecated; use native_dtype(name)", DeprecationWarning, stacklevel=2
+        )
         return dict(_NATIVE_DTYPES)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

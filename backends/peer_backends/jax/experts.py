@@ -29,9 +29,18 @@ def expert_stage(cfg, p, xf, indices, weights, low=None):
     parameters in the compute dtype, xf (T, d_model), indices and weights (T, heads, topk) and
     ``low`` the mixed mode's dtype name or None (SPEC §10.3)."""
     chunk = max(1, ROWS_PER_CHUNK // (cfg.heads * cfg.topk))
-    return chunked_experts(cfg.activation, chunk, low, xf, indices, weights, p["experts.down"], p["experts.up"],
-                           p["experts.bias"] if cfg.expert_bias else None,
-                           p["experts.gate"] if cfg.expert_glu else None)
+    return chunked_experts(
+        cfg.activation,
+        chunk,
+        low,
+        xf,
+        indices,
+        weights,
+        p["experts.down"],
+        p["experts.up"],
+        p["experts.bias"] if cfg.expert_bias else None,
+        p["experts.gate"] if cfg.expert_glu else None,
+    )
 
 
 def activation(name, z):
@@ -71,8 +80,9 @@ def _chunked(chunk, arrays):
     """Pad the token axis to a multiple of ``chunk`` and split it: (n_chunks, chunk, ...)."""
     tokens = arrays[0].shape[0]
     padded = -(-tokens // chunk) * chunk
-    return [jnp.pad(a, [(0, padded - tokens)] + [(0, 0)] * (a.ndim - 1)).reshape((-1, chunk) + a.shape[1:])
-            for a in arrays]
+    return [
+        jnp.pad(a, [(0, padded - tokens)] + [(0, 0)] * (a.ndim - 1)).reshape((-1, chunk) + a.shape[1:]) for a in arrays
+    ]
 
 
 # Dots of gathered rows with a token's vector are written rows-first ("thkd,td->thk"): XLA's CPU
@@ -125,13 +135,17 @@ def _experts_backward(activation, chunk, low, x, indices, weights, down, up, bia
             hidden = activated * gate_values
             (d_pre,) = act_vjp(d_hidden * gate_values)
             d_gate_values = d_hidden * activated
-            dx_c = (jnp.einsum("thk,thkd->td", d_pre, down_rows, precision=HIGHEST)
-                    + jnp.einsum("thk,thkd->td", d_gate_values, gate_rows, precision=HIGHEST))
+            dx_c = jnp.einsum("thk,thkd->td", d_pre, down_rows, precision=HIGHEST) + jnp.einsum(
+                "thk,thkd->td", d_gate_values, gate_rows, precision=HIGHEST
+            )
             d_gate = d_gate.at[rows].add(
-                (d_gate_values[..., None] * x_c[:, None, None, :]).reshape(rows.shape[0], gate.shape[1]))
+                (d_gate_values[..., None] * x_c[:, None, None, :]).reshape(rows.shape[0], gate.shape[1])
+            )
         # Explicit widths (not -1): a chunk may hold zero tokens.
         d_down = d_down.at[rows].add((d_pre[..., None] * x_c[:, None, None, :]).reshape(rows.shape[0], down.shape[1]))
-        d_up = d_up.at[rows].add(((w_c * hidden)[..., None] * dy_c[:, None, None, :]).reshape(rows.shape[0], up.shape[1]))
+        d_up = d_up.at[rows].add(
+            ((w_c * hidden)[..., None] * dy_c[:, None, None, :]).reshape(rows.shape[0], up.shape[1])
+        )
         if bias is not None:
             d_bias = d_bias.at[rows].add(d_pre.reshape(-1))
         return (d_down, d_up, d_bias, d_gate), (dx_c, d_coef * hidden)
@@ -145,7 +159,8 @@ def _experts_backward(activation, chunk, low, x, indices, weights, down, up, bia
         (d_down, d_up, d_bias, d_gate), (dx, d_weights) = one_chunk(acc, (x, indices, weights, dy))
     else:
         (d_down, d_up, d_bias, d_gate), (dx, d_weights) = lax.scan(
-            one_chunk, acc, tuple(_chunked(chunk, [x, indices, weights, dy])))
+            one_chunk, acc, tuple(_chunked(chunk, [x, indices, weights, dy]))
+        )
         dx = dx.reshape(-1, x.shape[1])[:tokens]
         d_weights = d_weights.reshape((-1,) + weights.shape[1:])[:tokens]
     return dx, d_weights, d_down, d_up, d_bias, d_gate

@@ -91,7 +91,10 @@ def _call(kernel, out_shape, grid, *args):
     pl, plgpu = _pallas()
     interpret = interpreted()
     return pl.pallas_call(
-        kernel, out_shape=out_shape, grid=grid, interpret=interpret,
+        kernel,
+        out_shape=out_shape,
+        grid=grid,
+        interpret=interpret,
         compiler_params=None if interpret else plgpu.CompilerParams(num_warps=_NUM_WARPS, num_stages=1),
     )(*args)
 
@@ -115,9 +118,13 @@ def _row_dots(x, idx, tables):
         def one_selection(s, accs):
             i = idx_ref[t, s]
             return tuple(
-                jnp.where(positions == s, jnp.sum(x_row * _load(
-                    table.at[i, pl.ds(_zero(), width_p)], mask=columns < width).astype(x.dtype)), acc)
-                for table, acc in zip(table_refs, accs))
+                jnp.where(
+                    positions == s,
+                    jnp.sum(x_row * _load(table.at[i, pl.ds(_zero(), width_p)], mask=columns < width).astype(x.dtype)),
+                    acc,
+                )
+                for table, acc in zip(table_refs, accs)
+            )
 
         zeros = tuple(jnp.zeros((slots_p,), x.dtype) for _ in tables)
         accs = lax.fori_loop(_zero(), jnp.int32(slots), one_selection, zeros)
@@ -139,7 +146,7 @@ def _row_sums(coefs, idx, tables):
     n_tables = len(tables)
 
     def kernel(idx_ref, *refs):
-        coef_refs, table_refs, out = refs[:n_tables], refs[n_tables:2 * n_tables], refs[2 * n_tables]
+        coef_refs, table_refs, out = refs[:n_tables], refs[n_tables : 2 * n_tables], refs[2 * n_tables]
         t, c = pl.program_id(0), pl.program_id(1)
         columns = c * block + lax.broadcasted_iota(jnp.int32, (block,), 0)
 
@@ -183,18 +190,23 @@ def _segment_rows(pairs, order, offsets, sources, slots):
             slot_of[k] = len(slot_of)
 
     def kernel(order_ref, offsets_ref, *refs):
-        source_refs = refs[:len(arrays)]
-        coef_refs = refs[len(arrays):len(arrays) + len(pairs)]
-        out_refs = refs[len(arrays) + len(pairs):]
+        source_refs = refs[: len(arrays)]
+        coef_refs = refs[len(arrays) : len(arrays) + len(pairs)]
+        out_refs = refs[len(arrays) + len(pairs) :]
         n, c = pl.program_id(0), pl.program_id(1)
         columns = c * block + lax.broadcasted_iota(jnp.int32, (block,), 0)
 
         def one_selection(p, accs):
             q = order_ref[p]
-            rows = [jnp.ones((block,), dtype) if src is None else
-                    _load(source_refs[slot_of[k]].at[lax.div(q, jnp.int32(slots)), pl.ds(c * block, block)],
-                               mask=columns < widths[k])
-                    for k, src in enumerate(sources)]
+            rows = [
+                jnp.ones((block,), dtype)
+                if src is None
+                else _load(
+                    source_refs[slot_of[k]].at[lax.div(q, jnp.int32(slots)), pl.ds(c * block, block)],
+                    mask=columns < widths[k],
+                )
+                for k, src in enumerate(sources)
+            ]
             return tuple(acc + coef[q] * rows[k] for coef, (_, k), acc in zip(coef_refs, pairs, accs))
 
         zeros = tuple(jnp.zeros((block,), dtype) for _ in pairs)
@@ -209,6 +221,7 @@ def _segment_rows(pairs, order, offsets, sources, slots):
 
 # ---------------------------------------------------------------------------- the expert stage
 
+
 def _read_copy(table, low):
     """The table as the kernels read it: itself, or rounded to ``low`` in the mixed mode."""
     return table if table is None or low is None else table.astype(native_dtype(low))
@@ -217,9 +230,17 @@ def _read_copy(table, low):
 def expert_stage(cfg, p, xf, indices, weights, low=None):
     """The expert stage of implementation "pallas" (``peer.expert_stage_for``), with the role's
     arguments: see ``experts.expert_stage``."""
-    return pallas_experts(cfg.activation, low, xf, indices, weights, p["experts.down"], p["experts.up"],
-                          p["experts.bias"] if cfg.expert_bias else None,
-                          p["experts.gate"] if cfg.expert_glu else None)
+    return pallas_experts(
+        cfg.activation,
+        low,
+        xf,
+        indices,
+        weights,
+        p["experts.down"],
+        p["experts.up"],
+        p["experts.bias"] if cfg.expert_bias else None,
+        p["experts.gate"] if cfg.expert_glu else None,
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -257,6 +278,7 @@ def _backward(activation, low, residuals, dy):
     tokens, slots = idx.shape
     n_experts = down_r.shape[0]
     if tokens == 0:  # no kernel launch on an empty grid
+
         def zeros(a):
             return None if a is None else jnp.zeros(a.shape, x.dtype)
 

@@ -30,7 +30,7 @@ from peer_ref.errors import PEERConfigError, PEERInputError
 
 from .._implementation import check_known
 from .._layer import check_seed, reference_tables
-from .core import dtype_name, from_numpy, meta, require_x64
+from .core import from_numpy, meta, require_x64
 from .peer import IMPLEMENTATIONS, apply, init_from_key
 
 _GROUPS = ("query", "query_norm", "keys", "experts")
@@ -79,8 +79,17 @@ class PEER(nnx.Module):
         an unknown ``implementation``, or one that cannot run here.
     """
 
-    def __init__(self, cfg, *, rngs: nnx.Rngs | None = None, seed: int | None = None, dtype=None,
-                 param_dtype=jnp.float32, use_running_average: bool = False, implementation=None):
+    def __init__(
+        self,
+        cfg,
+        *,
+        rngs: nnx.Rngs | None = None,
+        seed: int | None = None,
+        dtype=None,
+        param_dtype=jnp.float32,
+        use_running_average: bool = False,
+        implementation=None,
+    ):
         check_known("jax", implementation, IMPLEMENTATIONS)  # whether it runs depends on where the tables live
         self.cfg = cfg
         self.implementation = implementation
@@ -92,7 +101,8 @@ class PEER(nnx.Module):
             given = "neither" if rngs is None else "both"
             raise PEERConfigError(
                 f"PEER(cfg) got {given} of rngs= and seed=, but expected one: rngs=nnx.Rngs(...) to draw the "
-                "parameters as nnx.Linear does, or seed=<int> for the reference's tables (SPEC §8)")
+                "parameters as nnx.Linear does, or seed=<int> for the reference's tables (SPEC §8)"
+            )
         if rngs is not None:
             if not isinstance(rngs, nnx.Rngs):
                 raise PEERConfigError(f"rngs is {type(rngs).__name__}, but expected an nnx.Rngs, e.g. nnx.Rngs(0)")
@@ -110,8 +120,9 @@ class PEER(nnx.Module):
         for name, value in state.items():
             self._set(name, nnx.BatchStat(value))
 
-    def __call__(self, x, mask=None, routing=None, *, use_running_average: bool | None = None,
-                 return_aux: bool = False):
+    def __call__(
+        self, x, mask=None, routing=None, *, use_running_average: bool | None = None, return_aux: bool = False
+    ):
         """y = PEER(x); in training mode the running statistics are updated in place.
 
         Args:
@@ -152,8 +163,10 @@ class PEER(nnx.Module):
         """(x, params, state, compute_dtype keyword or None) for the computation dtype."""
         x_dtype = getattr(x, "dtype", None)
         if x_dtype is None or not jnp.issubdtype(x_dtype, jnp.floating):
-            raise PEERInputError(f"x.dtype={x_dtype}, but expected a floating array (it is promoted with "
-                                 f"param_dtype={self.param_dtype.name} as nnx.Linear does)")
+            raise PEERInputError(
+                f"x.dtype={x_dtype}, but expected a floating array (it is promoted with "
+                f"param_dtype={self.param_dtype.name} as nnx.Linear does)"
+            )
         stored = self.param_dtype
         compute = jnp.dtype(nnx_dtypes.canonicalize_dtype(x, jnp.zeros((), stored), dtype=self.dtype))
         x = x.astype(compute)
@@ -195,7 +208,8 @@ def _jax_dtype(arg: str, value) -> np.dtype:
         example = value if value.isidentifier() else "float32"
         raise PEERInputError(
             f"{arg}={value!r} is a string, but expected a JAX dtype such as jnp.{example} "
-            "(as in nnx.Linear: dtype is the computation dtype, param_dtype the parameters' storage dtype)")
+            "(as in nnx.Linear: dtype is the computation dtype, param_dtype the parameters' storage dtype)"
+        )
     try:
         dtype = jnp.dtype(value)
     except TypeError:

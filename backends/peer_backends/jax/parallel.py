@@ -42,8 +42,18 @@ from . import peer
 from .core import HIGHEST, round_through
 from .experts import ACTIVATIONS
 
-__all__ = ["DEFAULT_AXIS", "OUTPUT_TABLES", "apply", "column_tables", "dot_tables", "expert_stage", "shard",
-           "shard_layer", "shardings", "vjp"]
+__all__ = [
+    "DEFAULT_AXIS",
+    "OUTPUT_TABLES",
+    "apply",
+    "column_tables",
+    "dot_tables",
+    "expert_stage",
+    "shard",
+    "shard_layer",
+    "shardings",
+    "vjp",
+]
 
 DEFAULT_AXIS = "model"
 
@@ -58,15 +68,18 @@ def _check_mesh(cfg, mesh, axis):
         width = cfg.param_shapes()[name][1]
         if width % size:
             raise PEERInputError(
-                f"{name} has {width} columns, but expected a multiple of the {size} devices of mesh axis {axis!r}")
+                f"{name} has {width} columns, but expected a multiple of the {size} devices of mesh axis {axis!r}"
+            )
 
 
 def shardings(cfg, mesh, axis: str = DEFAULT_AXIS) -> tuple[dict, dict]:
     """``(params, state)`` dicts of ``NamedSharding``: tables ``P(None, axis)``, the rest ``P()``."""
     _check_mesh(cfg, mesh, axis)
     columns, whole = PartitionSpec(None, axis), PartitionSpec()
-    return ({name: NamedSharding(mesh, columns if name in column_tables(cfg) else whole) for name in cfg.param_shapes()},
-            {name: NamedSharding(mesh, PartitionSpec()) for name in cfg.state_shapes()})
+    return (
+        {name: NamedSharding(mesh, columns if name in column_tables(cfg) else whole) for name in cfg.param_shapes()},
+        {name: NamedSharding(mesh, PartitionSpec()) for name in cfg.state_shapes()},
+    )
 
 
 def shard(cfg, params: dict, state: dict, mesh, axis: str = DEFAULT_AXIS) -> tuple[dict, dict]:
@@ -80,8 +93,21 @@ def shard(cfg, params: dict, state: dict, mesh, axis: str = DEFAULT_AXIS) -> tup
     return jax.device_put(params, param_shardings), jax.device_put(state, state_shardings)
 
 
-def apply(cfg, params, state, x, training=False, mask=None, routing=None, *, mesh, axis: str = DEFAULT_AXIS,
-          jit=None, compute_dtype=None, implementation=None):
+def apply(
+    cfg,
+    params,
+    state,
+    x,
+    training=False,
+    mask=None,
+    routing=None,
+    *,
+    mesh,
+    axis: str = DEFAULT_AXIS,
+    jit=None,
+    compute_dtype=None,
+    implementation=None,
+):
     """``peer_backends.jax.apply`` with the tables placed by columns over ``mesh``'s ``axis`` first
     (``shard``; nothing moves for arrays already there), so that it runs "sharded".
 
@@ -91,18 +117,53 @@ def apply(cfg, params, state, x, training=False, mask=None, routing=None, *, mes
     """
     peer.validate(cfg, params, state, x, training, mask, routing, compute_dtype=compute_dtype)
     params, state = shard(cfg, params, state, mesh, axis)
-    return peer.apply(cfg, params, state, x, training, mask, routing, jit=jit, compute_dtype=compute_dtype,
-                      implementation=implementation)
+    return peer.apply(
+        cfg,
+        params,
+        state,
+        x,
+        training,
+        mask,
+        routing,
+        jit=jit,
+        compute_dtype=compute_dtype,
+        implementation=implementation,
+    )
 
 
-def vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, mesh, axis: str = DEFAULT_AXIS,
-        jit=None, compute_dtype=None, implementation=None):
+def vjp(
+    cfg,
+    params,
+    state,
+    x,
+    dy,
+    training=False,
+    mask=None,
+    routing=None,
+    *,
+    mesh,
+    axis: str = DEFAULT_AXIS,
+    jit=None,
+    compute_dtype=None,
+    implementation=None,
+):
     """``peer_backends.jax.vjp`` on the sharded layout (see ``apply``): gradients come back in the
     parameters' layout."""
     peer.validate(cfg, params, state, x, training, mask, routing, dy, compute_dtype=compute_dtype)
     params, state = shard(cfg, params, state, mesh, axis)
-    return peer.vjp(cfg, params, state, x, dy, training, mask, routing, jit=jit, compute_dtype=compute_dtype,
-                    implementation=implementation)
+    return peer.vjp(
+        cfg,
+        params,
+        state,
+        x,
+        dy,
+        training,
+        mask,
+        routing,
+        jit=jit,
+        compute_dtype=compute_dtype,
+        implementation=implementation,
+    )
 
 
 def expert_stage(mesh, axis, cfg, p, xf, indices, weights, low=None):
@@ -112,10 +173,15 @@ def expert_stage(mesh, axis, cfg, p, xf, indices, weights, low=None):
     columns, whole = PartitionSpec(None, axis), PartitionSpec()
     tables = tuple(p[name] for name in dot_tables(cfg))
     partial_dots = jax.shard_map(
-        functools.partial(_summed_dots, axis, low), mesh=mesh, axis_names={axis},
-        in_specs=(columns, whole, (columns,) * len(tables)), out_specs=whole)
-    dots = partial_dots(_reshard(xf, mesh, axis, 1), _reshard(indices, mesh, axis),
-                        tuple(_reshard(t, mesh, axis, 1) for t in tables))
+        functools.partial(_summed_dots, axis, low),
+        mesh=mesh,
+        axis_names={axis},
+        in_specs=(columns, whole, (columns,) * len(tables)),
+        out_specs=whole,
+    )
+    dots = partial_dots(
+        _reshard(xf, mesh, axis, 1), _reshard(indices, mesh, axis), tuple(_reshard(t, mesh, axis, 1) for t in tables)
+    )
     pre = dots[0]
     if cfg.expert_bias:
         pre = pre + _rows(p["experts.bias"], indices)
@@ -123,10 +189,16 @@ def expert_stage(mesh, axis, cfg, p, xf, indices, weights, low=None):
     if cfg.expert_glu:  # SPEC §3.10: times the linear gate x . experts.gate[i]
         hidden = hidden * dots[1]
     coef = weights * hidden
-    summed_rows = jax.shard_map(functools.partial(_row_sums, low), mesh=mesh, axis_names={axis},
-                                in_specs=(whole, whole, columns), out_specs=columns)
-    return summed_rows(_reshard(coef, mesh, axis), _reshard(indices, mesh, axis),
-                       _reshard(p["experts.up"], mesh, axis, 1))
+    summed_rows = jax.shard_map(
+        functools.partial(_row_sums, low),
+        mesh=mesh,
+        axis_names={axis},
+        in_specs=(whole, whole, columns),
+        out_specs=columns,
+    )
+    return summed_rows(
+        _reshard(coef, mesh, axis), _reshard(indices, mesh, axis), _reshard(p["experts.up"], mesh, axis, 1)
+    )
 
 
 def _reshard(value, mesh, axis, dim=None):
@@ -152,6 +224,7 @@ def _current_spec(value):
 # Per device, inside shard_map: x_cols (T, d/P), tables (N, d/P), indices (T, heads, topk).
 # jax.checkpoint keeps the gathered (T, heads, topk, d/P) rows out of the residuals: the
 # backward gathers them again.
+
 
 def _rows(table, indices):
     """table[indices]; on a mesh whose other axes are Explicit the rows follow the indices' layout."""
@@ -193,8 +266,10 @@ def shard_layer(layer, mesh, axis: str = DEFAULT_AXIS):
     layer constructed with an implementation other than "sharded" (or None).
     """
     if layer.implementation not in (None, "sharded"):
-        raise PEERConfigError(f"implementation={layer.implementation!r}, but sharded expert tables run 'sharded' "
-                              "(build the layer with implementation=None or 'sharded')")
+        raise PEERConfigError(
+            f"implementation={layer.implementation!r}, but sharded expert tables run 'sharded' "
+            "(build the layer with implementation=None or 'sharded')"
+        )
     params, state = shard(layer.cfg, *layer.params_and_state(), mesh, axis)
     layer.load_params_and_state(params, state)
     return layer

@@ -65,8 +65,11 @@ def choose_implementation(implementation, params=None) -> str:
     if params is not None and tables_layout(params) is not None:
         refused = "the expert tables are sharded by columns over a mesh axis, which run 'sharded'"
         return choose("jax", implementation, {"xla": refused, "pallas": refused, "sharded": None}, ["sharded"])
-    options = {"xla": None, "pallas": None,
-               "sharded": "the expert tables are not sharded by columns over a mesh axis (parallel.shard)"}
+    options = {
+        "xla": None,
+        "pallas": None,
+        "sharded": "the expert tables are not sharded by columns over a mesh axis (parallel.shard)",
+    }
     preferred = ["pallas", "xla"] if jax.default_backend() == "gpu" else ["xla", "pallas"]
     return choose("jax", implementation, options, preferred)
 
@@ -119,24 +122,40 @@ def _draw(cfg, dtype, key):
 
 # ---------------------------------------------------------------------------- public calls
 
-def apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None,
-          implementation=None):
+
+def apply(
+    cfg, params, state, x, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None, implementation=None
+):
     low = validate(cfg, params, state, x, training, mask, routing, compute_dtype=compute_dtype).low
     implementation = choose_implementation(implementation, params)
     layout = tables_layout(params) if implementation == "sharded" else None
     run = forward if jit is False else forward_jit
-    return run(cfg, bool(training), params, state, x, mask, routing, low=low, implementation=implementation,
-               layout=layout)
+    return run(
+        cfg, bool(training), params, state, x, mask, routing, low=low, implementation=implementation, layout=layout
+    )
 
 
-def vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None,
-        implementation=None):
+def vjp(
+    cfg,
+    params,
+    state,
+    x,
+    dy,
+    training=False,
+    mask=None,
+    routing=None,
+    *,
+    jit=None,
+    compute_dtype=None,
+    implementation=None,
+):
     low = validate(cfg, params, state, x, training, mask, routing, dy, compute_dtype=compute_dtype).low
     implementation = choose_implementation(implementation, params)
     layout = tables_layout(params) if implementation == "sharded" else None
     run = _vjp if jit is False else vjp_jit
-    return run(cfg, bool(training), params, state, x, dy, mask, routing, low=low, implementation=implementation,
-               layout=layout)
+    return run(
+        cfg, bool(training), params, state, x, dy, mask, routing, low=low, implementation=implementation, layout=layout
+    )
 
 
 def clear_caches() -> None:
@@ -148,7 +167,9 @@ def clear_caches() -> None:
 
 def compute_dtype_name(compute_dtype):
     """``compute_dtype`` as a dtype name: a JAX/NumPy dtype converts, a string or None is checked as given."""
-    if isinstance(compute_dtype, np.dtype) or (isinstance(compute_dtype, type) and issubclass(compute_dtype, np.generic)):
+    if isinstance(compute_dtype, np.dtype) or (
+        isinstance(compute_dtype, type) and issubclass(compute_dtype, np.generic)
+    ):
         return np.dtype(compute_dtype).name
     if isinstance(compute_dtype, type(jnp.float32)):
         return compute_dtype.dtype.name  # a jnp scalar type such as jnp.bfloat16
@@ -160,8 +181,7 @@ def _routing_range(routing):
     return None if isinstance(routing, jax.core.Tracer) else (int(routing.min()), int(routing.max()))
 
 
-def validate(cfg, params, state, x, training, mask=None, routing=None, dy=None,
-             compute_dtype=None) -> checks.Arguments:
+def validate(cfg, params, state, x, training, mask=None, routing=None, dy=None, compute_dtype=None) -> checks.Arguments:
     """Check every argument through peer_ref.checks (SPEC §9); returns (lead, dtype, low): the
     leading shape of x, the parameters' dtype name and the mixed mode's low dtype name or None."""
     for arg, value in (("params", params), ("state", state)):
@@ -172,8 +192,19 @@ def validate(cfg, params, state, x, training, mask=None, routing=None, dy=None,
             raise PEERInputError(f"{arg} is {type(value).__name__}, but expected a jax.Array")
     if checks.check_trees(cfg, params, state, meta) == "float64":
         require_x64("params")
-    return checks.check_arguments(cfg, params, state, x, training, mask, routing, dy,
-                                  compute_dtype_name(compute_dtype), meta=meta, routing_range=_routing_range)
+    return checks.check_arguments(
+        cfg,
+        params,
+        state,
+        x,
+        training,
+        mask,
+        routing,
+        dy,
+        compute_dtype_name(compute_dtype),
+        meta=meta,
+        routing_range=_routing_range,
+    )
 
 
 def _vjp(cfg, training, params, state, x, dy, mask, routing, low=None, implementation="xla", layout=None):
@@ -200,6 +231,7 @@ def _like(y, dy):
 
 
 # ---------------------------------------------------------------------------- forward
+
 
 def forward(cfg, training, params, state, x, mask, routing, low=None, implementation="xla", layout=None):
     """``peer_ref.forward`` in JAX: the one assembly of routing and expert stage, whatever the

@@ -40,8 +40,7 @@ def route(cfg, training, p, state, xf, valid, routing):
     else:
         indices = routing.reshape(tokens, cfg.heads, cfg.topk).astype(index_dtype())
     n = cfg.n_keys
-    scores = (jnp.take_along_axis(s_left, indices // n, axis=-1)
-              + jnp.take_along_axis(s_right, indices % n, axis=-1))
+    scores = jnp.take_along_axis(s_left, indices // n, axis=-1) + jnp.take_along_axis(s_right, indices % n, axis=-1)
     return new_state, indices, scores, _SCORE_WEIGHTS[cfg.score](scores)
 
 
@@ -75,6 +74,7 @@ def _top_k_positions(scores, k):
     integer keys are needed only to rank NaN below -inf, so only a call whose scores hold a NaN
     takes that branch (a real conditional under jit).
     """
+
     def floats(values):
         return lax.top_k(jnp.where(values == 0, jnp.zeros((), values.dtype), values), k)[1]
 
@@ -119,13 +119,15 @@ def _product_key_topk(cfg, s_left, s_right):
     prefixes = [(rank, int((a == rank).sum())) for rank in range(k)]
     sums = jnp.concatenate([top_left[:, r : r + 1] + top_right[:, :m] for r, m in prefixes], axis=-1)
     candidates = jnp.concatenate(
-        [pos_left[:, r : r + 1].astype(index_dtype()) * n + pos_right[:, :m] for r, m in prefixes], axis=-1)
+        [pos_left[:, r : r + 1].astype(index_dtype()) * n + pos_right[:, :m] for r, m in prefixes], axis=-1
+    )
     # The barrier keeps XLA from folding the slices below into the top-k, which would turn it
     # from its TopK kernel into a full sort (3.8x slower here).
     best, chosen = lax.optimization_barrier(lax.top_k(sums, k + 1))
     experts = jnp.take_along_axis(candidates, chosen[:, :k], axis=-1)
-    undecided = ((best[:, 1:] == best[:, :-1]).any(-1)
-                 | ~jnp.isfinite(top_left).all(-1) | ~jnp.isfinite(top_right).all(-1))
+    undecided = (
+        (best[:, 1:] == best[:, :-1]).any(-1) | ~jnp.isfinite(top_left).all(-1) | ~jnp.isfinite(top_right).all(-1)
+    )
     budget = redo_budget(rows)
 
     def redo_some(experts):

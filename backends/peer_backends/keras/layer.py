@@ -104,8 +104,10 @@ class PEER(keras.layers.Layer):
         super().__init__(dtype=dtype, **kwargs)
         framework = keras.backend.backend()
         if framework not in COMPUTE:
-            raise PEERConfigError(f"keras.backend.backend()={framework!r}, but the PEER Keras layer runs on "
-                                  f"{sorted(COMPUTE)} (set KERAS_BACKEND before importing keras)")
+            raise PEERConfigError(
+                f"keras.backend.backend()={framework!r}, but the PEER Keras layer runs on "
+                f"{sorted(COMPUTE)} (set KERAS_BACKEND before importing keras)"
+            )
         self._compute = importlib.import_module(COMPUTE[framework])
         check_known(framework, implementation, self._compute.implementations)
         self.cfg, self.seed, self.implementation = cfg, check_seed(seed), implementation
@@ -133,8 +135,13 @@ class PEER(keras.layers.Layer):
             group, leaf = name.split(".")
             # autocast=False: weights are read in their own dtype; the mixed mode rounds what it reads.
             return getattr(self, group).add_weight(
-                shape=shape, dtype=dtype if trainable else checks.state_dtype(dtype), trainable=trainable,
-                name=leaf, initializer=initializer(name), autocast=False)
+                shape=shape,
+                dtype=dtype if trainable else checks.state_dtype(dtype),
+                trainable=trainable,
+                name=leaf,
+                initializer=initializer(name),
+                autocast=False,
+            )
 
         self._params = {name: add(name, shape, True) for name, shape in cfg.param_shapes().items()}
         self._state = {name: add(name, shape, False) for name, shape in cfg.state_shapes().items()}
@@ -170,11 +177,13 @@ class PEER(keras.layers.Layer):
             raise PEERInputError(
                 f"x.dtype={x_dtype}, but expected a floating x, which Keras casts to the layer's compute dtype "
                 f"{self.compute_dtype} (dtype policy {self.dtype_policy.name!r}; choose it with dtype=, e.g. "
-                "'mixed_bfloat16')")
+                "'mixed_bfloat16')"
+            )
         params = {name: variable.value for name, variable in self._params.items()}
         state = {name: variable.value for name, variable in self._state.items()}
-        y, new_state, aux = _apply(self._compute, self.cfg, params, state, x, training, mask, routing,
-                                   self.mixed_dtype, self.implementation)
+        y, new_state, aux = _apply(
+            self._compute, self.cfg, params, state, x, training, mask, routing, self.mixed_dtype, self.implementation
+        )
         if training and not _recomputation_pass():
             for name, variable in self._state.items():
                 variable.assign(new_state[name])
@@ -191,12 +200,16 @@ class PEER(keras.layers.Layer):
         routed = lead + (self.cfg.heads, self.cfg.topk)
         index = "int32" if self._compute.name == "jax" else "int64"
         score = "float32" if self.compute_dtype in ("bfloat16", "float16") else self.compute_dtype
-        return y, {"indices": keras.KerasTensor(routed, dtype=index), "scores": keras.KerasTensor(routed, dtype=score),
-                   "weights": keras.KerasTensor(routed, dtype=score)}
+        return y, {
+            "indices": keras.KerasTensor(routed, dtype=index),
+            "scores": keras.KerasTensor(routed, dtype=score),
+            "weights": keras.KerasTensor(routed, dtype=score),
+        }
 
     def params_and_state(self):
         """Copies of the current ``(params, state)``, the framework's tensors keyed by canonical
         names (the functional API's format)."""
+
         def snapshot(variables):
             return {name: keras.ops.copy(v.value) for name, v in variables.items()}
 
@@ -204,8 +217,11 @@ class PEER(keras.layers.Layer):
 
     def load_params_and_state(self, params, state):
         """Assign ``(params, state)`` (tensors or NumPy arrays keyed by canonical names), validated first."""
-        params, state = self._compute.from_numpy(self._compute.to_numpy(dict(params))), self._compute.from_numpy(
-            self._compute.to_numpy(dict(state)))
+        params, state = (
+            self._compute.from_numpy(self._compute.to_numpy(dict(params))),
+            self._compute.from_numpy(self._compute.to_numpy(dict(state))),
+        )
+
         def meta(value):
             return tuple(value.shape), keras.backend.standardize_dtype(value.dtype)
 
@@ -217,8 +233,12 @@ class PEER(keras.layers.Layer):
 
     def get_config(self):
         # super()'s config carries the dtype policy, serialised as Keras does for its own layers.
-        return {**super().get_config(), "cfg": self.cfg.to_dict(), "seed": self.seed,
-                "implementation": self.implementation}
+        return {
+            **super().get_config(),
+            "cfg": self.cfg.to_dict(),
+            "seed": self.seed,
+            "implementation": self.implementation,
+        }
 
     @classmethod
     def from_config(cls, config):
@@ -227,15 +247,18 @@ class PEER(keras.layers.Layer):
 
     def __repr__(self):
         tables = ", ".join(f"{name}: {tuple(v.shape)} {v.dtype}" for name, v in {**self._params, **self._state}.items())
-        return (f"<PEER name={self.name!r}, {self.cfg!r}, seed={self.seed!r}, dtype_policy="
-                f"{self.dtype_policy.name!r}, implementation={self.implementation!r}; {tables}>")
+        return (
+            f"<PEER name={self.name!r}, {self.cfg!r}, seed={self.seed!r}, dtype_policy="
+            f"{self.dtype_policy.name!r}, implementation={self.implementation!r}; {tables}>"
+        )
 
 
 def _apply(compute, cfg, params, state, x, training, mask, routing, low, implementation):
     """(y, new_state, aux) of the computing backend on the variables' values."""
     if compute.name != "tensorflow":
-        return compute.apply(cfg, params, state, x, training, mask, routing, compute_dtype=low,
-                             implementation=implementation)
+        return compute.apply(
+            cfg, params, state, x, training, mask, routing, compute_dtype=low, implementation=implementation
+        )
     # Inside Keras's traced train step: the traceable forward, without the functional API's
     # compiled function and its reading of routing values.
     import tensorflow as tf
@@ -252,8 +275,16 @@ def _apply(compute, cfg, params, state, x, training, mask, routing, low, impleme
     def flat(t, tail):
         return None if t is None else tf.reshape(t, (-1,) + tail)
 
-    y, new_state, aux = forward(cfg, params, state, flat(x, (cfg.d_model,)), training, flat(mask, ()),
-                                flat(routing, (cfg.heads, cfg.topk)), low=low)
+    y, new_state, aux = forward(
+        cfg,
+        params,
+        state,
+        flat(x, (cfg.d_model,)),
+        training,
+        flat(mask, ()),
+        flat(routing, (cfg.heads, cfg.topk)),
+        low=low,
+    )
     lead = tf.shape(x)[:-1]
     aux = {key: tf.reshape(value, tf.concat([lead, [cfg.heads, cfg.topk]], 0)) for key, value in aux.items()}
     return tf.reshape(y, tf.concat([lead, [cfg.d_out]], 0)), new_state, aux

@@ -11,4 +11,17 @@ capabilities = frozenset({"float64", "float32", "grad", "mixed"})
 PEER = _layer_module.PEER  # the layer class: from peer_backends.numpy import PEER
 layer = _layer_module.PEER
 
-__all__ = ["PEER", "apply", "capabilities", "default_path", "implementations", "from_numpy", "init", "layer", "name", "to_numpy", "version", "vjp"]
+__all__ = [
+    "PEER",
+    "apply",
+    "capabilities",
+    "default_path",
+    "implementations",
+    "from_numpy",
+    "init",
+    "layer",
+    "name",
+    "to_numpy",
+    "version",
+    "vjp",
+]

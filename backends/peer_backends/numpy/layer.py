@@ -18,16 +18,19 @@ class PEER:
         self.aux = None
 
     def __call__(self, x, mask=None, routing=None, *, return_aux=False):
-        y, self.state, self.aux = apply(self.cfg, self.params, self.state, x, self.training, mask, routing,
-                                         implementation=self.implementation)
+        y, self.state, self.aux = apply(
+            self.cfg, self.params, self.state, x, self.training, mask, routing, implementation=self.implementation
+        )
         return (y, self.aux) if return_aux else y
 
     def vjp(self, x, dy, mask=None, routing=None):
         """Gradients at the current parameters, in the current mode (state is not updated)."""
-        return vjp(self.cfg, self.params, self.state, x, dy, self.training, mask, routing,
-                   implementation=self.implementation)
+        return vjp(
+            self.cfg, self.params, self.state, x, dy, self.training, mask, routing, implementation=self.implementation
+        )
 
     def __repr__(self):
-        tables = ", ".join(f"{name}: {value.shape} {value.dtype}" for name, value in {**self.params, **self.state}.items())
+        tables = ", ".join(
+            f"{name}: {value.shape} {value.dtype}" for name, value in {**self.params, **self.state}.items()
+        )
         return f"PEER({self.cfg!r}, training={self.training}; {tables})"
-

@@ -23,17 +23,32 @@ def init(cfg, seed=0, dtype=None):
     return peer_ref.init(cfg, seed=seed, dtype=dtype or "float64")
 
 
-def apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None,
-          implementation=None):
+def apply(
+    cfg, params, state, x, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None, implementation=None
+):
     _no_jit(jit)
     choose_implementation(implementation)
-    return peer_ref.forward(cfg, params, state, x, training=training, mask=mask, routing=routing,
-                            compute_dtype=compute_dtype)
+    return peer_ref.forward(
+        cfg, params, state, x, training=training, mask=mask, routing=routing, compute_dtype=compute_dtype
+    )
 
 
-def vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None,
-        implementation=None):
+def vjp(
+    cfg,
+    params,
+    state,
+    x,
+    dy,
+    training=False,
+    mask=None,
+    routing=None,
+    *,
+    jit=None,
+    compute_dtype=None,
+    implementation=None,
+):
     _no_jit(jit)
     choose_implementation(implementation)
-    return peer_ref.vjp(cfg, params, state, x, dy, training=training, mask=mask, routing=routing,
-                        compute_dtype=compute_dtype)
+    return peer_ref.vjp(
+        cfg, params, state, x, dy, training=training, mask=mask, routing=routing, compute_dtype=compute_dtype
+    )

@@ -50,8 +50,11 @@ def meta(value) -> tuple[tuple[int, ...], str]:
 
 def __getattr__(name):
     if name == "TF_DTYPES":  # the old name of the dtype map
-        warnings.warn("peer_backends.tensorflow.core.TF_DTYPES is deprecated; use native_dtype(name)",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "peer_backends.tensorflow.core.TF_DTYPES is deprecated; use native_dtype(name)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return dict(_NATIVE_DTYPES)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -40,8 +40,9 @@ def expert_stage(cfg, p, xf, indices, weights, low=None):
     """The expert stage of implementation "tensorflow": y (T, d_out) for p the parameters in the
     compute dtype, xf (T, d_model), indices and weights (T, heads, topk) and ``low`` the mixed
     mode's dtype name or None (SPEC §10.3)."""
-    return chunked_experts(cfg, xf, weights, indices, p["experts.down"], p["experts.up"], p.get("experts.bias"),
-                           p.get("experts.gate"), low)
+    return chunked_experts(
+        cfg, xf, weights, indices, p["experts.down"], p["experts.up"], p.get("experts.bias"), p.get("experts.gate"), low
+    )
 
 
 def chunked_experts(cfg, x, weights, indices, down, up, bias, gate, low=None):
@@ -58,9 +59,11 @@ def chunked_experts(cfg, x, weights, indices, down, up, bias, gate, low=None):
     # At least one (padding) chunk: XLA compiles the loop body even when it would never run.
     n_chunks = tf.maximum((tokens + chunk - 1) // chunk, 1)
     pad = n_chunks * chunk - tokens
+
     def chunked(t):
-        return tf.reshape(tf.pad(t, [[0, pad]] + [[0, 0]] * (t.shape.rank - 1)),
-                          tf.concat([[n_chunks, chunk], tf.shape(t)[1:]], 0))
+        return tf.reshape(
+            tf.pad(t, [[0, pad]] + [[0, 0]] * (t.shape.rank - 1)), tf.concat([[n_chunks, chunk], tf.shape(t)[1:]], 0)
+        )
 
     idx = chunked(indices)  # padding tokens read expert 0 with weight 0
     # The optional tables present, by name: experts.bias and experts.gate.
@@ -72,8 +75,10 @@ def chunked_experts(cfg, x, weights, indices, down, up, bias, gate, low=None):
 
         def rows(i):
             """The chunk's gathered rows of [down, up, *optional], as the computation reads them."""
-            return [tf.gather(table, idx[i]) if name == "bias" else read(tf.gather(table, idx[i]), low)
-                    for name, table in zip(names, (down, up, *optional))]
+            return [
+                tf.gather(table, idx[i]) if name == "bias" else read(tf.gather(table, idx[i]), low)
+                for name, table in zip(names, (down, up, *optional))
+            ]
 
         def chunk_output(x_c, w_c, gathered):
             named = {f"{name}_rows": value for name, value in zip(optional_names, gathered[2:])}
@@ -96,8 +101,10 @@ def chunked_experts(cfg, x, weights, indices, down, up, bias, gate, low=None):
                 g = tape.gradient(y, inputs, output_gradients=dys[i])
                 flat = tf.reshape(idx[i], (-1, 1))
                 # Each table's row gradients, scatter-added into its dense (n_experts, ...) gradient.
-                d_tables = [tf.tensor_scatter_nd_add(d, flat, tf.reshape(g_rows, (-1,) + tuple(d.shape[1:])))
-                            for d, g_rows in zip(d_tables, g[2:])]
+                d_tables = [
+                    tf.tensor_scatter_nd_add(d, flat, tf.reshape(g_rows, (-1,) + tuple(d.shape[1:])))
+                    for d, g_rows in zip(d_tables, g[2:])
+                ]
                 dxs = tf.tensor_scatter_nd_update(dxs, [[i]], g[0][None])
                 dws = tf.tensor_scatter_nd_update(dws, [[i]], g[1][None])
                 return i + 1, dxs, dws, d_tables

@@ -29,6 +29,7 @@ from .routing import route
 # The expert stage runs on TensorFlow's own kernels (XLA-compiled on the default path).
 IMPLEMENTATIONS = ("tensorflow",)
 
+
 def init(cfg, seed=0, dtype=None):
     dtype = checks.check_dtype_name(dtype or "float32")
     stds, constants = peer_ref.init_std(cfg), peer_ref.init_constant(cfg)
@@ -48,20 +49,35 @@ def init(cfg, seed=0, dtype=None):
     return params, state
 
 
-def apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None,
-          implementation=None):
-    lead, dtype, training, args, low = _prepare(cfg, params, state, x, training, mask, routing,
-                                                compute_dtype=compute_dtype, implementation=implementation)
+def apply(
+    cfg, params, state, x, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None, implementation=None
+):
+    lead, dtype, training, args, low = _prepare(
+        cfg, params, state, x, training, mask, routing, compute_dtype=compute_dtype, implementation=implementation
+    )
     fn = _compiled_apply(cfg, training, mask is not None, routing is not None, dtype, **_mixed(low))
     y, new_state, aux = (fn.python_function if jit is False else fn)(*args)
     aux = {key: tf.reshape(value, lead + (cfg.heads, cfg.topk)) for key, value in aux.items()}
     return tf.reshape(y, lead + (cfg.d_out,)), new_state, aux
 
 
-def vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None,
-        implementation=None):
-    lead, dtype, training, args, low = _prepare(cfg, params, state, x, training, mask, routing, dy,
-                                                compute_dtype=compute_dtype, implementation=implementation)
+def vjp(
+    cfg,
+    params,
+    state,
+    x,
+    dy,
+    training=False,
+    mask=None,
+    routing=None,
+    *,
+    jit=None,
+    compute_dtype=None,
+    implementation=None,
+):
+    lead, dtype, training, args, low = _prepare(
+        cfg, params, state, x, training, mask, routing, dy, compute_dtype=compute_dtype, implementation=implementation
+    )
     fn = _compiled_vjp(cfg, training, mask is not None, routing is not None, dtype, **_mixed(low))
     grads, dx = (fn.python_function if jit is False else fn)(*args)
     return grads, tf.reshape(dx, lead + (cfg.d_model,))
@@ -83,7 +99,9 @@ def compute_dtype_name(compute_dtype):
     checked as given."""
     if isinstance(compute_dtype, tf.DType):
         return compute_dtype.name
-    if isinstance(compute_dtype, np.dtype) or (isinstance(compute_dtype, type) and issubclass(compute_dtype, np.generic)):
+    if isinstance(compute_dtype, np.dtype) or (
+        isinstance(compute_dtype, type) and issubclass(compute_dtype, np.generic)
+    ):
         return np.dtype(compute_dtype).name
     return compute_dtype
 
@@ -102,13 +120,22 @@ def float32_means_float32() -> None:
         tf.config.experimental.enable_tensor_float_32_execution(False)
 
 
-def validate(cfg, params, state, x, training, mask=None, routing=None, dy=None,
-             compute_dtype=None) -> checks.Arguments:
+def validate(cfg, params, state, x, training, mask=None, routing=None, dy=None, compute_dtype=None) -> checks.Arguments:
     """Check every argument (tensors) through peer_ref.checks (SPEC §9); returns (lead, dtype,
     low): the leading shape of x, the parameters' dtype name and the mixed mode's low dtype name or None."""
-    return checks.check_arguments(cfg, params, state, x, training, mask, routing, dy,
-                                  compute_dtype_name(compute_dtype), meta=meta,
-                                  routing_range=lambda r: (int(tf.reduce_min(r)), int(tf.reduce_max(r))))
+    return checks.check_arguments(
+        cfg,
+        params,
+        state,
+        x,
+        training,
+        mask,
+        routing,
+        dy,
+        compute_dtype_name(compute_dtype),
+        meta=meta,
+        routing_range=lambda r: (int(tf.reduce_min(r)), int(tf.reduce_max(r))),
+    )
 
 
 def _prepare(cfg, params, state, x, training, mask, routing, dy=None, compute_dtype=None, implementation=None):
@@ -122,8 +149,10 @@ def _prepare(cfg, params, state, x, training, mask, routing, dy=None, compute_dt
     params = {name: _as_tensor(f"params[{name!r}]", value) for name, value in params.items()}
     state = {name: _as_tensor(f"state[{name!r}]", value) for name, value in state.items()}
     checks.check_trees(cfg, params, state, meta)  # names, shapes and dtypes before x is looked at
-    x, mask, routing, dy = (None if value is None else _as_tensor(arg, value)
-                            for arg, value in (("x", x), ("mask", mask), ("routing", routing), ("dy", dy)))
+    x, mask, routing, dy = (
+        None if value is None else _as_tensor(arg, value)
+        for arg, value in (("x", x), ("mask", mask), ("routing", routing), ("dy", dy))
+    )
     lead, dtype, low = validate(cfg, params, state, x, training, mask, routing, dy, compute_dtype)
     training = bool(training)  # a NumPy bool is accepted too
     args = [params, state, tf.reshape(x, (-1, cfg.d_model))]
@@ -184,8 +213,9 @@ def _compiled_vjp(cfg, training, has_mask, has_routing, dtype, *, low=None):
         with tf.GradientTape() as tape:
             tape.watch((params, x))
             y, _, _ = forward(cfg, params, state, x, training, mask, routing, low=low)
-        grads, dx = tape.gradient(y, (params, x), output_gradients=dy,
-                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        grads, dx = tape.gradient(
+            y, (params, x), output_gradients=dy, unconnected_gradients=tf.UnconnectedGradients.ZERO
+        )
         return {name: tf.convert_to_tensor(g) for name, g in grads.items()}, dx
 
     signature = _signature(cfg, dtype, has_mask, has_routing, has_dy=True, low=low)
@@ -217,5 +247,3 @@ def forward(cfg, params, state, x, training=False, mask=None, routing=None, low=
         y = zero_masked(y, mask)
     aux = {"indices": indices, "scores": scores, "weights": weights}
     return tf.cast(y, out_dtype), new_state, aux
-
-

@@ -21,8 +21,9 @@ def route(cfg, training, p, state, x, mask, routing):
 
     s_left, s_right = _sub_key_scores(cfg, p, queries)
     indices = _product_key_topk(cfg, s_left, s_right) if routing is None else tf.cast(routing, tf.int64)
-    scores = (tf.gather(s_left, indices // cfg.n_keys, batch_dims=2)
-              + tf.gather(s_right, indices % cfg.n_keys, batch_dims=2))
+    scores = tf.gather(s_left, indices // cfg.n_keys, batch_dims=2) + tf.gather(
+        s_right, indices % cfg.n_keys, batch_dims=2
+    )
     weights = _score_weights(cfg.score, scores)
     return new_state, indices, scores, weights
 
@@ -57,9 +58,11 @@ def _top_k_positions(scores, k):
     order (equal values lower position first); the integer keys, which rank NaN below -inf, are
     used only when the scores hold a NaN (a real conditional, compiled or not).
     """
-    return tf.cond(tf.reduce_any(tf.math.is_nan(scores)),
-                   lambda: tf.math.top_k(_orderable(scores), k).indices,
-                   lambda: tf.math.top_k(tf.where(scores == 0, tf.zeros_like(scores), scores), k).indices)
+    return tf.cond(
+        tf.reduce_any(tf.math.is_nan(scores)),
+        lambda: tf.math.top_k(_orderable(scores), k).indices,
+        lambda: tf.math.top_k(tf.where(scores == 0, tf.zeros_like(scores), scores), k).indices,
+    )
 
 
 def _product_key_topk(cfg, s_left, s_right):

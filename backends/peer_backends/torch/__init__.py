@@ -10,9 +10,24 @@ from .peer import apply, clear_caches, init, vjp
 name = "torch"
 default_path = "eager"  # what jit=None runs
 capabilities = frozenset(
-    {"float64", "float32", "bfloat16", "float16", "mixed", "grad", "jit"} | ({"gpu"} if _torch.cuda.is_available() else set())
+    {"float64", "float32", "bfloat16", "float16", "mixed", "grad", "jit"}
+    | ({"gpu"} if _torch.cuda.is_available() else set())
 )
 PEER = _layer_module.PEER  # the layer class: from peer_backends.torch import PEER
 layer = _layer_module.PEER
 
-__all__ = ["PEER", "apply", "capabilities", "default_path", "implementations", "clear_caches", "from_numpy", "init", "layer", "name", "to_numpy", "version", "vjp"]
+__all__ = [
+    "PEER",
+    "apply",
+    "capabilities",
+    "default_path",
+    "implementations",
+    "clear_caches",
+    "from_numpy",
+    "init",
+    "layer",
+    "name",
+    "to_numpy",
+    "version",
+    "vjp",
+]

@@ -30,7 +30,8 @@ def _to_array(leaf):
         raise PEERInputError(
             f"a DTensor of shape {tuple(leaf.shape)} with placements {leaf.placements}, but expected a whole "
             "tensor: gather a sharded layer with peer_backends.torch.parallel.gather_params_and_state "
-            "(a collective, on every rank) first")
+            "(a collective, on every rank) first"
+        )
     tensor = leaf.detach().cpu().contiguous()
     if tensor.dtype == torch.bfloat16:
         return tensor.view(torch.int16).numpy().copy().view(ml_dtypes.bfloat16)
@@ -67,8 +68,9 @@ def native_dtype(name: str) -> torch.dtype:
 
 def torch_dtype(name: str) -> torch.dtype:
     """Deprecated: ``native_dtype`` (the name every backend's core module uses)."""
-    warnings.warn("peer_backends.torch.core.torch_dtype is deprecated; use native_dtype", DeprecationWarning,
-                  stacklevel=2)
+    warnings.warn(
+        "peer_backends.torch.core.torch_dtype is deprecated; use native_dtype", DeprecationWarning, stacklevel=2
+    )
     return native_dtype(name)
 
 

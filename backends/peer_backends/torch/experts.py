@@ -23,6 +23,7 @@ from .core import round_through
 # the large table is streamed in order while the small token rows stay in cache. The same
 # kernels run eagerly and compiled: peer::down_projection, peer::up_projection, peer::row_outer.
 
+
 class ExpertGroups(typing.NamedTuple):
     """The selections sorted by expert, computed once per call and shared by every kernel."""
 
@@ -33,8 +34,9 @@ class ExpertGroups(typing.NamedTuple):
 
 
 @torch.library.custom_op("peer::expert_groups", mutates_args=())
-def _expert_groups_op(indices: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                   torch.Tensor]:
+def _expert_groups_op(
+    indices: torch.Tensor, n_rows: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """ExpertGroups (order, tokens, experts, offsets) of int64 selections (T, J) of N = n_rows rows."""
     flat = indices.reshape(-1)
     # On CPU a 1-D integer sort takes a parallel radix-sort path that stalls for ~0.1 s when it
@@ -48,8 +50,7 @@ def _expert_groups_op(indices: torch.Tensor, n_rows: int) -> tuple[torch.Tensor,
 @_expert_groups_op.register_fake
 def _(indices, n_rows):
     size = indices.numel()
-    return (indices.new_empty(size), indices.new_empty(size), indices.new_empty(size),
-            indices.new_empty(n_rows))
+    return (indices.new_empty(size), indices.new_empty(size), indices.new_empty(size), indices.new_empty(n_rows))
 
 
 def expert_groups(indices, n_rows):
@@ -65,19 +66,31 @@ def _row_dots(indices, table, rows, groups):
     # Read as per-sample weight gradients of row_outer's embedding_bag, these are the dots of
     # each expert's bag against its table row: table[e] . rows[t] for every selection.
     sorted_dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-        table.contiguous(), rows.contiguous(), groups.tokens, groups.offsets, groups.experts, 0)
+        table.contiguous(), rows.contiguous(), groups.tokens, groups.offsets, groups.experts, 0
+    )
     return sorted_dots.new_empty(indices.numel()).index_copy_(0, groups.order, sorted_dots).view(indices.shape)
 
 
 def _row_outer(groups, weights, rows):
     # One bag per table row, written straight into the dense (N, d) result: empty bags sum to 0.
-    return F.embedding_bag(groups.tokens, rows.contiguous(), groups.offsets,
-                           per_sample_weights=weights.reshape(-1)[groups.order].contiguous(), mode="sum")
+    return F.embedding_bag(
+        groups.tokens,
+        rows.contiguous(),
+        groups.offsets,
+        per_sample_weights=weights.reshape(-1)[groups.order].contiguous(),
+        mode="sum",
+    )
 
 
 @torch.library.custom_op("peer::row_outer", mutates_args=())
-def _row_outer_op(weights: torch.Tensor, rows: torch.Tensor, order: torch.Tensor, tokens: torch.Tensor,
-                  experts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def _row_outer_op(
+    weights: torch.Tensor,
+    rows: torch.Tensor,
+    order: torch.Tensor,
+    tokens: torch.Tensor,
+    experts: torch.Tensor,
+    offsets: torch.Tensor,
+) -> torch.Tensor:
     """(N, d) sums of weights[t, j] * rows[t] over the selections of each row (no autograd formula)."""
     return _row_outer(ExpertGroups(order, tokens, experts, offsets), weights, rows)
 
@@ -88,8 +101,15 @@ def _(weights, rows, order, tokens, experts, offsets):
 
 
 @torch.library.custom_op("peer::down_projection", mutates_args=())
-def _down_projection_op(x: torch.Tensor, down: torch.Tensor, indices: torch.Tensor, order: torch.Tensor,
-                        tokens: torch.Tensor, experts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def _down_projection_op(
+    x: torch.Tensor,
+    down: torch.Tensor,
+    indices: torch.Tensor,
+    order: torch.Tensor,
+    tokens: torch.Tensor,
+    experts: torch.Tensor,
+    offsets: torch.Tensor,
+) -> torch.Tensor:
     """pre[t, j] = x[t] . down[indices[t, j]]: (T, d) and (N, d) to (T, J)."""
     return _row_dots(indices, down, x, ExpertGroups(order, tokens, experts, offsets))
 
@@ -100,8 +120,15 @@ def _(x, down, indices, order, tokens, experts, offsets):
 
 
 @torch.library.custom_op("peer::up_projection", mutates_args=())
-def _up_projection_op(coef: torch.Tensor, up: torch.Tensor, indices: torch.Tensor, order: torch.Tensor,
-                      tokens: torch.Tensor, experts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def _up_projection_op(
+    coef: torch.Tensor,
+    up: torch.Tensor,
+    indices: torch.Tensor,
+    order: torch.Tensor,
+    tokens: torch.Tensor,
+    experts: torch.Tensor,
+    offsets: torch.Tensor,
+) -> torch.Tensor:
     """y[t] = sum_j coef[t, j] * up[indices[t, j]]: (T, J) and (N, d) to (T, d)."""
     del order, tokens, experts, offsets  # for the backward
     return _row_sums(indices, up, coef)
@@ -185,8 +212,10 @@ def expert_bias(bias, flat, groups=None):
 def round_tables(p, low):
     """``p`` with the expert tables that SPEC §10.3 reads in ``low`` (peer_ref.forward_pass.ROUNDED_PARAMS)
     rounded to it, straight-through; the bias is not rounded."""
-    return {**p, **{name: round_through(p[name], low) for name in ROUNDED_PARAMS if name.startswith("experts.")
-                    and name in p}}
+    return {
+        **p,
+        **{name: round_through(p[name], low) for name in ROUNDED_PARAMS if name.startswith("experts.") and name in p},
+    }
 
 
 def expert_stage(cfg, p, xf, flat, weights, low=None):

@@ -114,9 +114,29 @@ def _token_selections(idx_ptr, T, J, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexp
 
 
 @triton.jit
-def _forward_kernel(x_ptr, idx_ptr, w_ptr, down_ptr, up_ptr, bias_ptr, gate_ptr, y_ptr, pre_ptr, gated_ptr,
-                    T, J, D_IN, D_OUT, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr,
-                    ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+def _forward_kernel(
+    x_ptr,
+    idx_ptr,
+    w_ptr,
+    down_ptr,
+    up_ptr,
+    bias_ptr,
+    gate_ptr,
+    y_ptr,
+    pre_ptr,
+    gated_ptr,
+    T,
+    J,
+    D_IN,
+    D_OUT,
+    ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """One program per BLOCK_T tokens: pre, gated (saved) and y of each."""
     offs_t, mask_t, mask_tj, sel, rows = _token_selections(idx_ptr, T, J, BLOCK_T, BLOCK_J)
     pre = tl.zeros([BLOCK_T, BLOCK_J], dtype=ACC)
@@ -125,14 +145,15 @@ def _forward_kernel(x_ptr, idx_ptr, w_ptr, down_ptr, up_ptr, bias_ptr, gate_ptr,
         offs_d = start + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D_IN
         tile_mask = mask_tj[:, :, None] & mask_d[None, None, :]
-        xv = tl.load(x_ptr + offs_t[:, None] * D_IN + offs_d[None, :], mask=mask_t[:, None] & mask_d[None, :],
-                     other=0.0).to(ACC)
-        down = tl.load(down_ptr + rows[:, :, None] * D_IN + offs_d[None, None, :], mask=tile_mask,
-                       other=0.0).to(ACC)
+        xv = tl.load(
+            x_ptr + offs_t[:, None] * D_IN + offs_d[None, :], mask=mask_t[:, None] & mask_d[None, :], other=0.0
+        ).to(ACC)
+        down = tl.load(down_ptr + rows[:, :, None] * D_IN + offs_d[None, None, :], mask=tile_mask, other=0.0).to(ACC)
         pre += tl.sum(down * xv[:, None, :], axis=2)
         if HAS_GATE:
-            gate = tl.load(gate_ptr + rows[:, :, None] * D_IN + offs_d[None, None, :], mask=tile_mask,
-                           other=0.0).to(ACC)
+            gate = tl.load(gate_ptr + rows[:, :, None] * D_IN + offs_d[None, None, :], mask=tile_mask, other=0.0).to(
+                ACC
+            )
             gated += tl.sum(gate * xv[:, None, :], axis=2)
     if HAS_BIAS:
         pre += tl.load(bias_ptr + rows, mask=mask_tj, other=0.0).to(ACC)
@@ -146,27 +167,59 @@ def _forward_kernel(x_ptr, idx_ptr, w_ptr, down_ptr, up_ptr, bias_ptr, gate_ptr,
     for start in range(0, D_OUT, BLOCK_D):
         offs_d = start + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D_OUT
-        up = tl.load(up_ptr + rows[:, :, None] * D_OUT + offs_d[None, None, :],
-                     mask=mask_tj[:, :, None] & mask_d[None, None, :], other=0.0).to(ACC)
-        tl.store(y_ptr + offs_t[:, None] * D_OUT + offs_d[None, :], tl.sum(up * coef[:, :, None], axis=1),
-                 mask=mask_t[:, None] & mask_d[None, :])
+        up = tl.load(
+            up_ptr + rows[:, :, None] * D_OUT + offs_d[None, None, :],
+            mask=mask_tj[:, :, None] & mask_d[None, None, :],
+            other=0.0,
+        ).to(ACC)
+        tl.store(
+            y_ptr + offs_t[:, None] * D_OUT + offs_d[None, :],
+            tl.sum(up * coef[:, :, None], axis=1),
+            mask=mask_t[:, None] & mask_d[None, :],
+        )
 
 
 @triton.jit
-def _token_backward_kernel(dy_ptr, idx_ptr, w_ptr, down_ptr, up_ptr, gate_ptr, pre_ptr, gated_ptr,
-                           dx_ptr, dw_ptr, dpre_ptr, dgated_ptr, coef_ptr, T, J, D_IN, D_OUT,
-                           ACT: tl.constexpr, HAS_GATE: tl.constexpr, NEED_DX: tl.constexpr, ACC: tl.constexpr,
-                           BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+def _token_backward_kernel(
+    dy_ptr,
+    idx_ptr,
+    w_ptr,
+    down_ptr,
+    up_ptr,
+    gate_ptr,
+    pre_ptr,
+    gated_ptr,
+    dx_ptr,
+    dw_ptr,
+    dpre_ptr,
+    dgated_ptr,
+    coef_ptr,
+    T,
+    J,
+    D_IN,
+    D_OUT,
+    ACT: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    NEED_DX: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """One program per BLOCK_T tokens: d_weights, the (T, J) cotangents of pre and gated, coef, dx."""
     offs_t, mask_t, mask_tj, sel, rows = _token_selections(idx_ptr, T, J, BLOCK_T, BLOCK_J)
     d_coef = tl.zeros([BLOCK_T, BLOCK_J], dtype=ACC)
     for start in range(0, D_OUT, BLOCK_D):
         offs_d = start + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D_OUT
-        dyv = tl.load(dy_ptr + offs_t[:, None] * D_OUT + offs_d[None, :], mask=mask_t[:, None] & mask_d[None, :],
-                      other=0.0).to(ACC)
-        up = tl.load(up_ptr + rows[:, :, None] * D_OUT + offs_d[None, None, :],
-                     mask=mask_tj[:, :, None] & mask_d[None, None, :], other=0.0).to(ACC)
+        dyv = tl.load(
+            dy_ptr + offs_t[:, None] * D_OUT + offs_d[None, :], mask=mask_t[:, None] & mask_d[None, :], other=0.0
+        ).to(ACC)
+        up = tl.load(
+            up_ptr + rows[:, :, None] * D_OUT + offs_d[None, None, :],
+            mask=mask_tj[:, :, None] & mask_d[None, None, :],
+            other=0.0,
+        ).to(ACC)
         d_coef += tl.sum(up * dyv[:, None, :], axis=2)
     w = tl.load(w_ptr + sel, mask=mask_tj, other=0.0).to(ACC)
     pre = tl.load(pre_ptr + sel, mask=mask_tj, other=0.0).to(ACC)
@@ -194,19 +247,36 @@ def _token_backward_kernel(dy_ptr, idx_ptr, w_ptr, down_ptr, up_ptr, gate_ptr, p
             offs_d = start + tl.arange(0, BLOCK_D)
             mask_d = offs_d < D_IN
             tile_mask = mask_tj[:, :, None] & mask_d[None, None, :]
-            down = tl.load(down_ptr + rows[:, :, None] * D_IN + offs_d[None, None, :], mask=tile_mask,
-                           other=0.0).to(ACC)
+            down = tl.load(down_ptr + rows[:, :, None] * D_IN + offs_d[None, None, :], mask=tile_mask, other=0.0).to(
+                ACC
+            )
             dx = tl.sum(down * d_pre[:, :, None], axis=1)
             if HAS_GATE:
-                gate = tl.load(gate_ptr + rows[:, :, None] * D_IN + offs_d[None, None, :], mask=tile_mask,
-                               other=0.0).to(ACC)
+                gate = tl.load(
+                    gate_ptr + rows[:, :, None] * D_IN + offs_d[None, None, :], mask=tile_mask, other=0.0
+                ).to(ACC)
                 dx += tl.sum(gate * d_gated[:, :, None], axis=1)
             tl.store(dx_ptr + offs_t[:, None] * D_IN + offs_d[None, :], dx, mask=mask_t[:, None] & mask_d[None, :])
 
 
 @triton.jit
-def _segment_sums(out_ptr, e, mask_r, rows_ptr, sel_ptr, tok_ptr, pos_ptr, start, length, longest, D,
-                  ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+def _segment_sums(
+    out_ptr,
+    e,
+    mask_r,
+    rows_ptr,
+    sel_ptr,
+    tok_ptr,
+    pos_ptr,
+    start,
+    length,
+    longest,
+    D,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """out[e[r]] = sum over the sorted selections s of run r (start[r] + [0, length[r]), in order)
     of sel[pos[s]] * rows[tok[s]], for the BLOCK_R runs r of one program."""
     for d0 in range(0, D, BLOCK_D):
@@ -219,17 +289,40 @@ def _segment_sums(out_ptr, e, mask_r, rows_ptr, sel_ptr, tok_ptr, pos_ptr, start
             at = start[:, None] + offs_s[None, :]
             tok = tl.load(tok_ptr + at, mask=mask_rs, other=0)
             sel = tl.load(sel_ptr + tl.load(pos_ptr + at, mask=mask_rs, other=0), mask=mask_rs, other=0.0)
-            vals = tl.load(rows_ptr + tok[:, :, None] * D + offs_d[None, None, :],
-                           mask=mask_rs[:, :, None] & mask_d[None, None, :], other=0.0).to(ACC)
+            vals = tl.load(
+                rows_ptr + tok[:, :, None] * D + offs_d[None, None, :],
+                mask=mask_rs[:, :, None] & mask_d[None, None, :],
+                other=0.0,
+            ).to(ACC)
             acc += tl.sum(vals * sel[:, :, None], axis=1)
         tl.store(out_ptr + e[:, None] * D + offs_d[None, :], acc, mask=mask_r[:, None] & mask_d[None, :])
 
 
 @triton.jit
-def _table_backward_kernel(starts_ptr, runs_ptr, experts_ptr, tok_ptr, pos_ptr, x_ptr, dy_ptr, dpre_ptr,
-                           dgated_ptr, coef_ptr, d_down_ptr, d_up_ptr, d_bias_ptr, d_gate_ptr, D_IN, D_OUT,
-                           HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, ACC: tl.constexpr,
-                           BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+def _table_backward_kernel(
+    starts_ptr,
+    runs_ptr,
+    experts_ptr,
+    tok_ptr,
+    pos_ptr,
+    x_ptr,
+    dy_ptr,
+    dpre_ptr,
+    dgated_ptr,
+    coef_ptr,
+    d_down_ptr,
+    d_up_ptr,
+    d_bias_ptr,
+    d_gate_ptr,
+    D_IN,
+    D_OUT,
+    HAS_BIAS: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """One program per BLOCK_R runs of equal experts in the sorted selections: their table rows."""
     offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < tl.load(runs_ptr)
@@ -237,13 +330,58 @@ def _table_backward_kernel(starts_ptr, runs_ptr, experts_ptr, tok_ptr, pos_ptr, 
     length = tl.load(starts_ptr + offs_r + 1, mask=mask_r, other=0) - start
     longest = tl.max(length, axis=0)
     e = tl.load(experts_ptr + start, mask=mask_r, other=0)
-    _segment_sums(d_down_ptr, e, mask_r, x_ptr, dpre_ptr, tok_ptr, pos_ptr, start, length, longest, D_IN, ACC,
-                  BLOCK_R, BLOCK_S, BLOCK_D)
-    _segment_sums(d_up_ptr, e, mask_r, dy_ptr, coef_ptr, tok_ptr, pos_ptr, start, length, longest, D_OUT, ACC,
-                  BLOCK_R, BLOCK_S, BLOCK_D)
+    _segment_sums(
+        d_down_ptr,
+        e,
+        mask_r,
+        x_ptr,
+        dpre_ptr,
+        tok_ptr,
+        pos_ptr,
+        start,
+        length,
+        longest,
+        D_IN,
+        ACC,
+        BLOCK_R,
+        BLOCK_S,
+        BLOCK_D,
+    )
+    _segment_sums(
+        d_up_ptr,
+        e,
+        mask_r,
+        dy_ptr,
+        coef_ptr,
+        tok_ptr,
+        pos_ptr,
+        start,
+        length,
+        longest,
+        D_OUT,
+        ACC,
+        BLOCK_R,
+        BLOCK_S,
+        BLOCK_D,
+    )
     if HAS_GATE:
-        _segment_sums(d_gate_ptr, e, mask_r, x_ptr, dgated_ptr, tok_ptr, pos_ptr, start, length, longest, D_IN,
-                      ACC, BLOCK_R, BLOCK_S, BLOCK_D)
+        _segment_sums(
+            d_gate_ptr,
+            e,
+            mask_r,
+            x_ptr,
+            dgated_ptr,
+            tok_ptr,
+            pos_ptr,
+            start,
+            length,
+            longest,
+            D_IN,
+            ACC,
+            BLOCK_R,
+            BLOCK_S,
+            BLOCK_D,
+        )
     if HAS_BIAS:
         acc = tl.zeros([BLOCK_R, BLOCK_S], dtype=ACC)
         for s0 in range(0, longest, BLOCK_S):
@@ -294,6 +432,7 @@ def _rows(table, low):
 
 # ---------------------------------------------------------------- operators
 
+
 def _forward(x, indices, weights, down, up, bias, gate, activation, low):
     tokens, j = indices.shape
     y = x.new_empty((tokens, up.shape[1]))
@@ -303,18 +442,43 @@ def _forward(x, indices, weights, down, up, bias, gate, activation, low):
         return y, pre, gated
     block_t, block_j, block_d = _token_blocks(tokens, j, max(x.shape[1], up.shape[1]), x.device)
     _forward_kernel[(_cdiv(tokens, block_t),)](
-        x.contiguous(), indices.contiguous(), weights.contiguous(), _rows(down, low), _rows(up, low),
-        bias if bias is not None else pre, _rows(gate, low) if gate is not None else pre, y, pre,
-        gated if gate is not None else pre, tokens, j, x.shape[1], up.shape[1],
-        ACT=ACTIVATION_CODES[activation], HAS_BIAS=bias is not None, HAS_GATE=gate is not None,
-        ACC=_acc_dtype(x.dtype), BLOCK_T=block_t, BLOCK_J=block_j, BLOCK_D=block_d)
+        x.contiguous(),
+        indices.contiguous(),
+        weights.contiguous(),
+        _rows(down, low),
+        _rows(up, low),
+        bias if bias is not None else pre,
+        _rows(gate, low) if gate is not None else pre,
+        y,
+        pre,
+        gated if gate is not None else pre,
+        tokens,
+        j,
+        x.shape[1],
+        up.shape[1],
+        ACT=ACTIVATION_CODES[activation],
+        HAS_BIAS=bias is not None,
+        HAS_GATE=gate is not None,
+        ACC=_acc_dtype(x.dtype),
+        BLOCK_T=block_t,
+        BLOCK_J=block_j,
+        BLOCK_D=block_d,
+    )
     return y, pre, gated
 
 
 @torch.library.custom_op("peer::triton_experts", mutates_args=())
-def _experts_op(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, down: torch.Tensor,
-                up: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor | None, activation: str,
-                low: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _experts_op(
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    bias: torch.Tensor | None,
+    gate: torch.Tensor | None,
+    activation: str,
+    low: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y (T, d_out), pre (T, J), gated (T, J), empty without a gate) of the expert stage."""
     return _forward(x, indices, weights, down, up, bias, gate, activation, low)
 
@@ -322,8 +486,11 @@ def _experts_op(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, d
 @_experts_op.register_fake
 def _(x, indices, weights, down, up, bias, gate, activation, low):
     tokens, j = indices.shape
-    return (x.new_empty((tokens, up.shape[1])), x.new_empty((tokens, j)),
-            x.new_empty((tokens, j) if gate is not None else (0,)))
+    return (
+        x.new_empty((tokens, up.shape[1])),
+        x.new_empty((tokens, j)),
+        x.new_empty((tokens, j) if gate is not None else (0,)),
+    )
 
 
 def _sorted_runs(indices, n_rows):
@@ -346,18 +513,29 @@ def _sorted_runs(indices, n_rows):
 
 
 @torch.library.custom_op("peer::triton_experts_backward", mutates_args=())
-def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
-                         down: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None,
-                         gate: torch.Tensor | None, pre: torch.Tensor, gated: torch.Tensor, activation: str,
-                         low: torch.dtype | None, need_x: bool,
-                         need_tables: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                     torch.Tensor, torch.Tensor]:
+def _experts_backward_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    bias: torch.Tensor | None,
+    gate: torch.Tensor | None,
+    pre: torch.Tensor,
+    gated: torch.Tensor,
+    activation: str,
+    low: torch.dtype | None,
+    need_x: bool,
+    need_tables: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (x, weights, down, up, bias, gate) of sum(y * dy); x's empty unless need_x, the
     tables' empty unless need_tables; bias's and gate's empty where the layer has none."""
     tokens, j = indices.shape
     acc = x.dtype
     dx = x.new_zeros(x.shape if need_x else (0,))
     d_weights = weights.new_zeros(indices.shape)
+
     def table(t):
         return down.new_zeros(t.shape if need_tables and t is not None else (0,))
 
@@ -372,21 +550,59 @@ def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tenso
     x = x.contiguous()
     indices = indices.contiguous()
     _token_backward_kernel[(_cdiv(tokens, block_t),)](
-        dy, indices, weights.contiguous(), _rows(down, low), _rows(up, low),
-        _rows(gate, low) if gate is not None else pre, pre.contiguous(),
-        gated.contiguous() if gate is not None else pre, dx if need_x else pre, d_weights, d_pre,
-        d_gated if gate is not None else d_pre, coef, tokens, j, x.shape[1], up.shape[1],
-        ACT=ACTIVATION_CODES[activation], HAS_GATE=gate is not None, NEED_DX=need_x,
-        ACC=_acc_dtype(acc), BLOCK_T=block_t, BLOCK_J=block_j, BLOCK_D=block_d)
+        dy,
+        indices,
+        weights.contiguous(),
+        _rows(down, low),
+        _rows(up, low),
+        _rows(gate, low) if gate is not None else pre,
+        pre.contiguous(),
+        gated.contiguous() if gate is not None else pre,
+        dx if need_x else pre,
+        d_weights,
+        d_pre,
+        d_gated if gate is not None else d_pre,
+        coef,
+        tokens,
+        j,
+        x.shape[1],
+        up.shape[1],
+        ACT=ACTIVATION_CODES[activation],
+        HAS_GATE=gate is not None,
+        NEED_DX=need_x,
+        ACC=_acc_dtype(acc),
+        BLOCK_T=block_t,
+        BLOCK_J=block_j,
+        BLOCK_D=block_d,
+    )
     if need_tables:
         tok, positions, experts, starts, runs = _sorted_runs(indices, down.shape[0])
         most = min(tokens * j, down.shape[0])  # runs of equal experts, at most
         block_r, block_s, block_d = _run_blocks(most, max(x.shape[1], up.shape[1]), x.device)
         _table_backward_kernel[(_cdiv(most, block_r),)](
-            starts, runs, experts, tok, positions, x, dy, d_pre, d_gated if gate is not None else d_pre, coef,
-            d_down, d_up, d_bias if bias is not None else d_down, d_gate if gate is not None else d_down,
-            x.shape[1], up.shape[1], HAS_BIAS=bias is not None, HAS_GATE=gate is not None,
-            ACC=_acc_dtype(acc), BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_D=block_d)
+            starts,
+            runs,
+            experts,
+            tok,
+            positions,
+            x,
+            dy,
+            d_pre,
+            d_gated if gate is not None else d_pre,
+            coef,
+            d_down,
+            d_up,
+            d_bias if bias is not None else d_down,
+            d_gate if gate is not None else d_down,
+            x.shape[1],
+            up.shape[1],
+            HAS_BIAS=bias is not None,
+            HAS_GATE=gate is not None,
+            ACC=_acc_dtype(acc),
+            BLOCK_R=block_r,
+            BLOCK_S=block_s,
+            BLOCK_D=block_d,
+        )
     return dx, d_weights, d_down, d_up, d_bias, d_gate
 
 
@@ -395,8 +611,14 @@ def _(dy, x, indices, weights, down, up, bias, gate, pre, gated, activation, low
     def table(t):
         return x.new_empty(t.shape if need_tables and t is not None else (0,), dtype=down.dtype)
 
-    return (x.new_empty(x.shape if need_x else (0,)), weights.new_empty(indices.shape), table(down), table(up),
-            table(bias), table(gate))
+    return (
+        x.new_empty(x.shape if need_x else (0,)),
+        weights.new_empty(indices.shape),
+        table(down),
+        table(up),
+        table(bias),
+        table(gate),
+    )
 
 
 def _experts_setup(ctx, inputs, output):
@@ -413,12 +635,23 @@ def _experts_backward(ctx, dy, _d_pre, _d_gated):
     need = ctx.needs_input_grad
     need_tables = need[3] or need[4] or need[5] or need[6]
     dx, d_weights, d_down, d_up, d_bias, d_gate = torch.ops.peer.triton_experts_backward(
-        dy, x, indices, weights, down, up, bias, gate, pre, gated, ctx.activation, ctx.low, need[0], need_tables)
+        dy, x, indices, weights, down, up, bias, gate, pre, gated, ctx.activation, ctx.low, need[0], need_tables
+    )
+
     def keep(g, needed):
         return g if needed else None
 
-    return (keep(dx, need[0]), None, keep(d_weights, need[2]), keep(d_down, need[3]), keep(d_up, need[4]),
-            keep(d_bias, need[5] and ctx.has_bias), keep(d_gate, need[6] and ctx.has_gate), None, None)
+    return (
+        keep(dx, need[0]),
+        None,
+        keep(d_weights, need[2]),
+        keep(d_down, need[3]),
+        keep(d_up, need[4]),
+        keep(d_bias, need[5] and ctx.has_bias),
+        keep(d_gate, need[6] and ctx.has_gate),
+        None,
+        None,
+    )
 
 
 _experts_op.register_autograd(_experts_backward, setup_context=_experts_setup)
@@ -428,9 +661,17 @@ def expert_stage(cfg, p, xf, flat, weights, low=None):
     """The expert stage of the backend (``peer.ExpertStage``) in the Triton kernels: y (T, d_out)
     for p the parameters in the compute dtype, xf (T, d_model), flat (T, heads*topk) selections,
     weights (T, heads*topk) and ``low`` the mixed mode's torch dtype or None (SPEC §10.3)."""
-    return triton_experts(xf, flat, weights, p["experts.down"], p["experts.up"],
-                          p["experts.bias"] if cfg.expert_bias else None,
-                          p["experts.gate"] if cfg.expert_glu else None, cfg.activation, low)
+    return triton_experts(
+        xf,
+        flat,
+        weights,
+        p["experts.down"],
+        p["experts.up"],
+        p["experts.bias"] if cfg.expert_bias else None,
+        p["experts.gate"] if cfg.expert_glu else None,
+        cfg.activation,
+        low,
+    )
 
 
 def triton_experts(x, indices, weights, down, up, bias=None, gate=None, activation="gelu", low=None):

@@ -211,14 +211,17 @@ class PEER(nn.Module):
             raise PEERInputError(
                 f"x.dtype={dtype_name(x)}, but expected {compute_dtype_name(param_dtype)} (the layer's parameters' "
                 "dtype; nothing is cast implicitly): cast x, cast the layer with .to(dtype), or for mixed "
-                "precision run a float32 layer under torch.autocast(device_type, dtype=torch.bfloat16)")
-        implementation = choose_implementation(self.implementation, x.device if isinstance(x, torch.Tensor)
-                                               else "cpu", params)
+                "precision run a float32 layer under torch.autocast(device_type, dtype=torch.bfloat16)"
+            )
+        implementation = choose_implementation(
+            self.implementation, x.device if isinstance(x, torch.Tensor) else "cpu", params
+        )
         # PEER prescribes its own precision per step; autocast must not re-cast its matmuls and batch norm.
         with torch.autocast(device_type, enabled=False):
             lead = validate(self.cfg, params, state, x, self.training, mask, routing, compute_dtype=low).lead
             y, new_state, indices, scores, weights = forward(
-                self.cfg, self.training, params, state, x, mask, routing, low=low, implementation=implementation)
+                self.cfg, self.training, params, state, x, mask, routing, low=low, implementation=implementation
+            )
         if self.training and new_state and not _recomputing():
             self._update_buffers(new_state)
         aux = routing_aux(self.cfg, lead, indices, scores, weights)
@@ -247,7 +250,8 @@ class PEER(nn.Module):
                     "a training-mode call under torch.func.vmap cannot update the batch-norm buffer "
                     f"{name!r}: each vmapped sample has batch statistics of its own, but the module holds "
                     "one set. Call the layer in eval mode (module.eval()) under vmap, e.g. for per-sample "
-                    "gradients, and update the statistics with a training call outside vmap")
+                    "gradients, and update the statistics with a training call outside vmap"
+                )
             from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
 
             with temporarily_clear_interpreter_stack(), torch.no_grad():
@@ -256,8 +260,11 @@ class PEER(nn.Module):
     @property
     def last_aux(self):
         """Deprecated: the routing of the last call; call the layer with ``return_aux=True``."""
-        warnings.warn("PEER.last_aux is deprecated: call the layer with return_aux=True, which returns "
-                      "(y, aux)", FutureWarning, stacklevel=2)
+        warnings.warn(
+            "PEER.last_aux is deprecated: call the layer with return_aux=True, which returns (y, aux)",
+            FutureWarning,
+            stacklevel=2,
+        )
         return self._last_aux
 
     @staticmethod

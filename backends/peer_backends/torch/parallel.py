@@ -53,8 +53,18 @@ from ..sharding import OUTPUT_TABLES, column_tables, dot_tables
 from .core import dtype_name, meta
 from .experts import activation, down_projection, expert_bias, expert_groups, round_tables, up_projection
 
-__all__ = ["OUTPUT_TABLES", "ExpertColumnParallel", "column_tables", "dot_tables", "expert_stage",
-           "gather_params_and_state", "load_params_and_state", "local_inputs", "sharded_cotangent", "sharded_output"]
+__all__ = [
+    "OUTPUT_TABLES",
+    "ExpertColumnParallel",
+    "column_tables",
+    "dot_tables",
+    "expert_stage",
+    "gather_params_and_state",
+    "load_params_and_state",
+    "local_inputs",
+    "sharded_cotangent",
+    "sharded_output",
+]
 
 
 class ExpertColumnParallel(ParallelStyle):
@@ -88,28 +98,31 @@ class ExpertColumnParallel(ParallelStyle):
         from .layer import PEER
 
         if not isinstance(module, PEER):
-            raise PEERInputError(
-                f"module is {type(module).__name__}, but expected a peer_backends.torch PEER layer")
+            raise PEERInputError(f"module is {type(module).__name__}, but expected a peer_backends.torch PEER layer")
         cfg = module.cfg
         if module.implementation not in (None, "sharded"):
             raise PEERConfigError(
                 f"implementation={module.implementation!r}, but sharded expert tables run 'sharded' "
-                "(build the layer with implementation=None or 'sharded')")
+                "(build the layer with implementation=None or 'sharded')"
+            )
         if device_mesh.ndim != 1:
             raise PEERInputError(
-                f"device_mesh has {device_mesh.ndim} dimensions, but expected a 1-D mesh (e.g. mesh['tp'])")
+                f"device_mesh has {device_mesh.ndim} dimensions, but expected a 1-D mesh (e.g. mesh['tp'])"
+            )
         size = device_mesh.size()
         for name in column_tables(cfg):
             width = cfg.param_shapes()[name][1]
             if width < size:
                 raise PEERInputError(
-                    f"{name} has {width} columns, but expected at least one per device of the {size}-device mesh")
+                    f"{name} has {width} columns, but expected at least one per device of the {size}-device mesh"
+                )
         for name, param in list(module.named_parameters()):
             placement = Shard(1) if name in column_tables(cfg) else Replicate()
             owner, leaf = name.split(".")
             value = distribute_tensor(param.data, device_mesh, [placement], src_data_rank=self.src_data_rank)
             module.get_submodule(owner).register_parameter(
-                leaf, torch.nn.Parameter(value, requires_grad=param.requires_grad))
+                leaf, torch.nn.Parameter(value, requires_grad=param.requires_grad)
+            )
         # The layer's forward is unchanged: its expert stage is "sharded" because its tables are DTensors
         # (peer.choose_implementation); only y's layout over the mesh is set here, on the way out.
         module.register_forward_hook(functools.partial(_prepare_output, self.output_layouts, self.use_local_output))
@@ -143,7 +156,8 @@ def local_inputs(cfg, params, x, mask, routing):
     for name, value in params.items():
         if not isinstance(value, DTensor):
             raise PEERInputError(
-                f"params[{name!r}] is a {type(value).__name__}, but expected a DTensor (apply ExpertColumnParallel)")
+                f"params[{name!r}] is a {type(value).__name__}, but expected a DTensor (apply ExpertColumnParallel)"
+            )
         sharded = name in column_tables(cfg)
         expected = (Shard(1),) if sharded else (Replicate(),)
         if tuple(value.placements) != expected:
@@ -203,8 +217,9 @@ def gather_params_and_state(module) -> tuple[dict, dict]:
     (typically on rank 0 only).
     """
     params, state = module.params_and_state()
-    whole = {name: (value.full_tensor() if isinstance(value, DTensor) else value).detach()
-             for name, value in params.items()}
+    whole = {
+        name: (value.full_tensor() if isinstance(value, DTensor) else value).detach() for name, value in params.items()
+    }
     return whole, {name: value.detach().clone() for name, value in state.items()}
 
 
@@ -259,13 +274,17 @@ def _demo() -> None:
         y, y_ref = layer(x), reference(x)
         y.square().sum().backward()
         y_ref.square().sum().backward()
-        grad_diff = max((p.grad.full_tensor() - q.grad).abs().max().item()
-                        for p, q in zip(layer.parameters(), reference.parameters()))
+        grad_diff = max(
+            (p.grad.full_tensor() - q.grad).abs().max().item()
+            for p, q in zip(layer.parameters(), reference.parameters())
+        )
         local = layer.experts.down.to_local()
         if dist.get_rank() == 0:
-            print(f"{mesh.size()} devices ({device.type}): experts.down {tuple(layer.experts.down.shape)} held as "
-                  f"{tuple(local.shape)} per device; max |y - y_1device| = {(y - y_ref).abs().max().item():.2e}, "
-                  f"max gradient difference {grad_diff:.2e}")
+            print(
+                f"{mesh.size()} devices ({device.type}): experts.down {tuple(layer.experts.down.shape)} held as "
+                f"{tuple(local.shape)} per device; max |y - y_1device| = {(y - y_ref).abs().max().item():.2e}, "
+                f"max gradient difference {grad_diff:.2e}"
+            )
     finally:
         dist.destroy_process_group()
 

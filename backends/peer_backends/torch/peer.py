@@ -43,8 +43,10 @@ def triton_unavailable(device) -> str | None:
     if device.type == "cpu":
         if os.environ.get("TRITON_INTERPRET") == "1":
             return None
-        return ("triton kernels run on CUDA devices; on CPU only in Triton's interpreter "
-                "(TRITON_INTERPRET=1 in the environment before triton is imported)")
+        return (
+            "triton kernels run on CUDA devices; on CPU only in Triton's interpreter "
+            "(TRITON_INTERPRET=1 in the environment before triton is imported)"
+        )
     return f"triton kernels run on CUDA devices, but x is on {device.type!r}"
 
 
@@ -65,8 +67,11 @@ def choose_implementation(implementation, device, params=None) -> str:
     if params is not None and sharded_tables(params):
         refused = "the expert tables are sharded DTensors, which run 'sharded'"
         return choose("torch", implementation, {"aten": refused, "triton": refused, "sharded": None}, ["sharded"])
-    options = {"aten": None, "triton": triton_unavailable(device),
-               "sharded": "the expert tables are not DTensors (shard them with parallel.ExpertColumnParallel)"}
+    options = {
+        "aten": None,
+        "triton": triton_unavailable(device),
+        "sharded": "the expert tables are not DTensors (shard them with parallel.ExpertColumnParallel)",
+    }
     return choose("torch", implementation, options, ["triton", "aten"] if device.type == "cuda" else ["aten"])
 
 
@@ -97,8 +102,9 @@ def expert_stage_for(implementation) -> ExpertStage:
     if implementation == "sharded":
         from . import parallel
 
-        return ExpertStage(parallel.expert_stage, parallel.local_inputs, parallel.sharded_output,
-                           parallel.sharded_cotangent)
+        return ExpertStage(
+            parallel.expert_stage, parallel.local_inputs, parallel.sharded_output, parallel.sharded_cotangent
+        )
     return ExpertStage(experts.expert_stage)
 
 
@@ -116,8 +122,10 @@ def init(cfg, seed=0, dtype=None, device=None):
             value = torch.full(shape, constants[name], dtype=draw)
         params[name] = value.to(device=device, dtype=native_dtype(dtype))
     s_dtype = native_dtype(checks.state_dtype(dtype))
-    state = {name: torch.full(shape, constants[name], dtype=s_dtype, device=device)
-             for name, shape in cfg.state_shapes().items()}
+    state = {
+        name: torch.full(shape, constants[name], dtype=s_dtype, device=device)
+        for name, shape in cfg.state_shapes().items()
+    }
     return params, state
 
 
@@ -135,8 +143,7 @@ def _routing_range(routing):
     return int(routing.min()), int(routing.max())
 
 
-def validate(cfg, params, state, x, training, mask=None, routing=None, dy=None,
-             compute_dtype=None) -> checks.Arguments:
+def validate(cfg, params, state, x, training, mask=None, routing=None, dy=None, compute_dtype=None) -> checks.Arguments:
     """Check every argument through peer_ref.checks (SPEC §9); returns (lead, dtype, low): the
     leading shape of x, the parameters' dtype name and the mixed mode's low dtype name or None."""
     checks.check_trees(cfg, params, state, meta)
@@ -147,8 +154,19 @@ def validate(cfg, params, state, x, training, mask=None, routing=None, dy=None,
     for arg, value in (("x", x), ("mask", mask), ("routing", routing), ("dy", dy)):
         if value is not None and not isinstance(value, torch.Tensor):
             raise PEERInputError(f"{arg} is {type(value).__name__}, but expected a torch.Tensor")
-    return checks.check_arguments(cfg, params, state, x, training, mask, routing, dy,
-                                  compute_dtype_name(compute_dtype), meta=meta, routing_range=_routing_range)
+    return checks.check_arguments(
+        cfg,
+        params,
+        state,
+        x,
+        training,
+        mask,
+        routing,
+        dy,
+        compute_dtype_name(compute_dtype),
+        meta=meta,
+        routing_range=_routing_range,
+    )
 
 
 def forward(cfg, training, params, state, x, mask, routing, low=None, implementation="aten"):
@@ -187,8 +205,9 @@ _COMPILED: dict = {}
 
 def forward_tensors(*args, **kwargs):
     """Deprecated: ``forward`` (the name of the forward's one assembly in every backend)."""
-    warnings.warn("peer_backends.torch.peer.forward_tensors is deprecated; use forward", DeprecationWarning,
-                  stacklevel=2)
+    warnings.warn(
+        "peer_backends.torch.peer.forward_tensors is deprecated; use forward", DeprecationWarning, stacklevel=2
+    )
     return forward(*args, **kwargs)
 
 
@@ -214,9 +233,11 @@ def _dynamic_tokens(cfg, compiled):
     calls with 0 tokens and with 1 token compile a graph of their own."""
 
     def run(params, state, x, mask, routing):
-        flat = [x.reshape(-1, cfg.d_model),
-                None if mask is None else mask.reshape(-1),
-                None if routing is None else routing.reshape(-1, cfg.heads, cfg.topk)]
+        flat = [
+            x.reshape(-1, cfg.d_model),
+            None if mask is None else mask.reshape(-1),
+            None if routing is None else routing.reshape(-1, cfg.heads, cfg.topk),
+        ]
         for value in flat:
             if value is not None:
                 torch._dynamo.maybe_mark_dynamic(value, 0)
@@ -235,18 +256,21 @@ def _to_device(device, params, state, mask, routing):
     def move(value):
         return None if value is None else value.to(device)
 
-    return ({k: move(v) for k, v in params.items()}, {k: move(v) for k, v in state.items()},
-            move(mask), move(routing))
+    return ({k: move(v) for k, v in params.items()}, {k: move(v) for k, v in state.items()}, move(mask), move(routing))
 
 
 def routing_aux(cfg, lead, indices, scores, weights):
     shape = lead + (cfg.heads, cfg.topk)
-    return {"indices": indices.detach().reshape(shape), "scores": scores.detach().reshape(shape),
-            "weights": weights.detach().reshape(shape)}
+    return {
+        "indices": indices.detach().reshape(shape),
+        "scores": scores.detach().reshape(shape),
+        "weights": weights.detach().reshape(shape),
+    }
 
 
-def apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None,
-          implementation=None):
+def apply(
+    cfg, params, state, x, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None, implementation=None
+):
     lead, _, low = validate(cfg, params, state, x, training, mask, routing, compute_dtype=compute_dtype)
     implementation = choose_implementation(implementation, x.device, params)
     params, state, mask, routing = _to_device(x.device, params, state, mask, routing)
@@ -256,8 +280,20 @@ def apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit
     return y.reshape(lead + (cfg.d_out,)), new_state, routing_aux(cfg, lead, indices, scores, weights)
 
 
-def vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None,
-        implementation=None):
+def vjp(
+    cfg,
+    params,
+    state,
+    x,
+    dy,
+    training=False,
+    mask=None,
+    routing=None,
+    *,
+    jit=None,
+    compute_dtype=None,
+    implementation=None,
+):
     lead, _, low = validate(cfg, params, state, x, training, mask, routing, dy, compute_dtype=compute_dtype)
     implementation = choose_implementation(implementation, x.device, params)
     params, state, mask, routing = _to_device(x.device, params, state, mask, routing)
@@ -268,7 +304,10 @@ def vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, j
         y = run(leaves, state, x_leaf, mask, routing)[0]
         # The cotangent of sum(y * dy) with respect to y is dy itself.
         *d_params, dx = torch.autograd.grad(
-            y, [*leaves.values(), x_leaf],
+            y,
+            [*leaves.values(), x_leaf],
             grad_outputs=expert_stage_for(implementation).cotangent(y, dy.reshape(y.shape).to(y.device)),
-            allow_unused=True, materialize_grads=True)
+            allow_unused=True,
+            materialize_grads=True,
+        )
     return dict(zip(leaves, d_params)), dx.reshape(lead + (cfg.d_model,))

@@ -19,8 +19,9 @@ def query_norm(cfg, params, state, q, valid, training):
         # Every token counts: PyTorch's fused batch norm, one pass each way, whose running update
         # (momentum, Bessel-corrected variance) is SPEC §3.3's for two or more tokens.
         new_mean, new_var = running_mean.clone(), running_var.clone()
-        normed = torch.native_batch_norm(q, params["query_norm.scale"], params["query_norm.offset"],
-                                         new_mean, new_var, True, m, cfg.bn_eps)[0]
+        normed = torch.native_batch_norm(
+            q, params["query_norm.scale"], params["query_norm.offset"], new_mean, new_var, True, m, cfg.bn_eps
+        )[0]
         return normed, {"query_norm.mean": new_mean, "query_norm.var": new_var}
     # Branch-free in the token count (and under torch.func, whose vmap cannot batch the fused
     # kernel's in-place running update). Masked tokens are left out of the statistics by selection.
@@ -37,8 +38,7 @@ def query_norm(cfg, params, state, q, valid, training):
     var = torch.where(has_tokens, batch_var, running_var)
     unbiased = batch_var.detach() * (n_valid / (n_valid - 1).clamp(min=1))
     new_state = {
-        "query_norm.mean": torch.where(has_tokens, (1 - m) * running_mean + m * batch_mean.detach(),
-                                       running_mean),
+        "query_norm.mean": torch.where(has_tokens, (1 - m) * running_mean + m * batch_mean.detach(), running_mean),
         "query_norm.var": torch.where(has_tokens, (1 - m) * running_var + m * unbiased, running_var),
     }
     return _normalise(cfg, params, q, mean, var), new_state

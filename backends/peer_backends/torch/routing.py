@@ -47,10 +47,10 @@ def _ordered_positions(values, index, bound, k):
     # float64 has no spare bits for a composite key: stable sorts from the least significant key,
     # by index, then by value descending, then NaN after every number.
     order = torch.argsort(index, dim=-1)
-    order = order.gather(-1, torch.sort(_nan_last(values.gather(-1, order)), dim=-1, descending=True,
-                                        stable=True).indices)
-    order = order.gather(-1, torch.sort(values.gather(-1, order).isnan().to(torch.uint8), dim=-1,
-                                        stable=True).indices)
+    order = order.gather(
+        -1, torch.sort(_nan_last(values.gather(-1, order)), dim=-1, descending=True, stable=True).indices
+    )
+    order = order.gather(-1, torch.sort(values.gather(-1, order).isnan().to(torch.uint8), dim=-1, stable=True).indices)
     return order[..., :k]
 
 
@@ -76,6 +76,7 @@ def _top_positions(values, index, bound, k):
 # torch.compile, which calls the same kernels as eager mode, with a fake (meta) implementation
 # for tracing with symbolic token counts and a registered autograd formula. Data-dependent
 # work (tie repair, grouping by expert) stays inside them, so a compiled graph never breaks.
+
 
 def _sub_key_scores(cfg, params, queries, plain=False):
     """(2, T, heads, n_keys) scores of each query half (left, right) against its sub-keys.
@@ -104,8 +105,13 @@ KEY_GRAD_ELEMENTS = 1 << 20
 
 
 @torch.library.custom_op("peer::selected_scores", mutates_args=())
-def _selected_scores_op(queries: torch.Tensor, keys_left: torch.Tensor, keys_right: torch.Tensor,
-                        halves: torch.Tensor, sub_scores: torch.Tensor) -> torch.Tensor:
+def _selected_scores_op(
+    queries: torch.Tensor,
+    keys_left: torch.Tensor,
+    keys_right: torch.Tensor,
+    halves: torch.Tensor,
+    sub_scores: torch.Tensor,
+) -> torch.Tensor:
     """(T, heads, k) scores of the selected experts, read from the (2, T, heads, n_keys) sub-key scores."""
     return sub_scores.gather(-1, halves).sum(0)
 
@@ -116,9 +122,16 @@ def _(queries, keys_left, keys_right, halves, sub_scores):
 
 
 @torch.library.custom_op("peer::selected_scores_backward", mutates_args=())
-def _selected_scores_backward_op(d_scores: torch.Tensor, queries: torch.Tensor, keys_left: torch.Tensor,
-                                 keys_right: torch.Tensor, halves: torch.Tensor, need_queries: bool,
-                                 need_left: bool, need_right: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _selected_scores_backward_op(
+    d_scores: torch.Tensor,
+    queries: torch.Tensor,
+    keys_left: torch.Tensor,
+    keys_right: torch.Tensor,
+    halves: torch.Tensor,
+    need_queries: bool,
+    need_left: bool,
+    need_right: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (queries, keys.left, keys.right) of the selected scores; an unneeded one is empty.
 
     Only k of each half's n_keys scores per head carry gradient, so the dense (T, heads, n_keys)
@@ -136,12 +149,18 @@ def _selected_scores_backward_op(d_scores: torch.Tensor, queries: torch.Tensor, 
     dense = d_scores.new_empty((min(step, tokens), heads, n))
     for side, (keys, needed) in enumerate(((keys_left, need_left), (keys_right, need_right))):
         if need_queries:
-            d_queries.append(F.embedding_bag(rows[side].reshape(tokens * heads, k), keys.reshape(-1, d_half),
-                                             per_sample_weights=weights, mode="sum"))
+            d_queries.append(
+                F.embedding_bag(
+                    rows[side].reshape(tokens * heads, k),
+                    keys.reshape(-1, d_half),
+                    per_sample_weights=weights,
+                    mode="sum",
+                )
+            )
         if not needed:
             d_keys.append(keys.new_empty(0))
             continue
-        half = queries[..., side * d_half:(side + 1) * d_half]  # (T, heads, d_half), strided
+        half = queries[..., side * d_half : (side + 1) * d_half]  # (T, heads, d_half), strided
         d_table = keys.new_zeros(keys.shape)
         for start in range(0, tokens, step):
             chunk = slice(start, start + step)
