@@ -37,14 +37,15 @@ def validate(
 ) -> tuple[tuple[int, ...], str | None]:
     """Check every argument (SPEC §9); returns the leading shape of x and the mixed mode's
     low dtype (None outside the mixed mode, SPEC §10.3)."""
-    # The reference computes in float64 and float32 only, and on NumPy arrays only: checked after
-    # the parameters and compute_dtype, before x (the order every backend's checks follow).
-    dtype = checks.check_trees(cfg, params, state, meta)
-    checks.check_compute_dtype(dtype, compute_dtype)
-    checks.check_dtype_name(dtype, ("float64", "float32"))
+    # The reference runs on NumPy arrays only (checked after the trees, as each backend checks
+    # its own array type), then every rule of SPEC §9 in check_arguments' order, so that a bad
+    # argument gets the same message here as in every backend (float16 parameters with a
+    # float32 x: x's dtype); only a call valid for the backends meets the reference's own limit,
+    # float64 and float32 parameters.
+    checks.check_trees(cfg, params, state, meta)
     if not isinstance(x, np.ndarray):
         raise PEERInputError(f"x is {type(x).__name__}, but expected a numpy.ndarray")
-    lead, _, low = checks.check_arguments(
+    lead, dtype, low = checks.check_arguments(
         cfg,
         params,
         state,
@@ -57,6 +58,7 @@ def validate(
         meta=meta,
         routing_range=lambda r: (int(np.min(r)), int(np.max(r))),
     )
+    checks.check_dtype_name(dtype, ("float64", "float32"))
     return lead, low
 
 

@@ -456,3 +456,42 @@ def test_the_package_exports_its_layer_as_peer():
 def test_every_role_has_its_name(unresolved_roles):
     """peer_backends.contract.ROLES is true of this backend: one name per role in every backend."""
     assert unresolved_roles("jax") == []
+
+
+ISSUE_23 = peer_ref.PEERConfig(d_model=2, n_experts=1, heads=1, topk=1, d_key=2)
+STEP_X = np.array([[1.0, 0.0], [0.0, 3.0]], dtype=np.float32)
+
+
+@pytest.mark.parametrize("remat", ["plain", "jax.checkpoint", "nnx.remat"])
+def test_rematerialisation_updates_the_statistics_once(remat):
+    # SPEC §3.3: one training step under rematerialisation moves the running statistics once.
+    from flax import nnx
+
+    from peer_backends.jax.layer import PEER
+
+    params, state = peer_ref.init(ISSUE_23, seed=0, dtype="float32")
+    layer = PEER(ISSUE_23, seed=0)
+
+    def plain(layer, x):
+        return layer(x).sum()
+
+    def checkpointed(layer, x):
+        graph, rest = nnx.split(layer)
+
+        @jax.checkpoint
+        def pure(rest, x):
+            module = nnx.merge(graph, rest)
+            return module(x).sum(), nnx.state(module)
+
+        value, new_rest = pure(rest, x)
+        nnx.update(layer, new_rest)
+        return value
+
+    loss = {"jax.checkpoint": checkpointed, "nnx.remat": nnx.remat(plain)}.get(remat, plain)
+
+    nnx.grad(loss)(layer, jnp.asarray(STEP_X))
+    expected = peer_ref.forward(ISSUE_23, params, state, STEP_X, True)[1]
+    np.testing.assert_allclose(expected["query_norm.mean"], [0.0724, 0.0065], atol=5e-5)
+    got = layer.params_and_state()[1]
+    for name in expected:
+        np.testing.assert_allclose(np.asarray(got[name]), expected[name], rtol=1e-6)

@@ -257,3 +257,76 @@ def test_a_keras_backend_without_a_peer_backend_is_refused(monkeypatch):
         r"\['jax', 'tensorflow', 'torch'\] \(set KERAS_BACKEND",
     ):
         PEER(CFG)
+
+
+ISSUE_23 = PEERConfig(d_model=2, n_experts=1, heads=1, topk=1, d_key=2)
+STEP_X = np.array([[1.0, 0.0], [0.0, 3.0]], dtype=np.float32)
+RECOMPUTATIONS = {
+    "tensorflow": ["plain", "tf.recompute_grad", "tf.recompute_grad in tf.function", "keras.remat"],
+    "torch": ["plain", "reentrant", "non-reentrant", "keras.remat"],
+    "jax": ["plain", "jax.checkpoint", "keras.remat"],
+}[BACKEND]
+
+
+def _train_step(layer, x, recompute):
+    """One training step's gradient of sum(layer(x)) with the layer's call recomputed as named."""
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        call = (
+            (lambda x: layer(x, training=True))
+            if recompute == "plain"
+            else keras.remat(lambda x: layer(x, training=True))
+            if recompute == "keras.remat"
+            else tf.recompute_grad(lambda x: layer(x, training=True))
+        )
+
+        def step(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = call(x)
+            return tape.gradient(y, x)
+
+        return (tf.function(step) if "tf.function" in recompute else step)(tf.constant(x))
+    if BACKEND == "torch":
+        import torch
+        from torch.utils.checkpoint import checkpoint
+
+        xt = torch.from_numpy(x).requires_grad_()
+        if recompute == "plain":
+            y = layer(xt, training=True)
+        elif recompute == "keras.remat":
+            y = keras.remat(lambda x: layer(x, training=True))(xt)
+        else:
+            y = checkpoint(lambda x: layer(x, training=True), xt, use_reentrant=recompute == "reentrant")
+        y.sum().backward()
+        return xt.grad
+    import jax
+
+    trainable = [v.value for v in layer.trainable_variables]
+    fixed = [v.value for v in layer.non_trainable_variables]
+
+    def loss(x):
+        y, new_fixed = layer.stateless_call(trainable, fixed, x, training=True)
+        return y.sum(), new_fixed
+
+    wrapped = {"plain": loss, "jax.checkpoint": jax.checkpoint(loss), "keras.remat": keras.remat(loss)}[recompute]
+    dx, new_fixed = jax.grad(wrapped, has_aux=True)(x)
+    for variable, value in zip(layer.non_trainable_variables, new_fixed):
+        variable.assign(value)
+    return dx
+
+
+@pytest.mark.parametrize("recompute", RECOMPUTATIONS)
+def test_recomputation_updates_the_statistics_once(recompute):
+    # SPEC §3.3: one training step under activation checkpointing updates the statistics once.
+    params, state = peer_ref.init(ISSUE_23, seed=0, dtype="float32")
+    layer = PEER(ISSUE_23, seed=0)
+    dx = _train_step(layer, STEP_X, recompute)
+    expected = peer_ref.forward(ISSUE_23, params, state, STEP_X, True)[1]
+    np.testing.assert_allclose(expected["query_norm.mean"], [0.0724, 0.0065], atol=5e-5)
+    got = _numpy(layer.params_and_state()[1])
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-7)
+    ref_dx = peer_ref.vjp(ISSUE_23, params, state, STEP_X, np.ones((2, 2), np.float32), True)[1]
+    np.testing.assert_allclose(_numpy(dx), ref_dx, rtol=1e-4, atol=1e-6)

@@ -319,3 +319,30 @@ def test_importing_the_backend_does_not_import_triton():
 
     code = "import sys, peer_backends.torch; assert 'triton' not in sys.modules, 'triton imported'"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "TRITON_INTERPRET": "0"})
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_torch_func_through_the_triton_layer(training):
+    # Under a torch.func transform the triton layer runs the expert stage in plain operations
+    # (experts.gathered_stage): gradients and per-sample gradients equal the aten layer's.
+    from torch.func import functional_call, grad, vmap
+
+    cfg = CONFIGS[0]
+    layers = {name: be.layer(cfg, seed=3, implementation=name).train(training) for name in ("triton", "aten")}
+    x, dy = torch.randn(6, cfg.d_model), torch.randn(6, cfg.d_out)
+    grads = {}
+    for name, layer in layers.items():
+        p = {k: v.detach() for k, v in layer.named_parameters()}
+
+        def loss(p, x, dy, layer=layer):
+            return (functional_call(layer, p, (x,)) * dy).sum()
+
+        grads[name] = grad(loss)(p, x, dy)
+        if not training:
+            grads[name + "/per-sample"] = vmap(grad(loss), in_dims=(None, 0, 0))(p, x[:, None], dy[:, None])
+    for key in grads["aten"]:
+        torch.testing.assert_close(grads["triton"][key], grads["aten"][key])
+        if not training:
+            torch.testing.assert_close(grads["triton/per-sample"][key], grads["aten/per-sample"][key])
+            torch.testing.assert_close(grads["aten/per-sample"][key].sum(0), grads["aten"][key])
+    torch.testing.assert_close(dict(layers["triton"].named_buffers()), dict(layers["aten"].named_buffers()))

@@ -284,6 +284,29 @@ def _two_devices(rank, world, path):
     for cfg in (CFG, GLU):
         _equal_to_one_device(rank, world, cfg)
     _shard_output_and_checkpoint(rank, world, path)
+    _meta_fully_shard(rank, world)
+
+
+def _meta_fully_shard(rank, world):
+    # FSDP2's deferred-initialisation recipe: build on meta, shard, to_empty, reset_parameters.
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    with torch.device("meta"):
+        model = PEER(CFG, seed=7, dtype="float64")
+    fully_shard(model, mesh=mesh)
+    model.to_empty(device="cpu")
+    model.reset_parameters()
+    reference = PEER(CFG, seed=7, dtype="float64")
+    for name, p in model.named_parameters():
+        assert torch.equal(p.full_tensor(), reference.get_parameter(name)), name
+    for name, b in model.named_buffers():
+        assert torch.equal(b, reference.get_buffer(name)), name
+    x, mask, dy = _inputs(CFG, seed=30 + rank)
+    y = model.train()(x, mask=mask)
+    torch.testing.assert_close(y, reference.train()(x, mask=mask), **TOL)
+    for name, value in model.named_buffers():
+        torch.testing.assert_close(value, reference.get_buffer(name), **TOL, msg=name)
 
 
 def test_two_devices_equal_one_device_sharded_output_and_checkpoints(tmp_path):

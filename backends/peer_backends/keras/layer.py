@@ -14,6 +14,30 @@ COMPUTE = {"tensorflow": "peer_backends.tensorflow", "jax": "peer_backends.jax",
 _GROUPS = ("query", "query_norm", "keys", "experts")
 
 
+def _recomputation_pass() -> bool:
+    """Whether a training call is one of the two passes of a recomputation that must leave the
+    running statistics alone, so that one training step updates them once (SPEC §3.3).
+
+    TensorFlow (``tf.recompute_grad``, which ``keras.remat`` is there): its forward runs with
+    gradient recording stopped and its recomputation, in the backward pass, with recording on;
+    a training call made while recording is stopped leaves the statistics to the
+    recomputation. (A training call under ``tape.stop_recording()`` therefore updates nothing.)
+    torch (``torch.utils.checkpoint``, ``keras.remat``): the recomputation runs inside a
+    backward pass. JAX (``jax.checkpoint``, ``keras.remat``): Keras's stateless calls return
+    the new statistics once, whatever is recomputed.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        from tensorflow.python import pywrap_tfe
+
+        return bool(pywrap_tfe.TFE_Py_TapeSetIsStopped())
+    if backend == "torch":
+        import torch
+
+        return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+    return False
+
+
 class Tables(keras.layers.Layer):
     """The weights of one canonical-name prefix (``query``, ``query_norm``, ``keys``,
     ``experts``), so that a weight's path is its canonical name with "/" for "." (Keras on
@@ -46,7 +70,9 @@ class PEER(keras.layers.Layer):
     Weights: each canonical name is a weight of a sub-layer named after its first part, so
     ``variable.path`` is e.g. "<layer name>/experts/down". Trainable weights are
     ``cfg.param_shapes()``; the batch-norm statistics ("query_norm/mean", "query_norm/var")
-    are non-trainable and updated by assignment in training calls. ``params_and_state()`` and
+    are non-trainable and updated by assignment in training calls, once per training step
+    under recomputation too (``keras.remat``, ``tf.recompute_grad``, ``torch.utils.checkpoint``,
+    ``jax.checkpoint``; SPEC §3.3, see ``_recomputation_pass``). ``params_and_state()`` and
     ``load_params_and_state()`` move the functional API's dicts (canonical names) in and out.
 
     ``mask`` is PEER's token mask (bool, ``x.shape[:-1]``, True keeps a token), which is also
@@ -158,7 +184,7 @@ class PEER(keras.layers.Layer):
         y, new_state, aux = _apply(
             self._compute, self.cfg, params, state, x, training, mask, routing, self.mixed_dtype, self.implementation
         )
-        if training:
+        if training and not _recomputation_pass():
             for name, variable in self._state.items():
                 variable.assign(new_state[name])
         return (y, aux) if return_aux else y

@@ -94,5 +94,30 @@ _round_through_op.register_autograd(lambda ctx, grad: (grad, None), setup_contex
 
 def round_through(value, low):
     """``value`` rounded to nearest-even in ``low`` (a torch dtype) and widened back; the gradient
-    passes unchanged (straight-through, SPEC §10.3). The operator peer::round_through."""
+    passes unchanged (straight-through, SPEC §10.3). The operator peer::round_through, and under
+    a torch.func transform (``transformed()``) the same in plain differentiable ops."""
+    if transformed():
+        return value + (value.to(low).to(value.dtype) - value).detach()
     return torch.ops.peer.round_through(value, low)
+
+
+def transformed() -> bool:
+    """Whether a torch.func transform (grad, vjp, jvp, jacrev, jacfwd, vmap, functionalize) is
+    running. The peer:: operators' autograd formulas are generated autograd.Functions, which
+    torch.func cannot transform (they lack setup_context, a torch limitation), so under a
+    transform the forward runs the same math in plain differentiable torch operations. False
+    while torch.compile traces (where dynamo keeps an interpreter of its own)."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def unwrapped(value):
+    """``value`` with every torch.func wrapper (gradient tracking, dual numbers) removed: the
+    plain tensor of its values, for buffers that a transform must not differentiate or batch."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(value):
+        if functorch.is_batchedtensor(value):
+            return None
+        value = functorch.get_unwrapped(value)
+    return value

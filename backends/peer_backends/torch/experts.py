@@ -245,3 +245,20 @@ def expert_stage(cfg, p, xf, flat, weights, low=None):
     if low is None:
         return up_projection(coef, p["experts.up"], flat, groups)
     return torch.einsum("tj,tjo->to", coef, _read_rows(p["experts.up"], flat, low))
+
+
+def gathered_stage(cfg, p, xf, flat, weights, low=None):
+    """``expert_stage`` in plain differentiable torch operations (gather and einsum), which
+    torch.func can transform (grad, vjp, jvp, vmap): the expert stage of every implementation
+    under a torch.func transform (peer_backends.torch.peer.expert_stage_for). Same arguments."""
+
+    def rows(name):
+        return _read_rows(p[name], flat, low) if low is not None else F.embedding(flat, p[name])
+
+    pre = torch.einsum("td,tjd->tj", xf, rows("experts.down"))
+    if cfg.expert_bias:
+        pre = pre + p["experts.bias"][flat]
+    hidden = activation(cfg.activation, pre)
+    if cfg.expert_glu:
+        hidden = hidden * torch.einsum("td,tjd->tj", xf, rows("experts.gate"))
+    return torch.einsum("tj,tjo->to", weights * hidden, rows("experts.up"))

@@ -1,3 +1,4 @@
+import sys
 import warnings
 
 import torch
@@ -9,7 +10,7 @@ from peer_ref.errors import PEERInputError
 
 from .._implementation import check_known
 from .._layer import check_seed, reference_tables
-from .core import dtype_name, meta, native_dtype
+from .core import dtype_name, meta, native_dtype, transformed, unwrapped
 from .peer import IMPLEMENTATIONS, choose_implementation, compute_dtype_name, forward, routing_aux, validate
 
 
@@ -20,6 +21,26 @@ class Tables(nn.Module):
     def extra_repr(self):
         tensors = [*self._parameters.items(), *self._buffers.items()]
         return ", ".join(f"{name}: {tuple(value.shape)} {dtype_name(value)}" for name, value in tensors)
+
+
+def _recomputing():
+    """Whether this forward runs inside a backward pass: activation checkpointing's recomputation
+    (torch.utils.checkpoint, reentrant or not), which must not update the running statistics a
+    second time (SPEC §3.3)."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
+def _laid_out_like(param, value):
+    """``value``, a whole table, laid out like ``param``: sharded the same way where ``param`` is
+    a DTensor (FSDP2's ``fully_shard``, tensor parallelism), on param's device otherwise."""
+    module = sys.modules.get("torch.distributed.tensor")  # no DTensor exists before it is imported
+    if module is not None and isinstance(param, module.DTensor):
+        return module.distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+    return value.to(param.device)
+
+
+def _wrapped(tensor):
+    return torch._C._functorch.is_functorch_wrapped_tensor(tensor)
 
 
 class PEER(nn.Module):
@@ -33,15 +54,30 @@ class PEER(nn.Module):
         rounded to ``dtype``, the same values in every framework (SPEC §8).
       dtype: the parameters' dtype, a name or a torch dtype: float32 (default), float64,
         bfloat16 or float16; batch-norm statistics are float32 for the 16-bit ones (SPEC §10).
-      device: where the tensors live (``"meta"`` allocates nothing; ``to_empty(device=...)``
-        then ``reset_parameters()`` draws them, as for torch's own modules).
+      device: where the tensors live (``"meta"`` allocates and computes nothing, with a seed
+        too; ``to_empty(device=...)`` then ``reset_parameters()`` draws them, as for torch's
+        own modules, DTensor parameters of FSDP2's ``fully_shard`` included).
       implementation: the kernels of the expert stage (below).
 
     Parameters live in submodules named after the first part of each canonical name
     (``query``, ``query_norm``, ``keys``, ``experts``), so ``keys.left`` or
     ``query_norm.mean`` come out of ``state_dict()`` and go into ``load_state_dict()`` as is.
     ``forward`` returns y, and ``(y, aux)`` with ``return_aux=True``. In training mode the
-    batch-norm buffers are updated in place.
+    batch-norm buffers are updated in place, once per training step (SPEC §3.3): under
+    activation checkpointing (``torch.utils.checkpoint``, reentrant or not) the recomputation
+    in the backward pass leaves them alone. ``torch.export`` programs of either mode save,
+    load and run like the module, the training program updating its buffers.
+
+    torch.func: ``grad``, ``vjp``, ``jvp``, ``jacrev``, ``jacfwd`` and ``vmap`` (per-sample
+    gradients: ``vmap(grad(...))``) run through ``torch.func.functional_call(module, ...)`` on
+    the "aten" and "triton" implementations: under a transform the routing and the expert
+    stage run the same math in plain differentiable operations (experts.gathered_stage),
+    since the peer:: operators' generated autograd functions cannot be transformed. A
+    training call under ``vmap`` with batch norm raises PEERInputError (each sample would have
+    statistics of its own; take per-sample gradients in eval mode); under the other
+    transforms it updates the buffers once (see ``_update_buffers``). ``torch.compile`` of a
+    torch.func transform of the layer is not supported (compile the layer, or transform it
+    eagerly).
 
     Casting (``.to(dtype)``, ``.half()``, ``.bfloat16()``, ``.double()``) casts parameters and
     batch-norm buffers together, as ``nn.BatchNorm1d`` does with its running statistics: they
@@ -95,8 +131,14 @@ class PEER(nn.Module):
 
         With ``seed=None``: normal draws from torch's default generator for the parameters'
         device, in float32 (float64 for float64 parameters) rounded once to their dtype. With a
-        seed: the reference's tables ``peer_ref.init(cfg, seed)``.
+        seed: the reference's tables ``peer_ref.init(cfg, seed)``. On the meta device (deferred
+        initialisation: ``PEER(cfg, device="meta")`` or ``with torch.device("meta")``) nothing
+        is drawn nor computed, on the host or anywhere: the tensors hold no values until
+        ``to_empty(device=...)`` and a call of this method there, which draws the same tables
+        as a direct build with the same seed (FSDP2's ``fully_shard`` recipe).
         """
+        if self.experts.down.is_meta:
+            return
         stds, constants = peer_ref.init_std(self.cfg), peer_ref.init_constant(self.cfg)
         dtype = dtype_name(self.experts.down)
         reference = None if self.seed is None else reference_tables(self.cfg, self.seed, dtype)[0]
@@ -105,10 +147,12 @@ class PEER(nn.Module):
             for key, param in self.named_parameters():
                 if key not in stds:
                     param.fill_(constants[key])
-                elif reference is not None:
-                    param.copy_(torch.from_numpy(reference[key]))
+                    continue
+                if reference is not None:
+                    value = torch.from_numpy(reference[key])
                 else:
-                    param.copy_(torch.randn(param.shape, dtype=draw, device=param.device) * stds[key])
+                    value = torch.randn(param.shape, dtype=draw, device=param.device) * stds[key]
+                param.copy_(_laid_out_like(param, value))
             for key, buffer in self.named_buffers():
                 buffer.fill_(constants[key])
 
@@ -178,14 +222,40 @@ class PEER(nn.Module):
             y, new_state, indices, scores, weights = forward(
                 self.cfg, self.training, params, state, x, mask, routing, low=low, implementation=implementation
             )
-        if self.training and new_state:
-            with torch.no_grad():
-                for name, value in new_state.items():
-                    self.get_buffer(name).copy_(value)  # rounds to the buffer's dtype (see class doc)
+        if self.training and new_state and not _recomputing():
+            self._update_buffers(new_state)
         aux = routing_aux(self.cfg, lead, indices, scores, weights)
         self._last_aux = aux
         y = y.reshape(lead + (self.cfg.d_out,))
         return (y, aux) if return_aux else y
+
+    def _update_buffers(self, new_state):
+        """Copy the new batch-norm statistics into the buffers (rounding to their dtype, see the
+        class doc). Under torch.func's grad, vjp, jvp, jacrev and jacfwd the module's own buffers
+        get the plain values of this call's statistics (torch.func refuses to mutate a tensor
+        captured from outside the transform, so the copy runs outside it); buffers passed in
+        through ``torch.func.functional_call`` are updated inside it. Under vmap each sample
+        has statistics of its own, which the module's one set of buffers cannot hold, so a
+        training call there is refused (PEERInputError)."""
+        # copy_ of a detached value outside no_grad: a buffer mutation that torch.export
+        # represents (a no_grad region would become a submodule its loader rejects).
+        for name, value in new_state.items():
+            buffer = self.get_buffer(name)
+            if not transformed() or _wrapped(buffer):
+                buffer.copy_(value.detach())  # rounds to the buffer's dtype (see class doc)
+                continue
+            plain = unwrapped(value)
+            if plain is None:
+                raise PEERInputError(
+                    "a training-mode call under torch.func.vmap cannot update the batch-norm buffer "
+                    f"{name!r}: each vmapped sample has batch statistics of its own, but the module holds "
+                    "one set. Call the layer in eval mode (module.eval()) under vmap, e.g. for per-sample "
+                    "gradients, and update the statistics with a training call outside vmap"
+                )
+            from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
+
+            with temporarily_clear_interpreter_stack(), torch.no_grad():
+                buffer.copy_(plain)
 
     @property
     def last_aux(self):

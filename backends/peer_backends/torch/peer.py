@@ -22,7 +22,7 @@ from peer_ref.errors import PEERInputError
 
 from .._implementation import choose
 from . import experts
-from .core import meta, native_dtype, round_through
+from .core import meta, native_dtype, round_through, transformed
 from .routing import route
 
 # Kernels of the expert stage, the default first: "aten" is PyTorch's own (embedding-bag) kernels
@@ -90,7 +90,11 @@ class ExpertStage(typing.NamedTuple):
 
 def expert_stage_for(implementation) -> ExpertStage:
     """The expert stage of ``implementation``; its module is imported here, so that triton and
-    torch.distributed load only when asked for."""
+    torch.distributed load only when asked for. Under a torch.func transform (core.transformed)
+    "aten" and "triton" run experts.gathered_stage, the same math in plain differentiable
+    operations that torch.func can transform."""
+    if implementation != "sharded" and transformed():
+        return ExpertStage(experts.gathered_stage)
     if implementation == "triton":
         from . import kernels
 
@@ -133,7 +137,10 @@ def compute_dtype_name(compute_dtype):
 def _routing_range(routing):
     # Under torch.compile the values are checked where they are known, when the graph runs
     # (peer::checked_routing in forward), so that reading them does not break the graph.
-    return None if torch.compiler.is_compiling() else (int(routing.min()), int(routing.max()))
+    # Under torch.func's vmap the same check runs inside peer::checked_routing, on the batch.
+    if torch.compiler.is_compiling() or transformed():
+        return None
+    return int(routing.min()), int(routing.max())
 
 
 def validate(cfg, params, state, x, training, mask=None, routing=None, dy=None, compute_dtype=None) -> checks.Arguments:

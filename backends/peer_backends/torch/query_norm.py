@@ -3,6 +3,8 @@ training, branch-free in the token count."""
 
 import torch
 
+from .core import transformed
+
 
 def query_norm(cfg, params, state, q, valid, training):
     """Batch norm of the queries (SPEC §3.3); valid is None when every token is valid."""
@@ -13,7 +15,7 @@ def query_norm(cfg, params, state, q, valid, training):
     if not training:
         return _normalise(cfg, params, q, running_mean, running_var), dict(state)
     m = cfg.bn_momentum
-    if valid is None and q.shape[0] > 1:
+    if valid is None and q.shape[0] > 1 and not transformed():
         # Every token counts: PyTorch's fused batch norm, one pass each way, whose running update
         # (momentum, Bessel-corrected variance) is SPEC §3.3's for two or more tokens.
         new_mean, new_var = running_mean.clone(), running_var.clone()
@@ -21,7 +23,8 @@ def query_norm(cfg, params, state, q, valid, training):
             q, params["query_norm.scale"], params["query_norm.offset"], new_mean, new_var, True, m, cfg.bn_eps
         )[0]
         return normed, {"query_norm.mean": new_mean, "query_norm.var": new_var}
-    # Branch-free in the token count. Masked tokens are left out of the statistics by selection.
+    # Branch-free in the token count (and under torch.func, whose vmap cannot batch the fused
+    # kernel's in-place running update). Masked tokens are left out of the statistics by selection.
     if valid is None:
         valid = torch.ones(q.shape[0], dtype=torch.bool, device=q.device)
     n_valid = valid.sum().to(q.dtype)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from peer_ref import checks
 from peer_ref.routing import pruned_candidates
 
+from .core import transformed
 from .query_norm import query_norm
 
 
@@ -77,16 +78,17 @@ def _top_positions(values, index, bound, k):
 # work (tie repair, grouping by expert) stays inside them, so a compiled graph never breaks.
 
 
-def _sub_key_scores(cfg, params, queries):
+def _sub_key_scores(cfg, params, queries, plain=False):
     """(2, T, heads, n_keys) scores of each query half (left, right) against its sub-keys.
 
-    Called without autograd: selected_scores carries the gradient of the selected scores.
+    Called without autograd (selected_scores carries the gradient of the selected scores), or
+    ``plain``, under a torch.func transform, with it: one einsum.
     """
     halves = queries.unflatten(-1, (2, cfg.d_half))  # (T, heads, 2, d_half)
     keys = torch.stack((params["keys.left"], params["keys.right"]))  # (2, key_sets, n_keys, d_half)
     if not cfg.shared_keys:
         return torch.einsum("thsd,shnd->sthn", halves, keys)
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if plain or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return torch.einsum("thsd,snd->sthn", halves, keys[:, 0])
     # Eagerly without autograd, two plain matrix products read the strided halves in place.
     out = queries.new_empty((2,) + queries.shape[:-1] + (cfg.n_keys,))
@@ -248,6 +250,15 @@ def _(sub_scores, topk):
     return sub_scores.new_empty(sub_scores.shape[1:-1] + (topk,), dtype=torch.int64)
 
 
+@_product_key_topk_op.register_vmap
+def _(info, in_dims, sub_scores, topk):
+    # The batch dimension joins the token dimension: every token is searched on its own.
+    batched = sub_scores.movedim(in_dims[0], 1) if in_dims[0] is not None else sub_scores[:, None]
+    size = batched.shape[1]
+    experts = torch.ops.peer.product_key_topk(batched.flatten(1, 2), topk)
+    return experts.unflatten(0, (size, -1)), 0
+
+
 def _product_key_topk(cfg, sub_scores):
     """Expert indices (T, heads, topk) from the (2, T, heads, n_keys) sub-key scores (SPEC §3.6-§3.8),
     ties by (score descending, index ascending); the op peer::product_key_topk, without gradient."""
@@ -265,6 +276,11 @@ def _checked_routing_op(routing: torch.Tensor, n_experts: int) -> torch.Tensor:
 @_checked_routing_op.register_fake
 def _(routing, n_experts):
     return routing.new_empty(routing.shape, dtype=torch.int64)
+
+
+@_checked_routing_op.register_vmap
+def _(info, in_dims, routing, n_experts):
+    return torch.ops.peer.checked_routing(routing, n_experts), in_dims[0]  # elementwise
 
 
 def _score_weights(name, scores):
@@ -288,13 +304,22 @@ def route(cfg, training, p, state, xf, valid, routing):
         q = q + p["query.bias"]
     q, new_state = query_norm(cfg, p, state, q, valid, training)
     queries = q.reshape(tokens, cfg.heads, cfg.d_key)
+    n = cfg.n_keys
+    if transformed():
+        # Under torch.func: the same scores, differentiated through a dense einsum and a gather.
+        sub_scores = _sub_key_scores(cfg, p, queries, plain=True)
+        if routing is None:
+            indices = _product_key_topk(cfg, sub_scores)
+        else:
+            indices = torch.ops.peer.checked_routing(routing.reshape(tokens, cfg.heads, cfg.topk), cfg.n_experts)
+        scores = sub_scores.gather(-1, torch.stack((indices // n, indices % n))).sum(0)
+        return new_state, indices, scores, _score_weights(cfg.score, scores)
     with torch.no_grad():  # selected_scores carries the gradient of the selected scores
         sub_scores = _sub_key_scores(cfg, p, queries)
         if routing is None:
             indices = _product_key_topk(cfg, sub_scores)
         else:
             indices = torch.ops.peer.checked_routing(routing.reshape(tokens, cfg.heads, cfg.topk), cfg.n_experts)
-    n = cfg.n_keys
     halves = torch.stack((indices // n, indices % n))
     scores = selected_scores(queries, p["keys.left"], p["keys.right"], halves, sub_scores)
     return new_state, indices, scores, _score_weights(cfg.score, scores)
