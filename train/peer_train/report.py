@@ -24,7 +24,9 @@ def write_json(path: Path, result: dict) -> None:
 def header(env: dict, corpus: dict) -> list[str]:
     return [
         f"- command: `{env['command']}`",
-        f"- date: {env['date']}, wall time {env['wall_s']:.0f} s, {env['threads']} threads, {env['cpu_model']}",
+        f"- date: {env['date']}"
+        + (f", code at commit `{env['git_commit']}`" if env.get("git_commit") else "")
+        + f", wall time {env['wall_s']:.0f} s, {env['threads']} threads, {env['cpu_model']}",
         f"- Python {env['python']}; " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
         f"- corpus: {corpus['name']} ({corpus['files']} files, {corpus['train_bytes']:,} training bytes, "
         f"{corpus['val_bytes']:,} validation bytes from {corpus['val_files']} files), sha256 `{corpus['sha256']}`",
