@@ -20,7 +20,7 @@ nox.options.sessions = ["lint", "docs", "tests", "kernels"]
 nox.options.reuse_existing_virtualenvs = True
 
 PYTHON = "3.11"
-# The Hypothesis profile: peer-ci (200 examples per core property, derandomized) unless told otherwise.
+# The Hypothesis profile: peer-ci (80 examples per core property, derandomized) unless told otherwise.
 PROFILE = ["--hypothesis-profile", "peer-ci"]
 PYTEST = ["-p", "no:cacheprovider", "-ra"]
 # The exact releases CI tests (pip constraints: they pin what the extras ask for, and add nothing).

@@ -11,7 +11,7 @@ registers no Hypothesis profile and suppresses no health check.
     pytest --pyargs peer_conformance --peer-backend torch --peer-implementation triton   # one kernel path
 
 Hypothesis profiles, registered when a backend is named: ``peer-dev`` (quick), ``peer-ci``
-(200 examples for the core properties, derandomized), ``peer-thorough`` (2000, random configs),
+(80 examples for the core properties, derandomized), ``peer-thorough`` (2000, random configs),
 ``peer-kernels`` (8, for interpreted kernels); pick one with ``--hypothesis-profile`` (default:
 ``peer-ci`` when $CI is set, else ``peer-dev``). At the end of a run the suite prints its verdict,
 one line per spec section (``peer_conformance.verdict``); ``--peer-verdict-json`` and
@@ -40,7 +40,7 @@ def register_profiles() -> None:
     # costs a minute on an implementation whose error path is slow (einx's shape solver, say).
     common = dict(deadline=None, suppress_health_check=suppress, phases=[p for p in Phase if p is not Phase.explain])
     settings.register_profile("peer-dev", max_examples=25, **common)
-    settings.register_profile("peer-ci", max_examples=200, derandomize=True, print_blob=True, **common)
+    settings.register_profile("peer-ci", max_examples=80, derandomize=True, print_blob=True, **common)
     settings.register_profile("peer-thorough", max_examples=2000, **common)
     # For implementations run under an interpreter (Triton's, Pallas's), where one example costs seconds.
     settings.register_profile("peer-kernels", max_examples=8, derandomize=True, print_blob=True, **common)
