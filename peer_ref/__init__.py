@@ -5,7 +5,7 @@ backward, and the oracles the conformance suite checks every backend against.
 """
 
 from . import checks, metrics
-from .backward_pass import vjp
+from .backward_pass import EXPERT_TABLES, RowSparse, gradient_rows, vjp
 from .config import ACTIVATIONS, DTYPES, MAX_N_KEYS, QUERY_NORMS, SCORES, PEERConfig
 from .errors import PEERCheckpointError, PEERConfigError, PEERInputError
 from .forward_pass import forward, routing_scores
@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ACTIVATIONS",
     "DTYPES",
+    "EXPERT_TABLES",
     "MAX_N_KEYS",
     "QUERY_NORMS",
     "SCORES",
@@ -25,11 +26,13 @@ __all__ = [
     "PEERCheckpointError",
     "PEERConfigError",
     "PEERInputError",
+    "RowSparse",
     "TOLERANCES",
     "Tolerance",
     "brute_force_topk",
     "checks",
     "forward",
+    "gradient_rows",
     "init",
     "init_constant",
     "init_std",

@@ -8,7 +8,11 @@ get none.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
+
+from . import checks
 
 from .config import PEERConfig
 from .forward_pass import forward_with_tape, low_numpy_dtype
@@ -26,13 +30,18 @@ def vjp(
     routing: np.ndarray | None = None,
     *,
     compute_dtype: str | None = None,
+    sparse: bool = False,
 ):
     """Cotangents ``(grads, dx)`` of ``sum(forward(...)[0] * dy)``.
 
     ``grads`` holds every trainable parameter under its canonical name; ``dx`` has x's shape.
     In the mixed mode (``compute_dtype``, SPEC §10.3) dy has x's low dtype, every rounding of the
     forward counts as the identity, grads are float32 and dx is rounded once to the low dtype.
+    With ``sparse=True`` the expert tables' gradients are :class:`RowSparse` (SPEC §7.1): the
+    rows selected by valid tokens and the dense gradient's values there; the routing parameters'
+    stay dense. Raises PEERInputError for a ``sparse`` that is not a bool.
     """
+    checks.check_flag("sparse", sparse)
     _, _, _, tape = forward_with_tape(
         cfg, params, state, x, training, mask, routing, dy=dy, compute_dtype=compute_dtype
     )
@@ -105,7 +114,42 @@ def vjp(
     if tape.low is not None:
         with np.errstate(over="ignore"):  # §10.1: beyond the low dtype's range is ±inf, as specified
             dx = dx.astype(low_numpy_dtype(tape.low))  # §10.3: dx is rounded once, at the end
+    if sparse:
+        grads = sparsify(grads, gradient_rows(tape.indices, tape.valid))
     return grads, dx.reshape(tape.lead + (cfg.d_model,))
+
+
+# SPEC §7.1: the tables indexed by expert, whose gradients can be row-sparse.
+EXPERT_TABLES = ("experts.down", "experts.up", "experts.gate", "experts.bias")
+
+
+class RowSparse(NamedTuple):
+    """The row-sparse gradient of an expert table (SPEC §7.1).
+
+    ``rows``: int64 (U,), sorted and unique, the experts selected by at least one valid token;
+    ``values``: (U,) + the table's row shape, in the gradient's dtype, the dense gradient's rows
+    ``rows``. Every other row of the dense gradient is exactly zero.
+    """
+
+    rows: np.ndarray
+    values: np.ndarray
+
+    def densify(self, n_rows: int) -> np.ndarray:
+        """The dense (n_rows, ...) gradient: ``values`` at ``rows``, exact zeros elsewhere."""
+        dense = np.zeros((n_rows,) + self.values.shape[1:], self.values.dtype)
+        dense[self.rows] = self.values
+        return dense
+
+
+def gradient_rows(indices: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """The rows of a row-sparse table gradient (SPEC §7.1): the sorted unique experts in
+    ``indices`` (T, heads, topk) of the tokens where ``valid`` (T,) is True, as int64 (U,)."""
+    return np.unique(np.asarray(indices)[np.asarray(valid, bool)].reshape(-1).astype(np.int64))
+
+
+def sparsify(grads: dict, rows: np.ndarray) -> dict:
+    """``grads`` with each expert table's dense gradient replaced by its :class:`RowSparse` at ``rows``."""
+    return {name: RowSparse(rows, value[rows]) if name in EXPERT_TABLES else value for name, value in grads.items()}
 
 
 def _scatter_last(values: np.ndarray, positions: np.ndarray, size: int) -> np.ndarray:

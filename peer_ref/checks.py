@@ -31,6 +31,13 @@ def state_dtype(param_dtype: str) -> str:
     return "float32" if param_dtype in LOW_DTYPES else param_dtype
 
 
+def check_flag(name: str, value: object) -> bool:
+    """A boolean argument ``name`` (``sparse=``, ...): raises PEERInputError unless it is a bool."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise PEERInputError(f"{name}={value!r}, but expected a bool")
+    return bool(value)
+
+
 def check_compute_dtype(param_dtype: str, compute_dtype: object) -> str | None:
     """Validate ``compute_dtype=`` against the parameters' dtype (SPEC §10.3).
 

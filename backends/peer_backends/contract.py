@@ -26,9 +26,9 @@ name : str
 version : str
     Version of the framework underneath.
 capabilities : frozenset[str]
-    Subset of {"float64", "float32", "bfloat16", "float16", "mixed", "grad", "jit", "gpu"}.
-    "mixed" means apply/vjp take ``compute_dtype="bfloat16"|"float16"`` with float32
-    parameters (SPEC §10.3). Conformance tests needing a capability the backend lacks are
+    Subset of {"float64", "float32", "bfloat16", "float16", "mixed", "grad", "sparse_grad", "jit",
+    "gpu"}. "mixed" means apply/vjp take ``compute_dtype="bfloat16"|"float16"`` with float32
+    parameters (SPEC §10.3). "sparse_grad" means vjp takes ``sparse=True`` (SPEC §7.1). Conformance tests needing a capability the backend lacks are
     skipped with that reason.
 init(cfg, seed=0, dtype=None) -> (params, state)
     Native arrays keyed by canonical names, drawn from the distributions of SPEC §8.
@@ -46,7 +46,9 @@ apply(cfg, params, state, x, training=False, mask=None, routing=None, *, jit=Non
 vjp(cfg, params, state, x, dy, training=False, mask=None, routing=None, *, jit=None, compute_dtype=None,
     implementation=None)
     -> (grads, dx), computed with the framework's own autodiff. grads has every
-    trainable parameter under its canonical name.
+    trainable parameter under its canonical name. A backend with the "sparse_grad" capability
+    also takes ``sparse=False``; ``sparse=True`` returns the expert tables' gradients in the
+    framework's row-sparse form (SPEC §7.1), which ``to_numpy`` turns into ``peer_ref.RowSparse``.
 from_numpy(tree), to_numpy(tree)
     Convert a (nested) dict/tuple/list of arrays; None passes through. bfloat16 maps
     to ``ml_dtypes.bfloat16`` on the NumPy side. Nothing is cast.

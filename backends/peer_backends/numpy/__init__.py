@@ -7,7 +7,7 @@ from .peer import apply, init, vjp
 
 name = "numpy"
 default_path = "eager"  # what jit=None runs
-capabilities = frozenset({"float64", "float32", "grad", "mixed"})
+capabilities = frozenset({"float64", "float32", "grad", "mixed", "sparse_grad"})
 PEER = _layer_module.PEER  # the layer class: from peer_backends.numpy import PEER
 layer = _layer_module.PEER
 

@@ -46,9 +46,19 @@ def vjp(
     jit=None,
     compute_dtype=None,
     implementation=None,
+    sparse=False,
 ):
     _no_jit(jit)
     choose_implementation(implementation)
     return peer_ref.vjp(
-        cfg, params, state, x, dy, training=training, mask=mask, routing=routing, compute_dtype=compute_dtype
+        cfg,
+        params,
+        state,
+        x,
+        dy,
+        training=training,
+        mask=mask,
+        routing=routing,
+        compute_dtype=compute_dtype,
+        sparse=sparse,
     )
