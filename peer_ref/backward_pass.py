@@ -13,7 +13,6 @@ from typing import NamedTuple
 import numpy as np
 
 from . import checks
-
 from .config import PEERConfig
 from .forward_pass import forward_with_tape, low_numpy_dtype
 from .functions import activation, activation_grad, score_weights_vjp
