@@ -37,20 +37,41 @@ def _install(session, extras: str = "", editable: bool = False) -> None:
 MODULES = sorted(p.stem for p in Path("conformance/peer_conformance").glob("test_*.py"))
 
 
-def _conformance(session, backends: list[str]) -> None:
-    for backend in backends:
-        for module in MODULES:
-            session.run(
-                "pytest",
-                *PYTEST,
-                *PROFILE,
-                "-q",
-                "--pyargs",
-                f"peer_conformance.{module}",
-                "--peer-backend",
-                backend,
-                *session.posargs,
-            )
+def _conformance(backends: list[str], *extra: str) -> list[list[str]]:
+    """One pytest command per (backend, conformance module)."""
+    return [
+        ["pytest", *PYTEST, *PROFILE, "-q", "--pyargs", f"peer_conformance.{module}", "--peer-backend", backend, *extra]
+        for backend in backends
+        for module in MODULES
+    ]
+
+
+def _together(session, commands: list, jobs: int | None = None) -> None:
+    """Run independent pytest processes ``jobs`` at a time (default: one per CPU core; the
+    ``PEER_CI_JOBS`` environment variable overrides), in the order given (longest first keeps
+    the cores busy to the end). ``commands`` holds argument lists, or (arguments, env) pairs.
+    Each process's output is printed whole when it ends; every failure is listed, then the
+    session fails. The processes share nothing but the machine: each framework, device setup
+    and kernel interpreter keeps to a process of its own, as when they ran one after another."""
+    import concurrent.futures
+    import os
+
+    jobs = jobs or int(os.environ.get("PEER_CI_JOBS", 0)) or os.cpu_count() or 1
+    failed = []
+
+    def run(command):
+        args, env = command if isinstance(command[0], list) else (command, None)
+        try:
+            output = session.run(*args, env=env, silent=True)
+        except nox.command.CommandFailed:  # nox has printed its output
+            failed.append(" ".join(args))
+        else:
+            print(f"$ {' '.join(args)}\n{output}", flush=True)
+
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(run, commands))
+    if failed:
+        session.error("failed:\n" + "\n".join(failed))
 
 
 # The first public verdict: PEER-pytorch through its adapter, every module in one process, its known
@@ -85,21 +106,23 @@ def tests(session):
     keras_layer = "tests/test_keras_layer.py"  # once per Keras backend: Keras picks it at import
     # The kernels session's:
     kernel_tests = [f"--ignore=tests/test_{name}.py" for name in ("torch_kernels", "jax_kernels", "kernels_compile")]
-    session.run(
-        "pytest",
-        *PYTEST,
-        *PROFILE,
-        "tests",
-        *(f"--ignore={path}" for path in [*own, keras_layer]),
-        *kernel_tests,
-        *session.posargs,
+    rest = ["tests", *(f"--ignore={path}" for path in [*own, keras_layer]), *kernel_tests]
+    pytest = ["pytest", *PYTEST, *PROFILE]
+    # Longest first: the compiled backends' conformance modules (a program compiled per shape).
+    _together(
+        session,
+        [
+            [*pytest, *rest, *session.posargs],
+            *_conformance(["tensorflow", "jax"], *session.posargs),
+            *([*pytest, path, *session.posargs] for path in own),
+            *(
+                ([*pytest, keras_layer, *session.posargs], {"KERAS_BACKEND": keras_backend})
+                for keras_backend in ("tensorflow", "jax", "torch")
+            ),
+            *_conformance(["torch", "numpy"], *session.posargs),
+            ["pytest", *PYTEST, *PEER_PYTORCH, *session.posargs],
+        ],
     )
-    for path in own:
-        session.run("pytest", *PYTEST, *PROFILE, path, *session.posargs)
-    for keras_backend in ("tensorflow", "jax", "torch"):
-        session.run("pytest", *PYTEST, *PROFILE, keras_layer, *session.posargs, env={"KERAS_BACKEND": keras_backend})
-    _conformance(session, ["numpy", "torch", "jax", "tensorflow"])
-    session.run("pytest", *PYTEST, *PEER_PYTORCH, *session.posargs)
 
 
 @nox.session(python=PYTHON)
@@ -121,7 +144,15 @@ def verdict(session):
 # The kernel paths under their interpreters (Triton: TRITON_INTERPRET=1 on CPU tensors; Pallas:
 # interpret=True off GPUs), which run every program instance in Python: the conformance modules
 # that exercise the expert stage, with the small "peer-kernels" Hypothesis profile.
-KERNEL_MODULES = ["test_forward", "test_gradients", "test_mask", "test_routing", "test_shapes", "test_vectors"]
+KERNEL_MODULES = [
+    "test_forward",
+    "test_gradients",
+    "test_mask",
+    "test_routing",
+    "test_shapes",
+    "test_sparse_gradients",
+    "test_vectors",
+]
 KERNEL_PATHS = {"torch": "triton", "jax": "pallas"}
 
 
@@ -133,25 +164,26 @@ def kernels(session):
     _install(session, "torch,jax,kernels")
     session.run("pytest", *PYTEST, "tests/test_kernels_compile.py", *session.posargs, env={"TRITON_INTERPRET": "0"})
     env = {"TRITON_INTERPRET": "1"}
-    session.run("pytest", *PYTEST, "tests/test_torch_kernels.py", *session.posargs, env=env)
-    session.run("pytest", *PYTEST, "tests/test_jax_kernels.py", *session.posargs, env=env)
-    for backend, implementation in KERNEL_PATHS.items():
-        for module in KERNEL_MODULES:
-            session.run(
-                "pytest",
-                *PYTEST,
-                "--hypothesis-profile",
-                "peer-kernels",
-                "-q",
-                "--pyargs",
-                f"peer_conformance.{module}",
-                "--peer-backend",
-                backend,
-                "--peer-implementation",
-                implementation,
-                *session.posargs,
-                env=env,
-            )
+    conformance = [
+        [
+            "pytest",
+            *PYTEST,
+            "--hypothesis-profile",
+            "peer-kernels",
+            "-q",
+            "--pyargs",
+            f"peer_conformance.{module}",
+            "--peer-backend",
+            backend,
+            "--peer-implementation",
+            implementation,
+            *session.posargs,
+        ]
+        for backend, implementation in KERNEL_PATHS.items()
+        for module in KERNEL_MODULES
+    ]
+    own = [["pytest", *PYTEST, f"tests/test_{name}_kernels.py", *session.posargs] for name in ("torch", "jax")]
+    _together(session, [(command, env) for command in own + conformance])
 
 
 @nox.session(python=PYTHON)
@@ -175,7 +207,7 @@ def ref(session):
         "tests/test_conformance_meta.py",
         "tests/test_conformance_helpers.py",
     )
-    _conformance(session, ["numpy"])
+    _together(session, _conformance(["numpy"]))
 
 
 def _one_backend(session, backend: str) -> None:
@@ -186,7 +218,7 @@ def _one_backend(session, backend: str) -> None:
         session.run("pytest", *PYTEST, *PROFILE, f"tests/test_{backend}_parallel.py")
     if backend == "tensorflow":  # the Keras layer on Keras's TensorFlow backend
         session.run("pytest", *PYTEST, *PROFILE, "tests/test_keras_layer.py", env={"KERAS_BACKEND": "tensorflow"})
-    _conformance(session, [backend])
+    _together(session, _conformance([backend]))
 
 
 @nox.session(python=PYTHON, name="torch")

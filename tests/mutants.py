@@ -167,6 +167,25 @@ masked_output_multiplied = _mutant(
 )
 
 
+_original_gradient_rows = ref_backward.gradient_rows
+
+
+def _rows_of_every_token(indices, valid):
+    """Lists the experts of masked tokens too (they are routed, SPEC §5, but touch no row, §7.1)."""
+    return _original_gradient_rows(indices, np.ones_like(valid))
+
+
+def _dense_tables(grads, rows):
+    """Offers sparse=True but returns the expert tables' gradients dense."""
+    return grads
+
+
+sparse_rows_of_masked_tokens = _mutant(
+    "sparse-rows-of-masked-tokens", [(ref_backward, "gradient_rows", _rows_of_every_token)]
+)
+sparse_tables_dense = _mutant("sparse-tables-dense", [(ref_backward, "sparsify", _dense_tables)])
+
+
 def _restricted(mutant, **declared):
     """``mutant`` in an implementation that declares the option its bug breaks unsupported
     (``options``, see peer_backends.options): the suite must report that option as not supported,

@@ -31,6 +31,8 @@ CAUGHT_BY = {
     "per_head_keys": "test_params",
     "silent_cast": "test_errors",
     "masked_output_multiplied": "test_mask",
+    "sparse_rows_of_masked_tokens": "test_sparse_gradients",
+    "sparse_tables_dense": "test_sparse_gradients",
 }
 
 

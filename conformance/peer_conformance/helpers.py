@@ -99,7 +99,7 @@ def needs(backend, capability: str) -> None:
         pytest.skip(f"not supported: capability {capability!r}")
 
 
-def run_backend(backend, case, dtype: str, *, routing=None, jit=None, dy=None, compute_dtype=None):
+def run_backend(backend, case, dtype: str, *, routing=None, jit=None, dy=None, compute_dtype=None, sparse=False):
     """Run the backend on ``case`` rounded to ``dtype``; returns NumPy results.
 
     ``jit`` None runs the backend's default path (what its users get); test_paths checks
@@ -107,7 +107,8 @@ def run_backend(backend, case, dtype: str, *, routing=None, jit=None, dy=None, c
     rounds x and dy to it and passes it on; None passes nothing, as a caller that never
     heard of it would.
 
-    Returns ``(y, new_state, aux)`` or, when ``dy`` is given, ``(grads, dx)``.
+    Returns ``(y, new_state, aux)`` or, when ``dy`` is given, ``(grads, dx)``; ``sparse=True`` asks
+    the vjp for row-sparse table gradients (SPEC §7.1; only then is ``sparse=`` passed).
     """
     require(mask=case.mask is not None, routing=routing is not None)
     params = backend.from_numpy(cast_tree(case.params, dtype))
@@ -122,6 +123,8 @@ def run_backend(backend, case, dtype: str, *, routing=None, jit=None, dy=None, c
         )
     else:
         d = backend.from_numpy(dy.astype(np_dtype(compute_dtype or dtype)))
+        if sparse:
+            extra["sparse"] = True
         out = backend.vjp(
             case.cfg, params, state, x, d, training=case.training, mask=mask, routing=route, jit=jit, **extra
         )

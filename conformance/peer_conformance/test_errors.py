@@ -74,6 +74,9 @@ SCENARIOS = {
     "state_missing_name": lambda a: {**a, "state": _drop(a["state"], "query_norm.var")},
     "training_not_bool": lambda a: {**a, "training": 1},
     "dy_wrong_shape": lambda a: {**a, "dy": np.zeros((2, 3, 7), np.float32)},
+    # SPEC §7.1 sparse= (vjp only)
+    "dy_sparse_not_bool": lambda a: {**a, "sparse": 1},
+    "dy_sparse_string": lambda a: {**a, "sparse": "yes"},
     # SPEC §10.3 compute_dtype
     "compute_dtype_unknown": lambda a: {**a, "compute_dtype": "int8"},
     "compute_dtype_not_a_name": lambda a: {**a, "compute_dtype": 16},
@@ -122,6 +125,8 @@ NEEDS = {
     "compute_dtype_x_float32": ("mixed",),
     "compute_dtype_x_other_low_dtype": ("mixed",),
     "compute_dtype_dy_float32": ("mixed",),
+    "dy_sparse_not_bool": ("sparse_grad",),
+    "dy_sparse_string": ("sparse_grad",),
 }
 
 
@@ -146,6 +151,8 @@ def _call(fn, convert, args, with_dy):
     common = dict(training=args["training"], mask=c(args["mask"]), routing=c(args["routing"]))
     if args.get("compute_dtype") is not None:
         common["compute_dtype"] = args["compute_dtype"]
+    if "sparse" in args:
+        common["sparse"] = args["sparse"]
     if with_dy:
         return fn(cfg, c(args["params"]), c(args["state"]), c(args["x"]), c(args["dy"]), **common)
     return fn(cfg, c(args["params"]), c(args["state"]), c(args["x"]), **common)
