@@ -31,6 +31,24 @@ class Tables(nn.Module):
         return ", ".join(f"{name}: {tuple(value.shape)} {dtype_name(value)}" for name, value in tensors)
 
 
+class SparseTables(Tables, nn.EmbeddingBag):
+    """The ``experts`` tables of a layer built with ``sparse=True``: row-sparse gradients, as an
+    ``nn.EmbeddingBag(sparse=True)``'s weight has. It is an EmbeddingBag for one reason: torch's
+    DistributedDataParallel reduces a parameter's gradient as sparse only where its module is an
+    ``nn.Embedding`` or ``nn.EmbeddingBag`` with ``sparse=True``. It holds no ``weight`` and is
+    never called; the layer reads its tables by their canonical names."""
+
+    def __init__(self):
+        nn.Module.__init__(self)
+        self.sparse = True
+
+    def reset_parameters(self):
+        """Nothing: the layer (``PEER.reset_parameters``) draws every table (SPEC §8)."""
+
+    def forward(self, *args, **kwargs):
+        raise TypeError("the expert tables are read by the PEER layer, not called")
+
+
 def _recomputing():
     """Whether this forward runs inside a backward pass: activation checkpointing's recomputation
     (torch.utils.checkpoint, reentrant or not), which must not update the running statistics a
@@ -141,7 +159,9 @@ class PEER(nn.Module):
     O(tokens * heads * topk * d_model), independent of N: the call gathers the selected rows
     into small tables and runs the expert stage on those. Optimize the tables (``sparse_parameters()``) with an optimizer
     that takes sparse gradients (``torch.optim.SparseAdam``, ``SGD``, ``Adagrad``) and the rest
-    (``dense_parameters()``) with any other. DDP (gloo) reduces the sparse gradients.
+    (``dense_parameters()``) with any other. DistributedDataParallel reduces the sparse
+    gradients as it does an ``nn.EmbeddingBag(sparse=True)``'s (the ``experts`` submodule is one:
+    ``SparseTables``).
     ``torch.nn.utils.clip_grad_norm_`` raises NotImplementedError on any sparse gradient
     (``nn.Embedding(sparse=True)``'s too): clip with ``torch.nn.utils.get_total_norm`` of the
     gradients, a sparse one as ``grad.coalesce().values()``, then
@@ -165,7 +185,7 @@ class PEER(nn.Module):
         self.sparse = checks.check_flag("sparse", sparse)
         name = checks.check_dtype_name(compute_dtype_name(dtype) or "float32")
         for group in ("query", "query_norm", "keys", "experts"):
-            self.add_module(group, Tables())
+            self.add_module(group, SparseTables() if group == "experts" and self.sparse else Tables())
         for key, shape in cfg.param_shapes().items():
             value = torch.empty(shape, dtype=native_dtype(name), device=device)
             self._owner(key).register_parameter(key.split(".")[1], nn.Parameter(value))
