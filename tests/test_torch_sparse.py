@@ -327,3 +327,12 @@ def test_the_selected_rows_and_their_operators():
     for mask in (None, valid):
         torch.library.opcheck(torch.ops.peer.selected_rows, (indices, 8, mask))
     torch.library.opcheck(torch.ops.peer.take_rows, (table, selected.rows, selected.listed))
+
+
+def test_a_copied_layer_gives_coalesced_grads():
+    import copy
+
+    layer = copy.deepcopy(_layers(PLAIN)[0])  # new tensors: the forward hooks them again
+    _backward(layer, torch.randn(3, PLAIN.d_model))
+    for table in layer.sparse_parameters():
+        assert table.grad.is_sparse and table.grad.is_coalesced()

@@ -3,6 +3,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 import peer_ref
 from peer_ref import checks
@@ -79,6 +80,21 @@ def _flag_coalesced(param):
         param.grad = torch.sparse_coo_tensor(
             grad._indices(), grad._values(), grad.shape, is_coalesced=True, check_invariants=False
         )
+
+
+# The tables that carry _flag_coalesced (a copy of a layer, deepcopy or pickle, has new tensors
+# without the hook; the layer's forward hooks them again).
+_FLAGGED = WeakIdKeyDictionary()
+
+
+def _hook_tables(module):
+    """Register _flag_coalesced on each expert table of ``module`` that lacks it."""
+    for key in peer_ref.EXPERT_TABLES:
+        if key in module.cfg.param_shapes():
+            param = module.get_parameter(key)
+            if param not in _FLAGGED:
+                param.register_post_accumulate_grad_hook(_flag_coalesced)
+                _FLAGGED[param] = True
 
 
 def _wrapped(tensor):
@@ -189,9 +205,8 @@ class PEER(nn.Module):
         for key, shape in cfg.param_shapes().items():
             value = torch.empty(shape, dtype=native_dtype(name), device=device)
             self._owner(key).register_parameter(key.split(".")[1], nn.Parameter(value))
-        for key in peer_ref.EXPERT_TABLES:
-            if key in cfg.param_shapes():
-                self.get_parameter(key).register_post_accumulate_grad_hook(_flag_coalesced)
+        if self.sparse:
+            _hook_tables(self)
         s_dtype = native_dtype(checks.state_dtype(name))
         for key, shape in cfg.state_shapes().items():
             self._owner(key).register_buffer(key.split(".")[1], torch.empty(shape, dtype=s_dtype, device=device))
@@ -303,6 +318,8 @@ class PEER(nn.Module):
         # Row-sparse gradients where a gradient of the tables will be computed (SPEC §7.1).
         sparse = self.sparse and torch.is_grad_enabled() and params["experts.down"].requires_grad
         sparse = check_sparse(sparse, implementation)
+        if sparse and not torch.compiler.is_compiling():
+            _hook_tables(self)
         # PEER prescribes its own precision per step; autocast must not re-cast its matmuls and batch norm.
         with torch.autocast(device_type, enabled=False):
             lead = validate(self.cfg, params, state, x, self.training, mask, routing, compute_dtype=low).lead
