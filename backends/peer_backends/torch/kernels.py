@@ -18,7 +18,9 @@ small (T, J) pre-activations and gate dots are kept for the backward, which is t
   found on the device, without synchronising): the table gradients d_down[e] = sum d_pre * x[t],
   d_gate, d_up[e] = sum coef * dy[t] and d_bias[e] = sum d_pre, each a segmented reduction
   whose order is fixed: deterministic (bitwise equal from run to run), with no floating-point
-  atomics. Rows of experts nobody selected are zero.
+  atomics. Rows of experts nobody selected are zero. With ``sparse=True`` (SPEC §7.1) the
+  backend hands these kernels the call's selected rows as the tables
+  (``experts.selected_tables``), so these gradients are those rows' only: O(T * J * d), not O(N * d).
 
 Mixed precision (SPEC §10.3, ``low`` a 16-bit dtype): the tables are float32 parameters; the
 kernels read their rows from a copy rounded to ``low``, and compute every dot and sum in
@@ -657,10 +659,13 @@ def _experts_backward(ctx, dy, _d_pre, _d_gated):
 _experts_op.register_autograd(_experts_backward, setup_context=_experts_setup)
 
 
-def expert_stage(cfg, p, xf, flat, weights, low=None):
+def expert_stage(cfg, p, xf, flat, weights, low=None, groups=None):
     """The expert stage of the backend (``peer.ExpertStage``) in the Triton kernels: y (T, d_out)
-    for p the parameters in the compute dtype, xf (T, d_model), flat (T, heads*topk) selections,
-    weights (T, heads*topk) and ``low`` the mixed mode's torch dtype or None (SPEC §10.3)."""
+    for p the parameters in the compute dtype, xf (T, d_model), flat (T, heads*topk) selections
+    of the tables' rows, weights (T, heads*topk) and ``low`` the mixed mode's torch dtype or None
+    (SPEC §10.3). ``groups`` (the "aten" stage's grouping of flat) is not read: the backward
+    kernel sorts the selections itself."""
+    del groups
     return triton_experts(
         xf,
         flat,
