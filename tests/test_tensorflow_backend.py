@@ -360,3 +360,29 @@ def test_keras_sparse_layer_trains_without_xla_and_refuses_xla():
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse", jit_compile=True)
     with pytest.raises(peer_ref.PEERConfigError, match="sparse=True inside an XLA-compiled function"):
         model.train_on_batch(x, np.zeros_like(x))
+
+
+@pytest.mark.parametrize(
+    "make, sparse",
+    [
+        (lambda: keras.optimizers.SGD(0.1), True),
+        (lambda: keras.optimizers.Adagrad(0.1), True),
+        (lambda: keras.optimizers.Adam(0.1), False),
+    ],
+    ids=["SGD", "Adagrad", "Adam"],
+)
+def test_which_keras_optimizers_apply_indexed_slices_as_scatters(make, sparse):
+    # What the Keras page documents: SGD and Adagrad scatter the rows; Adam densifies (its moments
+    # decay on every row, its own dense semantics).
+    variable = keras.Variable(tf.zeros((64, 8)))
+    optimizer = make()
+    optimizer.build([variable])
+
+    @tf.function
+    def step(values, indices):
+        optimizer.apply_gradients([(tf.IndexedSlices(values, indices, tf.constant([64, 8], tf.int64)), variable)])
+
+    graph = step.get_concrete_function(tf.TensorSpec((None, 8)), tf.TensorSpec((None,), tf.int64)).graph
+    kinds = {op.type for op in graph.get_operations()}
+    assert any(kind.startswith("ResourceScatter") for kind in kinds) == sparse
+    assert ("UnsortedSegmentSum" in kinds) != sparse
