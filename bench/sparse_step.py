@@ -10,7 +10,7 @@ jax: a step is the loss mean(y**2), its gradients and Adam, inside one donating 
 ``RowOptimizer(optax.adam)``. keras: ``model.train_on_batch`` (not XLA-compiled) of a Keras model holding the layer with
 ``sparse=False`` and ``sparse=True`` (table gradients as tf.IndexedSlices), for several Keras
 optimizers. Prints the median
-wall time per step (after one warm-up step) and the ratios.
+wall time per step (after one warm-up step; the dense and sparse steps take turns) and the ratios.
 """
 
 from __future__ import annotations
@@ -26,14 +26,19 @@ def config(n_keys: int, d_model: int):
     return PEERConfig(d_model=d_model, n_experts=n_keys**2, heads=8, topk=16, d_key=128)
 
 
-def timed(step, steps: int) -> float:
-    step()  # compile / warm up
-    times = []
+def timed(builds: dict, steps: int) -> dict:
+    """Median ms per step of each built step, the steps of a group taking turns (after one
+    warm-up each), so that a change in the machine's load affects them alike."""
+    runs = {name: build() for name, build in builds.items()}
+    for run in runs.values():
+        run()  # compile / warm up
+    times = {name: [] for name in runs}
     for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def jax_steps(cfg, tokens: int):
@@ -75,7 +80,7 @@ def jax_steps(cfg, tokens: int):
 
         return lambda: step(model, opt, rows).block_until_ready()
 
-    return {"dense + adam": dense, "sparse + adam on rows": sparse}
+    return [{"dense + adam": dense, "sparse + adam on rows": sparse}]
 
 
 def keras_steps(cfg, tokens: int):
@@ -105,11 +110,10 @@ def keras_steps(cfg, tokens: int):
         "Adam": lambda: keras.optimizers.Adam(1e-3),
         "AdamW": lambda: keras.optimizers.AdamW(1e-3),
     }
-    return {
-        f"{name}, {kind}": make(optimizer, kind == "sparse")
+    return [
+        {f"{name}, {kind}": make(optimizer, kind == "sparse") for kind in ("dense", "sparse")}
         for name, optimizer in optimizers.items()
-        for kind in ("dense", "sparse")
-    }
+    ]
 
 
 def main() -> None:
@@ -123,10 +127,10 @@ def main() -> None:
     results = {}
     for n in args.n:
         cfg = config(n, args.d_model)
-        steps = (jax_steps if args.framework == "jax" else keras_steps)(cfg, args.tokens)
-        for name, build in steps.items():
-            results[(n, name)] = timed(build(), args.steps)
-            print(f"N={n}^2 {name}: {results[(n, name)]:.1f} ms/step", flush=True)
+        for group in (jax_steps if args.framework == "jax" else keras_steps)(cfg, args.tokens):
+            for name, ms in timed(group, args.steps).items():
+                results[(n, name)] = ms
+                print(f"N={n}^2 {name}: {ms:.1f} ms/step", flush=True)
     names = list(dict.fromkeys(name for _, name in results))
     print(f"\n| step | {' | '.join(f'N={n}² ms' for n in args.n)} | {args.n[-1]}² / {args.n[0]}² |")
     print(f"|---|{'---|' * len(args.n)}---|")

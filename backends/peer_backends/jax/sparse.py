@@ -3,9 +3,10 @@
 JAX has no sparse cotangents: the gradient of an (N, d) array is an (N, d) array. So the expert
 stage is differentiated with respect to the **gathered rows** instead of the tables. After the
 routing, the rows the valid tokens selected are found once (``select_rows``, with a static
-size), gathered into a block ``table[rows]``, the selections are renumbered into the
-block, and the expert stage runs on the block; the gradient with respect to the block is the
-``values`` of the row-sparse gradient, and no (N, d) cotangent is ever formed.
+size), gathered into a block ``table[rows]`` plus a zero offset, the selections are renumbered
+into the block, and the expert stage runs on the block; the tables enter as constants, the
+gradient with respect to the offset is the ``values`` of the row-sparse gradient, and no (N, d)
+cotangent is ever formed.
 
 Finding the rows costs O(N) integer work (a presence map, ``select_rows``), nothing of size
 N·d. Shapes are static under ``jax.jit``, and the number ``U`` of rows is known only when the
@@ -20,8 +21,8 @@ optimizer state's rows, updates the (C, d) block and scatters rows back into the
 state, in one ``jax.jit`` with the tables and the state donated, so XLA updates them in place
 and nothing of size N·d is copied or zeroed per step. It is a **lazy** optimizer (SPEC §7.1).
 
-``value_and_grad`` does the same for the Flax NNX layer inside any model: ``nnx.value_and_grad``
-with the expert tables' gradients row-sparse (``ExpertTable`` is their variable type).
+``peer_backends.jax.sparse_value_and_grad`` (in ``layer``) does the same for the Flax NNX layer
+inside any model, and ``RowOptimizer`` steps its tables' rows (``ExpertTable`` is their variable type).
 """
 
 from __future__ import annotations
