@@ -2,7 +2,7 @@
 side by side in one process, at several expert counts N: JAX (Flax NNX + optax) or Keras on TensorFlow.
 
     python bench/sparse_step.py jax   [--n 128 1024] [--d-model 128] [--tokens 2048] [--steps 5]
-    python bench/sparse_step.py keras [--n 128 1024] [--d-model 128] [--tokens 2048] [--steps 5]
+    python bench/sparse_step.py keras [--n 128 1024] [--d-model 128] [--tokens 2048] [--steps 5] [--only Adam ...]
 
 jax: a step is the loss mean(y**2), its gradients and Adam, inside one donating ``nnx.jit``:
 "dense" is ``nnx.value_and_grad`` + ``nnx.Optimizer(optax.adam)`` on every parameter; "sparse" is
@@ -123,11 +123,14 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--only", nargs="+", help="keras: only these optimizers (e.g. Adam SGD)")
     args = parser.parse_args()
     results = {}
     for n in args.n:
         cfg = config(n, args.d_model)
         for group in (jax_steps if args.framework == "jax" else keras_steps)(cfg, args.tokens):
+            if args.only and not any(name.split(",")[0] in args.only for name in group):
+                continue
             for name, ms in timed(group, args.steps).items():
                 results[(n, name)] = ms
                 print(f"N={n}^2 {name}: {ms:.1f} ms/step", flush=True)
