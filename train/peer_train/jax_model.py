@@ -141,6 +141,17 @@ class Engine:
             *parts, optax.adamw(schedule, b1=0.9, b2=train_cfg.beta2, weight_decay=train_cfg.weight_decay, mask=decay)
         )
         self.opt = nnx.Optimizer(self.model, tx, wrt=nnx.Param)
+        self.weight_decay = train_cfg.weight_decay
+
+    def optimizer_description(self) -> dict:
+        """The optimizer of the expert tables and of every other parameter, for the record."""
+        adamw = f"optax.adamw (weight decay {self.weight_decay:g} on matrices)"
+        return {"expert_tables": adamw, "other": adamw}
+
+    def rows_listed(self) -> dict | None:
+        """Per PEER block, the mean fraction of expert-table rows a sparse step listed; None here
+        (dense training)."""
+        return None
 
     def n_params(self) -> int:
         return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(self.model, nnx.Param)))
