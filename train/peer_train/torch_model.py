@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import peer_backends
-from peer_ref import EXPERT_TABLES
 
 from .config import ModelConfig, TrainConfig
 
@@ -132,12 +131,9 @@ class Engine:
         self.device = torch.device(device)
         self.sparse = train_cfg.sparse
         self.model = Transformer(model_cfg, train_cfg.seed, self.device, sparse=self.sparse)
-        tables = [
-            p
-            for layer in self.model.peer_layers().values()
-            for name, p in layer.named_parameters()
-            if self.sparse and name in EXPERT_TABLES
-        ]
+        tables = (
+            [p for layer in self.model.peer_layers().values() for p in layer.sparse_parameters()] if self.sparse else []
+        )
         rest = [p for p in self.model.parameters() if not any(p is t for t in tables)]
         decay = [p for p in rest if p.ndim >= 2]
         no_decay = [p for p in rest if p.ndim < 2]
@@ -204,7 +200,7 @@ class Engine:
         self.scaler.scale(loss).backward()
         if self.sparse:
             for i, layer in self.model.peer_layers().items():
-                grad = layer.experts.down.grad  # coalesced: one entry per listed row
+                grad = layer.experts.down.grad.coalesce()  # one entry per listed row
                 self._listed[i].append(grad._nnz() / grad.shape[0])
         if self.clip > 0:
             for opt in self.optimizers:
