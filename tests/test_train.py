@@ -285,6 +285,27 @@ def test_sparse_steps_only_the_listed_table_rows_and_the_rest_with_adamw(corpus)
     assert eng.rows_listed() is None
 
 
+def test_jax_sparse_steps_only_the_listed_table_rows(corpus):
+    """The JAX engine's sparse step (peer_backends.jax.sparse_value_and_grad, RowOptimizer): the
+    rows of both tables that moved are the same set, of the size the step listed, and AdamW steps
+    the rest of the model."""
+    pytest.importorskip("flax")
+    from peer_train.jax_model import Engine
+
+    cfg = dataclasses.replace(TINY, n_experts=32**2)
+    eng = Engine(cfg, _train_cfg(steps=2, sparse=True))
+    experts = eng.model.blocks[1].ffn.experts
+    before = {name: np.array(getattr(experts, name)[...]) for name in ("down", "up")}
+    head = np.array(eng.model.head.kernel[...])
+    eng.step(data.train_batch(corpus.train, 0, 0, 1, cfg.seq))
+    moved = {name: (np.asarray(getattr(experts, name)[...]) != b).any(axis=1) for name, b in before.items()}
+    assert np.array_equal(moved["down"], moved["up"])
+    assert 0 < moved["down"].sum() < cfg.n_experts // 2
+    assert eng.rows_listed() == {"1": pytest.approx(moved["down"].mean())}
+    assert not np.array_equal(np.asarray(eng.model.head.kernel[...]), head)
+    assert "RowOptimizer" in eng.optimizer_description()["expert_tables"]
+
+
 def test_sparse_needs_peer_layers():
     with pytest.raises(ConfigError, match="sparse='yes', but expected a bool"):
         _train_cfg(sparse="yes")
