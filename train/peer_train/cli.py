@@ -268,9 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _progress(args.no_progress) as progress:
             if args.command == "train":
-                began = time.perf_counter()
+                began, env = time.perf_counter(), environment(argv, args.threads)  # the code that runs
                 record = _train(args, corpus, progress)
-                record.update(environment=_finish(environment(argv, args.threads), began), corpus=corpus.describe())
+                record.update(environment=_finish(env, began), corpus=corpus.describe())
                 from .report import write_json
 
                 out.mkdir(parents=True, exist_ok=True)
@@ -278,9 +278,9 @@ def main(argv: list[str] | None = None) -> int:
                 console.print(_train_line(record), highlight=False)
                 return 0
             for name in names:
-                began = time.perf_counter()
+                began, env = time.perf_counter(), environment(argv, args.threads)  # the code that runs
                 result = _experiment(name, args, corpus, size, progress)
-                result.update(environment=_finish(environment(argv, args.threads), began), corpus=corpus.describe())
+                result.update(environment=_finish(env, began), corpus=corpus.describe())
                 from .report import write
 
                 paths = write(out, name, result)

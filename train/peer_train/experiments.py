@@ -34,9 +34,9 @@ SIZES = {
         "transfer_steps": 300,
         # pool: N from 32² to 1024² at the default model's heads × top-k (8 × 8) and d_model,
         # trained sparse (SPEC §7.1); the lazy optimizer's cost measured at each N of lazy_experts
-        # (at 32² nearly every row is listed by every step; at 128² about half are).
+        # (a step lists most rows at 32², few at 128²).
         "pool_experts": (32**2, 64**2, 128**2, 256**2, 512**2, 1024**2),
-        "pool_steps": 400,
+        "pool_steps": 600,
         "lazy_experts": (32**2, 128**2),
     },
     "quick": {

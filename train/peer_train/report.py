@@ -266,14 +266,19 @@ def pool_plot(result: dict, path: Path) -> None:
         marker="o",
         capsize=3,
         color="tab:blue",
-        label="sparse, mean ± std",
+        label="sparse (SparseAdam on the tables), mean ± std",
     )
     for r in rows:
         left.scatter([r["n_experts"]] * len(r["val_bpb"]), r["val_bpb"], color="tab:blue", alpha=0.35, s=12)
     dense = [r for r in result["lazy"] if not r["sparse"]]
-    for r in dense:
+    if dense:
         left.scatter(
-            r["n_experts"], r["val_bpb_mean"], marker="s", color="tab:gray", label="dense AdamW, mean", zorder=3
+            [r["n_experts"] for r in dense],
+            [r["val_bpb_mean"] for r in dense],
+            marker="s",
+            color="tab:gray",
+            label="dense AdamW on the tables, mean",
+            zorder=3,
         )
     left.set_ylabel("validation bits per byte")
     left.legend()
