@@ -170,6 +170,7 @@ def docs_markdown(result: dict) -> str:
     """One experiment for the docs (which give the heading): its description and table, then the
     run's command, date, versions and corpus."""
     body = MARKDOWN[result["experiment"]](result)[2:]  # without its "## title" line
+    body = ["#" + line if line.startswith("### ") else line for line in body]  # under the docs' ### heading
     precision = result.get("precision", "float32")
     return "\n".join(
         body
