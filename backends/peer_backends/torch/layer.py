@@ -3,6 +3,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 import peer_ref
 from peer_ref import checks
@@ -31,6 +32,24 @@ class Tables(nn.Module):
         return ", ".join(f"{name}: {tuple(value.shape)} {dtype_name(value)}" for name, value in tensors)
 
 
+class SparseTables(Tables, nn.EmbeddingBag):
+    """The ``experts`` tables of a layer built with ``sparse=True``: row-sparse gradients, as an
+    ``nn.EmbeddingBag(sparse=True)``'s weight has. It is an EmbeddingBag for one reason: torch's
+    DistributedDataParallel reduces a parameter's gradient as sparse only where its module is an
+    ``nn.Embedding`` or ``nn.EmbeddingBag`` with ``sparse=True``. It holds no ``weight`` and is
+    never called; the layer reads its tables by their canonical names."""
+
+    def __init__(self):
+        nn.Module.__init__(self)
+        self.sparse = True
+
+    def reset_parameters(self):
+        """Nothing: the layer (``PEER.reset_parameters``) draws every table (SPEC §8)."""
+
+    def forward(self, *args, **kwargs):
+        raise TypeError("the expert tables are read by the PEER layer, not called")
+
+
 def _recomputing():
     """Whether this forward runs inside a backward pass: activation checkpointing's recomputation
     (torch.utils.checkpoint, reentrant or not), which must not update the running statistics a
@@ -45,6 +64,37 @@ def _laid_out_like(param, value):
     if module is not None and isinstance(param, module.DTensor):
         return module.distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
     return value.to(param.device)
+
+
+def _flag_coalesced(param):
+    """A post-accumulate-grad hook of the expert tables: AccumulateGrad stores a sparse gradient
+    flagged uncoalesced, whatever it was (torch rebuilds it), and ``coalesce()`` (which
+    SparseAdam and Adagrad call) would then sort it again, O(U log U * d). A gradient whose rows
+    strictly increase, as one backward leaves it, is coalesced: flag it so. A sum of several
+    backward calls' gradients repeats rows and stays uncoalesced."""
+    grad = param.grad
+    if grad is None or grad.layout != torch.sparse_coo or grad.is_coalesced() or grad.sparse_dim() != 1:
+        return
+    rows = grad._indices()[0]
+    if bool((rows[1:] > rows[:-1]).all()):
+        param.grad = torch.sparse_coo_tensor(
+            grad._indices(), grad._values(), grad.shape, is_coalesced=True, check_invariants=False
+        )
+
+
+# The tables that carry _flag_coalesced (a copy of a layer, deepcopy or pickle, has new tensors
+# without the hook; the layer's forward hooks them again).
+_FLAGGED = WeakIdKeyDictionary()
+
+
+def _hook_tables(module):
+    """Register _flag_coalesced on each expert table of ``module`` that lacks it."""
+    for key in peer_ref.EXPERT_TABLES:
+        if key in module.cfg.param_shapes():
+            param = module.get_parameter(key)
+            if param not in _FLAGGED:
+                param.register_post_accumulate_grad_hook(_flag_coalesced)
+                _FLAGGED[param] = True
 
 
 def _wrapped(tensor):
@@ -116,17 +166,26 @@ class PEER(nn.Module):
     ``experts.down``, ``experts.up``, ``experts.gate``, ``experts.bias``) row-sparse, as
     ``nn.Embedding(sparse=True)`` does (SPEC §7.1): after ``backward()`` their ``.grad`` is a
     sparse COO tensor of the table's shape and dtype (float32 under autocast), listing the rows
-    (experts) that valid tokens (or the routing override) selected, sorted and unique, coalesced
-    after one backward; a second backward before ``zero_grad`` adds another sparse tensor, and
-    the sum is uncoalesced (``.grad.coalesce()`` is the dense sum's row-sparse form). The
-    routing parameters' gradients stay dense. A step then costs O(tokens * heads * topk *
-    d_model), independent of N: the call gathers the selected rows into small tables and runs
-    the expert stage on those. Optimize the tables (``sparse_parameters()``) with an optimizer
+    (experts) that valid tokens (or the routing override) selected, sorted and unique, and
+    coalesced (``is_coalesced()``). A second backward before ``zero_grad`` adds its sparse
+    gradient to it (torch's sparse addition): the sum is flagged coalesced where its rows are
+    still sorted and unique, and ``.grad.coalesce()`` gives the dense sum's row-sparse form
+    either way (see ``_flag_coalesced``). The
+    routing parameters' gradients stay dense. The expert stage and its table gradients then cost
+    O(tokens * heads * topk * d_model), independent of N: the call gathers the selected rows
+    into small tables and runs the expert stage on those. Optimize the tables (``sparse_parameters()``) with an optimizer
     that takes sparse gradients (``torch.optim.SparseAdam``, ``SGD``, ``Adagrad``) and the rest
-    (``dense_parameters()``) with any other. ``clip_grad_norm_`` and DDP (gloo) take the sparse
-    gradients too. Calls without gradients (``torch.no_grad``, eval) run the dense path. Under
-    ``torch.compile``, under torch.func transforms and on sharded tables (``ExpertColumnParallel``)
-    a call that would compute sparse gradients raises PEERConfigError.
+    (``dense_parameters()``) with any other. DistributedDataParallel reduces the sparse
+    gradients as it does an ``nn.EmbeddingBag(sparse=True)``'s (the ``experts`` submodule is one:
+    ``SparseTables``).
+    ``torch.nn.utils.clip_grad_norm_`` raises NotImplementedError on any sparse gradient
+    (``nn.Embedding(sparse=True)``'s too): clip with ``torch.nn.utils.get_total_norm`` of the
+    gradients, a sparse one as ``grad.coalesce().values()``, then
+    ``torch.nn.utils.clip_grads_with_norm_``, which scales sparse gradients. Calls without
+    gradients (``torch.no_grad``) run the dense path. ``torch.compile`` of the layer runs it, with graph breaks around the row selection (whose
+    size depends on the data; it runs eagerly); under torch.func transforms and on sharded
+    tables (``ExpertColumnParallel``) a call that would compute sparse gradients raises
+    PEERConfigError.
 
     Raises:
       PEERConfigError: a seed that is not None or an int >= 0; an unknown implementation.
@@ -142,10 +201,12 @@ class PEER(nn.Module):
         self.sparse = checks.check_flag("sparse", sparse)
         name = checks.check_dtype_name(compute_dtype_name(dtype) or "float32")
         for group in ("query", "query_norm", "keys", "experts"):
-            self.add_module(group, Tables())
+            self.add_module(group, SparseTables() if group == "experts" and self.sparse else Tables())
         for key, shape in cfg.param_shapes().items():
             value = torch.empty(shape, dtype=native_dtype(name), device=device)
             self._owner(key).register_parameter(key.split(".")[1], nn.Parameter(value))
+        if self.sparse:
+            _hook_tables(self)
         s_dtype = native_dtype(checks.state_dtype(name))
         for key, shape in cfg.state_shapes().items():
             self._owner(key).register_buffer(key.split(".")[1], torch.empty(shape, dtype=s_dtype, device=device))
@@ -239,8 +300,7 @@ class PEER(nn.Module):
         Raises:
           PEERInputError: x, mask or routing of the wrong shape or dtype (SPEC §9).
           PEERConfigError: an implementation that cannot run on x's device; sparse=True where
-            a gradient is computed under torch.compile, a torch.func transform or on sharded
-            tables.
+            a gradient is computed under a torch.func transform or on sharded tables.
         """
         params, state = self.params_and_state()
         device_type = x.device.type if isinstance(x, torch.Tensor) else "cpu"
@@ -257,7 +317,10 @@ class PEER(nn.Module):
         )
         # Row-sparse gradients where a gradient of the tables will be computed (SPEC §7.1).
         sparse = self.sparse and torch.is_grad_enabled() and params["experts.down"].requires_grad
-        sparse = check_sparse(sparse, implementation)
+        if sparse:
+            check_sparse(True, implementation)
+            if not torch.compiler.is_compiling():
+                _hook_tables(self)
         # PEER prescribes its own precision per step; autocast must not re-cast its matmuls and batch norm.
         with torch.autocast(device_type, enabled=False):
             lead = validate(self.cfg, params, state, x, self.training, mask, routing, compute_dtype=low).lead
