@@ -285,6 +285,25 @@ def test_sparse_steps_only_the_listed_table_rows_and_the_rest_with_adamw(corpus)
     assert eng.rows_listed() is None
 
 
+def test_clipping_sparse_gradients_clips_as_torch_clips_the_dense_ones():
+    import torch
+
+    from peer_train.torch_model import clip_grad_norm_
+
+    grads = {}
+    for sparse in (True, False):
+        torch.manual_seed(0)
+        table, head = torch.nn.Embedding(50, 4, sparse=sparse), torch.nn.Linear(4, 1)
+        head(table(torch.tensor([1, 2, 3, 3]))).sum().backward()
+        params = [table.weight, *head.parameters()]
+        clip = clip_grad_norm_ if sparse else torch.nn.utils.clip_grad_norm_
+        grads[sparse] = (clip(params, 0.1), [p.grad.to_dense() for p in params])
+    assert table.weight.grad.layout == torch.strided and grads[True][0] > 0.1
+    torch.testing.assert_close(grads[True][0], grads[False][0])
+    for a, b in zip(grads[True][1], grads[False][1]):
+        torch.testing.assert_close(a, b)
+
+
 def test_jax_sparse_steps_only_the_listed_table_rows(corpus):
     """The JAX engine's sparse step (peer_backends.jax.sparse_value_and_grad, RowOptimizer): the
     rows of both tables that moved are the same set, of the size the step listed, and AdamW steps

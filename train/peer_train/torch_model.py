@@ -86,19 +86,17 @@ class Transformer(nn.Module):
         return {i: b.ffn for i, b in enumerate(self.blocks) if not isinstance(b.ffn, DenseFFN)}
 
 
-@torch.no_grad()
 def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` (2-norm) for gradients that may be sparse COO tensors:
-    torch's own computes its norms with ``linalg.vector_norm``, which has no sparse kernel. The
-    norm of a coalesced sparse gradient is the norm of its values (its other rows are zero), so
-    the total norm and the scaling are those of the dense gradients. Returns the total norm."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    norms = [torch.linalg.vector_norm(g.coalesce().values() if g.is_sparse else g) for g in grads]
-    total = torch.linalg.vector_norm(torch.stack(norms))
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for g in grads:
-        g.mul_(coef)
-    return total
+    """``torch.nn.utils.clip_grad_norm_`` for gradients that may be sparse COO tensors, which
+    torch's own refuses: the total norm by ``get_total_norm`` (a sparse gradient as its coalesced
+    values, its other rows being zero), then ``clip_grads_with_norm_``, which scales sparse
+    gradients too. Returns the total norm."""
+    parameters = [p for p in parameters if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(
+        [p.grad.coalesce().values() if p.grad.is_sparse else p.grad for p in parameters]
+    )
+    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
+    return norm
 
 
 @contextlib.contextmanager
