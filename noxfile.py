@@ -253,7 +253,7 @@ def bench(session):
 
 @nox.session(python=PYTHON)
 def train(session):
-    """The trainer, `python -m peer_train` (default: all three experiments into train/results)."""
+    """The trainer, `python -m peer_train` (default: every experiment into train/results)."""
     _install(session, "train,tensorflow")
     session.run("python", "-m", "peer_train", *(session.posargs or ["all", "--out", "train/results"]))
 

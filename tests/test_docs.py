@@ -99,6 +99,9 @@ def test_result_tables_are_rendered_from_the_result_files():
     isoflop = json.loads((ROOT / "train" / "results" / "isoflop.json").read_text())
     for row in isoflop["table"]:
         assert f"{row['val_bpb_mean']:.3f}" in training
+    pool = json.loads((ROOT / "train" / "results" / "pool.json").read_text())
+    for row in pool["table"] + pool["lazy"]:
+        assert f"| {row['val_bpb_mean']:.3f}" in training
 
 
 def test_unknown_result_kind_is_refused():

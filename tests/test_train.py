@@ -1,5 +1,6 @@
-"""peer_train: a few-step smoke test per framework, determinism, resuming, mixed precision, the
-transfer experiment, reports and every bad flag. Small sizes only; nothing here is timed."""
+"""peer_train: a few-step smoke test per framework, determinism, resuming, mixed precision, sparse
+table gradients with the lazy optimizer, the transfer and pool experiments, reports and every bad
+flag. Small sizes only; nothing here is timed."""
 
 import dataclasses
 import json
@@ -158,11 +159,14 @@ def test_loss_falls_and_metrics_are_in_range(corpus, backend):
     assert record["train_flops"] == 30 * 8 * 32 * TINY.train_flops_per_token()
 
 
-@pytest.mark.parametrize("backend, precision", [("torch", "float32"), ("jax", "float32"), ("torch", "bfloat16")])
-def test_same_seed_same_losses_and_resume_reproduces_them(corpus, backend, precision, tmp_path):
+@pytest.mark.parametrize(
+    "backend, precision, sparse",
+    [("torch", "float32", False), ("jax", "float32", False), ("torch", "bfloat16", False), ("torch", "float32", True)],
+)
+def test_same_seed_same_losses_and_resume_reproduces_them(corpus, backend, precision, sparse, tmp_path):
     if backend == "jax":
         pytest.importorskip("flax")
-    cfg = _train_cfg(steps=12, eval_every=6, precision=precision)
+    cfg = _train_cfg(steps=12, eval_every=6, precision=precision, sparse=sparse)
     whole = run(TINY, cfg, corpus, backend=backend)
     stopped = run(TINY, cfg, corpus, backend=backend, out_dir=tmp_path, checkpoint_every=5, stop_after=7)
     assert stopped["losses"] == whole["losses"][:7] and "val_bpb" not in stopped
@@ -170,8 +174,10 @@ def test_same_seed_same_losses_and_resume_reproduces_them(corpus, backend, preci
     assert resumed["losses"] == whole["losses"]
     assert resumed["evals"] == whole["evals"]
     assert resumed["routing"] == whole["routing"]
+    assert whole["sparse"] is resumed["sparse"] is sparse
+    assert np.mean(whole["losses"][-3:]) < np.mean(whole["losses"][:3])
     # each JAX engine compiles afresh; the rest is framework- and precision-independent
-    if (backend, precision) == ("torch", "float32"):
+    if (backend, precision, sparse) == ("torch", "float32", False):
         other = run(TINY, _train_cfg(steps=3, seed=1), corpus, backend=backend)
         assert other["losses"][:3] != whole["losses"][:3]
         with pytest.raises(ResumeError, match="other settings"):
@@ -235,6 +241,95 @@ def test_float16_training_scales_the_loss_and_resumes(corpus, tmp_path):
     assert resumed["losses"] == whole["losses"] and resumed["precision"] == "float16"
     with pytest.raises(ResumeError, match="other settings"):  # a float16 checkpoint is not a float32 run's
         run(TINY, _train_cfg(steps=8, eval_every=4), corpus, out_dir=tmp_path, resume=True)
+
+
+def test_sparse_steps_only_the_listed_table_rows_and_the_rest_with_adamw(corpus):
+    """SPEC §7.1's lazy optimizer: a sparse step moves the expert-table rows the step's gradient
+    lists and leaves every other row (and its SparseAdam state) alone, where dense AdamW's weight
+    decay moves every row; every other parameter is AdamW's in both."""
+    import torch
+
+    from peer_train.torch_model import Engine
+
+    cfg = dataclasses.replace(TINY, n_experts=32**2)  # one 32-token sequence selects few of 1024 rows
+    batch = data.train_batch(corpus.train, 0, 0, 1, cfg.seq)
+    moved = {}
+    for sparse in (True, False):
+        eng = Engine(cfg, _train_cfg(steps=2, sparse=sparse))
+        layer = eng.peer_layer(1)
+        tables = list(layer.sparse_parameters())
+        if sparse:
+            assert [p for g in eng.sparse_opt.param_groups for p in g["params"]] == tables
+            assert isinstance(eng.sparse_opt, torch.optim.SparseAdam)
+        else:
+            assert eng.sparse_opt is None
+        in_adamw = [p for g in eng.opt.param_groups for p in g["params"]]
+        assert any(p is t for p in in_adamw for t in tables) is not sparse
+        assert len(in_adamw) + len(tables) * sparse == len(list(eng.model.parameters()))
+        before = [t.detach().clone() for t in tables]
+        eng.step(batch)
+        grad = layer.experts.down.grad
+        assert grad.layout == (torch.sparse_coo if sparse else torch.strided)
+        if sparse:
+            listed = torch.zeros(cfg.n_experts, dtype=torch.bool)
+            listed[grad.coalesce().indices()[0]] = True
+            assert 0 < int(listed.sum()) < cfg.n_experts // 2
+            assert eng.rows_listed() == {"1": pytest.approx(float(listed.float().mean()))}
+        moved[sparse] = [(t.detach() != b).reshape(len(b), -1).any(dim=1) for t, b in zip(tables, before)]
+    assert len(moved[True]) == len(tables) >= 2
+    for rows in moved[True]:
+        assert torch.equal(rows, listed)
+    for rows, table in zip(moved[False], tables):
+        if table.ndim == 2:
+            assert bool(rows.all())  # AdamW's weight decay reaches every row of a matrix
+    assert eng.rows_listed() is None
+
+
+def test_clipping_sparse_gradients_clips_as_torch_clips_the_dense_ones():
+    import torch
+
+    from peer_train.torch_model import clip_grad_norm_
+
+    grads = {}
+    for sparse in (True, False):
+        torch.manual_seed(0)
+        table, head = torch.nn.Embedding(50, 4, sparse=sparse), torch.nn.Linear(4, 1)
+        head(table(torch.tensor([1, 2, 3, 3]))).sum().backward()
+        params = [table.weight, *head.parameters()]
+        clip = clip_grad_norm_ if sparse else torch.nn.utils.clip_grad_norm_
+        grads[sparse] = (clip(params, 0.1), [p.grad.to_dense() for p in params])
+    assert table.weight.grad.layout == torch.strided and grads[True][0] > 0.1
+    torch.testing.assert_close(grads[True][0], grads[False][0])
+    for a, b in zip(grads[True][1], grads[False][1]):
+        torch.testing.assert_close(a, b)
+
+
+def test_jax_sparse_steps_only_the_listed_table_rows(corpus):
+    """The JAX engine's sparse step (peer_backends.jax.sparse_value_and_grad, RowOptimizer): the
+    rows of both tables that moved are the same set, of the size the step listed, and AdamW steps
+    the rest of the model."""
+    pytest.importorskip("flax")
+    from peer_train.jax_model import Engine
+
+    cfg = dataclasses.replace(TINY, n_experts=32**2)
+    eng = Engine(cfg, _train_cfg(steps=2, sparse=True))
+    experts = eng.model.blocks[1].ffn.experts
+    before = {name: np.array(getattr(experts, name)[...]) for name in ("down", "up")}
+    head = np.array(eng.model.head.kernel[...])
+    eng.step(data.train_batch(corpus.train, 0, 0, 1, cfg.seq))
+    moved = {name: (np.asarray(getattr(experts, name)[...]) != b).any(axis=1) for name, b in before.items()}
+    assert np.array_equal(moved["down"], moved["up"])
+    assert 0 < moved["down"].sum() < cfg.n_experts // 2
+    assert eng.rows_listed() == {"1": pytest.approx(moved["down"].mean())}
+    assert not np.array_equal(np.asarray(eng.model.head.kernel[...]), head)
+    assert "RowOptimizer" in eng.optimizer_description()["expert_tables"]
+
+
+def test_sparse_needs_peer_layers():
+    with pytest.raises(ConfigError, match="sparse='yes', but expected a bool"):
+        _train_cfg(sparse="yes")
+    with pytest.raises(ConfigError, match="sparse=True with ffn='dense', but expected ffn 'peer' or 'peer_glu'"):
+        run(dataclasses.replace(TINY, ffn="dense"), _train_cfg(sparse=True), None)
 
 
 def test_precision_setting_is_checked_by_name():
@@ -356,6 +451,30 @@ def test_isoflop_and_usage_reports(corpus, monkeypatch, tmp_path):
     assert (tmp_path / "usage.png").stat().st_size > 0
 
 
+def test_pool_experiment_quick_size_trains_sparse_and_compares_the_lazy_optimizer(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "pool"
+    assert main(["pool", "--quick", "--out", str(out), "--no-progress"]) == 0
+    result = json.loads((out / "pool.json").read_text())
+    quick = experiments.SIZES["quick"]
+    assert [r["n_experts"] for r in result["table"]] == list(quick["pool_experts"])
+    assert [(r["n_experts"], r["sparse"]) for r in result["runs"]] == [
+        *((n, True) for n in quick["pool_experts"] for _ in quick["seeds"]),
+        *((n, False) for n in quick["lazy_experts"] for _ in quick["seeds"]),
+    ]
+    # equal heads x top-k and tokens at every N; the expert stage's FLOPs are the same
+    assert len({(r["model"]["peer_heads"], r["model"]["topk"], r["completed_steps"]) for r in result["runs"]}) == 1
+    for row in result["table"]:
+        assert 0 < row["usage_mean"] <= 1 and 0 < row["rows_listed"] <= 1 and math.isfinite(row["val_bpb_mean"])
+    dense, lazy = result["lazy"]
+    assert "SparseAdam" in lazy["optimizer"]["expert_tables"] and "AdamW" in dense["optimizer"]["expert_tables"]
+    assert lazy["minus_dense_mean"] == pytest.approx(lazy["val_bpb_mean"] - dense["val_bpb_mean"])
+    text = (out / "pool.md").read_text()
+    assert "| 64 (8²) |" in text and "### What the lazy optimizer costs" in text
+    assert (out / "pool.png").stat().st_size > 0
+    assert "pool: wrote" in capsys.readouterr().err
+
+
 # ---- the command line -------------------------------------------------------------------------
 
 
@@ -385,6 +504,18 @@ def test_cli_trains_and_writes_its_record(tmp_path, capsys):
     assert (out / "checkpoint.pt").exists()
     assert "val bpb" in capsys.readouterr().err
     assert record["precision"] == record["train"]["precision"] == "float32"
+    assert record["sparse"] is False and record["rows_listed"] is None
+
+
+def test_cli_sparse_flag_trains_the_tables_with_sparse_adam(tmp_path):
+    out = tmp_path / "run"
+    flags = [*TINY_FLAGS, "--steps", "3", "--eval-every", "3", "--out", str(out), "--no-progress", "--sparse"]
+    assert main(["train", *flags]) == 0
+    record = json.loads((out / "train.json").read_text())
+    assert record["sparse"] is record["train"]["sparse"] is True
+    assert record["optimizer"]["expert_tables"].startswith("torch.optim.SparseAdam")
+    assert record["optimizer"]["other"].startswith("torch.optim.AdamW")
+    assert 0 < record["rows_listed"]["1"] <= 1
 
 
 def test_cli_precision_flag_trains_bf16_and_resumes_only_the_same_precision(tmp_path, capsys):
@@ -421,6 +552,10 @@ def test_cli_precision_flag_trains_bf16_and_resumes_only_the_same_precision(tmp_
         (["train", "--n-experts", "1000"], "PEERConfig.n_experts=1000, but expected a perfect square"),
         (["train", "--data", "/nonexistent/corpus"], "--data '/nonexistent/corpus': no such file or directory"),
         (["train", "--resume"], "--resume: no checkpoint at"),
+        (
+            ["train", "--sparse", "--ffn", "dense"],
+            "sparse=True with ffn='dense', but expected ffn 'peer' or 'peer_glu'",
+        ),
     ],
 )
 def test_bad_flags_fail_with_a_clear_message(argv, message, capsys, tmp_path):

@@ -1,15 +1,17 @@
 """``python -m peer_train``: train one model, or run an experiment and write its report.
 
-    python -m peer_train train [--ffn peer|dense] [--steps N] [--checkpoint-every K] [--resume] ...
-    python -m peer_train isoflop | usage | transfer | all [--quick] [--out DIR]
+    python -m peer_train train [--ffn peer|dense] [--steps N] [--sparse] [--checkpoint-every K] [--resume] ...
+    python -m peer_train isoflop | usage | transfer | pool | all [--quick] [--out DIR]
 
 Every command takes --data, --device, --backend, --threads, --seed, --out, --precision and
 --no-progress; the experiments also take --quick. --precision float32 (default) trains in float32;
 bf16 trains in mixed precision: float32 weights and optimiser state, the forward's matmuls and the
 PEER layers in bfloat16 (torch.autocast in torch, dtype=bfloat16 with param_dtype=float32 in Flax;
 SPEC §10.3), the loss in float32; fp16 is the same in float16 with torch.amp.GradScaler loss
-scaling, torch only. Bad flags and unreadable data exit with status 2 and one line naming the flag,
-the value and what was expected.
+scaling, torch only. train --sparse steps the PEER layers' expert tables from their row-sparse
+gradients (SPEC 7.1) with a lazy Adam (torch.optim.SparseAdam; optax.adam on the selected rows in
+JAX) and every other parameter with AdamW. Bad flags and unreadable data exit with status 2 and one
+line naming the flag, the value and what was expected.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from .config import FFNS, PEER_BLOCKS, PRECISION_ALIASES, ConfigError, ModelConf
 from .data import DataError
 from .train import DEVICES, TRAIN_BACKENDS, ResumeError
 
-EXPERIMENTS = ("isoflop", "usage", "transfer")
+EXPERIMENTS = ("isoflop", "usage", "transfer", "pool")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -60,7 +62,7 @@ def parser() -> argparse.ArgumentParser:
         help="CPU threads per framework (default 1: these models' operations are too small "
         "for threads to pay, and extra threads slow a shared machine down badly)",
     )
-    common.add_argument("--seed", type=int, default=None, help="seed (default 0; isoflop: its size's seeds)")
+    common.add_argument("--seed", type=int, default=None, help="seed (default 0; isoflop, pool: their size's seeds)")
     (
         common.add_argument(
             "--precision",
@@ -88,7 +90,7 @@ def parser() -> argparse.ArgumentParser:
             "--" + field.name.replace("_", "-"), type=kind, default=getattr(d_model, field.name), **kwargs
         )
     for field in dataclasses.fields(TrainConfig):
-        if field.name in ("seed", "precision"):
+        if field.name in ("seed", "precision", "sparse"):
             continue
         value = getattr(d_train, field.name)
         train.add_argument("--" + field.name.replace("_", "-"), type=type(value), default=value)
@@ -100,9 +102,15 @@ def parser() -> argparse.ArgumentParser:
         help="write <out>/checkpoint.{pt,npz} every K steps and at the end",
     )
     train.add_argument("--resume", action="store_true", help="continue from <out>'s checkpoint")
+    train.add_argument(
+        "--sparse",
+        action="store_true",
+        help="row-sparse expert-table gradients (SPEC 7.1) stepped by a lazy Adam (torch.optim.SparseAdam; "
+        "JAX: optax.adam on the selected rows), every other parameter by AdamW; needs --ffn peer or peer_glu",
+    )
     for name in (*EXPERIMENTS, "all"):
         experiment = sub.add_parser(
-            name, parents=[common], help="all three experiments" if name == "all" else f"the {name} experiment"
+            name, parents=[common], help="every experiment" if name == "all" else f"the {name} experiment"
         )
         experiment.add_argument("--quick", action="store_true", help="the minute-scale size (each experiment < 2 min)")
     return p
@@ -207,7 +215,7 @@ def _train(args, corpus, progress) -> dict:
     model_kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(ModelConfig) if f.name != "vocab"}
     train_kwargs = {
         f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in ("seed", "precision")
-    }
+    }  # sparse included: --sparse
     model_cfg = ModelConfig(**model_kwargs)
     train_cfg = TrainConfig(**train_kwargs, seed=0 if args.seed is None else args.seed, precision=args.precision)
     return run(
@@ -260,9 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _progress(args.no_progress) as progress:
             if args.command == "train":
-                began = time.perf_counter()
+                began, env = time.perf_counter(), environment(argv, args.threads)  # the code that runs
                 record = _train(args, corpus, progress)
-                record.update(environment=_finish(environment(argv, args.threads), began), corpus=corpus.describe())
+                record.update(environment=_finish(env, began), corpus=corpus.describe())
                 from .report import write_json
 
                 out.mkdir(parents=True, exist_ok=True)
@@ -270,9 +278,9 @@ def main(argv: list[str] | None = None) -> int:
                 console.print(_train_line(record), highlight=False)
                 return 0
             for name in names:
-                began = time.perf_counter()
+                began, env = time.perf_counter(), environment(argv, args.threads)  # the code that runs
                 result = _experiment(name, args, corpus, size, progress)
-                result.update(environment=_finish(environment(argv, args.threads), began), corpus=corpus.describe())
+                result.update(environment=_finish(env, began), corpus=corpus.describe())
                 from .report import write
 
                 paths = write(out, name, result)
@@ -308,6 +316,11 @@ def _experiment(name: str, args, corpus, size: str, progress) -> dict:
     if name == "isoflop":
         seeds = None if args.seed is None else (args.seed,)
         return experiments.isoflop(
+            corpus, size, args.backend, args.device, seeds=seeds, overrides=overrides, progress=progress
+        )
+    if name == "pool":
+        seeds = None if args.seed is None else (args.seed,)
+        return experiments.pool(
             corpus, size, args.backend, args.device, seeds=seeds, overrides=overrides, progress=progress
         )
     seed = 0 if args.seed is None else args.seed

@@ -178,6 +178,13 @@ class TrainConfig:
     the forward under ``torch.autocast``; JAX gives the model's layers ``dtype=`` the 16-bit
     dtype and ``param_dtype=float32``. "float16" adds dynamic loss scaling
     (``torch.amp.GradScaler``) and is offered for torch only.
+
+    ``sparse`` (bool, default False) trains the PEER layers' expert tables (``peer_ref.
+    EXPERT_TABLES``) from their row-sparse gradients (SPEC §7.1) with a lazy Adam that updates
+    only the rows a step selected (torch: the layer's ``sparse=True`` and
+    ``torch.optim.SparseAdam``; JAX: ``optax.adam`` on the selected rows), at the same learning
+    rate schedule and betas and without weight decay; every other parameter keeps the AdamW
+    above. It needs a model with PEER layers (``ffn`` "peer" or "peer_glu").
     """
 
     steps: int = 600
@@ -191,6 +198,7 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 8
     precision: str = "float32"
+    sparse: bool = False
 
     def __post_init__(self):
         for name in ("steps", "batch", "eval_every", "eval_batches"):
@@ -212,6 +220,8 @@ class TrainConfig:
                 raise ConfigError(f"{name}={value!r}, but expected a finite float in [{low}, {high}]")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision={self.precision!r}, but expected one of {PRECISIONS}")
+        if not isinstance(self.sparse, bool):
+            raise ConfigError(f"sparse={self.sparse!r}, but expected a bool")
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up over ``warmup`` steps, then cosine decay to 10% at ``steps``."""
@@ -222,3 +232,12 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_sparse(model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
+    """Raise ConfigError where ``train_cfg.sparse`` cannot apply: a model without PEER layers."""
+    if train_cfg.sparse and model_cfg.ffn == "dense":
+        raise ConfigError(
+            "sparse=True with ffn='dense', but expected ffn 'peer' or 'peer_glu': sparse training "
+            "steps the PEER layers' expert tables, and a dense FFN model has none"
+        )

@@ -1,4 +1,5 @@
-"""The three experiments: isoFLOP in miniature, Table 2 in miniature, a trained layer across frameworks.
+"""The experiments: isoFLOP in miniature, Table 2 in miniature, a trained layer across frameworks,
+and the pool-size ablation in miniature with the lazy optimizer's cost in quality.
 
 Each returns a JSON-ready dict; ``report`` turns it into Markdown and plots. Sizes live in
 ``SIZES`` ("default": the committed reproduction; "quick": a minute-scale check of the same code).
@@ -31,6 +32,12 @@ SIZES = {
         "experts": (16**2, 32**2, 64**2),
         "usage_steps": 300,
         "transfer_steps": 300,
+        # pool: N from 32² to 1024² at the default model's heads × top-k (8 × 8) and d_model,
+        # trained sparse (SPEC §7.1); the lazy optimizer's cost measured at each N of lazy_experts
+        # (a step lists most rows at 32², few at 128²).
+        "pool_experts": (32**2, 64**2, 128**2, 256**2, 512**2, 1024**2),
+        "pool_steps": 600,
+        "lazy_experts": (32**2, 128**2),
     },
     "quick": {
         "model": {
@@ -49,6 +56,9 @@ SIZES = {
         "experts": (8**2, 16**2),
         "usage_steps": 30,
         "transfer_steps": 20,
+        "pool_experts": (8**2, 16**2),
+        "pool_steps": 20,
+        "lazy_experts": (8**2,),
     },
 }
 
@@ -202,6 +212,127 @@ def usage(
         "table": table,
         "runs": runs,
     }
+
+
+def pool(
+    corpus: data.Corpus,
+    size: str = "default",
+    backend: str = "torch",
+    device: str = "cpu",
+    seeds=None,
+    overrides: dict | None = None,
+    progress=None,
+) -> dict:
+    """The paper's pool-size ablation in miniature ("more experts at fixed h, k", PAPER.md §3):
+    the PEER model at each N of ``pool_experts``, with the same heads, top-k, d_model and
+    tokens, trained with row-sparse table gradients and the lazy optimizer (``TrainConfig.
+    sparse``); validation bits per byte and expert usage per N and seed. Then the lazy
+    optimizer's cost in quality: the same model at each N of ``lazy_experts`` (a subset of
+    ``pool_experts``) trained dense (AdamW on every parameter), same seeds, against its sparse
+    run."""
+    spec, overrides = SIZES[size], overrides or {}
+    seeds = spec["seeds"] if seeds is None else seeds
+    runs = []
+    steps = spec["pool_steps"]
+    plan = [(n, True) for n in spec["pool_experts"]] + [(n, False) for n in spec["lazy_experts"]]
+    for n_experts, sparse in plan:
+        for seed in seeds:
+            model_cfg, train_cfg = _configs(
+                size,
+                steps,
+                seed,
+                {**overrides, "train": {**overrides.get("train", {}), "sparse": sparse}},
+                ffn="peer",
+                n_experts=n_experts,
+            )
+            record = run(
+                model_cfg,
+                train_cfg,
+                corpus,
+                backend=backend,
+                device=device,
+                progress=progress,
+                label=f"N={n_experts} {'sparse' if sparse else 'dense'} seed {seed}",
+            )
+            runs.append({"n_experts": n_experts, "sparse": sparse, "seed": seed, **_summary(record)})
+    return {
+        "experiment": "pool",
+        "size": size,
+        "backend": backend,
+        "precision": _precision(overrides),
+        "steps": steps,
+        "table": pool_table([r for r in runs if r["sparse"]]),
+        "lazy": [row for n in spec["lazy_experts"] for row in lazy_table(runs, n)],
+        "runs": runs,
+    }
+
+
+def _mean_std(values) -> tuple[float, float | None]:
+    values = np.asarray(values, dtype=float)
+    return float(values.mean()), (float(values.std(ddof=1)) if values.size > 1 else None)
+
+
+def pool_table(runs: list[dict]) -> list[dict]:
+    """One row per N of ``runs``: validation bpb (mean, sample std over seeds, each seed's), the
+    PEER block's usage and unevenness on validation data, FLOPs, parameters and speed."""
+    table = []
+    for n in sorted({r["n_experts"] for r in runs}):
+        group = [r for r in runs if r["n_experts"] == n]
+        bpb, bpb_std = _mean_std([r["val_bpb"] for r in group])
+        table.append(
+            {
+                "n_experts": n,
+                "seeds": len(group),
+                "val_bpb_mean": bpb,
+                "val_bpb_std": bpb_std,
+                "val_bpb": [r["val_bpb"] for r in group],
+                "usage_mean": float(np.mean([m["usage"] for r in group for m in r["routing"].values()])),
+                "unevenness_mean": float(np.mean([m["unevenness"] for r in group for m in r["routing"].values()])),
+                "n_params": group[0]["n_params"],
+                "train_flops_per_token": group[0]["train_flops_per_token"],
+                "peer_flops_per_token": ModelConfig(**group[0]["model"]).built_peer_flops(),
+                "rows_listed": _rows_listed(group),
+                "tokens": group[0]["completed_steps"] * group[0]["tokens_per_step"],
+                "tokens_per_s_mean": float(np.mean([r["tokens_per_s"] for r in group])),
+            }
+        )
+    return table
+
+
+def _rows_listed(group: list[dict]) -> float | None:
+    """Mean over runs and PEER blocks of the fraction of table rows a training step listed (SPEC
+    §7.1), None for dense runs."""
+    fractions = [f for r in group for f in (r.get("rows_listed") or {}).values()]
+    return float(np.mean(fractions)) if fractions else None
+
+
+def lazy_table(runs: list[dict], n_experts: int) -> list[dict]:
+    """Dense AdamW against the sparse lazy optimizer at ``n_experts``: one row per optimizer
+    (its record's "optimizer"), with the per-seed bpb and, on the sparse row, the mean over
+    seeds of (sparse bpb − dense bpb) of the same seed."""
+    rows = []
+    by = {(r["sparse"], r["seed"]): r for r in runs if r["n_experts"] == n_experts}
+    seeds = sorted(seed for sparse, seed in by if not sparse and (True, seed) in by)
+    for sparse in (False, True):
+        group = [by[sparse, seed] for seed in seeds]
+        bpb, bpb_std = _mean_std([r["val_bpb"] for r in group])
+        diffs = [by[True, seed]["val_bpb"] - by[False, seed]["val_bpb"] for seed in seeds]
+        rows.append(
+            {
+                "n_experts": n_experts,
+                "sparse": sparse,
+                "optimizer": group[0]["optimizer"],
+                "seeds": seeds,
+                "val_bpb_mean": bpb,
+                "val_bpb_std": bpb_std,
+                "val_bpb": [r["val_bpb"] for r in group],
+                "minus_dense_mean": float(np.mean(diffs)) if sparse else None,
+                "rows_listed": _rows_listed(group),
+                "usage_mean": float(np.mean([m["usage"] for r in group for m in r["routing"].values()])),
+                "tokens_per_s_mean": float(np.mean([r["tokens_per_s"] for r in group])),
+            }
+        )
+    return rows
 
 
 _OTHER = r"""

@@ -7,8 +7,13 @@ Standard parts only: ``nnx.Embed``, ``nnx.LayerNorm``, ``nnx.Linear``,
 Flax's own recipe: every ``nnx.Linear`` and the PEER layer take ``dtype=jnp.bfloat16`` with
 ``param_dtype=jnp.float32`` (the PEER layer's mixed mode, SPEC §10.3), while embeddings,
 LayerNorm, the residual stream and the loss stay float32, as under ``torch.autocast``; float16
-would need loss scaling, which this engine does not implement. Checkpoints are ``.npz`` files of
-the model's and the optimiser's arrays keyed by their pytree paths (no pickled code).
+would need loss scaling, which this engine does not implement. With ``TrainConfig.sparse`` the
+step takes ``peer_backends.jax.sparse_value_and_grad`` (the expert tables' gradients as
+``RowSparse`` rows, SPEC §7.1), steps the tables with ``peer_backends.jax.RowOptimizer`` over
+``optax.adam`` (a lazy optimizer: only the listed rows, in place) and every other parameter with
+``optax.adamw`` (``wrt=DENSE_PARAMS``), clipping by the global norm over both, in one ``nnx.jit``
+that donates the model and both optimizers. Checkpoints are ``.npz`` files of the model's and the
+optimisers' arrays keyed by their pytree paths (no pickled code).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import optax
 from flax import nnx
 
 import peer_backends
+from peer_backends import jax as peer_jax
 
 from .config import ConfigError, ModelConfig, TrainConfig
 
@@ -104,6 +110,51 @@ def _train_step(model, optimizer, tokens):
     return loss
 
 
+def _is_row_sparse(x) -> bool:
+    return isinstance(x, peer_jax.RowSparse)
+
+
+def _clip_by_global_norm(grads, table_grads, max_norm: float):
+    """Both gradient trees scaled as ``optax.clip_by_global_norm(max_norm)`` scales one: by
+    ``max_norm / norm`` where the global norm over the dense gradients and the listed rows
+    (the rest of a row-sparse gradient is zero; its padding rows are zeros) exceeds it."""
+    rows = jax.tree.leaves(table_grads, is_leaf=_is_row_sparse)
+    norm = optax.tree.norm([*jax.tree.leaves(grads), *(r.values for r in rows)])
+    scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+    grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
+    table_grads = jax.tree.map(
+        lambda r: peer_jax.RowSparse(r.rows, r.values * scale.astype(r.values.dtype), r.count),
+        table_grads,
+        is_leaf=_is_row_sparse,
+    )
+    return grads, table_grads
+
+
+@nnx.jit(donate_argnums=(0, 1, 2), static_argnums=(4,))
+def _sparse_train_step(model, optimizer, row_optimizer, tokens, clip: float):
+    def loss_fn(m):
+        losses, _ = _loss(m, tokens)
+        return losses.mean()
+
+    loss, (grads, table_grads) = peer_jax.sparse_value_and_grad(loss_fn)(model)
+    if clip > 0:
+        grads, table_grads = _clip_by_global_norm(grads, table_grads, clip)
+    optimizer.update(model, grads)
+    row_optimizer.update(model, table_grads)
+    return loss, jax.tree.map(lambda r: r.count, table_grads, is_leaf=_is_row_sparse)
+
+
+def _listed_by_block(counts) -> dict[int, int]:
+    """Per transformer block, the number of rows the step listed in its PEER layer's
+    ``experts.down`` (``counts``: the tables' tree of RowSparse counts)."""
+    out = {}
+    for path, count in jax.tree_util.tree_flatten_with_path(counts)[0]:
+        keys = [getattr(k, "key", getattr(k, "idx", k)) for k in path]
+        if keys[-2:] == ["experts", "down"]:
+            out[int(keys[keys.index("blocks") + 1])] = int(count)
+    return out
+
+
 @nnx.jit
 def _eval_step(model, tokens):
     losses, routed = _loss(model, tokens)
@@ -136,11 +187,32 @@ class Engine:
         def decay(params):
             return jax.tree.map(lambda p: p.ndim >= 2, params)
 
-        parts = [optax.clip_by_global_norm(train_cfg.grad_clip)] if train_cfg.grad_clip > 0 else []
-        tx = optax.chain(
-            *parts, optax.adamw(schedule, b1=0.9, b2=train_cfg.beta2, weight_decay=train_cfg.weight_decay, mask=decay)
-        )
-        self.opt = nnx.Optimizer(self.model, tx, wrt=nnx.Param)
+        adamw = optax.adamw(schedule, b1=0.9, b2=train_cfg.beta2, weight_decay=train_cfg.weight_decay, mask=decay)
+        self.sparse, self.clip, self.weight_decay = train_cfg.sparse, float(train_cfg.grad_clip), train_cfg.weight_decay
+        self.n_experts = model_cfg.n_experts
+        self._listed = {i: [] for i, (kind, _) in enumerate(model_cfg.block_ffns()) if kind == "peer"}
+        if self.sparse:
+            # The expert tables: a lazy Adam on their listed rows (SPEC §7.1); the rest: AdamW.
+            # Clipping spans both, so it happens in the step (_clip_by_global_norm).
+            self.opt = nnx.Optimizer(self.model, adamw, wrt=peer_jax.DENSE_PARAMS)
+            self.row_opt = peer_jax.RowOptimizer(self.model, optax.adam(schedule, b1=0.9, b2=train_cfg.beta2))
+        else:
+            parts = [optax.clip_by_global_norm(train_cfg.grad_clip)] if train_cfg.grad_clip > 0 else []
+            self.opt = nnx.Optimizer(self.model, optax.chain(*parts, adamw), wrt=nnx.Param)
+            self.row_opt = None
+
+    def optimizer_description(self) -> dict:
+        """The optimizer of the expert tables and of every other parameter, for the record."""
+        adamw = f"optax.adamw (weight decay {self.weight_decay:g} on matrices)"
+        tables = "optax.adam on the listed rows (peer_backends.jax.RowOptimizer; lazy, no weight decay)"
+        return {"expert_tables": tables if self.sparse else adamw, "other": adamw}
+
+    def rows_listed(self) -> dict | None:
+        """Per PEER block, the mean fraction of expert-table rows the sparse steps of this engine
+        listed (SPEC §7.1); None when not sparse."""
+        if not self.sparse:
+            return None
+        return {str(i): float(np.mean(f)) if f else None for i, f in self._listed.items()}
 
     def n_params(self) -> int:
         return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(self.model, nnx.Param)))
@@ -150,7 +222,12 @@ class Engine:
 
     def step(self, batch: np.ndarray) -> float:
         self.model.train()
-        return float(_train_step(self.model, self.opt, self._tokens(batch)))
+        if not self.sparse:
+            return float(_train_step(self.model, self.opt, self._tokens(batch)))
+        loss, counts = _sparse_train_step(self.model, self.opt, self.row_opt, self._tokens(batch), self.clip)
+        for block, count in _listed_by_block(counts).items():
+            self._listed[block].append(count / self.n_experts)
+        return float(loss)
 
     def evaluate(self, batches: list[np.ndarray], routing: bool = False):
         self.model.eval()
@@ -166,6 +243,8 @@ class Engine:
 
     def _arrays(self) -> tuple[list, object]:
         pure = {"model": nnx.to_pure_dict(nnx.state(self.model)), "opt": nnx.to_pure_dict(nnx.state(self.opt))}
+        if self.row_opt is not None:
+            pure["row_opt"] = nnx.to_pure_dict(nnx.state(self.row_opt))
         return jax.tree_util.tree_flatten_with_path(pure)
 
     def save(self, path, extra: dict) -> None:
@@ -184,7 +263,8 @@ class Engine:
             values = [jnp.asarray(stored[jax.tree_util.keystr(p)], dtype=jnp.asarray(v).dtype) for p, v in leaves]
             extra = json.loads(stored["__extra__"].tobytes().decode())
         pure = jax.tree_util.tree_unflatten(treedef, values)
-        for obj, name in ((self.model, "model"), (self.opt, "opt")):
+        objects = [(self.model, "model"), (self.opt, "opt")] + ([(self.row_opt, "row_opt")] if self.row_opt else [])
+        for obj, name in objects:
             state = nnx.state(obj)
             nnx.replace_by_pure_dict(state, pure[name])
             nnx.update(obj, state)

@@ -100,13 +100,77 @@ def transfer_markdown(result: dict) -> list[str]:
     return lines + [""]
 
 
-MARKDOWN = {"isoflop": isoflop_markdown, "usage": usage_markdown, "transfer": transfer_markdown}
+def _pct(x) -> str:
+    return "–" if x is None else f"{x * 100:.1f}%"
+
+
+def _side(n: int) -> str:
+    return f"{int(round(n**0.5))}²"
+
+
+def pool_markdown(result: dict) -> list[str]:
+    rows = result["table"]
+    lines = [
+        "## The pool-size ablation in miniature",
+        "",
+        f"The same model with N experts in its PEER block, every N at the same heads × top-k, d_model "
+        f"and {rows[0]['tokens']:,} training tokens ({result['steps']} steps), trained with row-sparse "
+        "expert-table gradients and a lazy Adam on the tables (SPEC §7.1; "
+        f"{result['runs'][0]['optimizer']['expert_tables']}, every other parameter "
+        f"{result['runs'][0]['optimizer']['other']}). Validation bits per byte (mean ± sample std over "
+        "seeds, then each seed's); usage and unevenness of the PEER block on validation data (SPEC §11). "
+        "The expert stage's FLOPs per token are the same at every N; the product-key search's grow as √N "
+        "(PEER FLOPs/token, forward). Rows per step: the mean fraction of the tables' rows a training "
+        "step's gradient listed, i.e. the rows the lazy optimizer updated.",
+        "",
+        "| experts N | params | PEER FLOPs/token | val bpb | per seed | usage | unevenness | rows per step | tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        std = f" ± {row['val_bpb_std']:.3f}" if row["val_bpb_std"] is not None else ""
+        lines.append(
+            f"| {row['n_experts']:,} ({_side(row['n_experts'])}) | {row['n_params']:,} | "
+            f"{row['peer_flops_per_token']:,} | {row['val_bpb_mean']:.3f}{std} | "
+            f"{', '.join(f'{b:.3f}' for b in row['val_bpb'])} | {row['usage_mean'] * 100:.1f}% | "
+            f"{row['unevenness_mean']:.3f} | {_pct(row['rows_listed'])} | {row['tokens_per_s_mean']:,.0f} |"
+        )
+    lazy = result["lazy"]
+    lines += [
+        "",
+        "### What the lazy optimizer costs",
+        "",
+        "Runs of the same seeds whose expert tables are stepped by AdamW on dense gradients and by the lazy "
+        "optimizer on row-sparse gradients; every other parameter by AdamW in both. Sparse − dense: the mean "
+        "over seeds of the difference of the same seed's runs.",
+        "",
+        "| experts N | expert tables | seeds | val bpb | per seed | sparse − dense | usage | rows per step | tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in lazy:
+        std = f" ± {row['val_bpb_std']:.3f}" if row["val_bpb_std"] is not None else ""
+        diff = "–" if row["minus_dense_mean"] is None else f"{row['minus_dense_mean']:+.3f}"
+        lines.append(
+            f"| {row['n_experts']:,} ({_side(row['n_experts'])}) | {row['optimizer']['expert_tables']} | "
+            f"{', '.join(str(s) for s in row['seeds'])} | {row['val_bpb_mean']:.3f}{std} | "
+            f"{', '.join(f'{b:.3f}' for b in row['val_bpb'])} | {diff} | {row['usage_mean'] * 100:.1f}% | "
+            f"{_pct(row['rows_listed'])} | {row['tokens_per_s_mean']:,.0f} |"
+        )
+    return lines + [""]
+
+
+MARKDOWN = {
+    "isoflop": isoflop_markdown,
+    "usage": usage_markdown,
+    "transfer": transfer_markdown,
+    "pool": pool_markdown,
+}
 
 
 def docs_markdown(result: dict) -> str:
     """One experiment for the docs (which give the heading): its description and table, then the
     run's command, date, versions and corpus."""
     body = MARKDOWN[result["experiment"]](result)[2:]  # without its "## title" line
+    body = ["#" + line if line.startswith("### ") else line for line in body]  # under the docs' ### heading
     precision = result.get("precision", "float32")
     return "\n".join(
         body
@@ -187,6 +251,49 @@ def usage_plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def pool_plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    rows = result["table"]
+    sizes = [r["n_experts"] for r in rows]
+    left.errorbar(
+        sizes,
+        [r["val_bpb_mean"] for r in rows],
+        yerr=[r["val_bpb_std"] or 0.0 for r in rows],
+        marker="o",
+        capsize=3,
+        color="tab:blue",
+        label="sparse (SparseAdam on the tables), mean ± std",
+    )
+    for r in rows:
+        left.scatter([r["n_experts"]] * len(r["val_bpb"]), r["val_bpb"], color="tab:blue", alpha=0.35, s=12)
+    dense = [r for r in result["lazy"] if not r["sparse"]]
+    if dense:
+        left.scatter(
+            [r["n_experts"] for r in dense],
+            [r["val_bpb_mean"] for r in dense],
+            marker="s",
+            color="tab:gray",
+            label="dense AdamW on the tables, mean",
+            zorder=3,
+        )
+    left.set_ylabel("validation bits per byte")
+    left.legend()
+    right.plot(sizes, [100 * r["usage_mean"] for r in rows], marker="o", color="tab:green")
+    right.set_ylabel("expert usage (%)")
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [_side(n) for n in sizes])
+        ax.set_xlabel("experts N")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write(out: Path, name: str, result: dict) -> list[Path]:
     """Write ``<name>.json``, ``<name>.md`` and the experiment's plots into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
@@ -208,5 +315,9 @@ def write(out: Path, name: str, result: dict) -> list[Path]:
         usage_plot(result, out / "usage.png")
         lines.append("![usage](usage.png)")
         paths.append(out / "usage.png")
+    elif result["experiment"] == "pool":
+        pool_plot(result, out / "pool.png")
+        lines.append("![pool size](pool.png)")
+        paths.append(out / "pool.png")
     paths[1].write_text("\n".join(lines) + "\n")
     return paths

@@ -3,6 +3,9 @@
 Standard parts only: ``nn.Embedding``, ``nn.LayerNorm``, ``nn.Linear``,
 ``F.scaled_dot_product_attention(is_causal=True)``, ``torch.optim.AdamW`` with a ``LambdaLR``
 schedule, ``clip_grad_norm_``; the PEER feed-forward is ``peer_backends.layer(cfg, "torch")``.
+With ``TrainConfig.sparse`` the PEER layers are built with ``sparse=True`` (their expert tables'
+``.grad`` are coalesced sparse COO tensors, SPEC §7.1, as ``nn.Embedding(sparse=True)``'s), the
+tables are stepped by ``torch.optim.SparseAdam`` and the rest by AdamW, each with the schedule.
 Mixed precision (``TrainConfig.precision``) is torch's own recipe: float32 parameters, the
 forward (training and evaluation) under ``torch.autocast(device_type, dtype)``, the loss and
 the backward outside it, and for float16 ``torch.amp.GradScaler``.
@@ -33,7 +36,7 @@ class DenseFFN(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, kind: str, width: int, device):
+    def __init__(self, cfg: ModelConfig, kind: str, width: int, device, sparse: bool = False):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.ln1 = nn.LayerNorm(cfg.d_model)
@@ -42,7 +45,8 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.d_model)
         if kind == "peer":
             # Drawn from torch's generator, seeded once for the whole model (Transformer).
-            self.ffn = peer_backends.layer(cfg.peer_config(), backend="torch", device=device)
+            extra = {"sparse": True} if sparse else {}
+            self.ffn = peer_backends.layer(cfg.peer_config(), backend="torch", device=device, **extra)
         else:
             self.ffn = DenseFFN(cfg.d_model, width)
 
@@ -55,9 +59,10 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Bytes (int, (batch, seq)) -> logits (float32, (batch, seq, vocab))."""
+    """Bytes (int, (batch, seq)) -> logits (float32, (batch, seq, vocab)); ``sparse`` builds the
+    PEER layers with row-sparse expert-table gradients."""
 
-    def __init__(self, cfg: ModelConfig, seed: int, device="cpu"):
+    def __init__(self, cfg: ModelConfig, seed: int, device="cpu", sparse: bool = False):
         super().__init__()
         torch.manual_seed(seed)
         self.cfg = cfg
@@ -65,7 +70,7 @@ class Transformer(nn.Module):
         self.pos = nn.Embedding(cfg.seq, cfg.d_model)
         nn.init.normal_(self.embed.weight, std=0.02)
         nn.init.normal_(self.pos.weight, std=0.02)
-        self.blocks = nn.ModuleList(Block(cfg, kind, width, device) for kind, width in cfg.block_ffns())
+        self.blocks = nn.ModuleList(Block(cfg, kind, width, device, sparse) for kind, width in cfg.block_ffns())
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab, bias=False)
         nn.init.normal_(self.head.weight, std=0.02)
@@ -79,6 +84,19 @@ class Transformer(nn.Module):
 
     def peer_layers(self) -> dict[int, nn.Module]:
         return {i: b.ffn for i, b in enumerate(self.blocks) if not isinstance(b.ffn, DenseFFN)}
+
+
+def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for gradients that may be sparse COO tensors, which
+    torch's own refuses: the total norm by ``get_total_norm`` (a sparse gradient as its coalesced
+    values, its other rows being zero), then ``clip_grads_with_norm_``, which scales sparse
+    gradients too. Returns the total norm."""
+    parameters = [p for p in parameters if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(
+        [p.grad.coalesce().values() if p.grad.is_sparse else p.grad for p in parameters]
+    )
+    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
+    return norm
 
 
 @contextlib.contextmanager
@@ -109,15 +127,31 @@ class Engine:
 
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, device: str = "cpu"):
         self.device = torch.device(device)
-        self.model = Transformer(model_cfg, train_cfg.seed, self.device)
-        decay = [p for p in self.model.parameters() if p.ndim >= 2]
-        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
+        self.sparse = train_cfg.sparse
+        self.model = Transformer(model_cfg, train_cfg.seed, self.device, sparse=self.sparse)
+        tables = (
+            [p for layer in self.model.peer_layers().values() for p in layer.sparse_parameters()] if self.sparse else []
+        )
+        rest = [p for p in self.model.parameters() if not any(p is t for t in tables)]
+        decay = [p for p in rest if p.ndim >= 2]
+        no_decay = [p for p in rest if p.ndim < 2]
+        self.weight_decay = train_cfg.weight_decay
         self.opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": train_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=train_cfg.lr,
             betas=(0.9, train_cfg.beta2),
         )
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: train_cfg.lr_at(s) / train_cfg.lr)
+        # The lazy optimizer of the expert tables (SPEC §7.1): SparseAdam takes no weight decay.
+        self.sparse_opt = (
+            torch.optim.SparseAdam(tables, lr=train_cfg.lr, betas=(0.9, train_cfg.beta2)) if tables else None
+        )
+        self.optimizers = [self.opt] + ([self.sparse_opt] if tables else [])
+        self.scheds = [
+            torch.optim.lr_scheduler.LambdaLR(opt, lambda s: train_cfg.lr_at(s) / train_cfg.lr)
+            for opt in self.optimizers
+        ]
+        self.sched = self.scheds[0]
+        self._listed = {i: [] for i in self.model.peer_layers()}  # rows listed per step, sparse
         self.clip = train_cfg.grad_clip
         self.amp_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[train_cfg.precision]
         # Loss scaling for float16 only (bfloat16 has float32's exponent range); disabled, every
@@ -138,6 +172,19 @@ class Engine:
     def n_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
+    def rows_listed(self) -> dict | None:
+        """Per PEER block, the mean fraction of expert-table rows the sparse steps of this engine
+        listed (SPEC §7.1); None when not sparse."""
+        if not self.sparse:
+            return None
+        return {str(i): float(np.mean(f)) if f else None for i, f in self._listed.items()}
+
+    def optimizer_description(self) -> dict:
+        """The optimizer of the expert tables and of every other parameter, for the record."""
+        adamw = f"torch.optim.AdamW (weight decay {self.weight_decay:g} on matrices)"
+        tables = "torch.optim.SparseAdam (lazy, no weight decay)" if self.sparse else adamw
+        return {"expert_tables": tables, "other": adamw}
+
     def _tensor(self, batch: np.ndarray):
         return torch.from_numpy(batch).long().to(self.device)
 
@@ -146,14 +193,25 @@ class Engine:
         tokens = self._tensor(batch)
         logits = self._logits(tokens[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
-        self.opt.zero_grad(set_to_none=True)
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if self.sparse:
+            for i, layer in self.model.peer_layers().items():
+                grad = layer.experts.down.grad.coalesce()  # one entry per listed row
+                self._listed[i].append(grad._nnz() / grad.shape[0])
         if self.clip > 0:
-            self.scaler.unscale_(self.opt)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
-        self.scaler.step(self.opt)  # skipped when a float16 gradient overflowed
+            for opt in self.optimizers:
+                self.scaler.unscale_(opt)
+            if self.sparse:
+                clip_grad_norm_(self.model.parameters(), self.clip)
+            else:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        for opt in self.optimizers:
+            self.scaler.step(opt)  # skipped when a float16 gradient overflowed
         self.scaler.update()
-        self.sched.step()
+        for sched in self.scheds:
+            sched.step()
         return float(loss.detach())
 
     @torch.no_grad()
@@ -202,17 +260,23 @@ class Engine:
         return self.model.blocks[block].ffn
 
     def state_dict(self) -> dict:
-        return {
+        state = {
             "model": self.model.state_dict(),
             "opt": self.opt.state_dict(),
             "sched": self.sched.state_dict(),
             "scaler": self.scaler.state_dict(),
         }
+        if self.sparse_opt is not None:
+            state.update(sparse_opt=self.sparse_opt.state_dict(), sparse_sched=self.scheds[1].state_dict())
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])
         self.sched.load_state_dict(state["sched"])
+        if self.sparse_opt is not None:
+            self.sparse_opt.load_state_dict(state["sparse_opt"])
+            self.scheds[1].load_state_dict(state["sparse_sched"])
         if state.get("scaler"):  # empty when loss scaling is off
             self.scaler.load_state_dict(state["scaler"])
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from peer_ref import metrics
 
 from . import data
-from .config import ModelConfig, TrainConfig
+from .config import ModelConfig, TrainConfig, check_sparse
 
 TRAIN_BACKENDS = ("torch", "jax")
 DEVICES = ("cpu", "cuda")
@@ -21,7 +21,9 @@ class ResumeError(ValueError):
 
 
 def engine(backend: str, model_cfg: ModelConfig, train_cfg: TrainConfig, device: str):
-    """The framework's Engine (imports the framework only now)."""
+    """The framework's Engine (imports the framework only now); ConfigError where
+    ``train_cfg.sparse`` cannot apply (``config.check_sparse``)."""
+    check_sparse(model_cfg, train_cfg)
     if backend == "torch":
         from .torch_model import Engine
     elif backend == "jax":
@@ -69,7 +71,11 @@ def run(
     depend only on (seed, step), so a resumed run reproduces the uninterrupted one.
     ``stop_after`` ends the loop early after that many steps (to test resuming).
     ``train_cfg.precision`` picks float32 or mixed-precision training (``TrainConfig``); the
-    parameters, optimiser state and checkpoints are float32 either way.
+    parameters, optimiser state and checkpoints are float32 either way. ``train_cfg.sparse``
+    steps the expert tables with the framework's lazy optimizer on their row-sparse gradients
+    (``TrainConfig``); the record's "optimizer" names the optimizer of each parameter group and
+    its "rows_listed" gives, per PEER block, the mean fraction of table rows a step listed
+    (None when not sparse).
     """
     eng = engine(backend, model_cfg, train_cfg, device)
     val = data.val_batches(corpus.val, train_cfg.batch, model_cfg.seq, train_cfg.eval_batches)
@@ -87,7 +93,9 @@ def run(
         if ckpt is None or not ckpt.exists():
             raise ResumeError(f"--resume: no checkpoint at {str(ckpt)!r} to resume from")
         extra = eng.load(ckpt)
-        extra["settings"]["train"].setdefault("precision", "float32")  # written before precision was a setting
+        # written before precision and sparse were settings
+        extra["settings"]["train"].setdefault("precision", "float32")
+        extra["settings"]["train"].setdefault("sparse", False)
         if extra["settings"] != settings:
             raise ResumeError(
                 f"--resume: {str(ckpt)!r} was written by a run with other settings; use the same flags or another --out"
@@ -132,6 +140,9 @@ def run(
         "backend": backend,
         "device": device,
         "precision": train_cfg.precision,
+        "sparse": train_cfg.sparse,
+        "optimizer": eng.optimizer_description(),
+        "rows_listed": eng.rows_listed(),
         "model": model_cfg.to_dict(),
         "train": train_cfg.to_dict(),
         "n_params": eng.n_params(),
