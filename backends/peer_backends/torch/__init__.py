@@ -10,7 +10,7 @@ from .peer import apply, clear_caches, init, vjp
 name = "torch"
 default_path = "eager"  # what jit=None runs
 capabilities = frozenset(
-    {"float64", "float32", "bfloat16", "float16", "mixed", "grad", "jit"}
+    {"float64", "float32", "bfloat16", "float16", "mixed", "grad", "sparse_grad", "jit"}
     | ({"gpu"} if _torch.cuda.is_available() else set())
 )
 PEER = _layer_module.PEER  # the layer class: from peer_backends.torch import PEER

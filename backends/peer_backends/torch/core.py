@@ -4,6 +4,8 @@ import ml_dtypes
 import numpy as np
 import torch
 
+from peer_ref import RowSparse
+
 from .._tree import map_tree
 
 version = torch.__version__
@@ -32,6 +34,9 @@ def _to_array(leaf):
             "tensor: gather a sharded layer with peer_backends.torch.parallel.gather_params_and_state "
             "(a collective, on every rank) first"
         )
+    if leaf.layout == torch.sparse_coo:  # a row-sparse table gradient (SPEC §7.1)
+        leaf = leaf.detach().coalesce()
+        return RowSparse(_to_array(leaf.indices()[0]).astype(np.int64), _to_array(leaf.values()))
     tensor = leaf.detach().cpu().contiguous()
     if tensor.dtype == torch.bfloat16:
         return tensor.view(torch.int16).numpy().copy().view(ml_dtypes.bfloat16)
@@ -45,7 +50,9 @@ def from_numpy(tree):
 
 
 def to_numpy(tree):
-    """Tensors on any device to NumPy arrays; bfloat16 becomes ml_dtypes.bfloat16, bit for bit."""
+    """Tensors on any device to NumPy arrays; bfloat16 becomes ml_dtypes.bfloat16, bit for bit. A
+    sparse COO tensor (a row-sparse table gradient, SPEC §7.1) becomes ``peer_ref.RowSparse``
+    (rows int64 (U,), values (U, ...)), coalesced first where it is not."""
     return map_tree(_to_array, tree)
 
 

@@ -218,17 +218,21 @@ def round_tables(p, low):
     }
 
 
-def expert_stage(cfg, p, xf, flat, weights, low=None):
+def expert_stage(cfg, p, xf, flat, weights, low=None, groups=None):
     """y (T, d_out) = sum_j weights[t, j] * e_j(x[t]) over the selections flat (T, heads*topk)
     (SPEC §3.10-§3.11); p: parameters in the compute dtype; xf (T, d_model); weights (T,
-    heads*topk); ``low`` (a torch dtype or None): the mixed mode's rounding of the rows (SPEC §10.3).
+    heads*topk); ``low`` (a torch dtype or None): the mixed mode's rounding of the rows (SPEC §10.3);
+    ``groups``: the ExpertGroups of flat, or None to compute them. The tables' rows are the
+    experts (N = cfg.n_experts), or a call's selected rows (``selected_tables``).
     """
-    if low is not None and cfg.n_experts <= flat.numel():
+    n_rows = p["experts.down"].shape[0]
+    if low is not None and n_rows <= flat.numel():
         # Rounding each whole table once reads no more rows than gathering the T * heads*topk
         # selected ones, and leaves the grouped kernels their full speed: the same values
         # (rounding is elementwise) and the same straight-through gradient.
-        return expert_stage(cfg, round_tables(p, low), xf, flat, weights)
-    groups = expert_groups(flat, cfg.n_experts) if low is None else None
+        return expert_stage(cfg, round_tables(p, low), xf, flat, weights, groups=groups)
+    if low is None and groups is None:
+        groups = expert_groups(flat, n_rows)
 
     def down(name):
         if low is None:
@@ -245,6 +249,112 @@ def expert_stage(cfg, p, xf, flat, weights, low=None):
     if low is None:
         return up_projection(coef, p["experts.up"], flat, groups)
     return torch.einsum("tj,tjo->to", coef, _read_rows(p["experts.up"], flat, low))
+
+
+# Row-sparse table gradients (SPEC §7.1). A call with sparse=True gathers, once, the rows of
+# each expert table that its tokens selected into small tables of U' rows (peer::take_rows),
+# renumbers the selections into them, and runs the implementation's expert stage on those:
+# its kernels, grouping and table gradients then work on U' <= T * heads*topk rows, never N.
+# The gather's backward hands each table the gradient of its small copy as a coalesced sparse
+# COO tensor of the rows that valid tokens selected. Nothing in a step is O(N).
+
+
+class SelectedRows(typing.NamedTuple):
+    """The rows a call selected (``selected_rows``), and its selections renumbered into them."""
+
+    rows: torch.Tensor  # (U',) int64: the gradient's rows (sorted, unique), then the masked tokens'
+    listed: int  # U: rows[:U] are the experts selected by valid tokens (SPEC §7.1)
+    compact: torch.Tensor  # (T, heads*topk) int64: each selection's position in rows
+    groups: ExpertGroups  # of compact, over the U' rows
+
+
+@torch.library.custom_op("peer::selected_rows", mutates_args=())
+def _selected_rows_op(
+    indices: torch.Tensor, n_rows: int, valid: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, listed, compact, order, tokens, experts, offsets) of int64 selections (T, J) of
+    n_rows rows, ``valid`` (T,) bool or None: see SelectedRows and ExpertGroups."""
+    j = indices.shape[1]
+    # A masked token's selections sort after every valid one (key e + N): rows[:listed] are the
+    # valid tokens' experts, rows[listed:] the masked tokens' (a row selected by both is in both).
+    key = indices if valid is None else torch.where(valid[:, None], indices, indices + n_rows)
+    key = key.reshape(-1)
+    order = torch.sort(key[None, :], dim=-1).indices[0]  # the comparison sort, as in expert_groups
+    keys, counts = torch.unique_consecutive(key[order], return_counts=True)
+    run = torch.repeat_interleave(torch.arange(keys.numel(), device=key.device), counts, output_size=key.numel())
+    compact = torch.empty_like(key).index_copy_(0, order, run).view(indices.shape)
+    valid_keys = keys < n_rows
+    rows = torch.where(valid_keys, keys, keys - n_rows)
+    return rows, valid_keys.sum(), compact, order, order // j, run, counts.cumsum(0) - counts
+
+
+@_selected_rows_op.register_fake
+def _(indices, n_rows, valid):
+    size = indices.numel()
+    unique = torch.library.get_ctx().new_dynamic_size()
+    return (
+        indices.new_empty(unique),
+        indices.new_empty(()),
+        indices.new_empty(indices.shape),
+        indices.new_empty(size),
+        indices.new_empty(size),
+        indices.new_empty(size),
+        indices.new_empty(unique),
+    )
+
+
+def selected_rows(indices, n_rows, valid=None):
+    """SelectedRows of the int64 selections ``indices`` (T, heads*topk) of a table of n_rows rows;
+    ``valid`` (T,) bool or None (every token valid). O(T * heads*topk), independent of n_rows."""
+    rows, listed, compact, *groups = torch.ops.peer.selected_rows(indices.detach(), n_rows, valid)
+    return SelectedRows(rows, int(listed), compact, ExpertGroups(*groups))
+
+
+@torch.library.custom_op("peer::take_rows", mutates_args=())
+def _take_rows_op(table: torch.Tensor, rows: torch.Tensor, listed: int) -> torch.Tensor:
+    """table[rows]: (N, ...) and (U',) to (U', ...). Its gradient is row-sparse: see take_rows."""
+    del listed  # for the backward
+    return table.index_select(0, rows)
+
+
+@_take_rows_op.register_fake
+def _(table, rows, listed):
+    return table.new_empty((rows.shape[0], *table.shape[1:]))
+
+
+def _take_rows_setup(ctx, inputs, output):
+    table, rows, listed = inputs
+    ctx.save_for_backward(rows)
+    ctx.shape, ctx.listed = table.shape, listed
+
+
+def _take_rows_backward(ctx, grad):
+    (rows,) = ctx.saved_tensors
+    listed = ctx.listed
+    # rows[:listed] is sorted and unique: the tensor is coalesced as built, with no coalesce pass.
+    sparse = torch.sparse_coo_tensor(
+        rows[None, :listed], grad[:listed].contiguous(), ctx.shape, is_coalesced=True, check_invariants=False
+    )
+    return sparse, None, None
+
+
+_take_rows_op.register_autograd(_take_rows_backward, setup_context=_take_rows_setup)
+
+
+def take_rows(table, selected):
+    """table[selected.rows] (U', ...), whose gradient with respect to ``table`` (N, ...) is a
+    coalesced sparse COO tensor (SPEC §7.1): indices (1, U) = selected.rows[:U], the experts
+    selected by valid tokens, and values (U, ...) = the gradient's first U rows, in the table's
+    dtype. The rows of masked tokens (rows[U:]) are read but left out of the gradient: their
+    contributions are zero (SPEC §5). The operator peer::take_rows."""
+    return torch.ops.peer.take_rows(table, selected.rows, selected.listed)
+
+
+def selected_tables(p, names, selected, dtype):
+    """{name: take_rows(p[name], selected) in ``dtype``} for the expert tables ``names``: the
+    small tables whose rows are the call's selected rows (U' of them), read in ``dtype`` (the
+    compute dtype); the cast of U' rows replaces that of the whole table."""
+    return {name: take_rows(p[name], selected).to(dtype) for name in names}
 
 
 def gathered_stage(cfg, p, xf, flat, weights, low=None):

@@ -657,10 +657,13 @@ def _experts_backward(ctx, dy, _d_pre, _d_gated):
 _experts_op.register_autograd(_experts_backward, setup_context=_experts_setup)
 
 
-def expert_stage(cfg, p, xf, flat, weights, low=None):
+def expert_stage(cfg, p, xf, flat, weights, low=None, groups=None):
     """The expert stage of the backend (``peer.ExpertStage``) in the Triton kernels: y (T, d_out)
-    for p the parameters in the compute dtype, xf (T, d_model), flat (T, heads*topk) selections,
-    weights (T, heads*topk) and ``low`` the mixed mode's torch dtype or None (SPEC §10.3)."""
+    for p the parameters in the compute dtype, xf (T, d_model), flat (T, heads*topk) selections
+    of the tables' rows, weights (T, heads*topk) and ``low`` the mixed mode's torch dtype or None
+    (SPEC §10.3). ``groups`` (the "aten" stage's grouping of flat) is not read: the backward
+    kernel sorts the selections itself."""
+    del groups
     return triton_experts(
         xf,
         flat,

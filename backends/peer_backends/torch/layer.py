@@ -11,7 +11,15 @@ from peer_ref.errors import PEERInputError
 from .._implementation import check_known
 from .._layer import check_seed, reference_tables
 from .core import dtype_name, meta, native_dtype, transformed, unwrapped
-from .peer import IMPLEMENTATIONS, choose_implementation, compute_dtype_name, forward, routing_aux, validate
+from .peer import (
+    IMPLEMENTATIONS,
+    check_sparse,
+    choose_implementation,
+    compute_dtype_name,
+    forward,
+    routing_aux,
+    validate,
+)
 
 
 class Tables(nn.Module):
@@ -58,6 +66,7 @@ class PEER(nn.Module):
         too; ``to_empty(device=...)`` then ``reset_parameters()`` draws them, as for torch's
         own modules, DTensor parameters of FSDP2's ``fully_shard`` included).
       implementation: the kernels of the expert stage (below).
+      sparse: False (default), or True for row-sparse gradients of the expert tables (below).
 
     Parameters live in submodules named after the first part of each canonical name
     (``query``, ``query_norm``, ``keys``, ``experts``), so ``keys.left`` or
@@ -103,17 +112,34 @@ class PEER(nn.Module):
     call on a device where it cannot run raises PEERConfigError. An unknown name raises
     PEERConfigError at construction. Sharded expert tables (``ExpertColumnParallel``) run "sharded".
 
+    ``sparse=True`` makes the gradients of the expert tables (``peer_ref.EXPERT_TABLES``:
+    ``experts.down``, ``experts.up``, ``experts.gate``, ``experts.bias``) row-sparse, as
+    ``nn.Embedding(sparse=True)`` does (SPEC §7.1): after ``backward()`` their ``.grad`` is a
+    sparse COO tensor of the table's shape and dtype (float32 under autocast), listing the rows
+    (experts) that valid tokens (or the routing override) selected, sorted and unique, coalesced
+    after one backward; a second backward before ``zero_grad`` adds another sparse tensor, and
+    the sum is uncoalesced (``.grad.coalesce()`` is the dense sum's row-sparse form). The
+    routing parameters' gradients stay dense. A step then costs O(tokens * heads * topk *
+    d_model), independent of N: the call gathers the selected rows into small tables and runs
+    the expert stage on those. Optimize the tables (``sparse_parameters()``) with an optimizer
+    that takes sparse gradients (``torch.optim.SparseAdam``, ``SGD``, ``Adagrad``) and the rest
+    (``dense_parameters()``) with any other. ``clip_grad_norm_`` and DDP (gloo) take the sparse
+    gradients too. Calls without gradients (``torch.no_grad``, eval) run the dense path. Under
+    ``torch.compile``, under torch.func transforms and on sharded tables (``ExpertColumnParallel``)
+    a call that would compute sparse gradients raises PEERConfigError.
+
     Raises:
       PEERConfigError: a seed that is not None or an int >= 0; an unknown implementation.
-      PEERInputError: an unsupported dtype.
+      PEERInputError: an unsupported dtype; a ``sparse`` that is not a bool.
     """
 
-    def __init__(self, cfg, seed=None, dtype=None, device=None, implementation=None):
+    def __init__(self, cfg, seed=None, dtype=None, device=None, implementation=None, sparse=False):
         super().__init__()
         check_known("torch", implementation, IMPLEMENTATIONS)  # whether it runs depends on each call's device
         self.cfg = cfg
         self.seed = check_seed(seed)
         self.implementation = implementation
+        self.sparse = checks.check_flag("sparse", sparse)
         name = checks.check_dtype_name(compute_dtype_name(dtype) or "float32")
         for group in ("query", "query_norm", "keys", "experts"):
             self.add_module(group, Tables())
@@ -170,6 +196,17 @@ class PEER(nn.Module):
         want = native_dtype(checks.state_dtype(dtype_name(self.experts.down)))
         return params, {name: value.to(want) for name, value in self.named_buffers()}
 
+    def sparse_parameters(self):
+        """The expert tables (``peer_ref.EXPERT_TABLES`` the config has), whose gradients are
+        row-sparse with ``sparse=True``: the parameters for ``torch.optim.SparseAdam``.
+        An iterator, as ``parameters()``."""
+        return (param for name, param in self.named_parameters() if name in peer_ref.EXPERT_TABLES)
+
+    def dense_parameters(self):
+        """Every other parameter (the routing's: query, keys, batch-norm scale and offset), whose
+        gradients are always dense. An iterator, as ``parameters()``."""
+        return (param for name, param in self.named_parameters() if name not in peer_ref.EXPERT_TABLES)
+
     def load_params_and_state(self, params, state):
         """Load functional dicts (canonical names) after checking names, shapes and dtypes."""
         dtype = checks.check_trees(self.cfg, params, state, meta)
@@ -201,7 +238,9 @@ class PEER(nn.Module):
 
         Raises:
           PEERInputError: x, mask or routing of the wrong shape or dtype (SPEC §9).
-          PEERConfigError: an implementation that cannot run on x's device.
+          PEERConfigError: an implementation that cannot run on x's device; sparse=True where
+            a gradient is computed under torch.compile, a torch.func transform or on sharded
+            tables.
         """
         params, state = self.params_and_state()
         device_type = x.device.type if isinstance(x, torch.Tensor) else "cpu"
@@ -216,11 +255,23 @@ class PEER(nn.Module):
         implementation = choose_implementation(
             self.implementation, x.device if isinstance(x, torch.Tensor) else "cpu", params
         )
+        # Row-sparse gradients where a gradient of the tables will be computed (SPEC §7.1).
+        sparse = self.sparse and torch.is_grad_enabled() and params["experts.down"].requires_grad
+        sparse = check_sparse(sparse, implementation)
         # PEER prescribes its own precision per step; autocast must not re-cast its matmuls and batch norm.
         with torch.autocast(device_type, enabled=False):
             lead = validate(self.cfg, params, state, x, self.training, mask, routing, compute_dtype=low).lead
             y, new_state, indices, scores, weights = forward(
-                self.cfg, self.training, params, state, x, mask, routing, low=low, implementation=implementation
+                self.cfg,
+                self.training,
+                params,
+                state,
+                x,
+                mask,
+                routing,
+                low=low,
+                implementation=implementation,
+                sparse=sparse,
             )
         if self.training and new_state and not _recomputing():
             self._update_buffers(new_state)
@@ -286,4 +337,4 @@ class PEER(nn.Module):
         return x, (amp if param_dtype == torch.float32 and amp != torch.float32 else None)
 
     def extra_repr(self):
-        return f"{self.cfg!r}, seed={self.seed!r}, implementation={self.implementation!r}"
+        return f"{self.cfg!r}, seed={self.seed!r}, implementation={self.implementation!r}, sparse={self.sparse!r}"

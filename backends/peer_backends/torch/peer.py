@@ -18,7 +18,7 @@ import torch
 
 import peer_ref
 from peer_ref import checks
-from peer_ref.errors import PEERInputError
+from peer_ref.errors import PEERConfigError, PEERInputError
 
 from .._implementation import choose
 from . import experts
@@ -169,20 +169,23 @@ def validate(cfg, params, state, x, training, mask=None, routing=None, dy=None, 
     )
 
 
-def forward(cfg, training, params, state, x, mask, routing, low=None, implementation="aten"):
+def forward(cfg, training, params, state, x, mask, routing, low=None, implementation="aten", sparse=False):
     """The forward pass on validated tensors (all on x's device): the one assembly of routing and
     expert stage, whatever the implementation.
 
     Returns (y, new_state, indices, scores, weights) with x flattened to (T, d_model) and the
     routing tensors (T, heads, topk). Arithmetic is float32 for bfloat16 and float16 inputs
     (SPEC §10.1); ``low`` (a torch dtype or None) is the mixed mode's (SPEC §10.3);
-    ``implementation`` one of IMPLEMENTATIONS, already checked (choose_implementation).
+    ``implementation`` one of IMPLEMENTATIONS, already checked (choose_implementation);
+    ``sparse`` (checked by check_sparse): the expert stage runs on the selected rows of the
+    expert tables (experts.selected_tables), whose gradients are then row-sparse (SPEC §7.1).
     """
     stage = expert_stage_for(implementation)
     given = params
     params, x, mask, routing = stage.inputs(cfg, params, x, mask, routing)
     compute = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
-    p = {name: value.to(compute) for name, value in params.items()}
+    tables = [name for name in peer_ref.EXPERT_TABLES if name in params] if sparse else []
+    p = {name: value.to(compute) for name, value in params.items() if name not in tables}
     if low is not None:
         p["query.kernel"] = round_through(p["query.kernel"], low)
     xf = x.reshape(-1, cfg.d_model).to(compute)
@@ -194,7 +197,12 @@ def forward(cfg, training, params, state, x, mask, routing, low=None, implementa
     new_state, indices, scores, weights = route(cfg, training, p, state, xf, valid, routing)
 
     flat = indices.reshape(tokens, cfg.heads * cfg.topk)
-    y = stage.run(cfg, p, xf, flat, weights.reshape(flat.shape), low)
+    if sparse:
+        selected = experts.selected_rows(flat, cfg.n_experts, valid)
+        p.update(experts.selected_tables(params, tables, selected, compute))
+        y = stage.run(cfg, p, xf, selected.compact, weights.reshape(flat.shape), low, groups=selected.groups)
+    else:
+        y = stage.run(cfg, p, xf, flat, weights.reshape(flat.shape), low)
     if mask is not None:
         y = torch.where(valid[:, None], y, 0)  # §5: masked tokens output exactly zero
     return stage.output(given, y.to(x.dtype)), new_state, indices, scores, weights
@@ -216,12 +224,41 @@ def clear_caches():
     _COMPILED.clear()
 
 
-def _runner(cfg, training, has_mask, has_routing, jit, low=None, implementation="aten"):
+def check_sparse(sparse, implementation, jit=None) -> bool:
+    """``sparse=`` (SPEC §7.1) as a bool, checked against where row-sparse gradients run: an
+    eager call (not torch.compile: ``jit`` True, or a layer being compiled), outside torch.func
+    transforms, on whole expert tables (not implementation "sharded").
+
+    Raises:
+      PEERInputError: ``sparse`` is not a bool (peer_ref.checks.check_flag).
+      PEERConfigError: sparse=True where it cannot run.
+    """
+    if not checks.check_flag("sparse", sparse):
+        return False
+    if implementation == "sharded":
+        raise PEERConfigError(
+            "sparse=True with expert tables sharded as DTensors (implementation 'sharded'), but expected whole "
+            "tables: row-sparse gradients of sharded tables are not supported; use sparse=False"
+        )
+    if jit or torch.compiler.is_compiling():
+        raise PEERConfigError(
+            "sparse=True under torch.compile (jit=True, or a compiled layer), but expected an eager call: "
+            "torch.compile does not trace sparse gradients; run eagerly, or compile with sparse=False"
+        )
+    if transformed():
+        raise PEERConfigError(
+            "sparse=True under a torch.func transform, but expected a plain autograd call: torch.func "
+            "does not produce sparse gradients; use sparse=False under torch.func"
+        )
+    return True
+
+
+def _runner(cfg, training, has_mask, has_routing, jit, low=None, implementation="aten", sparse=False):
     low = None if low is None else native_dtype(low)
-    run = functools.partial(forward, cfg, training, low=low, implementation=implementation)
+    run = functools.partial(forward, cfg, training, low=low, implementation=implementation, sparse=sparse)
     if not jit:
         return run
-    key = (cfg, training, has_mask, has_routing, low, implementation)
+    key = (cfg, training, has_mask, has_routing, low, implementation, sparse)
     if key not in _COMPILED:
         _COMPILED[key] = _dynamic_tokens(cfg, torch.compile(run))
     return _COMPILED[key]
@@ -293,13 +330,25 @@ def vjp(
     jit=None,
     compute_dtype=None,
     implementation=None,
+    sparse=False,
 ):
+    """(grads, dx): the cotangents of sum(y * dy) (SPEC §7) by torch.autograd; see the backend
+    contract (peer_backends.contract). With ``sparse=True`` (SPEC §7.1) the gradients of the
+    expert tables present (``peer_ref.EXPERT_TABLES``: experts.down, experts.up, experts.gate,
+    experts.bias) are coalesced sparse COO tensors of the tables' shape and dtype (float32 in
+    the mixed mode), as ``nn.Embedding(sparse=True)`` gives: indices (1, U) int64, the experts
+    selected by valid tokens (or the routing override), sorted and unique; values (U, d), (U,)
+    for the bias. The other gradients and dx are dense and unchanged. Raises PEERInputError for
+    a ``sparse`` that is not a bool, PEERConfigError for sparse=True with ``jit=True``, under a
+    torch.func transform or on sharded tables (check_sparse)."""
+    checks.check_flag("sparse", sparse)
     lead, _, low = validate(cfg, params, state, x, training, mask, routing, dy, compute_dtype=compute_dtype)
     implementation = choose_implementation(implementation, x.device, params)
+    sparse = check_sparse(sparse, implementation, jit)
     params, state, mask, routing = _to_device(x.device, params, state, mask, routing)
     leaves = {name: value.detach().requires_grad_(True) for name, value in params.items()}
     x_leaf = x.detach().requires_grad_(True)
-    run = _runner(cfg, bool(training), mask is not None, routing is not None, jit, low, implementation)
+    run = _runner(cfg, bool(training), mask is not None, routing is not None, jit, low, implementation, sparse)
     with torch.enable_grad():
         y = run(leaves, state, x_leaf, mask, routing)[0]
         # The cotangent of sum(y * dy) with respect to y is dy itself.
