@@ -47,6 +47,22 @@ def _laid_out_like(param, value):
     return value.to(param.device)
 
 
+def _flag_coalesced(param):
+    """A post-accumulate-grad hook of the expert tables: AccumulateGrad stores a sparse gradient
+    flagged uncoalesced, whatever it was (torch rebuilds it), and ``coalesce()`` (which
+    SparseAdam and Adagrad call) would then sort it again, O(U log U * d). A gradient whose rows
+    strictly increase, as one backward leaves it, is coalesced: flag it so. A sum of several
+    backward calls' gradients repeats rows and stays uncoalesced."""
+    grad = param.grad
+    if grad is None or grad.layout != torch.sparse_coo or grad.is_coalesced() or grad.sparse_dim() != 1:
+        return
+    rows = grad._indices()[0]
+    if bool((rows[1:] > rows[:-1]).all()):
+        param.grad = torch.sparse_coo_tensor(
+            grad._indices(), grad._values(), grad.shape, is_coalesced=True, check_invariants=False
+        )
+
+
 def _wrapped(tensor):
     return torch._C._functorch.is_functorch_wrapped_tensor(tensor)
 
@@ -116,17 +132,24 @@ class PEER(nn.Module):
     ``experts.down``, ``experts.up``, ``experts.gate``, ``experts.bias``) row-sparse, as
     ``nn.Embedding(sparse=True)`` does (SPEC §7.1): after ``backward()`` their ``.grad`` is a
     sparse COO tensor of the table's shape and dtype (float32 under autocast), listing the rows
-    (experts) that valid tokens (or the routing override) selected, sorted and unique, coalesced
-    after one backward; a second backward before ``zero_grad`` adds another sparse tensor, and
-    the sum is uncoalesced (``.grad.coalesce()`` is the dense sum's row-sparse form). The
-    routing parameters' gradients stay dense. A step then costs O(tokens * heads * topk *
-    d_model), independent of N: the call gathers the selected rows into small tables and runs
-    the expert stage on those. Optimize the tables (``sparse_parameters()``) with an optimizer
+    (experts) that valid tokens (or the routing override) selected, sorted and unique, and
+    coalesced (``is_coalesced()``). A second backward before ``zero_grad`` adds its sparse
+    gradient to it (torch's sparse addition): the sum is flagged coalesced where its rows are
+    still sorted and unique, and ``.grad.coalesce()`` gives the dense sum's row-sparse form
+    either way (see ``_flag_coalesced``). The
+    routing parameters' gradients stay dense. The expert stage and its table gradients then cost
+    O(tokens * heads * topk * d_model), independent of N: the call gathers the selected rows
+    into small tables and runs the expert stage on those. Optimize the tables (``sparse_parameters()``) with an optimizer
     that takes sparse gradients (``torch.optim.SparseAdam``, ``SGD``, ``Adagrad``) and the rest
-    (``dense_parameters()``) with any other. ``clip_grad_norm_`` and DDP (gloo) take the sparse
-    gradients too. Calls without gradients (``torch.no_grad``, eval) run the dense path. Under
-    ``torch.compile``, under torch.func transforms and on sharded tables (``ExpertColumnParallel``)
-    a call that would compute sparse gradients raises PEERConfigError.
+    (``dense_parameters()``) with any other. DDP (gloo) reduces the sparse gradients.
+    ``torch.nn.utils.clip_grad_norm_`` raises NotImplementedError on any sparse gradient
+    (``nn.Embedding(sparse=True)``'s too): clip with ``torch.nn.utils.get_total_norm`` of the
+    gradients, a sparse one as ``grad.coalesce().values()``, then
+    ``torch.nn.utils.clip_grads_with_norm_``, which scales sparse gradients. Calls without
+    gradients (``torch.no_grad``) run the dense path. ``torch.compile`` of the layer runs it, with graph breaks around the row selection (whose
+    size depends on the data; it runs eagerly); under torch.func transforms and on sharded
+    tables (``ExpertColumnParallel``) a call that would compute sparse gradients raises
+    PEERConfigError.
 
     Raises:
       PEERConfigError: a seed that is not None or an int >= 0; an unknown implementation.
@@ -146,6 +169,9 @@ class PEER(nn.Module):
         for key, shape in cfg.param_shapes().items():
             value = torch.empty(shape, dtype=native_dtype(name), device=device)
             self._owner(key).register_parameter(key.split(".")[1], nn.Parameter(value))
+        for key in peer_ref.EXPERT_TABLES:
+            if key in cfg.param_shapes():
+                self.get_parameter(key).register_post_accumulate_grad_hook(_flag_coalesced)
         s_dtype = native_dtype(checks.state_dtype(name))
         for key, shape in cfg.state_shapes().items():
             self._owner(key).register_buffer(key.split(".")[1], torch.empty(shape, dtype=s_dtype, device=device))
@@ -239,8 +265,7 @@ class PEER(nn.Module):
         Raises:
           PEERInputError: x, mask or routing of the wrong shape or dtype (SPEC §9).
           PEERConfigError: an implementation that cannot run on x's device; sparse=True where
-            a gradient is computed under torch.compile, a torch.func transform or on sharded
-            tables.
+            a gradient is computed under a torch.func transform or on sharded tables.
         """
         params, state = self.params_and_state()
         device_type = x.device.type if isinstance(x, torch.Tensor) else "cpu"

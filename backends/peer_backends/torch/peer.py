@@ -225,9 +225,10 @@ def clear_caches():
 
 
 def check_sparse(sparse, implementation, jit=None) -> bool:
-    """``sparse=`` (SPEC §7.1) as a bool, checked against where row-sparse gradients run: an
-    eager call (not torch.compile: ``jit`` True, or a layer being compiled), outside torch.func
-    transforms, on whole expert tables (not implementation "sharded").
+    """``sparse=`` (SPEC §7.1) as a bool, checked against where row-sparse gradients run: not
+    the functional API's compiled path (``jit=True``), outside torch.func transforms, on whole
+    expert tables (not implementation "sharded"). (``torch.compile`` of a layer with
+    sparse=True runs: the row selection, whose size depends on the data, breaks the graph.)
 
     Raises:
       PEERInputError: ``sparse`` is not a bool (peer_ref.checks.check_flag).
@@ -240,10 +241,11 @@ def check_sparse(sparse, implementation, jit=None) -> bool:
             "sparse=True with expert tables sharded as DTensors (implementation 'sharded'), but expected whole "
             "tables: row-sparse gradients of sharded tables are not supported; use sparse=False"
         )
-    if jit or torch.compiler.is_compiling():
+    if jit:
         raise PEERConfigError(
-            "sparse=True under torch.compile (jit=True, or a compiled layer), but expected an eager call: "
-            "torch.compile does not trace sparse gradients; run eagerly, or compile with sparse=False"
+            f"sparse=True with jit={jit!r}, but expected jit=None or False: the compiled functional path "
+            "specialises every size but the tokens', and the number of gradient rows changes with every "
+            "call; run eagerly, or torch.compile a layer built with sparse=True"
         )
     if transformed():
         raise PEERConfigError(
