@@ -234,8 +234,10 @@ class _TorchFFN:
 
 
 def jax_step(job: dict, case: BenchCase, fw, backend, x, dy) -> Step:
-    """The JAX rows: ``vjp`` then ``optax`` in two jitted functions, the update donating the
-    parameters and the optimizer state."""
+    """The JAX rows: ``vjp`` in one jitted function, then the optax updates donating the
+    parameters and the optimizer state: ``optax.adamw`` over every parameter (dense gradients),
+    or ``apply_row_updates`` with ``optax.adam`` on the tables' listed rows and ``optax.adamw``
+    over the routing parameters (sparse gradients, SPEC §7.1)."""
     import jax
     import optax
 
@@ -247,42 +249,65 @@ def jax_step(job: dict, case: BenchCase, fw, backend, x, dy) -> Step:
     params, state = fw.to_device(params), fw.to_device(state)
     implementation = job["backend"].partition(":")[2] or None
     extra = {} if implementation is None else {"implementation": implementation}
-    box = {"params": params}
+    tables = [n for n in peer_ref.EXPERT_TABLES if n in params]
     if job["grads"] == "dense":
-        tx = optax.adamw(LEARNING_RATE)
+        groups = {"all": (optax.adamw(LEARNING_RATE), list(params))}
+    else:
+        rest = [n for n in params if n not in tables]
+        groups = {"tables": (optax.adam(LEARNING_RATE), tables), "rest": (optax.adamw(LEARNING_RATE), rest)}
+    sparse = job["grads"] == "sparse"
+    extra |= {"sparse": True} if sparse else {}
+    box = {
+        group: [{n: params[n] for n in names}, fw.to_device(tx.init({n: params[n] for n in names}))]
+        for group, (tx, names) in groups.items()
+    }
 
-        def grads_of(params, x, dy):
-            return backend.vjp(cfg, params, state, x, dy, training=True, **extra)[0]
+    def grads_of(trees, x, dy):
+        merged = {n: v for tree in trees for n, v in tree.items()}
+        return backend.vjp(cfg, merged, state, x, dy, training=True, **extra)[0]
 
+    def dense_update(tx):
         def update(params, opt_state, grads):
             updates, opt_state = tx.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state
 
-        def info(grads):
-            tables = [grads[n] for n in peer_ref.EXPERT_TABLES if n in grads]
-            return {
-                "table_grad_layout": "dense",
-                "table_grad_bytes": int(sum(g.nbytes for g in tables)),
-                "grad_rows": None,
-            }
+        # Parameters and optimizer state are donated: the update writes them in place.
+        return jax.jit(update, donate_argnums=(0, 1))
 
-    else:
-        raise NotImplementedError("JAX sparse rows")
     grad_fn = jax.jit(grads_of)
-    # Parameters and optimizer state are donated: the update writes them in place. The state is
-    # committed to the device as the parameters are, so the second call does not compile again.
-    update_fn = jax.jit(update, donate_argnums=(0, 1))
-    box["opt_state"] = fw.to_device(tx.init(params))
+    updates = {group: dense_update(tx) for group, (tx, _) in groups.items() if group != "tables"}
 
     def forward_backward():
-        box["grads"] = grad_fn(box["params"], x, dy)
+        box["grads"] = grad_fn([box[g][0] for g in groups], x, dy)
         return box["grads"]
 
     def optimizer_step():
-        box["params"], box["opt_state"] = update_fn(box["params"], box["opt_state"], box.pop("grads"))
-        return box["params"]
+        grads = box.pop("grads")
+        for group, (tx, names) in groups.items():
+            params, opt_state = box[group]
+            mine = {n: grads[n] for n in names}
+            if group == "tables":  # optax on the listed rows only, tables and state donated (SPEC §7.1)
+                box[group] = list(backend.apply_row_updates(tx, params, opt_state, mine))
+            else:
+                box[group] = list(updates[group](params, opt_state, mine))
+        return [box[g][0] for g in groups]
 
-    return Step(forward_backward, optimizer_step, lambda: info(box["grads"]))
+    def info():
+        grads = [box["grads"][n] for n in tables]
+        if not sparse:
+            return {
+                "table_grad_layout": "dense",
+                "table_grad_bytes": int(sum(g.nbytes for g in grads)),
+                "grad_rows": None,
+            }
+        down = box["grads"]["experts.down"]
+        return {
+            "table_grad_layout": f"rows, values (padded to {down.rows.shape[0]} rows)",
+            "table_grad_bytes": int(sum(g.rows.nbytes + g.values.nbytes for g in grads)),
+            "grad_rows": int(down.count),
+        }
+
+    return Step(forward_backward, optimizer_step, info)
 
 
 def run_job(job: dict, fw, backend, meter) -> list[dict]:
