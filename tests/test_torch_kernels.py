@@ -19,6 +19,7 @@ pytest.importorskip("triton")
 torch = pytest.importorskip("torch")
 
 import peer_backends
+import peer_ref
 from peer_backends.torch import experts as torch_experts
 from peer_backends.torch import kernels
 from peer_backends.torch import peer as torch_peer
@@ -213,6 +214,45 @@ def test_routed_duplicates_and_zero_rows():
     torch.testing.assert_close(dx_t, dx_a)
     for name in dp_a:
         torch.testing.assert_close(dp_t[name], dp_a[name], msg=name)
+
+
+def _assert_sparse_grads(sparse, dense, aten_sparse, **tol):
+    """Row-sparse table gradients (SPEC §7.1) on "triton": coalesced COO, densified equal to
+    the dense ones, with the rows and (within tol) the values of "aten"'s."""
+    for name, grad in sparse.items():
+        if name not in peer_ref.EXPERT_TABLES:
+            torch.testing.assert_close(grad, dense[name], msg=name)
+            continue
+        assert grad.layout == torch.sparse_coo and grad.is_coalesced() and grad.dtype == dense[name].dtype, name
+        torch.testing.assert_close(grad.to_dense(), dense[name], msg=name)
+        assert torch.equal(grad.indices(), aten_sparse[name].indices()), name
+        torch.testing.assert_close(grad.values(), aten_sparse[name].values(), **tol, msg=name)
+
+
+@pytest.mark.parametrize("case", ["masked", "routing", "mixed", "no tokens"])
+def test_sparse_table_gradients(case):
+    cfg = CONFIGS[2]  # GLU, bias, relu
+    params, state, x, dy, mask = _inputs(cfg, (0 if case == "no tokens" else 4, 3), "float64")
+    kwargs = {"training": True, "mask": mask}
+    if case == "routing":  # repeated experts in a token, a masked token's rows left out
+        kwargs["routing"] = torch.tensor([3, 3, 7, 0, 8, 3]).reshape(1, 1, 3, 2).repeat(4, 3, 1, 1)
+        kwargs["routing"][0, 0] = 5
+        kwargs["mask"] = torch.ones(4, 3, dtype=torch.bool)
+        kwargs["mask"][0, 0] = False
+    if case == "mixed":
+        params = {name: value.float() for name, value in params.items()}
+        state = {name: value.float() for name, value in state.items()}
+        x, dy = x.bfloat16(), dy.bfloat16()
+        kwargs["compute_dtype"] = "bfloat16"
+    dense, dx = be.vjp(cfg, params, state, x, dy, **kwargs, implementation="triton")
+    sparse, dx_sparse = be.vjp(cfg, params, state, x, dy, **kwargs, implementation="triton", sparse=True)
+    aten_sparse, _ = be.vjp(cfg, params, state, x, dy, **kwargs, implementation="aten", sparse=True)
+    torch.testing.assert_close(dx_sparse, dx)
+    _assert_sparse_grads(sparse, dense, aten_sparse, **_tolerance("float64", kwargs.get("compute_dtype")))
+    if case == "no tokens":
+        assert all(sparse[name]._nnz() == 0 for name in peer_ref.EXPERT_TABLES)
+    if case == "routing":
+        assert sparse["experts.up"].indices()[0].tolist() == [0, 3, 7, 8]
 
 
 def test_gradients_are_deterministic():

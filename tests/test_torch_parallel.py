@@ -376,3 +376,34 @@ def test_unsharded_params_are_refused():
 def test_output_layout_is_checked():
     with pytest.raises(PEERInputError, match=r"output_layouts=Shard\(dim=0\)"):
         ExpertColumnParallel(output_layouts=Shard(0))
+
+
+def _data_parallel_sparse(rank, world):
+    # DDP averages the row-sparse table gradients (SPEC §7.1) over the ranks as the dense ones.
+    from torch.nn.parallel import DistributedDataParallel
+
+    cfg = GLU
+    model = DistributedDataParallel(PEER(cfg, seed=5, dtype="float64", sparse=True).train())
+    x, mask, dy = _inputs(cfg, seed=40 + rank)
+    (model(x, mask=mask) * dy).sum().backward()
+    expected = {}
+    for other in range(world):  # the dense gradients of every rank's batch, averaged
+        dense = PEER(cfg, seed=5, dtype="float64").train()
+        x, mask, dy = _inputs(cfg, seed=40 + other)
+        (dense(x, mask=mask) * dy).sum().backward()
+        for name, p in dense.named_parameters():
+            expected[name] = expected.get(name, 0) + p.grad / world
+    for name, p in model.module.named_parameters():
+        assert p.grad.is_sparse == name.startswith("experts."), name
+        torch.testing.assert_close(p.grad.to_dense(), expected[name], **TOL, msg=name)
+    # Sharded tables take no sparse gradients: a clear error, not a wrong result.
+    mesh = init_device_mesh("cpu", (world,))
+    sharded = parallelize_module(PEER(cfg, seed=5, dtype="float64", sparse=True), mesh, ExpertColumnParallel())
+    with pytest.raises(PEERConfigError, match="sparse=True with expert tables sharded as DTensors"):
+        sharded(x)
+    with torch.no_grad():  # no gradient: the dense path, which runs sharded
+        sharded(x)
+
+
+def test_data_parallel_sparse_gradients_and_sharded_tables_refused():
+    _spawn(_data_parallel_sparse, 2)

@@ -296,12 +296,10 @@ def test_a_sparse_step_creates_no_tensor_of_n_rows():
     elements (no (N, d) gradient, no O(N) grouping); the dense step, checked the same way, does."""
     cfg = PEERConfig(d_model=4, n_experts=1024**2, heads=2, topk=2, d_key=4, expert_bias=True)
     torch.manual_seed(0)
-    layer = be.PEER(cfg, sparse=True)
     x = torch.randn(8, cfg.d_model)
     largest = {}
     for sparse in (True, False):
-        layer.sparse = sparse
-        layer.zero_grad(set_to_none=True)
+        layer = be.PEER(cfg, sparse=sparse)
         with _LargestOutputs() as record:
             _backward(layer, x)
         largest[sparse] = max(record.sizes)
@@ -309,3 +307,32 @@ def test_a_sparse_step_creates_no_tensor_of_n_rows():
     assert largest[True][0] < cfg.n_experts // 16, largest[True]
     assert largest[False][0] >= cfg.n_experts, largest[False]
     assert layer.experts.down.grad.layout == torch.strided  # the dense step's
+
+
+def test_the_selected_rows_and_their_operators():
+    from peer_backends.torch import experts
+
+    indices = torch.tensor([[3, 1, 3], [0, 7, 1], [5, 5, 2]])
+    valid = torch.tensor([True, False, True])
+    selected = experts.selected_rows(indices, 8, valid)
+    # The valid tokens' experts first (the gradient's rows), then the masked token's.
+    assert selected.rows.tolist() == [1, 2, 3, 5, 0, 1, 7] and selected.listed == 4
+    assert torch.equal(selected.rows[selected.compact], indices)
+    assert selected.groups.offsets.shape == (7,)  # one group per selected row, never N
+    table = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
+    taken = experts.take_rows(table, selected)
+    assert torch.equal(taken, table[selected.rows])
+    (grad,) = torch.autograd.grad(taken, table, torch.ones_like(taken))
+    assert grad.is_coalesced() and grad.indices()[0].tolist() == [1, 2, 3, 5]
+    for mask in (None, valid):
+        torch.library.opcheck(torch.ops.peer.selected_rows, (indices, 8, mask))
+    torch.library.opcheck(torch.ops.peer.take_rows, (table, selected.rows, selected.listed))
+
+
+def test_a_copied_layer_gives_coalesced_grads():
+    import copy
+
+    layer = copy.deepcopy(_layers(PLAIN)[0])  # new tensors: the forward hooks them again
+    _backward(layer, torch.randn(3, PLAIN.d_model))
+    for table in layer.sparse_parameters():
+        assert table.grad.is_sparse and table.grad.is_coalesced()

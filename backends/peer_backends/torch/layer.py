@@ -3,6 +3,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 import peer_ref
 from peer_ref import checks
@@ -29,6 +30,24 @@ class Tables(nn.Module):
     def extra_repr(self):
         tensors = [*self._parameters.items(), *self._buffers.items()]
         return ", ".join(f"{name}: {tuple(value.shape)} {dtype_name(value)}" for name, value in tensors)
+
+
+class SparseTables(Tables, nn.EmbeddingBag):
+    """The ``experts`` tables of a layer built with ``sparse=True``: row-sparse gradients, as an
+    ``nn.EmbeddingBag(sparse=True)``'s weight has. It is an EmbeddingBag for one reason: torch's
+    DistributedDataParallel reduces a parameter's gradient as sparse only where its module is an
+    ``nn.Embedding`` or ``nn.EmbeddingBag`` with ``sparse=True``. It holds no ``weight`` and is
+    never called; the layer reads its tables by their canonical names."""
+
+    def __init__(self):
+        nn.Module.__init__(self)
+        self.sparse = True
+
+    def reset_parameters(self):
+        """Nothing: the layer (``PEER.reset_parameters``) draws every table (SPEC §8)."""
+
+    def forward(self, *args, **kwargs):
+        raise TypeError("the expert tables are read by the PEER layer, not called")
 
 
 def _recomputing():
@@ -61,6 +80,21 @@ def _flag_coalesced(param):
         param.grad = torch.sparse_coo_tensor(
             grad._indices(), grad._values(), grad.shape, is_coalesced=True, check_invariants=False
         )
+
+
+# The tables that carry _flag_coalesced (a copy of a layer, deepcopy or pickle, has new tensors
+# without the hook; the layer's forward hooks them again).
+_FLAGGED = WeakIdKeyDictionary()
+
+
+def _hook_tables(module):
+    """Register _flag_coalesced on each expert table of ``module`` that lacks it."""
+    for key in peer_ref.EXPERT_TABLES:
+        if key in module.cfg.param_shapes():
+            param = module.get_parameter(key)
+            if param not in _FLAGGED:
+                param.register_post_accumulate_grad_hook(_flag_coalesced)
+                _FLAGGED[param] = True
 
 
 def _wrapped(tensor):
@@ -141,7 +175,9 @@ class PEER(nn.Module):
     O(tokens * heads * topk * d_model), independent of N: the call gathers the selected rows
     into small tables and runs the expert stage on those. Optimize the tables (``sparse_parameters()``) with an optimizer
     that takes sparse gradients (``torch.optim.SparseAdam``, ``SGD``, ``Adagrad``) and the rest
-    (``dense_parameters()``) with any other. DDP (gloo) reduces the sparse gradients.
+    (``dense_parameters()``) with any other. DistributedDataParallel reduces the sparse
+    gradients as it does an ``nn.EmbeddingBag(sparse=True)``'s (the ``experts`` submodule is one:
+    ``SparseTables``).
     ``torch.nn.utils.clip_grad_norm_`` raises NotImplementedError on any sparse gradient
     (``nn.Embedding(sparse=True)``'s too): clip with ``torch.nn.utils.get_total_norm`` of the
     gradients, a sparse one as ``grad.coalesce().values()``, then
@@ -165,13 +201,12 @@ class PEER(nn.Module):
         self.sparse = checks.check_flag("sparse", sparse)
         name = checks.check_dtype_name(compute_dtype_name(dtype) or "float32")
         for group in ("query", "query_norm", "keys", "experts"):
-            self.add_module(group, Tables())
+            self.add_module(group, SparseTables() if group == "experts" and self.sparse else Tables())
         for key, shape in cfg.param_shapes().items():
             value = torch.empty(shape, dtype=native_dtype(name), device=device)
             self._owner(key).register_parameter(key.split(".")[1], nn.Parameter(value))
-        for key in peer_ref.EXPERT_TABLES:
-            if key in cfg.param_shapes():
-                self.get_parameter(key).register_post_accumulate_grad_hook(_flag_coalesced)
+        if self.sparse:
+            _hook_tables(self)
         s_dtype = native_dtype(checks.state_dtype(name))
         for key, shape in cfg.state_shapes().items():
             self._owner(key).register_buffer(key.split(".")[1], torch.empty(shape, dtype=s_dtype, device=device))
@@ -283,6 +318,8 @@ class PEER(nn.Module):
         # Row-sparse gradients where a gradient of the tables will be computed (SPEC §7.1).
         sparse = self.sparse and torch.is_grad_enabled() and params["experts.down"].requires_grad
         sparse = check_sparse(sparse, implementation)
+        if sparse and not torch.compiler.is_compiling():
+            _hook_tables(self)
         # PEER prescribes its own precision per step; autocast must not re-cast its matmuls and batch norm.
         with torch.autocast(device_type, enabled=False):
             lead = validate(self.cfg, params, state, x, self.training, mask, routing, compute_dtype=low).lead
