@@ -73,7 +73,15 @@ def from_numpy(tree):
 
 
 def to_numpy(tree):
-    return map_tree(np.asarray, tree)
+    """NumPy arrays; a row-sparse gradient (``peer_backends.jax.RowSparse``) becomes
+    ``peer_ref.RowSparse`` with its padding stripped (SPEC §7.1)."""
+    return map_tree(_leaf_to_numpy, tree)
+
+
+def _leaf_to_numpy(value):
+    from .sparse import RowSparse  # the row-sparse gradient is a leaf of map_tree's trees
+
+    return value.to_numpy() if isinstance(value, RowSparse) else np.asarray(value)
 
 
 # float32 means float32 (SPEC §10.1): on GPUs XLA would otherwise use TF32 in matrix products.

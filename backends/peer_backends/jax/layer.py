@@ -18,6 +18,9 @@ float32. See ``PEER`` for how each combination maps onto the functional API.
 
 from __future__ import annotations
 
+import contextlib
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,9 +34,21 @@ from peer_ref.errors import PEERConfigError, PEERInputError
 from .._implementation import check_known
 from .._layer import check_seed, reference_tables
 from .core import from_numpy, meta, require_x64
-from .peer import IMPLEMENTATIONS, apply, init_from_key
+from .peer import IMPLEMENTATIONS, apply, apply_blocks, init_from_key
+from .sparse import EXPERT_TABLES, RowSparse, capacity, row_update
 
 _GROUPS = ("query", "query_norm", "keys", "experts")
+
+
+class ExpertTable(nnx.Param):
+    """The variable type of the expert tables ``experts.down``, ``.up``, ``.gate``, ``.bias`` (SPEC
+    §7.1's tables): an ``nnx.Param``, so every filter on ``nnx.Param`` keeps them; filter on
+    ``ExpertTable`` (or ``DENSE_PARAMS``) to treat them apart."""
+
+
+# Every trainable parameter of a model but the PEER layers' expert tables: the dense gradients'
+# filter of ``sparse_value_and_grad`` and the ``wrt`` of the dense optimizer beside ``RowOptimizer``.
+DENSE_PARAMS = nnx.All(nnx.Param, nnx.Not(ExpertTable))
 
 
 class _Group(nnx.Module):
@@ -116,7 +131,7 @@ class PEER(nnx.Module):
         for group in _GROUPS:
             setattr(self, group, _Group())
         for name, value in params.items():
-            self._set(name, nnx.Param(value))
+            self._set(name, (ExpertTable if name in EXPERT_TABLES else nnx.Param)(value))
         for name, value in state.items():
             self._set(name, nnx.BatchStat(value))
 
@@ -152,7 +167,10 @@ class PEER(nnx.Module):
         kwargs = {"training": training, "mask": mask, "routing": routing, "implementation": self.implementation}
         if mixed is not None:
             kwargs["compute_dtype"] = mixed
-        y, new_state, aux = apply(self.cfg, params, state, x, **kwargs)
+        if _CALLS:  # inside sparse_value_and_grad
+            y, new_state, aux = _CALLS[-1].apply(self, params, state, x, kwargs)
+        else:
+            y, new_state, aux = apply(self.cfg, params, state, x, **kwargs)
         if training:
             for name, value in new_state.items():
                 variable = self._variable(name)
@@ -217,6 +235,154 @@ def _jax_dtype(arg: str, value) -> np.dtype:
     if dtype.name not in DTYPES:
         raise PEERInputError(f"{arg}={dtype.name}, but expected one of {tuple(DTYPES)} (as JAX dtypes)")
     return dtype
+
+
+# ---------------------------------------------------------------------------- row-sparse gradients (SPEC §7.1)
+
+_CALLS: list = []  # the innermost sparse_value_and_grad's record of PEER calls
+
+
+class _Calls:
+    """The PEER calls of one traced function, in call order: when probing (``blocks`` None), each
+    call's block shapes; when differentiating, each call's layer, rows and count."""
+
+    def __init__(self, blocks=None):
+        self.blocks = blocks
+        self.calls = []
+
+    def apply(self, layer, params, state, x, kwargs):
+        tables = {name: params[name] for name in EXPERT_TABLES if name in params}
+        if self.blocks is None:
+            size = capacity(layer.cfg, math.prod(x.shape[:-1]))
+            self.calls.append({n: jax.ShapeDtypeStruct((size,) + t.shape[1:], t.dtype) for n, t in tables.items()})
+            return apply(layer.cfg, params, state, x, **kwargs)
+        if len(self.calls) >= len(self.blocks):
+            raise PEERConfigError(
+                f"the function made more than {len(self.blocks)} PEER calls, but it made {len(self.blocks)} when "
+                "traced for their shapes: sparse_value_and_grad needs the same calls every time it traces it"
+            )
+        y, new_state, aux = apply_blocks(layer.cfg, params, state, x, self.blocks[len(self.calls)], **kwargs)
+        self.calls.append((layer, aux.pop("rows"), aux.pop("count")))
+        return y, new_state, aux
+
+
+@contextlib.contextmanager
+def _recording(calls):
+    _CALLS.append(calls)
+    try:
+        yield calls
+    finally:
+        _CALLS.pop()
+
+
+def sparse_value_and_grad(fn, *, has_aux: bool = False):
+    """``nnx.value_and_grad(fn)`` for a model holding PEER layers, with the expert tables'
+    gradients row-sparse (SPEC §7.1) and no (N, d) gradient formed.
+
+    ``sparse_value_and_grad(fn)(model, *args)`` returns ``(value, (grads, table_grads))``:
+    ``value`` what ``fn(model, *args)`` returns (with ``has_aux``, ``(loss, aux)``);
+    ``grads`` the gradients of every parameter but the expert tables (``DENSE_PARAMS``), an
+    ``nnx.State`` as ``nnx.grad`` gives; ``table_grads`` the tree of
+    ``nnx.as_pure(nnx.state(model, ExpertTable))`` with a ``RowSparse`` at each table: its rows
+    (padded to ``capacity(cfg, tokens)``, the padding ``N``) are the experts the call's valid
+    tokens selected, its values the dense gradient's rows there. A layer called several times
+    gets the sum over its calls (rows merged), one never called an empty ``RowSparse``.
+
+    Each PEER call inside ``fn`` runs its expert stage on the rows it selected (gathered once),
+    and the gradient is taken with respect to those rows; the tables enter as constants. ``fn``
+    is traced once more, for shapes only (``jax.eval_shape``), to size the rows: it must make
+    the same PEER calls every time. Call it inside ``nnx.jit`` (then that trace is all it costs).
+    Implementations "xla" and "pallas"; "sharded" raises PEERConfigError.
+    """
+
+    def run(model, *args):
+        graphdef, whole = nnx.split(model)
+
+        def probe(whole):
+            with _recording(_Calls()) as calls:
+                fn(nnx.merge(graphdef, whole), *args)
+            return calls.calls
+
+        shapes = []
+        jax.eval_shape(lambda whole: shapes.extend(probe(whole)), whole)
+        blocks = [{name: jnp.zeros(s.shape, s.dtype) for name, s in call.items()} for call in shapes]
+        paths = []
+
+        def inner(model, blocks):
+            with _recording(_Calls(blocks)) as calls:
+                out = fn(model, *args)
+            if len(calls.calls) != len(blocks):
+                raise PEERConfigError(
+                    f"the function made {len(calls.calls)} PEER calls, but it made {len(blocks)} when traced for "
+                    "their shapes: sparse_value_and_grad needs the same calls every time it traces it"
+                )
+            where = {id(node): path for path, node in nnx.iter_graph(model)}
+            paths[:] = [(tuple(where[id(layer)]), layer.cfg.n_experts) for layer, _, _ in calls.calls]
+            value, aux = out if has_aux else (out, None)
+            return value, (aux, [(rows, count) for _, rows, count in calls.calls])
+
+        step = nnx.value_and_grad(inner, argnums=(nnx.DiffState(0, DENSE_PARAMS), 1), has_aux=True)
+        (value, (aux, found)), (grads, block_grads) = step(model, blocks)
+        per_layer = {}
+        for (path, n), (rows, count), values in zip(paths, found, block_grads):
+            call = {name: RowSparse(rows, value, count) for name, value in values.items()}
+            per_layer[path] = _merge(per_layer[path], call, n) if path in per_layer else call
+        tables = nnx.as_pure(nnx.state(model, ExpertTable))
+        table_grads = jax.tree_util.tree_map_with_path(lambda path, table: _table_grad(per_layer, path, table), tables)
+        return ((value, aux) if has_aux else value), (grads, table_grads)
+
+    return run
+
+
+def _key(entry):
+    for attr in ("key", "idx", "name"):
+        if hasattr(entry, attr):
+            return getattr(entry, attr)
+    return entry
+
+
+def _table_grad(per_layer, path, table):
+    keys = tuple(_key(entry) for entry in path)
+    layer_path, name = keys[:-2], ".".join(map(str, keys[-2:]))
+    if layer_path in per_layer:
+        return per_layer[layer_path][name]
+    n = table.shape[0]
+    return RowSparse(jnp.full((0,), n, jnp.int32), jnp.zeros((0,) + table.shape[1:], table.dtype), jnp.int32(0))
+
+
+def _merge(first, second, n):
+    """The sum of two calls' RowSparse of each table of N = ``n`` rows: rows merged (sorted,
+    unique, padded with ``n``), values summed."""
+    merged = {}
+    for name, a in first.items():
+        b = second[name]
+        rows = jnp.concatenate([a.rows, b.rows])
+        size = min(rows.shape[0], n)
+        unique, inverse = jnp.unique(rows, size=size, fill_value=n, return_inverse=True)
+        # A padding entry (zero values) may land on any row: it adds nothing.
+        segments = jnp.minimum(inverse.reshape(-1), size - 1)
+        values = jax.ops.segment_sum(jnp.concatenate([a.values, b.values]), segments, num_segments=size)
+        merged[name] = RowSparse(unique, values, jnp.sum(unique < n, dtype=jnp.int32))
+    return merged
+
+
+class RowOptimizer(nnx.Optimizer):
+    """An ``nnx.Optimizer`` for the PEER layers' expert tables (``wrt=ExpertTable``) that takes the
+    row-sparse gradients of ``sparse_value_and_grad`` and steps only their rows, in place under a
+    donating ``nnx.jit`` (``row_update``): a **lazy** optimizer (SPEC §7.1; see
+    ``peer_backends.jax.apply_row_updates`` for what that changes and which ``tx`` work).
+    Use an ``nnx.Optimizer(model, tx, wrt=DENSE_PARAMS)`` beside it for the other parameters."""
+
+    def __init__(self, model, tx):
+        super().__init__(model, tx, wrt=ExpertTable)
+
+    def update(self, model, grads, /, **kwargs):
+        """Step the tables' listed rows with ``grads`` (``sparse_value_and_grad``'s ``table_grads``)."""
+        tables = nnx.as_pure(nnx.state(model, ExpertTable))
+        new_tables, new_state = row_update(self.tx, tables, nnx.as_pure(self.opt_state), grads)
+        nnx.update(model, new_tables)
+        nnx.update(self.opt_state, nnx.state(new_state))
+        self.step[...] += 1
 
 
 def layer(cfg, **kwargs) -> PEER:

@@ -25,10 +25,11 @@ from jax.sharding import AxisType, NamedSharding
 
 import peer_ref
 from peer_ref import checks
-from peer_ref.errors import PEERInputError
+from peer_ref.errors import PEERConfigError, PEERInputError
 
 from .._implementation import choose
 from . import experts
+from . import sparse as sparse_rows
 from .core import meta, native_dtype, require_x64, round_through
 from .routing import route
 
@@ -135,6 +136,23 @@ def apply(
     )
 
 
+def apply_blocks(
+    cfg, params, state, x, blocks, training=False, mask=None, routing=None, *, compute_dtype=None, implementation=None
+):
+    """``apply`` with the expert stage on the selected rows plus ``blocks`` (``forward``'s), compiled:
+    the forward of ``sparse_value_and_grad`` (SPEC §7.1). aux also holds "rows" and "count"."""
+    low = validate(cfg, params, state, x, training, mask, routing, compute_dtype=compute_dtype).low
+    implementation = choose_implementation(implementation, params)
+    if implementation == "sharded":
+        raise PEERConfigError(
+            "row-sparse table gradients with implementation='sharded', but they are offered on 'xla' and "
+            "'pallas' only: the sharded tables' gradients stay dense"
+        )
+    return forward_jit(
+        cfg, bool(training), params, state, x, mask, routing, low=low, implementation=implementation, blocks=blocks
+    )
+
+
 def vjp(
     cfg,
     params,
@@ -148,13 +166,35 @@ def vjp(
     jit=None,
     compute_dtype=None,
     implementation=None,
+    sparse=False,
 ):
+    """``(grads, dx)`` by ``jax.vjp`` (SPEC §7). With ``sparse=True`` (SPEC §7.1) the expert tables'
+    gradients are ``peer_backends.jax.RowSparse``: rows padded to a static capacity, see
+    ``peer_backends.jax.sparse``; ``to_numpy`` gives ``peer_ref.RowSparse``. Raises PEERInputError
+    for a ``sparse`` that is not a bool, PEERConfigError for ``sparse=True`` on "sharded"."""
+    sparse = checks.check_flag("sparse", sparse)
     low = validate(cfg, params, state, x, training, mask, routing, dy, compute_dtype=compute_dtype).low
     implementation = choose_implementation(implementation, params)
+    if sparse and implementation == "sharded":
+        raise PEERConfigError(
+            "sparse=True with implementation='sharded', but row-sparse table gradients are offered on "
+            "'xla' and 'pallas' only: the sharded tables' gradients stay dense (sparse=False)"
+        )
     layout = tables_layout(params) if implementation == "sharded" else None
     run = _vjp if jit is False else vjp_jit
     return run(
-        cfg, bool(training), params, state, x, dy, mask, routing, low=low, implementation=implementation, layout=layout
+        cfg,
+        bool(training),
+        params,
+        state,
+        x,
+        dy,
+        mask,
+        routing,
+        low=low,
+        implementation=implementation,
+        layout=layout,
+        sparse=sparse,
     )
 
 
@@ -207,13 +247,35 @@ def validate(cfg, params, state, x, training, mask=None, routing=None, dy=None, 
     )
 
 
-def _vjp(cfg, training, params, state, x, dy, mask, routing, low=None, implementation="xla", layout=None):
+def _vjp(cfg, training, params, state, x, dy, mask, routing, low=None, implementation="xla", layout=None, sparse=False):
+    if sparse:
+        return _sparse_vjp(cfg, training, params, state, x, dy, mask, routing, low, implementation)
+
     def output(params, x):
         return forward(cfg, training, params, state, x, mask, routing, low, implementation, layout)[0]
 
     y, pullback = jax.vjp(output, params, x)
     grads, dx = pullback(_like(y, dy))
     return grads, dx
+
+
+def _sparse_vjp(cfg, training, params, state, x, dy, mask, routing, low, implementation):
+    """SPEC §7.1: differentiate with respect to zero offsets of the gathered rows (``blocks``),
+    not the tables, which enter as constants; no (N, d) cotangent is formed."""
+    blocks = sparse_rows.zero_blocks(cfg, params, math.prod(x.shape[:-1]))
+    tables = {name: params[name] for name in blocks}
+    rest = {name: value for name, value in params.items() if name not in blocks}
+
+    def output(rest, blocks, x):
+        y, _, aux = forward(
+            cfg, training, {**rest, **tables}, state, x, mask, routing, low, implementation, None, blocks
+        )
+        return y, (aux["rows"], aux["count"])
+
+    y, pullback, (rows, count) = jax.vjp(output, rest, blocks, x, has_aux=True)
+    grads, block_grads, dx = pullback(dy)
+    grads.update({name: sparse_rows.RowSparse(rows, value, count) for name, value in block_grads.items()})
+    return {name: grads[name] for name in params}, dx
 
 
 def _like(y, dy):
@@ -233,15 +295,21 @@ def _like(y, dy):
 # ---------------------------------------------------------------------------- forward
 
 
-def forward(cfg, training, params, state, x, mask, routing, low=None, implementation="xla", layout=None):
+def forward(cfg, training, params, state, x, mask, routing, low=None, implementation="xla", layout=None, blocks=None):
     """``peer_ref.forward`` in JAX: the one assembly of routing and expert stage, whatever the
     implementation. cfg, training, low (the mixed mode's dtype name), the implementation name of
-    the expert stage and layout (the tables' (mesh, axis) for "sharded") are static."""
+    the expert stage and layout (the tables' (mesh, axis) for "sharded") are static.
+
+    ``blocks`` (SPEC §7.1, ``peer_backends.jax.sparse``): None, or per expert table a (C, ...)
+    offset (zeros) added to the rows the valid tokens selected; the expert stage then runs on those
+    gathered rows, so the gradient with respect to ``blocks`` is the row-sparse table gradient,
+    and aux also holds their "rows" (C,) and "count" ()."""
     stage = expert_stage_for(implementation, layout)
     out_dtype = x.dtype
     # bfloat16/float16 policy (SPEC §10.1, §10.3): upcast once, compute in float32, round the outputs once.
     compute = jnp.float32 if out_dtype in (jnp.bfloat16, jnp.float16) else out_dtype
-    p = {name: value.astype(compute) for name, value in params.items()}
+    gathered = () if blocks is None else tuple(blocks)
+    p = {name: value.astype(compute) for name, value in params.items() if name not in gathered}
     if low is not None:
         p["query.kernel"] = round_through(p["query.kernel"], low)
     lead = x.shape[:-1]
@@ -254,15 +322,24 @@ def forward(cfg, training, params, state, x, mask, routing, low=None, implementa
 
     new_state, indices, scores, weights = route(cfg, training, p, state, xf, valid, routing)
 
-    y = stage(cfg, p, xf, indices, weights, low)
+    stage_indices, extra = indices, {}
+    if blocks is not None:
+        size = sparse_rows.capacity(cfg, tokens)
+        rows, count, stage_indices = sparse_rows.select_rows(indices, valid, cfg.n_experts, size)
+        for name, offset in blocks.items():
+            p[name] = (sparse_rows.gather_rows(params[name], rows) + offset).astype(compute)
+        extra = {"rows": rows, "count": count}
+
+    y = stage(cfg, p, xf, stage_indices, weights, low)
     y = jnp.where(valid[:, None], y, jnp.zeros((), y.dtype))  # SPEC §5: a select, so NaN never leaks
 
     routed = lead + (cfg.heads, cfg.topk)
     aux = {"indices": indices.reshape(routed), "scores": scores.reshape(routed), "weights": weights.reshape(routed)}
+    aux.update(extra)
     return y.astype(out_dtype).reshape(lead + (cfg.d_out,)), new_state, aux
 
 
 # The compiled forward and vjp (jit=None and True); every argument after training is traced but
 # low, implementation and layout, which are static like cfg and training.
 forward_jit = jax.jit(forward, static_argnums=(0, 1), static_argnames=("low", "implementation", "layout"))
-vjp_jit = jax.jit(_vjp, static_argnums=(0, 1), static_argnames=("low", "implementation", "layout"))
+vjp_jit = jax.jit(_vjp, static_argnums=(0, 1), static_argnames=("low", "implementation", "layout", "sparse"))
