@@ -192,7 +192,7 @@ def torch_step(job: dict, case: BenchCase, fw, x, dy) -> Step:
         from .worker import _dense_params
 
         weights = _dense_params(case, job["seed"])
-        model = _TorchFFN(torch, {k: fw.put(v) for k, v in weights.items()})
+        model = _torch_ffn(torch, {k: fw.put(v) for k, v in weights.items()})
         tables = set()
     model = model.to(device=fw.device, dtype=dtype)
     model.train()
@@ -217,20 +217,19 @@ def torch_step(job: dict, case: BenchCase, fw, x, dy) -> Step:
     return Step(forward_backward, optimizer_step, lambda: _torch_grad_info(torch, [(n, named[n]) for n in tables]))
 
 
-class _TorchFFN:
-    """gelu(x @ w1 + b1) @ w2 + b2 as an nn.Module (built lazily: torch is imported by the worker)."""
+def _torch_ffn(torch, weights):
+    """gelu(x @ w1 + b1) @ w2 + b2 as an nn.Module holding ``weights`` (the FFN of equal FLOPs)."""
 
-    def __new__(cls, torch, weights):
-        class FFN(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                for name, value in weights.items():
-                    self.register_parameter(name, torch.nn.Parameter(value.clone()))
+    class FFN(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for name, value in weights.items():
+                self.register_parameter(name, torch.nn.Parameter(value.clone()))
 
-            def forward(self, x):
-                return torch.nn.functional.gelu(x @ self.w1 + self.b1) @ self.w2 + self.b2
+        def forward(self, x):
+            return torch.nn.functional.gelu(x @ self.w1 + self.b1) @ self.w2 + self.b2
 
-        return FFN()
+    return FFN()
 
 
 def jax_step(job: dict, case: BenchCase, fw, backend, x, dy) -> Step:
