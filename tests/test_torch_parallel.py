@@ -285,6 +285,7 @@ def _two_devices(rank, world, path):
         _equal_to_one_device(rank, world, cfg)
     _shard_output_and_checkpoint(rank, world, path)
     _meta_fully_shard(rank, world)
+    _data_parallel_sparse(rank, world)
 
 
 def _meta_fully_shard(rank, world):
@@ -309,7 +310,7 @@ def _meta_fully_shard(rank, world):
         torch.testing.assert_close(value, reference.get_buffer(name), **TOL, msg=name)
 
 
-def test_two_devices_equal_one_device_sharded_output_and_checkpoints(tmp_path):
+def test_two_devices_equal_one_device_sharded_output_checkpoints_and_data_parallel_sparse(tmp_path):
     _spawn(_two_devices, 2, str(tmp_path / "peer.safetensors"))
 
 
@@ -403,7 +404,3 @@ def _data_parallel_sparse(rank, world):
         sharded(x)
     with torch.no_grad():  # no gradient: the dense path, which runs sharded
         sharded(x)
-
-
-def test_data_parallel_sparse_gradients_and_sharded_tables_refused():
-    _spawn(_data_parallel_sparse, 2)

@@ -183,6 +183,9 @@ def test_layer_sparse_grads_accumulate_and_clip_like_the_dense_ones():
         id(p) for p in sparse.parameters()
     }
     assert len(list(sparse.sparse_parameters())) == 4
+    assert sparse.state_dict().keys() == dense.state_dict().keys()  # the canonical names
+    sparse.load_state_dict(dense.state_dict())
+    assert isinstance(sparse.experts, torch.nn.EmbeddingBag) and sparse.experts.sparse  # what DDP looks for
     x = torch.randn(4, 3, GLU_BIAS.d_model)
     mask = torch.rand(4, 3) > 0.3
     for layer in (sparse, dense):

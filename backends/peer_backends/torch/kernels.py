@@ -18,7 +18,9 @@ small (T, J) pre-activations and gate dots are kept for the backward, which is t
   found on the device, without synchronising): the table gradients d_down[e] = sum d_pre * x[t],
   d_gate, d_up[e] = sum coef * dy[t] and d_bias[e] = sum d_pre, each a segmented reduction
   whose order is fixed: deterministic (bitwise equal from run to run), with no floating-point
-  atomics. Rows of experts nobody selected are zero.
+  atomics. Rows of experts nobody selected are zero. With ``sparse=True`` (SPEC §7.1) the
+  backend hands these kernels the call's selected rows as the tables
+  (``experts.selected_tables``), so these gradients are those rows' only: O(T * J * d), not O(N * d).
 
 Mixed precision (SPEC §10.3, ``low`` a 16-bit dtype): the tables are float32 parameters; the
 kernels read their rows from a copy rounded to ``low``, and compute every dot and sum in

@@ -317,9 +317,10 @@ class PEER(nn.Module):
         )
         # Row-sparse gradients where a gradient of the tables will be computed (SPEC §7.1).
         sparse = self.sparse and torch.is_grad_enabled() and params["experts.down"].requires_grad
-        sparse = check_sparse(sparse, implementation)
-        if sparse and not torch.compiler.is_compiling():
-            _hook_tables(self)
+        if sparse:
+            check_sparse(True, implementation)
+            if not torch.compiler.is_compiling():
+                _hook_tables(self)
         # PEER prescribes its own precision per step; autocast must not re-cast its matmuls and batch norm.
         with torch.autocast(device_type, enabled=False):
             lead = validate(self.cfg, params, state, x, self.training, mask, routing, compute_dtype=low).lead
