@@ -234,6 +234,16 @@ def test_implementation_is_the_computing_backends():
         PEER(CFG, implementation="cuda")
 
 
+def test_sparse_table_gradients_only_under_tensorflow():
+    with pytest.raises(PEERInputError, match="sparse='yes', but expected a bool"):
+        PEER(CFG, sparse="yes")
+    if BACKEND == "tensorflow":
+        assert PEER(CFG, sparse=True).sparse  # its gradients: tests/test_tensorflow_backend.py
+    else:
+        with pytest.raises(PEERConfigError, match=f"sparse=True under KERAS_BACKEND='{BACKEND}'"):
+            PEER(CFG, sparse=True)
+
+
 def test_errors_name_the_dtype_policy():
     layer = PEER(CFG, seed=0)
     with pytest.raises(PEERInputError, match=r"x.dtype=int32, .*dtype policy 'float32'") as info:

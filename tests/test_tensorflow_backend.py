@@ -244,3 +244,145 @@ def test_the_package_exports_its_layer_as_peer():
 def test_every_role_has_its_name(unresolved_roles):
     """peer_backends.contract.ROLES is true of this backend: one name per role in every backend."""
     assert unresolved_roles("tensorflow") == []
+
+
+# ---------------------------------------------------------------------------- row-sparse gradients (SPEC §7.1)
+
+SPARSE_GLU = PEERConfig(d_model=8, n_experts=36, heads=2, topk=3, d_key=4, expert_glu=True, expert_bias=True)
+
+
+def _sparse_case(seed=0, dtype="float32"):
+    rng = np.random.default_rng(seed)
+    params, state = peer_ref.init(SPARSE_GLU, seed=seed, dtype="float32")
+    x = rng.standard_normal((3, 4, 8)).astype(dtype)
+    dy = rng.standard_normal((3, 4, 8)).astype(dtype)
+    mask = np.array([[True, False, True, True], [True, True, False, True], [False, True, True, True]])
+    return params, state, x, dy, mask
+
+
+def _check_sparse(params, state, x, dy, mask, routing=None, compute_dtype=None, jit=None):
+    """vjp(sparse=True): IndexedSlices whose rows are the reference's for the backend's routing and
+    whose values are the dense gradient's rows; to_numpy gives peer_ref.RowSparse."""
+    cfg, t = SPARSE_GLU, be.from_numpy
+    args = (cfg, t(params), t(state), t(x), t(dy), True, None if mask is None else t(mask))
+    opts = {"routing": None if routing is None else t(routing), "compute_dtype": compute_dtype}
+    grads, dx = be.vjp(*args, sparse=True, jit=jit, **opts)
+    dense, dx_dense = _numpy(be.vjp(*args, **opts))
+    _, _, aux = be.apply(*args[:4], True, args[6], **opts)
+    indices = aux["indices"].numpy()
+    reference, _ = peer_ref.vjp(
+        cfg, params, state, x, dy, True, mask, routing=indices, compute_dtype=compute_dtype, sparse=True
+    )
+    tol = peer_ref.TOLERANCES[compute_dtype or "float32"]
+    np.testing.assert_allclose(dx.numpy().astype(np.float64), dx_dense.astype(np.float64), rtol=1e-6, atol=1e-6)
+    rows = peer_ref.gradient_rows(indices, np.ones(indices.shape[:-2], bool) if mask is None else mask)
+    for name, grad in grads.items():
+        if name not in peer_ref.EXPERT_TABLES:
+            np.testing.assert_allclose(grad.numpy(), dense[name], rtol=1e-6, atol=1e-6)
+            continue
+        assert isinstance(grad, tf.IndexedSlices) and grad.indices.dtype == tf.int64
+        sparse = _numpy(grad)
+        assert isinstance(sparse, peer_ref.RowSparse) and sparse.values.dtype == np.float32
+        np.testing.assert_array_equal(sparse.rows, rows)
+        np.testing.assert_array_equal(sparse.rows, reference[name].rows)
+        np.testing.assert_allclose(sparse.densify(cfg.n_experts), dense[name], rtol=1e-5, atol=1e-6)
+        scale = max(1.0, np.abs(reference[name].values).max(initial=0.0))
+        assert np.all(np.abs(sparse.values - reference[name].values) <= tol.grad_atol * scale), name
+    return grads
+
+
+@pytest.mark.parametrize("jit", [None, False], ids=["graph", "eager"])
+def test_sparse_table_gradients_are_indexed_slices_of_the_dense_rows(jit):
+    _check_sparse(*_sparse_case(), jit=jit)
+
+
+def test_sparse_with_a_routing_override_lists_repeated_experts_once_and_masked_ones_not():
+    params, state, x, dy, mask = _sparse_case(seed=1)
+    routing = np.zeros((3, 4, 2, 3), np.int64)
+    routing[..., 0, :] = [5, 5, 7]
+    routing[..., 1, :] = [35, 7, 0]
+    routing[~mask] = 20
+    grads = _check_sparse(params, state, x, dy, mask, routing=routing)
+    np.testing.assert_array_equal(grads["experts.up"].indices.numpy(), [0, 5, 7, 35])
+
+
+def test_sparse_in_the_mixed_mode_and_with_no_valid_token():
+    params, state, x, dy, mask = _sparse_case(seed=2)
+    low = ml_dtypes.bfloat16
+    _check_sparse(params, state, x.astype(low), dy.astype(low), mask, compute_dtype="bfloat16")
+    grads = _check_sparse(params, state, x, dy, np.zeros_like(mask))
+    assert grads["experts.down"].values.shape == (0, 8)
+
+
+def test_sparse_refuses_xla_and_non_bools():
+    params, state, x, dy, _ = _sparse_case()
+    t = be.from_numpy
+    args = (SPARSE_GLU, t(params), t(state), t(x), t(dy))
+    with pytest.raises(peer_ref.PEERConfigError, match="jit=True with sparse=True"):
+        be.vjp(*args, sparse=True, jit=True)
+    with pytest.raises(PEERInputError, match="sparse='yes', but expected a bool"):
+        be.vjp(*args, sparse="yes")
+
+
+def test_keras_layer_sparse_gradients_reach_the_optimizer_as_indexed_slices():
+    from peer_backends.keras import PEER
+
+    sparse, dense = PEER(SPARSE_GLU, seed=0, sparse=True), PEER(SPARSE_GLU, seed=0)
+    x, mask = tf.random.stateless_normal((3, 4, 8), seed=(0, 1)), tf.constant(_sparse_case()[4])
+    grads = []
+    for layer in (sparse, dense):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(layer(x, training=True, mask=mask) ** 2)
+        grads.append(tape.gradient(loss, layer.trainable_weights))
+    for weight, g_sparse, g_dense in zip(sparse.trainable_weights, *grads):
+        table = weight.path.split("/", 1)[1].replace("/", ".") in peer_ref.EXPERT_TABLES
+        assert isinstance(g_sparse, tf.IndexedSlices) == table, weight.path
+        np.testing.assert_allclose(tf.convert_to_tensor(g_sparse), tf.convert_to_tensor(g_dense), rtol=1e-5, atol=1e-6)
+    # Plain SGD applies them as a scatter: rows no valid token selected do not move.
+    rows = grads[0][[w.path for w in sparse.trainable_weights].index(f"{sparse.name}/experts/down")].indices.numpy()
+    before = {w.path: w.numpy() for w in sparse.trainable_weights}
+    keras.optimizers.SGD(0.1).apply_gradients(zip(grads[0], sparse.trainable_weights))
+    down = {w.path: w for w in sparse.trainable_weights}[f"{sparse.name}/experts/down"]
+    untouched = np.setdiff1d(np.arange(SPARSE_GLU.n_experts), rows)
+    np.testing.assert_array_equal(down.numpy()[untouched], before[down.path][untouched])
+    assert not np.array_equal(down.numpy()[rows], before[down.path][rows])
+
+
+def test_keras_sparse_layer_trains_without_xla_and_refuses_xla():
+    from peer_backends.keras import PEER
+
+    model = keras.Sequential([keras.Input((8,)), PEER(SPARSE_GLU, seed=0, sparse=True)])
+    x = np.random.default_rng(0).standard_normal((16, 8)).astype("float32")
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse", jit_compile=False)
+    losses = [float(model.train_on_batch(x, np.zeros_like(x))) for _ in range(3)]
+    assert losses[-1] < losses[0]
+    assert PEER.from_config(model.layers[0].get_config()).sparse is True
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse", jit_compile=True)
+    with pytest.raises(peer_ref.PEERConfigError, match="sparse=True inside an XLA-compiled function"):
+        model.train_on_batch(x, np.zeros_like(x))
+
+
+@pytest.mark.parametrize(
+    "make, sparse",
+    [
+        (lambda: keras.optimizers.SGD(0.1), True),
+        (lambda: keras.optimizers.Adagrad(0.1), True),
+        (lambda: keras.optimizers.Adam(0.1), False),
+    ],
+    ids=["SGD", "Adagrad", "Adam"],
+)
+def test_which_keras_optimizers_apply_indexed_slices_as_scatters(make, sparse):
+    # What the Keras page documents: SGD and Adagrad scatter the rows; Adam densifies (its moments
+    # decay on every row, its own dense semantics).
+    variable = keras.Variable(tf.zeros((64, 8)))
+    optimizer = make()
+    optimizer.build([variable])
+
+    @tf.function
+    def step(values, indices):
+        optimizer.apply_gradients([(tf.IndexedSlices(values, indices, tf.constant([64, 8], tf.int64)), variable)])
+
+    graph = step.get_concrete_function(tf.TensorSpec((None, 8)), tf.TensorSpec((None,), tf.int64)).graph
+    kinds = {op.type for op in graph.get_operations()}
+    assert any(kind.startswith("ResourceScatter") for kind in kinds) == sparse
+    assert ("UnsortedSegmentSum" in kinds) != sparse

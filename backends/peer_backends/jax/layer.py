@@ -35,7 +35,7 @@ from .._implementation import check_known
 from .._layer import check_seed, reference_tables
 from .core import from_numpy, meta, require_x64
 from .peer import IMPLEMENTATIONS, apply, apply_blocks, init_from_key
-from .sparse import EXPERT_TABLES, RowSparse, capacity, row_update
+from .sparse import EXPERT_TABLES, RowSparse, capacity, row_update, select_rows
 
 _GROUPS = ("query", "query_norm", "keys", "experts")
 
@@ -358,11 +358,10 @@ def _merge(first, second, n):
         b = second[name]
         rows = jnp.concatenate([a.rows, b.rows])
         size = min(rows.shape[0], n)
-        unique, inverse = jnp.unique(rows, size=size, fill_value=n, return_inverse=True)
-        # A padding entry (zero values) may land on any row: it adds nothing.
-        segments = jnp.minimum(inverse.reshape(-1), size - 1)
-        values = jax.ops.segment_sum(jnp.concatenate([a.values, b.values]), segments, num_segments=size)
-        merged[name] = RowSparse(unique, values, jnp.sum(unique < n, dtype=jnp.int32))
+        # The padding entries (zero values) are not valid selections; they may land on any row.
+        merged_rows, count, local = select_rows(rows.reshape(-1, 1, 1), rows < n, n, size)
+        values = jax.ops.segment_sum(jnp.concatenate([a.values, b.values]), local.reshape(-1), num_segments=size)
+        merged[name] = RowSparse(merged_rows, values, count)
     return merged
 
 

@@ -65,6 +65,14 @@ class PEER(keras.layers.Layer):
         global policy (``keras.config.set_dtype_policy``).
       implementation: the expert-stage kernels, a name of the computing backend's
         ``implementations`` or None for its best (see the functional API's ``implementation=``).
+      sparse: False (default), or True for row-sparse gradients of the expert tables (SPEC
+        §7.1), as ``keras.layers.Embedding``'s gradients are: under ``KERAS_BACKEND=tensorflow``
+        the expert stage reads only the rows its valid tokens selected (``tf.gather``), so
+        ``tf.GradientTape`` gives the tables' gradients as ``tf.IndexedSlices`` (sorted unique
+        rows) and the optimizer receives them as such. Not under XLA (a train step compiled with
+        ``jit_compile=True`` raises PEERConfigError: the row count is known only at run time).
+        Under the jax and torch Keras backends gradients are dense and ``sparse=True`` raises
+        PEERConfigError.
       **kwargs: ``keras.layers.Layer``'s (``name``, ``trainable``, ...).
 
     Weights: each canonical name is a weight of a sub-layer named after its first part, so
@@ -96,17 +104,28 @@ class PEER(keras.layers.Layer):
 
     Raises:
       PEERConfigError: a Keras backend other than tensorflow, jax or torch; a seed that is not
-        None or an int >= 0; an implementation the computing backend does not have.
+        None or an int >= 0; an implementation the computing backend does not have;
+        ``sparse=True`` on a Keras backend other than tensorflow.
+      PEERInputError: ``sparse`` not a bool.
       PEERInputError: a dtype policy PEER does not support (SPEC §10).
     """
 
-    def __init__(self, cfg: PEERConfig, seed: int | None = None, dtype=None, implementation=None, **kwargs):
+    def __init__(
+        self, cfg: PEERConfig, seed: int | None = None, dtype=None, implementation=None, sparse=False, **kwargs
+    ):
         super().__init__(dtype=dtype, **kwargs)
         framework = keras.backend.backend()
         if framework not in COMPUTE:
             raise PEERConfigError(
                 f"keras.backend.backend()={framework!r}, but the PEER Keras layer runs on "
                 f"{sorted(COMPUTE)} (set KERAS_BACKEND before importing keras)"
+            )
+        self.sparse = checks.check_flag("sparse", sparse)
+        if self.sparse and framework != "tensorflow":
+            raise PEERConfigError(
+                f"sparse=True under KERAS_BACKEND={framework!r}, but row-sparse table gradients reach Keras "
+                "optimizers only on the tensorflow backend (tf.IndexedSlices); under jax and torch the "
+                "gradients are dense: use sparse=False"
             )
         self._compute = importlib.import_module(COMPUTE[framework])
         check_known(framework, implementation, self._compute.implementations)
@@ -182,7 +201,17 @@ class PEER(keras.layers.Layer):
         params = {name: variable.value for name, variable in self._params.items()}
         state = {name: variable.value for name, variable in self._state.items()}
         y, new_state, aux = _apply(
-            self._compute, self.cfg, params, state, x, training, mask, routing, self.mixed_dtype, self.implementation
+            self._compute,
+            self.cfg,
+            params,
+            state,
+            x,
+            training,
+            mask,
+            routing,
+            self.mixed_dtype,
+            self.implementation,
+            self.sparse,
         )
         if training and not _recomputation_pass():
             for name, variable in self._state.items():
@@ -238,6 +267,7 @@ class PEER(keras.layers.Layer):
             "cfg": self.cfg.to_dict(),
             "seed": self.seed,
             "implementation": self.implementation,
+            "sparse": self.sparse,
         }
 
     @classmethod
@@ -249,11 +279,11 @@ class PEER(keras.layers.Layer):
         tables = ", ".join(f"{name}: {tuple(v.shape)} {v.dtype}" for name, v in {**self._params, **self._state}.items())
         return (
             f"<PEER name={self.name!r}, {self.cfg!r}, seed={self.seed!r}, dtype_policy="
-            f"{self.dtype_policy.name!r}, implementation={self.implementation!r}; {tables}>"
+            f"{self.dtype_policy.name!r}, implementation={self.implementation!r}, sparse={self.sparse}; {tables}>"
         )
 
 
-def _apply(compute, cfg, params, state, x, training, mask, routing, low, implementation):
+def _apply(compute, cfg, params, state, x, training, mask, routing, low, implementation, sparse=False):
     """(y, new_state, aux) of the computing backend on the variables' values."""
     if compute.name != "tensorflow":
         return compute.apply(
@@ -284,6 +314,7 @@ def _apply(compute, cfg, params, state, x, training, mask, routing, low, impleme
         flat(mask, ()),
         flat(routing, (cfg.heads, cfg.topk)),
         low=low,
+        sparse=sparse,
     )
     lead = tf.shape(x)[:-1]
     aux = {key: tf.reshape(value, tf.concat([lead, [cfg.heads, cfg.topk]], 0)) for key, value in aux.items()}

@@ -10,7 +10,7 @@ from .peer import apply, clear_caches, init, vjp
 name = "tensorflow"
 default_path = "compiled"  # what jit=None runs
 capabilities = frozenset(
-    {"float64", "float32", "bfloat16", "float16", "mixed", "grad", "jit"}
+    {"float64", "float32", "bfloat16", "float16", "mixed", "grad", "sparse_grad", "jit"}
     | ({"gpu"} if tf.config.list_physical_devices("GPU") else set())
 )
 PEER = _layer_module.PEER  # the layer class: from peer_backends.tensorflow import PEER

@@ -16,6 +16,10 @@ def _to_tensor(value):
 
 
 def _to_array(value):
+    if isinstance(value, tf.IndexedSlices):  # a row-sparse table gradient (SPEC §7.1)
+        import peer_ref
+
+        return peer_ref.RowSparse(value.indices.numpy().astype(np.int64), value.values.numpy())
     if isinstance(value, (tf.Tensor, tf.Variable)):
         return value.numpy()
     return np.asarray(value)
