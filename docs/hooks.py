@@ -45,6 +45,12 @@ def bench_summary(path: str) -> str:
     return report.summary_markdown(_json(path)).replace("### PEER benchmark", "#### PEER benchmark", 1)
 
 
+def bench_train_step(path: str) -> str:
+    from peer_bench import train_step
+
+    return train_step.markdown(_json(path))
+
+
 def train(path: str) -> str:
     from peer_train import report
 
@@ -124,6 +130,7 @@ def roles(name: str) -> str:
 RENDERERS = {
     "bench-headline": bench_headline,
     "bench-summary": bench_summary,
+    "bench-train-step": bench_train_step,
     "train": train,
     "sharded": sharded,
     "sharded-scaling": sharded_scaling,

@@ -381,3 +381,123 @@ def test_gpu_preset_is_training_sized():
     assert preset.case == BenchCase(d_model=1024, n_experts=1024**2, heads=8, topk=16, d_key=128, tokens=32768)
     assert preset.sweep_reduced["tokens"][0] == 2048 and preset.sweep_reduced["tokens"][-1] == 65536
     assert preset.case.tokens in preset.sweep_reduced["tokens"]
+
+
+def test_train_step_plan_follows_backends_and_the_experts_sweep():
+    from peer_bench import train_step
+    from peer_bench.runner import Settings
+
+    case = BenchCase(d_model=8, n_experts=64, heads=1, topk=2, d_key=4, tokens=32)
+    timing = PRESETS["smoke"].timing
+    settings = Settings(
+        "smoke", case, timing, "cpu", 1, ("torch:aten", "peer_pytorch"), ("eager",), "experts", {}, timing, 60.0, 1
+    )
+    plan = [(impl, backend, grads, c.n_experts) for impl, backend, grads, c in train_step.planned(settings)]
+    assert plan == [
+        ("peer", "torch:aten", "dense", 64),
+        ("peer", "torch:aten", "sparse", 64),
+        ("peer_pytorch", "torch", "dense", 64),
+        ("dense", "torch", "dense", 64),
+    ]
+    settings = dataclasses.replace(settings, backends=("jax",), sweep_axes={"experts": (16, 256), "tokens": (8,)})
+    plan = [(impl, grads, c.n_experts, c.tokens) for impl, _, grads, c in train_step.planned(settings)]
+    assert plan == [(i, g, n, 32) for n in (16, 64, 256) for i, g in (("peer", "dense"), ("peer", "sparse"))]
+
+
+def test_train_step_targets_and_ratios():
+    from peer_bench import train_step
+
+    def row(impl, backend, grads, n, median, peak, grad_bytes):
+        case = BenchCase(d_model=4, n_experts=n, heads=1, topk=2, d_key=4, tokens=8).to_dict()
+        return {
+            "impl": impl,
+            "backend": backend,
+            "grads": grads,
+            "case": case,
+            "status": "ok",
+            "median_s": median,
+            "forward_backward_median_s": median / 2,
+            "optimizer_median_s": median / 2,
+            "peak_step_bytes": peak,
+            "table_grad_bytes": grad_bytes,
+            "table_bytes": train_step.table_bytes(case),
+        }
+
+    rows = [
+        row("peer", "torch", "sparse", 16, 1.0, 10, 8),
+        row("peer", "torch", "dense", 256, 12.0, 9000, 8192),
+        row("peer", "torch", "sparse", 256, 3.0, 5000, 64),
+        row("peer_pytorch", "torch", "dense", 256, 6.0, 9000, 8192),
+    ]
+    train_step.add_ratios(rows)
+    assert rows[2]["ratio_vs_dense_grads"] == 0.25 and rows[2]["ratio_vs_peer_pytorch"] == 0.5
+    assert rows[2]["peak_over_table"] == 5000 / (256 * 4 * 4) and "ratio_vs_dense_grads" not in rows[1]
+    targets = {t["what"]: (t["row"], t["n_experts"], t["value"], t["met"]) for t in train_step.targets(rows)}
+    row = "PEER torch, sparse grads + SparseAdam"
+    assert targets == {
+        "step time / dense-gradient step": (row, 256, 0.25, True),
+        "step time / PEER-pytorch step": (row, 256, 0.5, False),
+        "step time at N = 16² / at N = 4²": (row, 256, 3.0, True),
+        "bytes of the table gradients / bytes of one (N, d_model) table": (row, 256, 64 / 4096, True),
+        "peak step memory / bytes of one (N, d_model) table": (row, 256, 5000 / 4096, False),
+    }
+    report = {
+        "case": rows[0]["case"],
+        "settings": {"preset": "smoke", "threads": 1},
+        "environment": {"cpu_model": "cpu", "command": "python -m peer_bench --train-step"},
+        "rows": rows,
+        "targets": train_step.targets(rows),
+    }
+    text = train_step.markdown(report)
+    assert "| 4² | PEER torch, sparse grads + SparseAdam | 1000 | 500 | 500 |" in text
+    assert (
+        "| step time / PEER-pytorch step | PEER torch, sparse grads + SparseAdam | 16² | 0.50 | ≤ 1/3 | **no** |"
+        in text
+    )
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None or importlib.util.find_spec("peer_backends.torch") is None,
+    reason="torch is not installed",
+)
+def test_train_step_smoke_sparse_step_holds_no_table_sized_buffer(tmp_path):
+    """One timed step of each torch row at N = 512², d_model = 64: one table is 64 MiB, above
+    glibc's largest mmap threshold, so a table-sized buffer shows in the resident peak."""
+    proc = _bench(
+        "--preset",
+        "smoke",
+        "--train-step",
+        "--backends",
+        "torch",
+        "--d-model",
+        "64",
+        "--n-experts",
+        str(512**2),
+        "--sweep",
+        "none",
+        "--repeats",
+        "1",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        "--out",
+        str(tmp_path),
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads((tmp_path / "train_step.json").read_text())
+    assert result["schema"] == "peer_bench/train-step/1" and result["environment"]["command"]
+    rows = {(r["impl"], r["grads"]): r for r in result["rows"]}
+    assert set(rows) == {("peer", "dense"), ("peer", "sparse"), ("dense", "dense")}
+    assert all(r["status"] == "ok" for r in rows.values()), [r.get("reason") for r in rows.values()]
+    table = 512**2 * 64 * 4
+    dense, sparse = rows["peer", "dense"], rows["peer", "sparse"]
+    for r in rows.values():
+        assert r["repeats"] == 1 and r["table_bytes"] == table and r["median_s"] > 0
+        assert r["forward_backward_median_s"] + r["optimizer_median_s"] == pytest.approx(r["median_s"])
+    assert dense["table_grad_layout"] == "strided" and dense["table_grad_bytes"] >= 2 * table
+    assert sparse["table_grad_layout"] == "sparse_coo" and 0 < sparse["grad_rows"] <= 32 * 2 * 4
+    assert sparse["table_grad_bytes"] < table
+    # the measurement sees the dense step's two table gradients, and no table-sized buffer in the sparse step
+    assert dense["peak_step_bytes"] >= 2 * table > table > sparse["peak_step_bytes"]
+    assert "| 512² | PEER torch, sparse grads + SparseAdam |" in (tmp_path / "train_step.md").read_text()

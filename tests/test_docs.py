@@ -95,6 +95,11 @@ def test_result_tables_are_rendered_from_the_result_files():
     assert plain
     for row in plain:  # every time of the run's plain rows appears, as the harness rounds it
         assert f"| {row['median_s'] * 1e3:.0f} |" in rendered, (row["backend"], row["path"], row["mode"])
+    path = re.search(r"<!-- results: bench-train-step (\S+) -->", page)[1]
+    steps = [row for row in json.loads((ROOT / path).read_text())["rows"] if row["status"] == "ok"]
+    assert {row["grads"] for row in steps} == {"dense", "sparse"}
+    for row in steps:  # every training step's time appears, as the harness rounds it
+        assert f"| {row['median_s'] * 1e3:.0f} | {row['forward_backward_median_s'] * 1e3:.0f} |" in rendered, row
     training = hooks.render((ROOT / "docs" / "training.md").read_text())
     isoflop = json.loads((ROOT / "train" / "results" / "isoflop.json").read_text())
     for row in isoflop["table"]:

@@ -78,6 +78,14 @@ def parser() -> argparse.ArgumentParser:
         help="instead of timing: per-device memory and communicated bytes per token of the expert "
         "tables sharded over this many devices (torch and jax of --backends; simulated on cpu)",
     )
+    p.add_argument(
+        "--train-step",
+        action="store_true",
+        help="instead of the forward/backward matrix: time whole training steps (forward, backward, "
+        "optimizer step) and their peak memory over the experts of --sweep: the torch layer with dense "
+        "gradients + AdamW and with sparse gradients + SparseAdam, PEER-pytorch + AdamW, the dense FFN + "
+        "AdamW, and the jax layer with optax (those of --backends); writes train_step.json and train_step.md",
+    )
     p.add_argument("--threads", type=int, default=_default_threads(), help="threads for every framework")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench/out"), help="output folder (default bench/out)")
@@ -119,15 +127,9 @@ def settings_from_args(args, p):
     paths = tuple(x.strip() for x in args.paths.split(",") if x.strip())
     if not paths or any(x not in ("eager", "compiled") for x in paths):
         _fail(p, "--paths", args.paths, "a comma-separated subset of eager,compiled")
-    timing = preset.timing
-    if args.repeats is not None:
-        if args.repeats < 1:
-            _fail(p, "--repeats", args.repeats, "an int >= 1")
-        timing = dataclasses.replace(timing, repeats=args.repeats, min_repeats=min(timing.min_repeats, args.repeats))
-    if args.warmup is not None:
-        timing = dataclasses.replace(timing, warmup=max(1, args.warmup))
-    if args.budget_s is not None:
-        timing = dataclasses.replace(timing, budget_s=args.budget_s)
+    if args.repeats is not None and args.repeats < 1:
+        _fail(p, "--repeats", args.repeats, "an int >= 1")
+    timing, train_timing = (_timing(preset.timing, args), _timing(preset.train_timing, args))
     if args.threads < 1:
         _fail(p, "--threads", args.threads, "an int >= 1")
     axes = _valid_sweep(sweep_values(preset, args.sweep), case)
@@ -147,7 +149,19 @@ def settings_from_args(args, p):
         seed=args.seed,
         glu=args.glu,
         mixed=args.mixed,
+        train_timing=train_timing,
     )
+
+
+def _timing(timing, args):
+    """`timing` with --repeats, --warmup and --budget-s applied."""
+    if args.repeats is not None:
+        timing = dataclasses.replace(timing, repeats=args.repeats, min_repeats=min(timing.min_repeats, args.repeats))
+    if args.warmup is not None:
+        timing = dataclasses.replace(timing, warmup=max(1, args.warmup))
+    if args.budget_s is not None:
+        timing = dataclasses.replace(timing, budget_s=args.budget_s)
+    return timing
 
 
 def _valid_sweep(axes, case: BenchCase):
@@ -232,6 +246,67 @@ def _sharded(args, p, settings) -> int:
     return 0
 
 
+def _train_step(args, settings, argv) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from . import peer_pytorch, train_step
+    from .environment import collect
+    from .runner import thread_settings
+
+    console = Console() if Console().is_terminal else Console(width=200)
+    c = settings.case
+    console.print(
+        f"[bold]PEER bench: training steps[/] preset={settings.preset} device={settings.device} "
+        f"threads={settings.threads} d_model={c.d_model} heads={c.heads} topk={c.topk} d_key={c.d_key} "
+        f"tokens={c.tokens} {c.dtype}"
+    )
+    load_before = _load()
+    columns = (TextColumn("{task.description:<52}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        rows, walls, frameworks = train_step.run(settings, progress)
+    train_step.add_ratios(rows)
+    result = {
+        "schema": train_step.SCHEMA,
+        "settings": {
+            "preset": settings.preset,
+            "device": settings.device,
+            "threads": settings.threads,
+            "backends": list(settings.backends),
+            "train_timing": dataclasses.asdict(settings.train_timing),
+            "sweep": settings.sweep,
+            "n_experts": sorted({r["case"]["n_experts"] for r in rows}),
+            "seed": settings.seed,
+        },
+        "case": c.to_dict(),
+        "step": train_step.__doc__,
+        "peer_pytorch_mapping": {
+            "arguments": peer_pytorch.mapping(c),
+            "differences": list(peer_pytorch.DIFFERENCES),
+        },
+        "environment": collect(argv)
+        | {
+            "threads": thread_settings(settings.threads),
+            "frameworks": frameworks,
+            "load_average_before": load_before,
+            "load_average_after": _load(),
+        },
+        "jobs": walls,
+        "rows": rows,
+        "targets": train_step.targets(rows),
+    }
+    paths = train_step.write(result, args.out)
+    console.print(train_step.markdown(result))
+    load = result["environment"]["load_average_after"]
+    if load and load[0] > settings.threads:
+        console.print(
+            f"[yellow]note:[/] load average {load[0]} > {settings.threads} threads: other processes "
+            "shared the cores, so times are inflated and noisy"
+        )
+    console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = parser()
@@ -242,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     from .extras import require
 
     require("python -m peer_bench", "bench", ("rich", "matplotlib"))
+    if args.train_step:
+        return _train_step(args, settings, argv)
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

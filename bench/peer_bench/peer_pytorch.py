@@ -25,10 +25,9 @@ def mapping(case: BenchCase) -> dict:
     return adapter.arguments(case.d_model, case.heads, case.n_experts, case.topk, case.d_key)
 
 
-def build(case: BenchCase, fw, seed: int, x, dy, mode: str):
-    """A zero-argument callable running PEER-pytorch on x (tokens, d_model) in `mode`.
-
-    `fw` is the worker's set-up Torch framework (device, dtype conversion)."""
+def module(case: BenchCase, fw, seed: int):
+    """PEER-pytorch's module for `case` (GELU), drawn after ``torch.manual_seed(seed)``, on the
+    worker's device in the case's dtype. `fw` is the worker's set-up Torch framework."""
     torch = fw.torch
     from PEER_pytorch import PEER
 
@@ -36,7 +35,15 @@ def build(case: BenchCase, fw, seed: int, x, dy, mode: str):
     kwargs["activation"] = adapter.activation_class("gelu")
     torch.manual_seed(seed)
     dtype = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}[case.dtype]
-    model = PEER(**kwargs).to(device=fw.device, dtype=dtype)
+    return PEER(**kwargs).to(device=fw.device, dtype=dtype)
+
+
+def build(case: BenchCase, fw, seed: int, x, dy, mode: str):
+    """A zero-argument callable running PEER-pytorch on x (tokens, d_model) in `mode`.
+
+    `fw` is the worker's set-up Torch framework (device, dtype conversion)."""
+    torch = fw.torch
+    model = module(case, fw, seed)
     x = x[None]  # it takes (batch, sequence, dim)
     if mode == "forward":
         return lambda: model(x)

@@ -71,6 +71,8 @@ class Preset:
     sweep_timing: Timing
     job_timeout_s: float = 600.0
     bandwidth_bytes: int = 256 * 2**20  # per array: far beyond the last-level cache
+    # --train-step: warm-up steps (the first allocates the optimizer state), then timed steps.
+    train_timing: Timing = Timing(warmup=2, repeats=6, min_repeats=4, budget_s=3.0)
 
 
 _FULL = {"experts": (128**2, 256**2, 512**2, 1024**2), "tokens": (256, 512, 1024, 2048, 4096, 8192)}
@@ -114,6 +116,7 @@ PRESETS: dict[str, Preset] = {
         sweep_timing=Timing(warmup=1, repeats=2, min_repeats=1, budget_s=0.1),
         job_timeout_s=120.0,
         bandwidth_bytes=64 * 2**20,
+        train_timing=Timing(warmup=1, repeats=2, min_repeats=1, budget_s=0.1),
     ),
 }
 

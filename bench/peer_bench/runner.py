@@ -46,6 +46,8 @@ class Settings:
     # Also time the mixed mode (float32 parameters, compute_dtype=MIXED_DTYPE, SPEC §10.3) on the
     # first path, both modes, and PEER-pytorch with its module in MIXED_DTYPE.
     mixed: bool = True
+    # --train-step: the timing of each training-step row (Preset.train_timing).
+    train_timing: Timing = dataclasses.field(default_factory=Timing)
 
 
 MIXED_DTYPE = "bfloat16"

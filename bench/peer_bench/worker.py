@@ -4,8 +4,8 @@ The parent sets thread counts and device visibility in this process's environmen
 framework is imported; the result is one line on stdout, prefixed with RESULT_MARK (frameworks
 print their own lines too). Job kinds: "cell" (one implementation, path and mode on one case,
 plus the equal-FLOP dense FFN of the same framework), "sweep" (forward over several cases, on
-the backend's default path: jit=None), and
-"bandwidth" (the machine's copy bandwidth).
+the backend's default path: jit=None), "train_step" (whole training steps: peer_bench.train_step),
+and "bandwidth" (the machine's copy bandwidth).
 """
 
 from __future__ import annotations
@@ -226,13 +226,20 @@ def run(job: dict) -> dict:
             return {**result, "skipped": f"backend {job['backend']!r} lacks the {dtype!r} capability"}
         if job["cases"][0].get("compute_dtype") and "mixed" not in caps:
             return {**result, "skipped": f"backend {job['backend']!r} lacks the 'mixed' capability"}
-    else:
+        if job.get("grads") == "sparse" and "sparse_grad" not in caps:
+            return {**result, "skipped": f"backend {job['backend']!r} lacks the 'sparse_grad' capability"}
+    elif job["impl"] == "peer_pytorch":
         import PEER_pytorch  # noqa: F401  (an import failure is reported as the skip reason)
 
         result["backend_version"] = _dist_version("PEER-pytorch")
     device_meter = fw.device_meter()
     meter = device_meter if device_meter is not None else cpu_meter()
-    runner = run_sweep if job["kind"] == "sweep" else run_cell
+    if job["kind"] == "train_step":
+        from . import train_step
+
+        runner = train_step.run_job
+    else:
+        runner = run_sweep if job["kind"] == "sweep" else run_cell
     result["rows"] = runner(job, fw, backend, meter)
     return result
 
