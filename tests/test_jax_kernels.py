@@ -192,6 +192,20 @@ def test_apply_and_vjp_take_pallas(jit):
             np.testing.assert_allclose(grads[name], grads_ref[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+def test_sparse_vjp_takes_pallas():
+    """SPEC §7.1 on implementation "pallas": the same rows as "xla" and its dense gradient's rows."""
+    params, state, x, mask, dy = layer_case(CFG)
+    grads, dx = be.to_numpy(be.vjp(CFG, params, state, x, dy, True, mask, implementation="pallas", sparse=True))
+    dense, dx_ref = be.to_numpy(be.vjp(CFG, params, state, x, dy, True, mask, implementation="xla"))
+    xla = be.to_numpy(be.vjp(CFG, params, state, x, dy, True, mask, implementation="xla", sparse=True))[0]
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-6)
+    for name in peer_ref.EXPERT_TABLES:
+        assert isinstance(grads[name], peer_ref.RowSparse), name
+        np.testing.assert_array_equal(grads[name].rows, xla[name].rows)
+        assert 0 < len(grads[name].rows) < CFG.n_experts, name
+        np.testing.assert_allclose(grads[name].densify(CFG.n_experts), dense[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 def test_layer_keyword():
     layer = PEER(CFG, seed=1, implementation="pallas")
     reference = PEER(CFG, seed=1, implementation="xla")

@@ -8,7 +8,11 @@ idiomatic layer) — and the torch, JAX and TensorFlow backends split the layer 
 named after the spec's parts: ``query_norm.py`` (§3.3), ``routing.py`` (§3.4-§3.9, §4) and
 ``experts.py`` (§3.10-§3.11, on the framework's own kernels), with ``kernels.py`` beside
 them where fused GPU kernels replace ``experts.py`` (torch: Triton; JAX: Pallas) and
-``parallel.py`` where expert tables sharded by columns do (torch, JAX). ``peer.py`` assembles
+``parallel.py`` where expert tables sharded by columns do (torch, JAX). JAX also has
+``sparse.py``, for what only JAX needs of SPEC §7.1's row-sparse gradients (their padded
+``RowSparse`` form and optax steps on their rows; torch's counterpart, the sparse tables for
+``SparseAdam``, is in its ``layer.py``); the rows themselves are found and gathered in every
+backend's ``experts.py``. ``peer.py`` assembles
 the forward once; the expert stage is its one seam, chosen by the ``implementation`` name. (The
 NumPy backend's parts are the reference's own modules, ``peer_ref.forward_pass``, ``.routing``,
 ``.backward_pass``.) The same role has the same name in every backend: ``ROLES`` below. A
@@ -146,6 +150,17 @@ ROLES = (
     Role("the routing (SPEC §3.4-§3.9, §4)", "routing.route", None),
     Role("the expert stage of the default implementation (SPEC §3.10-§3.11)", "experts.expert_stage", None),
     Role("the activations of the expert stage", "experts.activation", "peer_ref.functions.activation"),
+    Role(
+        "the rows a call selected (SPEC §7.1): sorted unique experts of the valid tokens, and each "
+        "selection renumbered into them",
+        "experts.selected_rows",
+        "peer_ref.gradient_rows",
+    ),
+    Role(
+        "gather those rows into a small table whose gradient with respect to the table is row-sparse",
+        "experts.take_rows",
+        None,
+    ),
     Role("the framework dtype of a dtype name", "core.native_dtype", None),
     Role("an array's dtype name", "core.dtype_name", "peer_backends.numpy.core.dtype_name"),
     Role("an array's (shape, dtype name) for peer_ref.checks", "core.meta", "peer_ref.forward_pass.meta"),

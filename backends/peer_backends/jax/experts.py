@@ -164,3 +164,51 @@ def _experts_backward(activation, chunk, low, x, indices, weights, down, up, bia
         dx = dx.reshape(-1, x.shape[1])[:tokens]
         d_weights = d_weights.reshape((-1,) + weights.shape[1:])[:tokens]
     return dx, d_weights, d_down, d_up, d_bias, d_gate
+
+
+# ---------------------------------------------------------------------------- row-sparse gradients
+#
+# SPEC §7.1. A vjp with sparse=True finds, once, the rows the valid tokens selected
+# (``selected_rows``), gathers them from each expert table into a small table (``take_rows``) and
+# runs the expert stage on it with the selections renumbered; ``peer.forward`` adds a zero offset to
+# each small table, and the gradient with respect to that offset is the table's row-sparse gradient
+# (``peer_backends.jax.sparse.RowSparse``). Shapes are static: the rows come padded to a capacity.
+
+
+def selected_rows(indices, valid, n_experts: int, size: int):
+    """``(rows, count, local)``: the rows a call selected (SPEC §7.1) and its selections renumbered into them.
+
+    Args:
+      indices: (T, heads, topk) integer, the selected experts.
+      valid: (T,) bool, the valid tokens (SPEC §5).
+      n_experts: N, the tables' row count (static).
+      size: C, the static length of ``rows`` (``peer_backends.jax.sparse.capacity``).
+
+    Returns:
+      rows: (size,) ``indices``' dtype, the experts selected by valid tokens, sorted and unique
+        (``peer_ref.gradient_rows``), then padded with ``n_experts``;
+      count: () int32, U, how many of ``rows`` are real;
+      local: (T, heads, topk) ``indices``' dtype, each selection's position in ``rows`` (a masked
+        token's points at some row of the small table: its contributions are zero).
+
+    A presence map over the N experts (N int32, not N x d) and its running count give each
+    selected expert its rank: O(N + T * heads * topk), no sort (on a 2-core CPU, 262144 selections
+    of N = 128**2 experts: 2 ms, against 0.9 s for ``jnp.unique(..., return_inverse=True)``).
+    """
+    selected = jnp.where(valid[:, None, None], indices, jnp.asarray(n_experts, indices.dtype)).reshape(-1)
+    # Entry n_experts collects the masked selections and is never listed.
+    present = jnp.zeros(n_experts + 1, jnp.int32).at[selected].set(1)
+    rank = jnp.cumsum(present[:n_experts]) - 1
+    count = rank[-1] + 1 if n_experts else jnp.int32(0)
+    target = jnp.where(selected < n_experts, rank[jnp.minimum(selected, n_experts - 1)], size)
+    rows = jnp.full((size,), n_experts, indices.dtype).at[target].set(selected, mode="drop")
+    local = jnp.clip(rank[jnp.minimum(indices, n_experts - 1)], 0, max(size - 1, 0))
+    return rows, count.astype(jnp.int32), local.astype(indices.dtype)
+
+
+def take_rows(table, rows):
+    """``table[rows]``: (N, ...) and sorted (C,) rows to (C, ...), in ``table``'s dtype, with zeros
+    for the padding rows (``rows`` >= N). JAX has no sparse cotangents, so the row-sparse gradient
+    (SPEC §7.1) is taken with respect to this small table (plus ``peer.forward``'s zero offset), not
+    ``table``: no (N, ...) cotangent is formed."""
+    return table.at[rows].get(mode="fill", fill_value=0, indices_are_sorted=True)

@@ -34,8 +34,9 @@ from peer_ref.errors import PEERConfigError, PEERInputError
 from .._implementation import check_known
 from .._layer import check_seed, reference_tables
 from .core import from_numpy, meta, require_x64
+from .experts import selected_rows
 from .peer import IMPLEMENTATIONS, apply, apply_blocks, init_from_key
-from .sparse import EXPERT_TABLES, RowSparse, capacity, row_update, select_rows
+from .sparse import EXPERT_TABLES, RowSparse, capacity, row_update
 
 _GROUPS = ("query", "query_norm", "keys", "experts")
 
@@ -359,7 +360,7 @@ def _merge(first, second, n):
         rows = jnp.concatenate([a.rows, b.rows])
         size = min(rows.shape[0], n)
         # The padding entries (zero values) are not valid selections; they may land on any row.
-        merged_rows, count, local = select_rows(rows.reshape(-1, 1, 1), rows < n, n, size)
+        merged_rows, count, local = selected_rows(rows.reshape(-1, 1, 1), rows < n, n, size)
         values = jax.ops.segment_sum(jnp.concatenate([a.values, b.values]), local.reshape(-1), num_segments=size)
         merged[name] = RowSparse(merged_rows, values, count)
     return merged

@@ -325,9 +325,9 @@ def forward(cfg, training, params, state, x, mask, routing, low=None, implementa
     stage_indices, extra = indices, {}
     if blocks is not None:
         size = sparse_rows.capacity(cfg, tokens)
-        rows, count, stage_indices = sparse_rows.select_rows(indices, valid, cfg.n_experts, size)
+        rows, count, stage_indices = experts.selected_rows(indices, valid, cfg.n_experts, size)
         for name, offset in blocks.items():
-            p[name] = (sparse_rows.gather_rows(params[name], rows) + offset).astype(compute)
+            p[name] = (experts.take_rows(params[name], rows) + offset).astype(compute)
         extra = {"rows": rows, "count": count}
 
     y = stage(cfg, p, xf, stage_indices, weights, low)

@@ -1,15 +1,16 @@
-"""Row-sparse gradients of the expert tables (SPEC §7.1) and optimizer steps on those rows only.
+"""JAX's own parts of row-sparse table gradients (SPEC §7.1): their padded form, optimizer steps on their rows.
 
 JAX has no sparse cotangents: the gradient of an (N, d) array is an (N, d) array. So the expert
 stage is differentiated with respect to the **gathered rows** instead of the tables. After the
-routing, the rows the valid tokens selected are found once (``select_rows``, with a static
-size), gathered into a block ``table[rows]`` plus a zero offset, the selections are renumbered
-into the block, and the expert stage runs on the block; the tables enter as constants, the
-gradient with respect to the offset is the ``values`` of the row-sparse gradient, and no (N, d)
-cotangent is ever formed.
+routing, the rows the valid tokens selected are found once (``experts.selected_rows``, with a
+static size), gathered into a small table ``table[rows]`` (``experts.take_rows``) plus a zero
+offset (``zero_blocks``), the selections are renumbered into it, and the expert stage runs on it;
+the tables enter as constants, the gradient with respect to the offset is the ``values`` of the
+row-sparse gradient, and no (N, d) cotangent is ever formed. The roles shared with the other
+backends (finding and gathering the rows) are in ``experts``, under the same names as theirs;
+this module holds what only JAX needs.
 
-Finding the rows costs O(N) integer work (a presence map, ``select_rows``), nothing of size
-N·d. Shapes are static under ``jax.jit``, and the number ``U`` of rows is known only when the
+Finding the rows costs O(N) integer work (a presence map), nothing of size N·d. Shapes are static under ``jax.jit``, and the number ``U`` of rows is known only when the
 routing is: the rows come **padded to a capacity** ``C = min(tokens * heads * topk, N)``
 (``capacity``), sorted ascending, with every padding entry equal to ``N`` (out of range, so
 ``.at[rows].set(..., mode="drop")`` drops it and ``.at[rows].get(mode="fill")`` reads zeros),
@@ -36,6 +37,8 @@ import numpy as np
 
 import peer_ref
 from peer_ref.errors import PEERConfigError, PEERInputError
+
+from .experts import take_rows
 
 # SPEC §7.1's tables: the ones indexed by expert.
 EXPERT_TABLES = peer_ref.EXPERT_TABLES
@@ -76,33 +79,6 @@ class RowSparse:
 def capacity(cfg, tokens: int) -> int:
     """C, the static number of rows of a ``RowSparse`` for ``tokens`` tokens: min(tokens * heads * topk, N)."""
     return min(tokens * cfg.heads * cfg.topk, cfg.n_experts)
-
-
-def select_rows(indices, valid, n_experts: int, size: int):
-    """``(rows, count, local)`` for the selections ``indices`` (T, heads, topk) and ``valid`` (T,).
-
-    rows (size,): the sorted unique experts selected by valid tokens, padded with ``n_experts``;
-    count: () int32, how many are real; local (T, heads, topk): each selection's position in
-    ``rows`` (a masked token's points at some row of the block: its contributions are zero).
-
-    A presence map over the N experts (N int32, not N x d) and its running count give each
-    selected expert its rank: O(N + T * heads * topk), no sort (on a 2-core CPU, 262144 selections
-    of N = 128**2 experts: 2 ms, against 0.9 s for ``jnp.unique(..., return_inverse=True)``).
-    """
-    selected = jnp.where(valid[:, None, None], indices, jnp.asarray(n_experts, indices.dtype)).reshape(-1)
-    # Entry n_experts collects the masked selections and is never listed.
-    present = jnp.zeros(n_experts + 1, jnp.int32).at[selected].set(1)
-    rank = jnp.cumsum(present[:n_experts]) - 1
-    count = rank[-1] + 1 if n_experts else jnp.int32(0)
-    target = jnp.where(selected < n_experts, rank[jnp.minimum(selected, n_experts - 1)], size)
-    rows = jnp.full((size,), n_experts, indices.dtype).at[target].set(selected, mode="drop")
-    local = jnp.clip(rank[jnp.minimum(indices, n_experts - 1)], 0, max(size - 1, 0))
-    return rows, count.astype(jnp.int32), local.astype(indices.dtype)
-
-
-def gather_rows(table, rows):
-    """``table[rows]`` with zeros for the padding rows (``rows`` >= N)."""
-    return table.at[rows].get(mode="fill", fill_value=0, indices_are_sorted=True)
 
 
 def zero_blocks(cfg, params, tokens: int) -> dict:
@@ -166,9 +142,9 @@ def row_update(tx, tables, opt_state, grads):
     grads_flat = _check_grads(treedef, table_paths, tables_flat, grads)
     shapes = [tuple(t.shape) for t in tables_flat]
     rows = [g.rows for g in grads_flat]
-    table_rows = [gather_rows(t, r) for t, r in zip(tables_flat, rows)]
+    table_rows = [take_rows(t, r) for t, r in zip(tables_flat, rows)]
     owners, state_def, state_flat = _state_tables(table_paths, shapes, opt_state)
-    state_rows = [leaf if i is None else gather_rows(leaf, rows[i]) for i, leaf in zip(owners, state_flat)]
+    state_rows = [leaf if i is None else take_rows(leaf, rows[i]) for i, leaf in zip(owners, state_flat)]
     updates, new_state_rows = tx.update(
         treedef.unflatten([g.values for g in grads_flat]),
         state_def.unflatten(state_rows),
