@@ -1,15 +1,12 @@
-"""Time one training step of the PEER layer with dense and with row-sparse table gradients (SPEC §7.1),
-side by side in one process, at several expert counts N: JAX (Flax NNX + optax) or Keras on TensorFlow.
+"""Time one Keras training step of the PEER layer with dense and with row-sparse table gradients
+(SPEC §7.1), side by side in one process, at several expert counts N, for several Keras optimizers
+on the TensorFlow backend (the benchmark harness, ``python -m peer_bench --train-step``, times the
+torch and JAX layers' steps).
 
-    python bench/sparse_step.py jax   [--n 128 1024] [--d-model 128] [--tokens 2048] [--steps 5]
     python bench/sparse_step.py keras [--n 128 1024] [--d-model 128] [--tokens 2048] [--steps 5] [--only Adam ...]
 
-jax: a step is the loss mean(y**2), its gradients and Adam, inside one donating ``nnx.jit``:
-"dense" is ``nnx.value_and_grad`` + ``nnx.Optimizer(optax.adam)`` on every parameter; "sparse" is
-``peer_backends.jax.sparse_value_and_grad`` + ``nnx.Optimizer(optax.adam, wrt=DENSE_PARAMS)`` +
-``RowOptimizer(optax.adam)``. keras: ``model.train_on_batch`` (not XLA-compiled) of a Keras model holding the layer with
-``sparse=False`` and ``sparse=True`` (table gradients as tf.IndexedSlices), for several Keras
-optimizers. Prints the median
+A step is ``model.train_on_batch`` (not XLA-compiled) of a Keras model holding the layer with
+``sparse=False`` and ``sparse=True`` (table gradients as tf.IndexedSlices). Prints the median
 wall time per step (after one warm-up step; the dense and sparse steps take turns) and the ratios.
 """
 
@@ -39,48 +36,6 @@ def timed(builds: dict, steps: int) -> dict:
             run()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
-
-
-def jax_steps(cfg, tokens: int):
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from flax import nnx
-
-    import peer_backends.jax as pj
-
-    x = jax.random.normal(jax.random.key(0), (tokens, cfg.d_model))
-
-    def loss(model):
-        return jnp.mean(model(x) ** 2)
-
-    def dense():
-        model = pj.PEER(cfg, rngs=nnx.Rngs(0))
-        opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
-
-        @nnx.jit(donate_argnums=(0, 1))
-        def step(model, opt):
-            value, grads = nnx.value_and_grad(loss)(model)
-            opt.update(model, grads)
-            return value
-
-        return lambda: step(model, opt).block_until_ready()
-
-    def sparse():
-        model = pj.PEER(cfg, rngs=nnx.Rngs(0))
-        opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=pj.DENSE_PARAMS)
-        rows = pj.RowOptimizer(model, optax.adam(1e-3))
-
-        @nnx.jit(donate_argnums=(0, 1, 2))
-        def step(model, opt, rows):
-            value, (grads, table_grads) = pj.sparse_value_and_grad(loss)(model)
-            opt.update(model, grads)
-            rows.update(model, table_grads)
-            return value
-
-        return lambda: step(model, opt, rows).block_until_ready()
-
-    return [{"dense + adam": dense, "sparse + adam on rows": sparse}]
 
 
 def keras_steps(cfg, tokens: int):
@@ -118,7 +73,7 @@ def keras_steps(cfg, tokens: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("framework", choices=("jax", "keras"))
+    parser.add_argument("framework", choices=("keras",))
     parser.add_argument("--n", type=int, nargs="+", default=[128, 1024], help="sub-keys n (N = n**2)")
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--tokens", type=int, default=2048)
@@ -128,7 +83,7 @@ def main() -> None:
     results = {}
     for n in args.n:
         cfg = config(n, args.d_model)
-        for group in (jax_steps if args.framework == "jax" else keras_steps)(cfg, args.tokens):
+        for group in keras_steps(cfg, args.tokens):
             if args.only and not any(name.split(",")[0] in args.only for name in group):
                 continue
             for name, ms in timed(group, args.steps).items():

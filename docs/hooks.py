@@ -51,6 +51,14 @@ def bench_train_step(path: str) -> str:
     return train_step.markdown(_json(path))
 
 
+def bench_train_step_rows(argument: str) -> str:
+    """One framework's rows of a train_step.json: "PATH,FRAMEWORK"."""
+    from peer_bench import train_step
+
+    path, framework = argument.split(",")
+    return train_step.rows_markdown(_json(path), framework)
+
+
 def train(path: str) -> str:
     from peer_train import report
 
@@ -131,6 +139,7 @@ RENDERERS = {
     "bench-headline": bench_headline,
     "bench-summary": bench_summary,
     "bench-train-step": bench_train_step,
+    "bench-train-step-rows": bench_train_step_rows,
     "train": train,
     "sharded": sharded,
     "sharded-scaling": sharded_scaling,

@@ -582,6 +582,23 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def rows_markdown(report: dict, framework: str) -> str:
+    """The step times of one framework's layer rows (dense and sparse gradients) at every N of a
+    train_step.json, with the sparse step's time over the dense one's."""
+    lines = ["| N | step | step ms | fwd+bwd ms | optimizer ms | t / t(dense grads) |", "|---|---|---:|---:|---:|---:|"]
+    for row in report["rows"]:
+        if row.get("impl") != "peer" or row["backend"].partition(":")[0] != framework or row.get("status") != "ok":
+            continue
+        lines.append(
+            f"| {_n(row['case']['n_experts'])} | {label(row)} | {_fmt(row['median_s'], '.0f', 1e3)} | "
+            f"{_fmt(row['forward_backward_median_s'], '.0f', 1e3)} | {_fmt(row['optimizer_median_s'], '.0f', 1e3)} | "
+            f"{_fmt(row.get('ratio_vs_dense_grads'), '.2f')} |"
+        )
+    if len(lines) == 2:
+        raise ValueError(f"framework={framework!r}, but the report has no measured PEER rows of it")
+    return "\n".join(lines) + "\n"
+
+
 def write(report: dict, out) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "train_step.json", "summary": out / "train_step.md"}
