@@ -100,6 +100,12 @@ def test_result_tables_are_rendered_from_the_result_files():
     assert {row["grads"] for row in steps} == {"dense", "sparse"}
     for row in steps:  # every training step's time appears, as the harness rounds it
         assert f"| {row['median_s'] * 1e3:.0f} | {row['forward_backward_median_s'] * 1e3:.0f} |" in rendered, row
+    jax_page = (ROOT / "docs" / "getting-started" / "jax.md").read_text()
+    path, framework = re.search(r"<!-- results: bench-train-step-rows (\S+),(\w+) -->", jax_page).groups()
+    jax_rows = hooks.render(jax_page)
+    for row in json.loads((ROOT / path).read_text())["rows"]:  # that framework's layer rows, and no other
+        shown = f"| {row['median_s'] * 1e3:.0f} | {row['forward_backward_median_s'] * 1e3:.0f} |" in jax_rows
+        assert shown == (row["impl"] == "peer" and row["backend"].startswith(framework)), row
     training = hooks.render((ROOT / "docs" / "training.md").read_text())
     isoflop = json.loads((ROOT / "train" / "results" / "isoflop.json").read_text())
     for row in isoflop["table"]:
@@ -118,7 +124,8 @@ def test_every_committed_result_is_cited_and_every_citation_exists():
     cited = " ".join(page.read_text() for page in PAGES)
     for kind, argument in ((kind, argument) for _, kind, argument in _markers()):
         if kind not in ("sharded-scaling", "pytest-options", "roles"):
-            assert (ROOT / argument).is_file(), f"results: {kind} {argument} names no file"
+            path = argument.split(",")[0]  # "PATH,FRAMEWORK" for bench-train-step-rows
+            assert (ROOT / path).is_file(), f"results: {kind} {argument} names no file"
     folders = [p for p in (ROOT / "bench" / "results").iterdir() if p.is_dir()]
     for folder in folders:
         assert f"bench/results/{folder.name}/" in cited, f"{folder} is cited by no page: remove it (git rm -r)"
