@@ -297,6 +297,11 @@ def _train_step(args, settings, argv) -> int:
     }
     paths = train_step.write(result, args.out)
     console.print(train_step.markdown(result))
+    return _finish(console, result, settings, paths)
+
+
+def _finish(console, result: dict, settings, paths: dict) -> int:
+    """The closing lines of a run: a warning where other processes shared the cores, the files written."""
     load = result["environment"]["load_average_after"]
     if load and load[0] > settings.threads:
         console.print(
@@ -359,11 +364,4 @@ def main(argv: list[str] | None = None) -> int:
                     f"{line[0]}: " + ", ".join(f"{h}={v}" for h, v in zip(table[0][1:], line[1:])) for line in table[1]
                 )
             )
-    load = result["environment"]["load_average_after"]
-    if load and load[0] > settings.threads:
-        console.print(
-            f"[yellow]note:[/] load average {load[0]} > {settings.threads} threads: other processes "
-            "shared the cores, so times are inflated and noisy"
-        )
-    console.print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return 0
+    return _finish(console, result, settings, paths)
