@@ -47,12 +47,11 @@ def isoflop_markdown(result: dict) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["table"]:
-        std = f" ± {row['val_bpb_std']:.3f}" if row["val_bpb_std"] is not None else ""
         topk = row.get("peer_topk")
         lines.append(
             f"| {LABELS[row['variant']]} | {'–' if topk is None else topk} | {row['budget_steps']} | "
             f"{row['train_flops']:.3g} | "
-            f"{row['n_params']:,} | {row['val_bpb_mean']:.3f}{std} | {row['seeds']} | "
+            f"{row['n_params']:,} | {_bpb(row)} | {row['seeds']} | "
             f"{_num(row['usage_mean'])} | {_num(row['unevenness_mean'])} |"
         )
     return lines + [""]
@@ -100,6 +99,17 @@ def transfer_markdown(result: dict) -> list[str]:
     return lines + [""]
 
 
+def _bpb(row: dict) -> str:
+    """A table row's validation bits per byte: the mean over seeds, ± the sample std where there are several."""
+    std = f" ± {row['val_bpb_std']:.3f}" if row["val_bpb_std"] is not None else ""
+    return f"{row['val_bpb_mean']:.3f}{std}"
+
+
+def _bpb_per_seed(row: dict) -> str:
+    """Each seed's validation bits per byte, in seed order."""
+    return ", ".join(f"{b:.3f}" for b in row["val_bpb"])
+
+
 def _pct(x) -> str:
     return "–" if x is None else f"{x * 100:.1f}%"
 
@@ -127,11 +137,10 @@ def pool_markdown(result: dict) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        std = f" ± {row['val_bpb_std']:.3f}" if row["val_bpb_std"] is not None else ""
         lines.append(
             f"| {row['n_experts']:,} ({_side(row['n_experts'])}) | {row['n_params']:,} | "
-            f"{row['peer_flops_per_token']:,} | {row['val_bpb_mean']:.3f}{std} | "
-            f"{', '.join(f'{b:.3f}' for b in row['val_bpb'])} | {row['usage_mean'] * 100:.1f}% | "
+            f"{row['peer_flops_per_token']:,} | {_bpb(row)} | "
+            f"{_bpb_per_seed(row)} | {row['usage_mean'] * 100:.1f}% | "
             f"{row['unevenness_mean']:.3f} | {_pct(row['rows_listed'])} | {row['tokens_per_s_mean']:,.0f} |"
         )
     lazy = result["lazy"]
@@ -147,12 +156,11 @@ def pool_markdown(result: dict) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in lazy:
-        std = f" ± {row['val_bpb_std']:.3f}" if row["val_bpb_std"] is not None else ""
         diff = "–" if row["minus_dense_mean"] is None else f"{row['minus_dense_mean']:+.3f}"
         lines.append(
             f"| {row['n_experts']:,} ({_side(row['n_experts'])}) | {row['optimizer']['expert_tables']} | "
-            f"{', '.join(str(s) for s in row['seeds'])} | {row['val_bpb_mean']:.3f}{std} | "
-            f"{', '.join(f'{b:.3f}' for b in row['val_bpb'])} | {diff} | {row['usage_mean'] * 100:.1f}% | "
+            f"{', '.join(str(s) for s in row['seeds'])} | {_bpb(row)} | "
+            f"{_bpb_per_seed(row)} | {diff} | {row['usage_mean'] * 100:.1f}% | "
             f"{_pct(row['rows_listed'])} | {row['tokens_per_s_mean']:,.0f} |"
         )
     return lines + [""]
